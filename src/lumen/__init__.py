@@ -1,0 +1,3 @@
+"""lumen: fault-tolerant distributed LLM serving with coordinated failure recovery."""
+
+__version__ = "0.1.0"
