@@ -1,0 +1,234 @@
+"""Run summaries (one failure run vs its no-failure reference) and repeat aggregation."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy import stats
+
+from .records import RequestRecord, e2e, mean, p99, tpot, ttft
+from .recovery import recovery_period
+
+__all__ = ["RunSummary", "summarize_run", "ci95", "CI", "PolicyAggregate", "aggregate", "METRICS"]
+
+
+@dataclass
+class RunSummary:
+    """Everything reported about one run. Times in seconds; NaN where undefined.
+
+    ``affected_*``: over the requests of the failure-affected period (NaN when never degraded).
+    ``interrupted_tpot_*``: over requests flagged ``interrupted`` that completed.
+    ``ttft_mean`` etc.: over all requests of the run.
+    """
+
+    policy: str
+    seed: int
+    n_requests: int
+    n_completed: int
+    n_errors: int
+    n_interrupted: int
+    recovery_time_s: float
+    recovered: bool
+    degraded: bool
+    affected_start_s: float | None
+    affected_end_s: float | None
+    affected_requests: int
+    affected_ttft_mean: float
+    affected_ttft_p99: float
+    affected_tpot_mean: float
+    affected_tpot_p99: float
+    interrupted_tpot_mean: float
+    interrupted_tpot_p99: float
+    ttft_mean: float
+    ttft_p99: float
+    tpot_mean: float
+    tpot_p99: float
+    e2e_mean: float
+    baseline_ttft_mean: float
+    baseline_tpot_mean: float
+    duration_s: float
+    output_tokens_per_s: float
+    window: int
+    failure_times: list[float] = field(default_factory=list)
+    error_counts: dict[str, int] = field(default_factory=dict)
+    # Per-window series for the timeline plot.
+    window_mid_arrival: list[float] = field(default_factory=list)
+    window_mean_ttft: list[float] = field(default_factory=list)
+    baseline_window_mean_ttft: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return _json_safe(asdict(self))
+
+
+def _json_safe(x):
+    # JSON has no NaN; null is what every reader understands.
+    if isinstance(x, float):
+        return None if not math.isfinite(x) else x
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _error_kind(err: str) -> str:
+    # Errors are recorded as "kind: detail" by the bench client; group by kind.
+    return err.split(":", 1)[0].strip() or "error"
+
+
+def summarize_run(
+    records: Sequence[RequestRecord],
+    baseline_records: Sequence[RequestRecord],
+    window: int = 200,
+    threshold: float = 0.05,
+    settle: int = 3,
+    policy: str = "",
+    seed: int = 0,
+    failure_times: Iterable[float] = (),
+    not_before: float | None = None,
+) -> RunSummary:
+    """Summarise a run against the no-failure run of the same seeded workload.
+
+    ``window``/``threshold``/``settle``/``not_before`` go to :func:`recovery_period`.
+    Passing the baseline as ``records`` too gives the no-failure row (recovery time 0).
+    """
+    period = recovery_period(records, baseline_records, window, threshold, settle, not_before)
+    affected_ids = set(period.affected_req_ids)
+    affected = [r for r in records if r.req_id in affected_ids]
+    interrupted = [r for r in records if r.interrupted]
+    completed = [r for r in records if r.error is None and r.finish is not None]
+    errors = Counter(_error_kind(r.error) for r in records if r.error is not None)
+    start = min((r.arrival for r in records), default=0.0)
+    end = max((r.finish for r in records if r.finish is not None), default=start)
+    duration = max(end - start, 0.0)
+    out_tokens = sum(r.output_tokens for r in records)
+    return RunSummary(
+        policy=policy,
+        seed=seed,
+        n_requests=len(records),
+        n_completed=len(completed),
+        n_errors=sum(errors.values()),
+        n_interrupted=len(interrupted),
+        recovery_time_s=period.recovery_time_s,
+        recovered=period.recovered,
+        degraded=period.degraded,
+        affected_start_s=period.start_time,
+        affected_end_s=period.end_time,
+        affected_requests=len(affected),
+        affected_ttft_mean=mean(ttft(r) for r in affected),
+        affected_ttft_p99=p99([ttft(r) for r in affected]),
+        affected_tpot_mean=mean(tpot(r) for r in affected),
+        affected_tpot_p99=p99([tpot(r) for r in affected]),
+        interrupted_tpot_mean=mean(tpot(r) for r in interrupted),
+        interrupted_tpot_p99=p99([tpot(r) for r in interrupted]),
+        ttft_mean=mean(ttft(r) for r in records),
+        ttft_p99=p99([ttft(r) for r in records]),
+        tpot_mean=mean(tpot(r) for r in records),
+        tpot_p99=p99([tpot(r) for r in records]),
+        e2e_mean=mean(e2e(r) for r in records),
+        baseline_ttft_mean=mean(ttft(r) for r in baseline_records),
+        baseline_tpot_mean=mean(tpot(r) for r in baseline_records),
+        duration_s=duration,
+        output_tokens_per_s=out_tokens / duration if duration > 0 else math.nan,
+        window=window,
+        failure_times=sorted(float(t) for t in failure_times),
+        error_counts=dict(sorted(errors.items())),
+        window_mid_arrival=period.window_mid_arrival,
+        window_mean_ttft=period.window_mean_ttft,
+        baseline_window_mean_ttft=period.baseline_mean_ttft,
+    )
+
+
+def ci95(samples: Iterable[float]) -> tuple[float, float]:
+    """(mean, half-width) of the Student-t 95% confidence interval of the mean.
+
+    Non-finite samples are dropped. No samples: (NaN, NaN); one sample: (x, NaN) since the
+    spread is unknown. Otherwise half-width = t_{0.975, n-1} · s / √n with s the sample standard
+    deviation (ddof=1), identical to ``scipy.stats.t.interval(0.95, n-1, loc=mean, scale=sem)``.
+    """
+    a = np.asarray(list(samples), dtype=np.float64)
+    a = a[np.isfinite(a)]
+    n = a.size
+    if n == 0:
+        return math.nan, math.nan
+    m = float(a.mean())
+    if n == 1:
+        return m, math.nan
+    sem = float(a.std(ddof=1)) / math.sqrt(n)
+    return m, float(stats.t.ppf(0.975, n - 1)) * sem
+
+
+@dataclass(frozen=True)
+class CI:
+    mean: float
+    half_width: float
+    n: int  # finite samples behind the interval
+
+    def to_dict(self) -> dict:
+        return _json_safe({"mean": self.mean, "ci95": self.half_width, "n": self.n})
+
+
+# The RunSummary fields that get a confidence interval across repeats.
+METRICS: tuple[str, ...] = (
+    "recovery_time_s",
+    "affected_ttft_mean",
+    "affected_ttft_p99",
+    "affected_tpot_mean",
+    "affected_tpot_p99",
+    "interrupted_tpot_mean",
+    "ttft_mean",
+    "ttft_p99",
+    "tpot_mean",
+    "tpot_p99",
+    "e2e_mean",
+    "output_tokens_per_s",
+    "n_errors",
+    "n_interrupted",
+    "affected_requests",
+)
+
+
+@dataclass
+class PolicyAggregate:
+    policy: str
+    repeats: int
+    recovered: int  # runs whose affected period ended (or never started)
+    seeds: list[int]
+    metrics: dict[str, CI]
+
+    def to_dict(self) -> dict:
+        return {
+            "policy": self.policy,
+            "repeats": self.repeats,
+            "recovered": self.recovered,
+            "seeds": self.seeds,
+            "metrics": {k: v.to_dict() for k, v in self.metrics.items()},
+        }
+
+
+def aggregate(summaries: Iterable[RunSummary]) -> list[PolicyAggregate]:
+    """Group runs by policy (in first-seen order) and give each metric its mean ± 95% CI."""
+    groups: dict[str, list[RunSummary]] = {}
+    for s in summaries:
+        groups.setdefault(s.policy, []).append(s)
+    out = []
+    for policy, runs in groups.items():
+        metrics = {}
+        for name in METRICS:
+            vals = [float(getattr(r, name)) for r in runs]
+            m, hw = ci95(vals)
+            metrics[name] = CI(m, hw, int(np.isfinite(vals).sum()))
+        out.append(
+            PolicyAggregate(
+                policy=policy,
+                repeats=len(runs),
+                recovered=sum(r.recovered for r in runs),
+                seeds=[r.seed for r in runs],
+                metrics=metrics,
+            )
+        )
+    return out

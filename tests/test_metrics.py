@@ -1,0 +1,247 @@
+"""lumen.metrics: TTFT/TPOT, the recovery-time definition on hand-made inputs, CIs, reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from lumen.metrics import (
+    NO_FAILURE,
+    RequestRecord,
+    aggregate,
+    ci95,
+    format_ci,
+    plot_policy_bars,
+    plot_ttft_timeline,
+    recovery_period,
+    render_table,
+    summarize_run,
+    tpot,
+    ttft,
+    write_aggregate_csv,
+    write_json,
+    write_runs_csv,
+)
+
+GAP = 0.1  # seconds between arrivals
+W = 10  # window size used by the hand-made cases
+
+
+def run(ttfts_per_window, w=W, tpot_s=0.05, out=11, interrupted=()):
+    """One record per request; window k's requests all have TTFT ttfts_per_window[k]."""
+    recs = []
+    for k, t in enumerate(ttfts_per_window):
+        for j in range(w):
+            i = k * w + j
+            a = i * GAP
+            ft = a + t
+            recs.append(RequestRecord(i, a, ft, ft + tpot_s * (out - 1), 100, out, interrupted=i in interrupted))
+    return recs
+
+
+def test_ttft_tpot_definitions():
+    r = RequestRecord(0, 1.0, 1.5, 3.5, 10, 5)
+    assert ttft(r) == pytest.approx(0.5)
+    assert tpot(r) == pytest.approx(0.5)  # (3.5 - 1.5) / (5 - 1)
+    assert math.isnan(tpot(RequestRecord(0, 1.0, 1.5, 1.5, 10, 1)))  # one token: undefined
+    assert math.isnan(ttft(RequestRecord(0, 1.0, None, None, 10, 0, error="http: 503")))
+    # failed after the first token: TTFT kept, TPOT undefined
+    failed = RequestRecord(0, 1.0, 1.2, 2.0, 10, 4, error="stream: reset")
+    assert ttft(failed) == pytest.approx(0.2) and math.isnan(tpot(failed))
+
+
+def test_step_change_recovers():
+    base = run([1.0] * 10)
+    fail = run([1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0])
+    p = recovery_period(fail, base, window=W)
+    assert p.degraded and p.recovered
+    assert (p.start_window, p.end_window) == (3, 6)
+    # first arrival of window 6 minus first arrival of window 3
+    assert p.recovery_time_s == pytest.approx((60 - 30) * GAP)
+    assert sorted(p.affected_req_ids) == list(range(30, 60))
+    s = summarize_run(fail, base, window=W, policy="x")
+    assert s.recovery_time_s == pytest.approx(3.0)
+    assert s.affected_requests == 30
+    assert s.affected_ttft_mean == pytest.approx(2.0)
+    assert s.affected_ttft_p99 == pytest.approx(2.0)
+    assert s.affected_tpot_mean == pytest.approx(0.05)
+
+
+def test_threshold_is_strictly_more_than_5_percent():
+    base = run([1.0] * 8)
+    p = recovery_period(run([1.0, 1.04, 1.04, 1.0, 1.0, 1.0, 1.0, 1.0]), base, window=W)
+    assert not p.degraded and p.recovery_time_s == 0.0
+    p = recovery_period(run([1.0, 1.06, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]), base, window=W)
+    assert (p.start_window, p.end_window) == (1, 2)
+    # better than baseline counts as within
+    p = recovery_period(run([1.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]), base, window=W)
+    assert not p.degraded
+
+
+def test_needs_settle_consecutive_windows():
+    base = run([1.0] * 12)
+    # window 4 is within but alone; window 5 degrades again; 6,7,8 recover
+    fail = run([1.0, 1.0, 1.0, 3.0, 1.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    p = recovery_period(fail, base, window=W)
+    assert (p.start_window, p.end_window) == (3, 6)
+    assert p.recovery_time_s == pytest.approx(3.0)
+    assert len(p.affected_req_ids) == 30  # windows 3, 4, 5 (the within-window 4 stays in)
+    p1 = recovery_period(fail, base, window=W, settle=1)
+    assert (p1.start_window, p1.end_window) == (3, 4)
+
+
+def test_slow_drift_never_recovers():
+    n = 20
+    base = run([1.0] * n)
+    fail = run([1.0 + 0.01 * k for k in range(n)])  # +1% per window, crosses 5% at window 6
+    p = recovery_period(fail, base, window=W)
+    assert p.degraded and not p.recovered
+    assert p.start_window == 6 and p.end_window is None
+    last_finish = max(r.finish for r in fail)
+    assert p.end_time == pytest.approx(last_finish)
+    assert p.recovery_time_s == pytest.approx(last_finish - 60 * GAP)
+    assert len(p.affected_req_ids) == (n - 6) * W
+
+
+def test_drift_up_then_back_recovers():
+    base = run([1.0] * 14)
+    ramp = [1.0, 1.0, 1.03, 1.08, 1.2, 1.3, 1.2, 1.1, 1.06, 1.04, 1.02, 1.0, 1.0, 1.0]
+    p = recovery_period(run(ramp), base, window=W)
+    assert (p.start_window, p.end_window) == (3, 9)
+    assert p.recovered and p.recovery_time_s == pytest.approx(6 * W * GAP)
+
+
+def test_no_degradation_is_zero():
+    base = run([1.0] * 10)
+    s = summarize_run(run([1.02] * 10), base, window=W, policy="p")
+    assert s.recovery_time_s == 0.0 and s.recovered and not s.degraded
+    assert s.affected_requests == 0 and math.isnan(s.affected_ttft_mean)
+    same = summarize_run(base, base, window=W, policy=NO_FAILURE)
+    assert same.recovery_time_s == 0.0 and same.recovered
+
+
+def test_degradation_that_never_recovers():
+    base = run([1.0] * 10)
+    fail = run([1.0] * 4 + [5.0] * 6)
+    p = recovery_period(fail, base, window=W)
+    assert p.start_window == 4 and not p.recovered
+    assert p.recovery_time_s == pytest.approx(max(r.finish for r in fail) - 4 * W * GAP)
+    # only 2 within-windows left at the end: still not recovered (needs 3)
+    p = recovery_period(run([1.0] * 4 + [5.0] * 4 + [1.0] * 2), base, window=W)
+    assert p.degraded and not p.recovered
+
+
+def test_errors_without_tokens_make_a_window_degraded():
+    base = run([1.0] * 6)
+    fail = run([1.0] * 6)
+    for r in fail[20:30]:  # every request of window 2 failed before its first token
+        r.first_token, r.finish, r.error = None, None, "http: 503"
+    p = recovery_period(fail, base, window=W)
+    assert (p.start_window, p.end_window) == (2, 3)
+    s = summarize_run(fail, base, window=W)
+    assert s.n_errors == 10 and s.error_counts == {"http": 10}
+
+
+def test_partial_last_window_and_matching_by_req_id():
+    base = run([1.0] * 3)[:25]
+    fail = list(reversed(run([1.0, 1.0, 2.0])[:25]))  # order of the input does not matter
+    p = recovery_period(fail, base, window=W)
+    assert p.n_windows == 3 and p.start_window == 2 and not p.recovered
+    other = [RequestRecord(1000 + i, 0.0, 1.0, 2.0, 1, 2) for i in range(5)]
+    with pytest.raises(ValueError, match="different workloads"):
+        recovery_period(other, base, window=W)
+    with pytest.raises(ValueError, match="duplicate"):
+        recovery_period(fail + fail[:1], base, window=W)
+
+
+def test_not_before_ignores_pre_failure_noise():
+    base = run([1.0] * 12)
+    fail = run([1.0, 1.3, 1.0, 1.0, 1.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    exact = recovery_period(fail, base, window=W)
+    assert exact.start_window == 1  # the paper's rule takes the noise
+    failure_at = 45 * GAP + 0.5  # every request of windows 0-3 had its first token by then
+    p = recovery_period(fail, base, window=W, not_before=failure_at)
+    assert (p.start_window, p.end_window) == (5, 7)
+
+
+def test_interrupted_tpot_and_overall_means():
+    base = run([1.0] * 5)
+    fail = run([1.0] * 5, interrupted={3, 4})
+    fail[3].finish += 1.0  # 10 gaps -> +0.1 s/token
+    s = summarize_run(fail, base, window=W, failure_times=[2.0])
+    assert s.n_interrupted == 2
+    assert s.interrupted_tpot_mean == pytest.approx((0.15 + 0.05) / 2)
+    assert s.ttft_mean == pytest.approx(1.0)
+    assert s.failure_times == [2.0]
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 17])
+def test_ci95_matches_scipy(n):
+    x = np.random.default_rng(n).normal(10.0, 3.0, size=n)
+    m, hw = ci95(x)
+    lo, hi = stats.t.interval(0.95, n - 1, loc=x.mean(), scale=stats.sem(x))
+    assert m == pytest.approx(x.mean())
+    assert m - hw == pytest.approx(lo) and m + hw == pytest.approx(hi)
+
+
+def test_ci95_edge_cases():
+    assert all(math.isnan(v) for v in ci95([]))
+    m, hw = ci95([4.0])
+    assert m == 4.0 and math.isnan(hw)
+    m, hw = ci95([1.0, float("nan"), 3.0])  # NaN dropped
+    assert m == 2.0 and hw == pytest.approx(stats.t.ppf(0.975, 1) * math.sqrt(2) / math.sqrt(2))
+    assert ci95([5.0, 5.0, 5.0]) == (5.0, 0.0)
+
+
+def _summaries():
+    base = run([1.0] * 10)
+    out = [summarize_run(base, base, window=W, policy=NO_FAILURE, seed=0)]
+    for seed, (h, n_bad) in enumerate([(2.0, 3), (3.0, 4), (2.5, 3)]):
+        fail = run([1.0] * 3 + [h] * n_bad + [1.0] * (7 - n_bad))
+        out.append(summarize_run(fail, base, window=W, policy="stop-restart", seed=seed, failure_times=[3.0]))
+        fail = run([1.0] * 3 + [h / 2] * (n_bad - 1) + [1.0] * (8 - n_bad))
+        out.append(summarize_run(fail, base, window=W, policy="lumen", seed=seed, failure_times=[3.0]))
+    return out
+
+
+def test_aggregate_groups_by_policy_with_cis():
+    summ = _summaries()
+    agg = {a.policy: a for a in aggregate(summ)}
+    assert list(agg) == [NO_FAILURE, "stop-restart", "lumen"]
+    sr = agg["stop-restart"]
+    assert sr.repeats == 3 and sr.recovered == 3 and sr.seeds == [0, 1, 2]
+    times = [s.recovery_time_s for s in summ if s.policy == "stop-restart"]
+    assert times == pytest.approx([3.0, 4.0, 3.0])
+    m, hw = ci95(times)
+    assert sr.metrics["recovery_time_s"].mean == pytest.approx(m)
+    assert sr.metrics["recovery_time_s"].half_width == pytest.approx(hw)
+    assert sr.metrics["recovery_time_s"].n == 3
+    nf = agg[NO_FAILURE].metrics["affected_ttft_mean"]
+    assert math.isnan(nf.mean) and nf.n == 0
+
+
+def test_reports_and_plots(tmp_path):
+    summ = _summaries()
+    agg = aggregate(summ)
+    doc = json.loads(write_json(tmp_path / "r.json", summ, agg, {"qps": 1.0}).read_text())
+    assert doc["meta"] == {"qps": 1.0} and len(doc["runs"]) == 7
+    assert doc["runs"][0]["affected_ttft_mean"] is None  # NaN -> null
+    rows = list(csv.DictReader(write_runs_csv(tmp_path / "runs.csv", summ).open()))
+    assert len(rows) == 7 and rows[1]["policy"] == "stop-restart" and float(rows[1]["recovery_time_s"]) == 3.0
+    arows = list(csv.DictReader(write_aggregate_csv(tmp_path / "agg.csv", agg).open()))
+    assert [r["policy"] for r in arows] == [NO_FAILURE, "stop-restart", "lumen"]
+    assert float(arows[1]["recovery_time_s_mean"]) == pytest.approx(10 / 3)
+    from rich.console import Console
+
+    con = Console(record=True, width=300)
+    con.print(render_table(agg))
+    text = con.export_text()
+    assert "stop-restart" in text and "lumen" in text and "3.3 ± " in text
+    assert format_ci(float("nan"), 1.0) == "-" and format_ci(1.0, float("nan")) == "1.00"
+    for p in (plot_ttft_timeline(summ, tmp_path / "t.png"), plot_policy_bars(agg, tmp_path / "b.png")):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
