@@ -1,0 +1,30 @@
+"""lumen.policy: LUMEN's decisions and the baselines as pure, deterministic functions.
+
+Usage (the live controller and the simulator call exactly these):
+    from lumen.policy import ClusterView, WorkerView, RequestView, WorkerState as S
+    view = ClusterView(tuple(WorkerView(id=i, state=S.SERVING, epoch=0, alive=True, waiting=..,
+                       running=.., q_wait_s=.., ckpt_reserved_bytes=.., ckpt_budget_bytes=..,
+                       h2d_bytes_per_s=26e9) for i in ...), lam=1.0)
+    s = checkpoint_reservation(prompt_tokens, max_tokens, kv_bytes_per_token, page_tokens=16)
+    holder = place_checkpoint(view, "lumen", executor=2, reservation_bytes=s)   # None: unprotected
+    target = route_new(view)                                                     # new requests
+    plan = dispatch_interrupted(view, "lumen", [RequestView(...), ...])          # [Assignment]
+    partner = pick_partner(view, recovering_id=2); st = next_state(st, WorkerEvent.PAIRED)
+Policies: lumen, lumen-no-spec, spec-only, fixed-ckpt, stop-restart (`features(name)` says what
+each switches on). Nothing here does I/O or imports the rest of lumen; the functions only read
+their arguments. Rules and tie-breaking are documented on each function.
+"""
+
+from .dispatch import dispatch_interrupted, route_new
+from .names import POLICY_NAMES, Policy, PolicyFeatures, features, parse_policy
+from .pairing import pair_recovering, pick_partner
+from .placement import checkpoint_reservation, place_checkpoint
+from .states import IllegalTransition, WorkerEvent, WorkerState, legal_events, next_state
+from .view import Assignment, ClusterView, NoServingWorker, RequestView, WorkerView
+
+__all__ = [
+    "Assignment", "ClusterView", "IllegalTransition", "NoServingWorker", "POLICY_NAMES", "Policy",
+    "PolicyFeatures", "RequestView", "WorkerEvent", "WorkerState", "WorkerView",
+    "checkpoint_reservation", "dispatch_interrupted", "features", "legal_events", "next_state",
+    "pair_recovering", "parse_policy", "pick_partner", "place_checkpoint", "route_new",
+]
