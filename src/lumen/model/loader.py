@@ -1,0 +1,193 @@
+"""Load a Decoder from a Hugging Face directory, a random-init preset, or the embedded default model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import PRESETS, ModelConfig
+from .decoder import Decoder
+from .tokenizer import Tokenizer
+from .weights import assemble, to_hf_state
+
+PRESET_SEED = 1234
+
+
+@dataclass
+class LoadedModel:
+    model: Decoder
+    config: ModelConfig
+    tokenizer: Tokenizer | None
+    path: Path | None  # the HF directory weights came from (None for presets)
+
+
+# ---------------------------------------------------------------- HF directories
+
+def read_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"not a model directory (no config.json): {path}")
+    d = json.loads(cfg_file.read_text())
+    gen = path / "generation_config.json"
+    if gen.is_file():  # generation_config's eos list is the one generation should stop on
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        if eos is not None:
+            d = {**d, "eos_token_id": eos}
+    return ModelConfig.from_hf(d, name=path.name)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / n for n in names]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"weight shards listed in the index are missing: {missing}")
+    return files
+
+
+@contextmanager
+def _progress(total: int, desc: str, enabled: bool) -> Iterator:
+    if not enabled:
+        yield lambda _name: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True) as bar:
+        task = bar.add_task(desc, total=total)
+        yield lambda _name: bar.advance(task)
+
+
+def read_weights_to_host(path: str | Path, dtype: torch.dtype = torch.float32, pin: bool = False,
+                         progress: bool = False, config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """Disk -> host phase: read the safetensors of an HF directory into Decoder-named host tensors.
+
+    Always reads the files (no in-process cache): recovery reloads must pay the real disk cost.
+    """
+    path = Path(path)
+    cfg = config or read_config(path)
+    files = _weight_files(path)
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    where: dict[str, int] = {}
+    for i, h in enumerate(handles):
+        for k in h.keys():
+            where[k] = i
+
+    def get(name: str) -> torch.Tensor:
+        if name not in where:
+            raise ValueError(f"{path}: tensor {name!r} missing from the checkpoint")
+        return handles[where[name]].get_tensor(name)
+
+    n_src = sum(1 for k in where if k.startswith("model.") or k == "lm_head.weight")
+    with _progress(n_src, f"loading {path.name}", progress) as tick:
+        return assemble(cfg, get, dtype, pin=pin, on_tensor=tick)
+
+
+def _assign(model: Decoder, state: dict[str, torch.Tensor]) -> None:
+    """Install tensors as the parameters (no copy); a tied lm_head is re-pointed at the embedding."""
+    res = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in res.missing_keys if not (model.config.tie_embeddings and k == "lm_head.weight")]
+    if missing or res.unexpected_keys:
+        raise ValueError(f"state does not match the model: missing {missing}, unexpected {res.unexpected_keys}")
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+
+
+def build_model_from_host(config: ModelConfig, host_state: dict[str, torch.Tensor],
+                          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Decoder:
+    """Host -> device phase: a Decoder on `device` holding copies of `host_state` (non-blocking if pinned)."""
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Decoder(config)
+    state = {k: v.to(device=device, dtype=dtype, non_blocking=True) for k, v in host_state.items()}
+    _assign(model, state)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return model.eval()
+
+
+def random_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 seed: int = PRESET_SEED, std: float = 0.02) -> Decoder:
+    """Random weights made directly on the device in the target dtype (no fp32 CPU detour), seeded."""
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Decoder(config)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    state = {}
+    for name, p in model.state_dict().items():
+        if config.tie_embeddings and name == "lm_head.weight":
+            continue
+        t = torch.empty(p.shape, device=device, dtype=dtype)
+        if name.endswith("norm.weight"):
+            t.fill_(1.0)
+        else:
+            t.normal_(0.0, std, generator=gen)
+        state[name] = t
+    _assign(model, state)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- public entry points
+
+def load_model(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               progress: bool = True) -> LoadedModel:
+    """spec: an HF directory, "preset:NAME", "default" or "default-draft"."""
+    spec_s = str(spec)
+    if spec_s.startswith("preset:"):
+        name = spec_s.split(":", 1)[1]
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+        cfg = PRESETS[name]
+        return LoadedModel(random_model(cfg, device, dtype), cfg, None, None)
+    if spec_s in ("default", "default-draft"):
+        from .hub import default_paths, prepare_default
+        prepare_default()
+        path = default_paths()[0 if spec_s == "default" else 1]
+    else:
+        path = Path(spec_s).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"model path does not exist: {path} "
+                                    "(expected an HF directory, preset:NAME, default or default-draft)")
+        if not path.is_dir():
+            raise ValueError(f"model path is not a directory: {path}")
+    cfg = read_config(path)
+    host = read_weights_to_host(path, dtype=dtype, progress=progress, config=cfg)
+    model = build_model_from_host(cfg, host, device, dtype)
+    tok = Tokenizer.from_dir(path, eos_token_ids=cfg.eos_token_ids) if (path / "tokenizer.json").is_file() else None
+    return LoadedModel(model, cfg, tok, path)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "chat_template.jinja", "generation_config.json")
+
+
+def save_model(model: Decoder, config: ModelConfig, directory: str | Path,
+               tokenizer_dir: str | Path | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write an HF-compatible directory: config.json + model.safetensors (+ tokenizer files copied)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype or v.dtype) for k, v in model.state_dict().items()}
+    hf = to_hf_state(config, state)
+    save_file(hf, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    d = config.to_hf()
+    d["torch_dtype"] = str(next(iter(hf.values())).dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        for name in _TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.is_file() and src.resolve() != (directory / name).resolve():
+                (directory / name).write_bytes(src.read_bytes())
+    return directory
