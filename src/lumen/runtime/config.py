@@ -1,0 +1,45 @@
+"""Cluster configuration shared by `lumen serve`, the controller and the launchers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ClusterConfig:
+    model: str                              # HF directory, "default", or "preset:NAME"
+    served_model_name: str
+    num_workers: int = 2
+    devices: list[str] = field(default_factory=lambda: ["cpu"])
+    policy: str = "stop-restart"
+    host: str = "127.0.0.1"
+    # failure detection (DESIGN.md section 5): heartbeat every 100 ms, dead after 3 misses
+    hb_interval_s: float = 0.1
+    hb_misses: int = 3
+    fence_grace_s: float = 0.0              # how long a fenced (hung) incarnation may linger before SIGKILL
+    restart_backoff_s: float = 0.5
+    # engine
+    block_size: int = 16
+    num_blocks: int | None = None
+    max_batch: int = 512
+    chunk_tokens: int = 256
+    deterministic: bool = False
+    dtype: str | None = None
+    max_model_len: int = 2048
+    # checkpointing
+    ckpt_budget_bytes: int = 2 << 30
+    kv_bytes_per_token: int = 0             # filled from the model config
+    h2d_bytes_per_s: float = 10e9           # B_h2d used by placement; measured on GPU workers
+    lam: float = 1.0
+    # assisted recovery
+    draft_model: str | None = None
+    spec_k: int = 4
+    # back-pressure
+    max_pending: int = 1024
+    nodes: list[str] | None = None          # node identity per worker (Ray); None = one node
+
+    def device_for(self, worker_id: int) -> str:
+        return self.devices[worker_id % len(self.devices)]
+
+    def node_of(self, worker_id: int) -> str | None:
+        return self.nodes[worker_id] if self.nodes and worker_id < len(self.nodes) else None

@@ -1,0 +1,554 @@
+"""The controller: cluster membership, routing, failure detection and recovery dispatch.
+
+It runs in the gateway's asyncio process and owns the truth about every in-flight request: its
+prompt, the tokens the client has been sent, where it executes and where its checkpoint lives.
+Every decision (routing, checkpoint placement, recovery dispatch, pairing) is a call into
+`lumen.policy`, the same functions the simulator calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from ..engine.kv_pages import page_tags
+from ..policy import (
+    ClusterView,
+    NoServingWorker,
+    Policy,
+    RequestView,
+    WorkerState,
+    WorkerView,
+    checkpoint_reservation,
+    dispatch_interrupted,
+    features,
+    parse_policy,
+    pick_partner,
+    place_checkpoint,
+    route_new,
+)
+from . import metrics_prom as M
+from .config import ClusterConfig
+from .launcher import Launcher, WorkerSpec
+from .protocol import SCHEMA, sampling_params_to_wire
+from .transport import AsyncRouterEndpoint, Codec, Message, frame_ints, ints_frame, secret_to_hex
+
+log = logging.getLogger("lumen.controller")
+
+
+class ClusterUnavailable(Exception):
+    """No worker can take a request right now (HTTP 503)."""
+
+
+class ClusterBusy(Exception):
+    """Back-pressure: too many requests in flight (HTTP 429)."""
+
+
+@dataclass
+class RequestState:
+    id: str
+    prompt_ids: list[int]
+    params: Any                        # engine SamplingParams
+    arrival: float
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    generated: list[int] = field(default_factory=list)
+    executor: int | None = None
+    exec_epoch: int = -1
+    holder: int | None = None
+    holder_epoch: int = -1
+    reservation: int = 0
+    valid_pages: int = 0               # valid checkpoint pages reported by the holder
+    needs_placement: bool = True       # holder is chosen when (re)prefill completes
+    started: bool = False              # produced a token since its last assignment
+    first_token_at: float | None = None
+    done: bool = False
+    interrupts: int = 0
+
+    @property
+    def context_len(self) -> int:
+        return len(self.prompt_ids) + len(self.generated)
+
+
+@dataclass
+class WorkerRecord:
+    id: int
+    epoch: int = 0
+    state: WorkerState = WorkerState.DOWN
+    alive: bool = False                # process up (launcher's view)
+    fenced: bool = True                # declared dead (or not started): its messages are ignored
+    identity: bytes | None = None      # ROUTER identity of the incarnation's main socket
+    data_addr: str = ""
+    pid: int | None = None
+    device: str = ""
+    last_hb: float = 0.0
+    stats: dict = field(default_factory=dict)
+    ckpt_reserved: int = 0             # R_w, the controller's own bookkeeping
+    partner: int | None = None
+    restarts: int = 0
+    down_since: float | None = None
+    phase_s: dict = field(default_factory=dict)
+    restart_task: asyncio.Task | None = None
+
+
+class Controller:
+    def __init__(self, cfg: ClusterConfig, launcher: Launcher, secret: bytes):
+        self.cfg = cfg
+        self.policy: Policy = parse_policy(cfg.policy)
+        self.features = features(self.policy)
+        self.launcher = launcher
+        self.secret = secret
+        self.codec = Codec(secret, "controller", 0, schema=SCHEMA)
+        self.ctx = zmq.asyncio.Context()
+        self.router: AsyncRouterEndpoint | None = None
+        self.workers: dict[int, WorkerRecord] = {i: WorkerRecord(i) for i in range(cfg.num_workers)}
+        self.requests: dict[str, RequestState] = {}
+        self.stale_messages = 0
+        self.unprotected = 0
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = False
+        self._ready = asyncio.Event()
+        self.launcher.on_exit(self._on_process_exit)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self.router = AsyncRouterEndpoint(self.ctx, self.codec, host=self.cfg.host, port=0)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._recv_loop()), loop.create_task(self._monitor_loop())]
+        for w in self.workers.values():
+            await self._spawn(w, initial=True)
+
+    async def wait_ready(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def stop(self, drain_s: float = 30.0) -> None:
+        """Drain in-flight requests (bounded), then stop every worker."""
+        deadline = time.monotonic() + drain_s
+        while any(not r.done for r in self.requests.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._stopping = True
+        for r in list(self.requests.values()):
+            if not r.done:
+                self._fail(r, 503, "server is shutting down")
+        for w in self.workers.values():
+            if w.identity is not None:
+                self._send(w, "SHUTDOWN", {})
+            if w.restart_task:
+                w.restart_task.cancel()
+        await self.launcher.shutdown(grace_s=5.0)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.router:
+            self.router.close()
+        self.ctx.term()
+
+    # ------------------------------------------------------------------ spawning
+    def _worker_argv(self, w: WorkerRecord) -> list[str]:
+        c = self.cfg
+        argv = ["--worker-id", str(w.id), "--epoch", str(w.epoch), "--controller", self.router.address,
+                "--model", c.model, "--device", c.device_for(w.id), "--policy", self.policy.value,
+                "--host", c.host, "--hb-interval", str(c.hb_interval_s),
+                "--ckpt-budget-bytes", str(c.ckpt_budget_bytes), "--block-size", str(c.block_size),
+                "--max-batch", str(c.max_batch), "--chunk-tokens", str(c.chunk_tokens),
+                "--spec-k", str(c.spec_k)]
+        if c.num_blocks:
+            argv += ["--num-blocks", str(c.num_blocks)]
+        if c.deterministic:
+            argv.append("--deterministic")
+        if c.draft_model:
+            argv += ["--draft-model", c.draft_model]
+        if c.dtype:
+            argv += ["--dtype", c.dtype]
+        return argv
+
+    async def _spawn(self, w: WorkerRecord, initial: bool = False) -> None:
+        w.epoch += 1
+        w.fenced = False
+        w.identity = None
+        w.stats = {}
+        w.alive = True
+        w.last_hb = time.monotonic()
+        w.phase_s = {"restart_at": time.time()}
+        spec = WorkerSpec(w.id, w.epoch, self._worker_argv(w),
+                          env={"LUMEN_CLUSTER_SECRET": secret_to_hex(self.secret)})
+        handle = await self.launcher.start(spec)
+        w.pid = handle.pid
+        M.WORKER_STATE.labels(worker=str(w.id)).set(0)
+
+    async def _restart_later(self, w: WorkerRecord) -> None:
+        # back off when a worker dies again and again (e.g. killed during its own reload)
+        delay = min(self.cfg.restart_backoff_s * (2 ** max(0, w.restarts - 1)), 10.0) if w.restarts > 1 else 0
+        await asyncio.sleep(delay)
+        if self._stopping or w.state != WorkerState.DOWN:
+            return
+        M.RESTARTS.labels(worker=str(w.id)).inc()
+        await self._spawn(w)
+
+    # ------------------------------------------------------------------ messaging
+    def _send(self, w: WorkerRecord, type_: str, body: dict, frames=()) -> bool:
+        if w.identity is None or self.router is None:
+            return False
+        body = dict(body, to_ep=w.epoch)
+        return self.router.send(w.identity, type_, body, frames)
+
+    async def _recv_loop(self) -> None:
+        while True:
+            got = await self.router.recv()
+            if got is None:
+                continue
+            identity, msg = got
+            try:
+                self._handle(identity, msg)
+            except Exception:  # a bug in one handler must not take the controller down
+                log.exception("error handling %s from %s", msg.type, msg.src)
+
+    def _sender(self, msg: Message) -> WorkerRecord | None:
+        """The worker record a message comes from, if it is the current incarnation."""
+        name = msg.src.split(".", 1)[0]
+        if not name.startswith("w") or not name[1:].isdigit():
+            return None
+        w = self.workers.get(int(name[1:]))
+        if w is None or msg.epoch != w.epoch or w.fenced:
+            self.stale_messages += 1
+            M.STALE_MESSAGES.inc()
+            if w is not None and msg.epoch < w.epoch:
+                # fencing (DESIGN.md invariant 6): an old incarnation that resumed is told to exit
+                asyncio.get_running_loop().create_task(self.launcher.kill(w.id, msg.epoch))
+            return None
+        return w
+
+    def _handle(self, identity: bytes, msg: Message) -> None:
+        w = self._sender(msg)
+        if w is None:
+            return
+        now = time.monotonic()
+        w.last_hb = now
+        t = msg.type
+        if t == "HELLO":
+            w.identity = identity
+            w.data_addr = msg.body["data_addr"]
+            w.pid = msg.body["pid"]
+            w.device = msg.body["device"]
+            log.info("worker %d epoch %d: pid %d on %s, data at %s", w.id, w.epoch, w.pid, w.device, w.data_addr)
+        elif t == "HB":
+            w.stats = msg.body["stats"]
+        elif t == "STATE":
+            self._on_state(w, msg.body["state"], msg.body.get("info") or {})
+        elif t == "OUT":
+            self._on_output(w, msg)
+        elif t == "CKPT":
+            for rid, n in msg.body["valid"].items():
+                r = self.requests.get(rid) if isinstance(rid, str) else None
+                if r is not None and r.holder == w.id and isinstance(n, int):
+                    r.valid_pages = max(0, n)
+
+    def _on_state(self, w: WorkerRecord, state: str, info: dict) -> None:
+        for k, v in info.items():
+            if isinstance(v, (int, float)):
+                w.phase_s[k] = v
+        try:
+            new = WorkerState(state)
+        except ValueError:
+            return
+        old, w.state = w.state, new
+        M.WORKER_STATE.labels(worker=str(w.id)).set(list(WorkerState).index(new))
+        log.info("worker %d epoch %d: %s -> %s %s", w.id, w.epoch, old.value, new.value,
+                 {k: round(v, 3) for k, v in info.items() if isinstance(v, float)})
+        if new == WorkerState.SERVING:
+            if w.down_since is not None:
+                M.RECOVERY_SECONDS.observe(time.monotonic() - w.down_since)
+                w.down_since = None
+            w.restarts = 0
+            self._ready.set()
+        if new == WorkerState.LOADING_DRAFT and self.features.speculation:
+            self._try_pair(w)
+
+    # ------------------------------------------------------------------ requests
+    def view(self) -> ClusterView:
+        workers = []
+        for w in self.workers.values():
+            waiting = running = 0
+            for r in self.requests.values():
+                if r.executor == w.id and not r.done:
+                    if not r.started:
+                        waiting += 1
+                    else:
+                        running += 1
+            workers.append(WorkerView(
+                id=w.id, state=w.state, epoch=w.epoch, alive=w.alive, waiting=waiting, running=running,
+                q_wait_s=float(w.stats.get("q_wait_s", 0.0)), ckpt_reserved_bytes=w.ckpt_reserved,
+                ckpt_budget_bytes=self.cfg.ckpt_budget_bytes, h2d_bytes_per_s=self.cfg.h2d_bytes_per_s,
+                node=self.cfg.node_of(w.id), partner=w.partner))
+        return ClusterView(tuple(workers), lam=self.cfg.lam)
+
+    def in_flight(self) -> int:
+        return sum(1 for r in self.requests.values() if not r.done)
+
+    def serving_workers(self) -> list[WorkerRecord]:
+        return [w for w in self.workers.values() if w.state == WorkerState.SERVING]
+
+    def submit(self, request_id: str, prompt_ids: list[int], params) -> RequestState:
+        if self.in_flight() >= self.cfg.max_pending:
+            M.REJECTED.labels(reason="busy").inc()
+            raise ClusterBusy(f"{self.in_flight()} requests in flight; the limit is {self.cfg.max_pending}")
+        target = route_new(self.view())
+        if target is None:
+            M.REJECTED.labels(reason="no_worker").inc()
+            raise ClusterUnavailable("no worker is serving right now; retry shortly")
+        r = RequestState(request_id, list(prompt_ids), params, time.monotonic())
+        self.requests[request_id] = r
+        self._assign(r, self.workers[target], restore=False)
+        return r
+
+    def _assign(self, r: RequestState, w: WorkerRecord, restore: bool) -> None:
+        r.executor, r.exec_epoch = w.id, w.epoch
+        r.needs_placement, r.started = True, False
+        context = r.prompt_ids + r.generated
+        tags: list[bytes] = []
+        restore_pages = 0
+        if restore and r.holder == w.id and r.holder_epoch == w.epoch:
+            # tags come from the gateway's own history: a page the holder has is used only if its tag
+            # matches what this request's tokens really were (DESIGN.md invariant 4)
+            n_pages = max(0, (len(context) - 1) // self.cfg.block_size)
+            tags = page_tags(context[:n_pages * self.cfg.block_size], self.cfg.block_size)
+            restore_pages = n_pages
+            M.RESTORES.inc()
+        body = {"req": r.id, "n_prompt": len(r.prompt_ids), "params": sampling_params_to_wire(r.params),
+                "restore_pages": restore_pages, "tags": tags}
+        if not self._send(w, "ADD", body, [ints_frame(context)]):
+            log.warning("could not send request %s to worker %d", r.id, w.id)
+
+    def abort(self, request_id: str) -> None:
+        """Client went away (or a stop string matched): free the request everywhere."""
+        r = self.requests.get(request_id)
+        if r is None or r.done:
+            return
+        r.done = True
+        if r.executor is not None:
+            self._send(self.workers[r.executor], "ABORT", {"req": r.id})
+        self._release_holder(r)
+        self.requests.pop(request_id, None)
+
+    def finished(self, request_id: str) -> None:
+        """The gateway has delivered the last event of a request."""
+        self.requests.pop(request_id, None)
+
+    def _fail(self, r: RequestState, status: int, message: str) -> None:
+        r.done = True
+        self._release_holder(r)
+        M.REQUEST_ERRORS.labels(status=str(status)).inc()
+        r.events.put_nowait(("error", status, message))
+
+    def _on_output(self, w: WorkerRecord, msg: Message) -> None:
+        ids = frame_ints(msg.frames[0])
+        pos = 0
+        now = time.monotonic()
+        for rid, n, finish in msg.body["items"]:
+            if not isinstance(rid, str) or not isinstance(n, int) or n < 0 or pos + n > len(ids):
+                return
+            toks = ids[pos:pos + n]
+            pos += n
+            r = self.requests.get(rid)
+            if r is None or r.done or r.executor != w.id or r.exec_epoch != w.epoch:
+                continue  # a stale or aborted request's tokens are not the client's
+            if toks:
+                r.started = True
+                if r.first_token_at is None:
+                    r.first_token_at = now
+                r.generated.extend(toks)
+                r.events.put_nowait(("tokens", toks))
+                if r.needs_placement:
+                    r.needs_placement = False
+                    self._place_checkpoint(r, w)
+            if finish:
+                r.done = True
+                self._release_holder(r)
+                r.events.put_nowait(("finish", str(finish)))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _place_checkpoint(self, r: RequestState, executor: WorkerRecord) -> None:
+        if self.features.checkpointing is None:
+            return
+        self._release_holder(r)
+        s = checkpoint_reservation(len(r.prompt_ids), r.params.max_tokens, self.cfg.kv_bytes_per_token,
+                                   self.cfg.block_size)
+        h = place_checkpoint(self.view(), self.policy, executor.id, s)
+        if h is None:
+            self.unprotected += 1
+            M.UNPROTECTED.inc()
+            return
+        holder = self.workers[h]
+        holder.ckpt_reserved += s
+        r.holder, r.holder_epoch, r.reservation, r.valid_pages = h, holder.epoch, s, 0
+        self._send(holder, "RESERVE", {"req": r.id, "bytes": s, "owner": executor.id})
+        self._send(executor, "HOLDER", {"req": r.id, "holder": h, "addr": holder.data_addr, "since": 0})
+
+    def _release_holder(self, r: RequestState) -> None:
+        if r.holder is None:
+            return
+        holder = self.workers[r.holder]
+        if holder.epoch == r.holder_epoch:
+            holder.ckpt_reserved = max(0, holder.ckpt_reserved - r.reservation)
+            self._send(holder, "RELEASE", {"req": r.id})
+        r.holder, r.reservation, r.valid_pages = None, 0, 0
+
+    # ------------------------------------------------------------------ failures
+    async def _on_process_exit(self, worker_id: int, epoch: int, returncode: int | None) -> None:
+        w = self.workers.get(worker_id)
+        if w is None or epoch != w.epoch or self._stopping:
+            return
+        w.alive = False
+        self._declare_dead(w, f"process exited ({returncode})")
+
+    async def _monitor_loop(self) -> None:
+        interval = self.cfg.hb_interval_s
+        budget = interval * self.cfg.hb_misses
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            lag, last = now - last - interval, now
+            if lag > interval:
+                # this loop was starved itself: heartbeats may be queued unread; judge next round
+                for w in self.workers.values():
+                    w.last_hb = max(w.last_hb, now - interval)
+                continue
+            for w in self.workers.values():
+                if not w.fenced and w.alive and now - w.last_hb > budget and not self._stopping:
+                    self._declare_dead(w, f"no heartbeat for {now - w.last_hb:.2f}s")
+            self._refresh_gauges()
+
+    def _declare_dead(self, w: WorkerRecord, reason: str) -> None:
+        if self._stopping or w.fenced:
+            return
+        w.fenced = True
+        log.warning("worker %d epoch %d declared dead: %s", w.id, w.epoch, reason)
+        M.FAILURES.labels(worker=str(w.id)).inc()
+        w.state = WorkerState.DOWN
+        w.identity = None
+        w.ckpt_reserved = 0
+        w.down_since = w.down_since or time.monotonic()
+        M.WORKER_STATE.labels(worker=str(w.id)).set(0)
+        old_epoch = w.epoch
+        # fence: kill the incarnation (a hung one may otherwise come back); its messages are ignored
+        loop = asyncio.get_running_loop()
+        loop.create_task(self._fence_and_kill(w.id, old_epoch))
+        self._unpair(w)
+        self._recover_from(w)
+        w.restarts += 1
+        w.restart_task = loop.create_task(self._restart_later(w))
+
+    async def _fence_and_kill(self, worker_id: int, epoch: int) -> None:
+        if self.cfg.fence_grace_s > 0:
+            await asyncio.sleep(self.cfg.fence_grace_s)
+        await self.launcher.kill(worker_id, epoch)
+
+    def _recover_from(self, dead: WorkerRecord) -> None:
+        # requests whose checkpoints lived on the dead worker lose them; re-protect the live ones
+        for r in self.requests.values():
+            if r.holder == dead.id and not r.done:
+                r.holder, r.reservation, r.valid_pages = None, 0, 0
+                if r.executor is not None and r.executor != dead.id and r.first_token_at is not None:
+                    M.REPROTECTED.inc()
+                    self._place_checkpoint(r, self.workers[r.executor])
+        interrupted = [r for r in self.requests.values() if r.executor == dead.id and not r.done]
+        if not interrupted:
+            return
+        M.INTERRUPTED.inc(len(interrupted))
+        for r in interrupted:
+            r.interrupts += 1
+            r.executor = None
+        views = [RequestView(id=i, executor=dead.id, holder=r.holder, reservation_bytes=r.reservation,
+                             valid_prefix_tokens=min(r.valid_pages * self.cfg.block_size, r.context_len),
+                             total_tokens=r.context_len,
+                             holder_epoch=r.holder_epoch if r.holder is not None else None)
+                 for i, r in enumerate(interrupted)]
+        try:
+            assignments = dispatch_interrupted(self.view(), self.policy, views)
+        except NoServingWorker:
+            assignments = []
+        if not assignments:
+            for r in interrupted:
+                self._fail(r, 503, "every worker has failed; the request could not be recovered")
+            return
+        for a in assignments:
+            r = interrupted[a.request_id]
+            target = self.workers[a.target]
+            restore = a.mode == "restore"
+            if not restore:
+                M.RECOMPUTE_TOKENS.inc(r.context_len)
+                self._release_holder(r)
+            log.info("request %s: %s on worker %d (%d tokens, %d checkpointed)", r.id, a.mode, target.id,
+                     r.context_len, r.valid_pages * self.cfg.block_size)
+            self._assign(r, target, restore=restore)
+            if restore:
+                # the holder consumes its pages; a new holder is chosen once the request runs again
+                target.ckpt_reserved = max(0, target.ckpt_reserved - r.reservation)
+                r.holder, r.reservation, r.valid_pages = None, 0, 0
+
+    # ------------------------------------------------------------------ assisted recovery
+    def _try_pair(self, w: WorkerRecord) -> None:
+        partner = pick_partner(self.view(), w.id)
+        if partner is None:
+            return
+        p = self.workers[partner]
+        w.partner, p.partner = p.id, w.id
+        self._send(w, "ASSIST", {"role": "drafter", "peer": p.id, "addr": p.data_addr, "k": self.cfg.spec_k})
+        self._send(p, "ASSIST", {"role": "verifier", "peer": w.id, "addr": w.data_addr, "k": self.cfg.spec_k})
+        log.info("worker %d assists worker %d", w.id, p.id)
+
+    def _unpair(self, w: WorkerRecord) -> None:
+        if w.partner is None:
+            return
+        p = self.workers[w.partner]
+        w.partner = None
+        if p.partner == w.id:
+            p.partner = None
+            self._send(p, "ASSIST", {"role": "none", "peer": -1, "addr": "", "k": self.cfg.spec_k})
+            if p.state == WorkerState.ASSISTING:
+                self._try_pair(p)
+
+    # ------------------------------------------------------------------ introspection
+    def _refresh_gauges(self) -> None:
+        running = waiting = 0
+        for r in self.requests.values():
+            if not r.done:
+                if not r.started:
+                    waiting += 1
+                else:
+                    running += 1
+        M.RUNNING.set(running)
+        M.WAITING.set(waiting)
+        usages = [float(w.stats.get("kv_usage", 0.0)) for w in self.serving_workers()]
+        M.KV_USAGE.set(sum(usages) / len(usages) if usages else 0.0)
+        M.CKPT_RESERVED.set(sum(w.ckpt_reserved for w in self.workers.values()))
+        M.CKPT_STORED.set(sum(int(w.stats.get("ckpt_stored_bytes", 0)) for w in self.workers.values()))
+
+    def cluster_json(self) -> dict:
+        now = time.monotonic()
+        workers = []
+        for w in self.workers.values():
+            workers.append({
+                "id": w.id, "state": w.state.value, "epoch": w.epoch, "alive": w.alive, "pid": w.pid,
+                "host": "127.0.0.1" if self.cfg.host in ("127.0.0.1", "localhost") else self.cfg.host,
+                "device": w.device or self.cfg.device_for(w.id), "data_addr": w.data_addr,
+                "last_heartbeat_ms": round((now - w.last_hb) * 1000, 1), "partner": w.partner,
+                "load": {k: w.stats.get(k) for k in ("num_waiting", "num_running", "q_wait_s", "kv_usage")},
+                "ckpt_reserved_bytes": w.ckpt_reserved, "stats": w.stats, "phases_s": w.phase_s,
+                "restarts_in_a_row": w.restarts})
+        requests = [{"id": r.id, "executor": r.executor, "holder": r.holder, "prompt_tokens": len(r.prompt_ids),
+                     "generated_tokens": len(r.generated), "valid_ckpt_tokens": r.valid_pages * self.cfg.block_size,
+                     "interrupts": r.interrupts} for r in self.requests.values() if not r.done]
+        return {"policy": self.policy.value, "model": self.cfg.served_model_name, "workers": workers,
+                "requests": requests, "in_flight": len(requests), "stale_messages": self.stale_messages,
+                "unprotected_requests": self.unprotected, "transport_drops": dict(self.codec.stats)}

@@ -1,0 +1,119 @@
+"""`lumen serve`: the gateway + controller process, and the worker processes it launches."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+
+import torch
+import uvicorn
+
+from ..model.loader import read_config
+from ..model.tokenizer import Tokenizer
+from ..policy import POLICY_NAMES, parse_policy
+from .config import ClusterConfig
+from .controller import Controller
+from .gateway import Gateway
+from .launcher import LocalLauncher
+from .model_dirs import resolve_model_dir
+from .transport import new_cluster_secret
+
+log = logging.getLogger("lumen.serve")
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="Hugging Face model directory, 'default' (embedded SmolLM2-135M-Instruct) or preset:NAME")
+    p.add_argument("--served-model-name", help="name clients use in 'model' (default: the directory name)")
+    p.add_argument("--workers", type=int, default=2, help="number of worker processes (model replicas)")
+    p.add_argument("--devices", default=None,
+                   help="comma-separated devices, assigned round-robin: cpu or cuda:0,cuda:1,... "
+                        "(default: every visible GPU, else cpu)")
+    p.add_argument("--policy", default="lumen", choices=POLICY_NAMES)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("LUMEN_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (also LUMEN_API_KEY)")
+    p.add_argument("--draft-model", default=None,
+                   help="draft for assisted recovery (default: the embedded draft with the default model)")
+    p.add_argument("--spec-k", type=int, default=4, help="draft tokens proposed per request per round")
+    p.add_argument("--ckpt-budget-gb", type=float, default=2.0, help="host memory for checkpoints, per worker")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=None, help="KV pages per worker (default: sized by the engine)")
+    p.add_argument("--max-batch", type=int, default=512)
+    p.add_argument("--chunk-tokens", type=int, default=None, help="prefill token budget per step")
+    p.add_argument("--max-pending", type=int, default=1024, help="requests in flight before 429")
+    p.add_argument("--hb-interval", type=float, default=0.1, help="heartbeat interval, seconds")
+    p.add_argument("--hb-misses", type=int, default=3, help="missed heartbeats before a worker is declared dead")
+    p.add_argument("--fence-grace", type=float, default=0.0,
+                   help="seconds a hung (fenced) worker may linger before it is killed")
+    p.add_argument("--deterministic", action="store_true", help="float64 on CPU: bit-stable greedy outputs")
+    p.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], default=None)
+
+
+def _devices(arg: str | None) -> list[str]:
+    if arg:
+        devices = [d.strip() for d in arg.split(",") if d.strip()]
+        for d in devices:
+            if d != "cpu" and not d.startswith("cuda"):
+                raise ValueError(f"unknown device {d!r}: use cpu or cuda:N")
+        return devices
+    if torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu"]
+
+
+def build_config(args: argparse.Namespace) -> tuple[ClusterConfig, Tokenizer | None, int]:
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    parse_policy(args.policy)
+    model_dir = resolve_model_dir(args.model)
+    mcfg = read_config(model_dir)
+    tokenizer = Tokenizer.from_dir(model_dir, eos_token_ids=mcfg.eos_token_ids) \
+        if (model_dir / "tokenizer.json").is_file() else None
+    devices = _devices(args.devices)
+    on_gpu = devices[0].startswith("cuda")
+    dtype_name = args.dtype or ("float64" if args.deterministic else "bfloat16" if on_gpu else "float32")
+    kv_dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}[dtype_name]
+    draft = args.draft_model
+    if draft is None and args.model == "default":
+        draft = str(resolve_model_dir("default-draft"))
+    elif draft is not None:
+        draft = str(resolve_model_dir(draft))
+    max_len = args.max_model_len or min(mcfg.max_position, 8192 if on_gpu else 2048)
+    cfg = ClusterConfig(
+        model=str(model_dir), served_model_name=args.served_model_name or (
+            "default" if args.model == "default" else model_dir.name),
+        num_workers=args.workers, devices=devices, policy=args.policy, host=args.host,
+        hb_interval_s=args.hb_interval, hb_misses=args.hb_misses, fence_grace_s=args.fence_grace,
+        block_size=args.block_size, num_blocks=args.num_blocks, max_batch=args.max_batch,
+        chunk_tokens=args.chunk_tokens or (1024 if on_gpu else 256), deterministic=args.deterministic,
+        dtype=dtype_name, max_model_len=max_len, ckpt_budget_bytes=int(args.ckpt_budget_gb * (1 << 30)),
+        kv_bytes_per_token=mcfg.kv_bytes_per_token(kv_dtype), draft_model=draft, spec_k=args.spec_k,
+        max_pending=args.max_pending)
+    return cfg, tokenizer, mcfg.vocab_size
+
+
+async def serve(args: argparse.Namespace) -> int:
+    cfg, tokenizer, vocab = build_config(args)
+    launcher = LocalLauncher()
+    controller = Controller(cfg, launcher, new_cluster_secret())
+    gateway = Gateway(controller, tokenizer, vocab, cfg.max_model_len, api_key=args.api_key)
+    server = uvicorn.Server(uvicorn.Config(gateway.app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=30, lifespan="off"))
+    log.info("lumen: %d workers of %s on %s, policy %s", cfg.num_workers, cfg.model, ",".join(cfg.devices),
+             cfg.policy)
+    await controller.start()
+    try:
+        serving = asyncio.create_task(server.serve())
+        ready = await controller.wait_ready(timeout=1800)
+        if ready:
+            log.info("serving %s on http://%s:%d/v1", cfg.served_model_name, args.host, args.port)
+        await serving  # returns on SIGINT/SIGTERM after in-flight HTTP requests drain
+    finally:
+        await controller.stop(drain_s=5.0)
+    return 0

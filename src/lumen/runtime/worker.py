@@ -1,0 +1,389 @@
+"""A worker process: one model replica, its engine, and a store for other workers' checkpoints.
+
+Run as `python -m lumen.runtime.worker ...` by a launcher. The cluster secret arrives in the
+environment (LUMEN_CLUSTER_SECRET), never on the command line.
+
+Threads: the main thread owns the engine and the control/data sockets (ZeroMQ sockets are not
+thread-safe); a heartbeat thread has its own socket and its own sender name (`w<i>.hb`), so a long
+engine step never delays the heartbeat and the replay guard sees one ordered stream per socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+import torch
+import zmq
+
+from ..engine import Engine, EngineConfig, KVPage, SamplingParams
+from ..model.loader import build_model_from_host, read_config, read_weights_to_host
+from ..policy import WorkerState, features
+from .assist import Drafter, Verifier
+from .ckpt_store import CheckpointStore
+from .model_dirs import resolve_model_dir
+from .protocol import SCHEMA
+from .transport import Codec, DealerEndpoint, PullEndpoint, PushPool, frame_ints, ints_frame, secret_from_env
+
+log = logging.getLogger("lumen.worker")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lumen-worker")
+    p.add_argument("--worker-id", type=int, required=True)
+    p.add_argument("--epoch", type=int, required=True)
+    p.add_argument("--controller", required=True, help="host:port of the controller's ROUTER")
+    p.add_argument("--model", required=True)
+    p.add_argument("--draft-model")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype")
+    p.add_argument("--policy", default="stop-restart")
+    p.add_argument("--host", default="127.0.0.1", help="interface for this worker's data socket")
+    p.add_argument("--hb-interval", type=float, default=0.1)
+    p.add_argument("--ckpt-budget-bytes", type=int, default=2 << 30)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int)
+    p.add_argument("--max-batch", type=int, default=512)
+    p.add_argument("--chunk-tokens", type=int, default=256)
+    p.add_argument("--spec-k", type=int, default=4)
+    p.add_argument("--deterministic", action="store_true")
+    return p.parse_args(argv)
+
+
+class Heartbeat(threading.Thread):
+    def __init__(self, ctx: zmq.Context, secret: bytes, worker_id: int, epoch: int, controller: str,
+                 interval: float):
+        super().__init__(daemon=True, name="heartbeat")
+        self.codec = Codec(secret, f"w{worker_id}.hb", epoch, schema=SCHEMA)
+        self.sock = DealerEndpoint(ctx, self.codec, controller)
+        self.interval = interval
+        self.stats: dict = {}
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        parent = os.getppid()
+        while not self._stop.wait(self.interval):
+            if os.getppid() != parent:  # the gateway is gone: do not linger as an orphan
+                os.kill(os.getpid(), signal.SIGKILL)
+            self.sock.send("HB", {"stats": self.stats})
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Worker:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.id, self.epoch = args.worker_id, args.epoch
+        secret = secret_from_env()
+        self.ctx = zmq.Context()
+        self.codec = Codec(secret, f"w{self.id}", self.epoch, schema=SCHEMA)
+        self.ctrl = DealerEndpoint(self.ctx, self.codec, args.controller)
+        self.data = PullEndpoint(self.ctx, self.codec, host=args.host)
+        self.push = PushPool(self.ctx, self.codec)
+        self.hb = Heartbeat(self.ctx, secret, self.id, self.epoch, args.controller, args.hb_interval)
+        self.features = features(args.policy)
+        self.store = CheckpointStore(args.ckpt_budget_bytes)
+        self.engine: Engine | None = None
+        self.holders: dict[str, tuple[int, str]] = {}  # req -> (holder id, data address)
+        self.pending_pages: list[tuple[str, KVPage]] = []
+        self.drafter: Drafter | None = None
+        self.verifier: Verifier | None = None
+        self.device = args.device
+        self.dtype = DTYPES[args.dtype] if args.dtype else (
+            torch.float64 if args.deterministic else torch.bfloat16 if args.device.startswith("cuda")
+            else torch.float32)
+        self.state = WorkerState.DOWN
+        self.running = True
+        self.counters = {"pages_sent": 0, "pages_refused": 0, "restored_requests": 0, "restored_pages": 0,
+                         "bad_commands": 0}
+        self._last_ckpt_report = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.hb.start()
+        self.ctrl.send("HELLO", {"worker": self.id, "pid": os.getpid(), "data_addr": self.data.address,
+                                 "device": self.device, "host": self.args.host})
+        speculative_restart = self.features.speculation and self.epoch > 1 and self.args.draft_model
+        if speculative_restart:
+            self._load_progressively()
+        else:
+            self._load_plain()
+
+    def _set_state(self, state: WorkerState, **info) -> None:
+        self.state = state
+        self.ctrl.send("STATE", {"state": state.value, "info": info})
+
+    def _load_plain(self) -> None:
+        self._set_state(WorkerState.SWITCHING)
+        t0 = time.monotonic()
+        host = read_weights_to_host(self.model_dir, dtype=self.dtype, pin=self.device.startswith("cuda"))
+        t1 = time.monotonic()
+        self._build_engine(host)
+        t2 = time.monotonic()
+        self._set_state(WorkerState.SERVING, disk_to_host_s=t1 - t0, host_to_device_s=t2 - t1)
+
+    def _load_progressively(self) -> None:
+        """LUMEN mechanism 3: draft first, assist a partner, target weights load in the background."""
+        self._set_state(WorkerState.LOADING_DRAFT)
+        t0 = time.monotonic()
+        self.drafter = Drafter(self, self.args.draft_model, k=self.args.spec_k)
+        t_draft = time.monotonic() - t0
+        loaded: dict = {}
+
+        def load_target():
+            loaded["state"] = read_weights_to_host(self.model_dir, dtype=self.dtype,
+                                                   pin=self.device.startswith("cuda"), progress=False)
+            loaded["disk_to_host_s"] = time.monotonic() - t0
+
+        loader = threading.Thread(target=load_target, daemon=True, name="target-loader")
+        loader.start()
+        self.ctrl.send("STATE", {"state": WorkerState.LOADING_DRAFT.value, "info": {"draft_load_s": t_draft}})
+        while loader.is_alive() and self.running:
+            self._poll(timeout_ms=5)
+            if self.drafter is not None:
+                self.drafter.round()
+        t1 = time.monotonic()
+        stats = self.drafter.stats() if self.drafter else {}
+        self.drafter = None  # release the draft before the target lands on the device
+        self._set_state(WorkerState.SWITCHING, draft_load_s=t_draft, assist_s=t1 - t0,
+                        disk_to_host_s=loaded.get("disk_to_host_s", 0.0), **stats)
+        self._build_engine(loaded["state"])
+        self._set_state(WorkerState.SERVING, host_to_device_s=time.monotonic() - t1)
+
+    @property
+    def model_dir(self):
+        return resolve_model_dir(self.args.model)
+
+    def _build_engine(self, host_state: dict) -> None:
+        config = read_config(self.model_dir) if host_state else None
+        model = build_model_from_host(config, host_state, self.device, self.dtype)
+        cfg = EngineConfig(block_size=self.args.block_size, num_blocks=self.args.num_blocks,
+                           max_batch=self.args.max_batch, chunk_tokens=self.args.chunk_tokens,
+                           deterministic=self.args.deterministic, device=self.device, dtype=self.dtype)
+        self.engine = Engine(model, cfg)
+        self.engine.warmup()
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> None:
+        poller_timeout = 20
+        while self.running:
+            busy = self.engine is not None and self.engine.has_work()
+            self._poll(timeout_ms=0 if busy else poller_timeout)
+            if self.engine is not None and self.engine.has_work():
+                if self.verifier is not None:
+                    self.verifier.before_step(self.engine)
+                outputs = self.engine.step()
+                self._send_outputs(outputs)
+                if self.verifier is not None:
+                    self.verifier.after_step(self.engine, outputs)
+            self._stream_pages()
+            self._publish_stats()
+
+    def _poll(self, timeout_ms: int) -> None:
+        poller = zmq.Poller()
+        poller.register(self.ctrl.socket, zmq.POLLIN)
+        poller.register(self.data.socket, zmq.POLLIN)
+        ready = dict(poller.poll(timeout_ms))
+        if self.ctrl.socket in ready:
+            while (msg := self.ctrl.recv(0)) is not None:
+                self._on_command(msg)
+        if self.data.socket in ready:
+            while (msg := self.data.recv(0)) is not None:
+                self._on_data(msg)
+
+    # ------------------------------------------------------------------ control plane
+    def _on_command(self, msg) -> None:
+        body = msg.body
+        if msg.src != "controller" or body.get("to_ep") != self.epoch:
+            self.counters["bad_commands"] += 1
+            return
+        t = msg.type
+        try:
+            if t == "ADD":
+                self._add(body, frame_ints(msg.frames[0]))
+            elif t == "ABORT":
+                if self.engine is not None:
+                    self.engine.abort(body["req"])
+                self.holders.pop(body["req"], None)
+            elif t == "HOLDER":
+                self._set_holder(body["req"], body["holder"], body["addr"], body["since"])
+            elif t == "RESERVE":
+                if not self.store.reserve(body["req"], body["bytes"], body["owner"]):
+                    log.warning("checkpoint budget exhausted: request %s unprotected here", body["req"])
+            elif t == "RELEASE":
+                self.store.release(body["req"])
+            elif t == "ASSIST":
+                self._on_assist(body)
+            elif t == "SHUTDOWN":
+                self.running = False
+        except (ValueError, KeyError, TypeError) as exc:
+            # a command we cannot carry out must not take the worker down
+            self.counters["bad_commands"] += 1
+            log.warning("rejected %s: %s", t, exc)
+
+    def _add(self, body: dict, context: list[int]) -> None:
+        rid = body["req"]
+        n_prompt = body["n_prompt"]
+        if self.engine is None or not 0 < n_prompt <= len(context):
+            self._finish_error(rid, "worker is not ready" if self.engine is None else "bad context length")
+            return
+        p = body["params"]
+        try:
+            params = SamplingParams(max_tokens=p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
+                                    top_k=p["top_k"], seed=p["seed"], ignore_eos=p["ignore_eos"],
+                                    stop_token_ids=tuple(p.get("stop_token_ids", ()))).validate()
+        except (KeyError, TypeError, ValueError) as exc:
+            self._finish_error(rid, f"bad sampling parameters: {exc}")
+            return
+        pages: list[KVPage] = []
+        if body["restore_pages"] > 0:
+            pages = self._restorable_pages(rid, body["tags"])
+            self.counters["restored_requests"] += 1
+            self.counters["restored_pages"] += len(pages)
+        try:
+            # the engine copies restored pages into its own blocks; only then are the store's slots freed
+            self.engine.add_request(rid, context[:n_prompt], params, generated_ids=context[n_prompt:],
+                                    restored_pages=pages)
+        except ValueError as exc:
+            self._finish_error(rid, str(exc))
+        finally:
+            self.store.release(rid)
+
+    def _restorable_pages(self, rid: str, tags: list[bytes]) -> list[KVPage]:
+        """The longest contiguous prefix of stored pages whose tags match the gateway's history."""
+        n_valid = self.store.valid_prefix(rid, tags)
+        shape, dtype = self.engine.page_shape, self.engine.kv_dtype
+        pages = []
+        for index, end_pos, data in self.store.get_pages(rid, n_valid):
+            tensor = data.view(dtype).view(shape)
+            pages.append(KVPage(rid, index, end_pos, tags[index], tensor))
+        log.info("request %s: restoring %d of %d pages", rid, len(pages), len(tags))
+        return pages
+
+    def _finish_error(self, rid: str, message: str) -> None:
+        log.warning("request %s failed here: %s", rid, message)
+        self.ctrl.send("OUT", {"items": [[rid, 0, "error:" + message[:200]]]}, [ints_frame([])])
+
+    def _send_outputs(self, outputs) -> None:
+        if not outputs:
+            return
+        items, ids = [], []
+        for out in outputs:
+            items.append([out.req_id, len(out.token_ids), out.finish_reason or "" if out.finished else ""])
+            ids.extend(out.token_ids)
+            if out.finished:
+                self.holders.pop(out.req_id, None)
+        self.ctrl.send("OUT", {"items": items}, [ints_frame(ids)])
+
+    # ------------------------------------------------------------------ checkpoint streaming
+    def _set_holder(self, rid: str, holder: int, addr: str, since: int) -> None:
+        if holder < 0 or not addr:
+            self.holders.pop(rid, None)
+            return
+        self.holders[rid] = (holder, addr)
+        if self.engine is not None:
+            self.engine.reset_page_cursor(rid, since)
+
+    def _stream_pages(self) -> None:
+        """Send newly completed pages of protected requests to their holders.
+
+        Pages are copied device -> host by the engine asynchronously; a page is sent once its copy
+        has landed, so the engine step never waits on the network or on the copy.
+        """
+        if self.engine is None:
+            return
+        for rid in list(self.holders):
+            for page in self.engine.new_completed_pages(rid):
+                self.pending_pages.append((rid, page))
+        keep = []
+        for rid, page in self.pending_pages:
+            target = self.holders.get(rid)
+            if target is None:
+                continue
+            if not page.ready():
+                keep.append((rid, page))
+                continue
+            body = {"req": rid, "index": page.index, "end": page.end_pos, "tag": page.tag}
+            if self.push.send(target[1], "PAGE", body, [page.data.contiguous().view(torch.uint8).numpy()]):
+                self.counters["pages_sent"] += 1
+            else:
+                self.counters["pages_refused"] += 1  # holder slow or gone: that page stays invalid
+        self.pending_pages = keep
+
+    # ------------------------------------------------------------------ data plane
+    def _on_data(self, msg) -> None:
+        t = msg.type
+        if t == "PAGE":
+            b = msg.body
+            self.store.put_page(b["req"], b["index"], b["end"], b["tag"], msg.frames[0],
+                                expected_nbytes=self._page_nbytes())
+        elif t == "MIRROR" and self.drafter is not None:
+            self.drafter.on_mirror(msg)
+        elif t == "PROPOSE" and self.verifier is not None:
+            self.verifier.on_proposals(msg)
+
+    def _page_nbytes(self) -> int:
+        if self.engine is not None:
+            return self.engine.page_nbytes
+        cfg = read_config(self.model_dir)
+        return cfg.kv_bytes_per_token(self.dtype) * self.args.block_size
+
+    def _on_assist(self, body: dict) -> None:
+        role = body["role"]
+        if role == "verifier":
+            self.verifier = Verifier(self, body["peer"], body["addr"], body["k"])
+        elif role == "drafter" and self.drafter is not None:
+            self.drafter.pair(body["peer"], body["addr"])
+            self._set_state(WorkerState.ASSISTING)
+        elif role == "none":
+            self.verifier = None
+
+    # ------------------------------------------------------------------ stats
+    def _publish_stats(self) -> None:
+        stats = dict(self.counters)
+        if self.engine is not None:
+            stats.update(self.engine.stats())
+        stats.update({f"ckpt_{k}": v for k, v in self.store.stats().items() if isinstance(v, (int, float))})
+        if self.verifier is not None:
+            stats.update(self.verifier.stats())
+        self.hb.stats = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
+        now = time.monotonic()
+        if now - self._last_ckpt_report > 0.2:
+            self._last_ckpt_report = now
+            valid = {rid: self.store.contiguous_pages(rid) for rid in self.store.requests()[:4096]}
+            if valid:
+                self.ctrl.send("CKPT", {"valid": valid})
+
+    def close(self) -> None:
+        self.hb.stop()
+        self.ctx.destroy(linger=0)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LUMEN_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s [worker {args.worker_id}.{args.epoch}] %(levelname)s %(message)s")
+    if args.device == "cpu":
+        # several workers share a few cores: one thread each keeps them from thrashing
+        torch.set_num_threads(int(os.environ.get("LUMEN_WORKER_THREADS", "1")))
+    worker = Worker(args)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "running", False))
+    try:
+        worker.start()
+        worker.run()
+    finally:
+        worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
