@@ -1,0 +1,128 @@
+"""Paged attention over the engine's KV pool (an `AttentionBackend` for lumen.model.Decoder).
+
+Pool layout: [num_layers, 2 (k, v), num_blocks + 1, block_size, num_kv_heads, head_dim]. The
+extra last block is a scratch "null" block: padded batch rows (CUDA graphs) write there and padded
+block-table entries point there. Token position p of a sequence lives in slot
+block_table[p // B] * B + p % B.
+
+A step's tokens are laid out as: the "short" group first -- sequences with few new tokens
+(decodes, K+1-token verifications, tiny tail prefills), attended together in ONE batched SDPA over
+block-table gathers padded to a common length -- then "long" prefill chunks, each attended on its
+own over its gathered context. Padding is masked by position (key l is visible to a query at
+absolute position p iff l <= p), which is also the causal rule, so padded or stale slots never leak
+in: they are either the zeroed null block or an own block's positions past the query.
+
+GQA without repeating K/V: the g = nh/nkv query heads of a KV head are folded into the query
+length ([nkv, g*Tq, hd] against [nkv, L, hd]), which every SDPA backend supports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LongSeq:
+    """A prefill chunk: tokens [tok_start, tok_end) of the step, context positions [0, kv_len)."""
+
+    tok_start: int
+    tok_end: int
+    start: int  # position of its first new token (= KV already in the cache)
+    slots: torch.Tensor | None  # [kv_len] slots of its whole context; None when start == 0
+    mask: torch.Tensor | None  # [n, kv_len] bool; None when start == 0 (plain causal)
+
+
+@dataclass
+class ShortGroup:
+    """Sequences with few new tokens each, attended in one batched call (tokens [tok_start, tok_end))."""
+
+    tok_start: int
+    tok_end: int
+    block_tables: torch.Tensor  # [B, nblk] int64 (padded with the null block)
+    q_pos: torch.Tensor  # [B, Qmax] absolute position of each query (padded rows repeat the last)
+    q_index: torch.Tensor | None = None  # [B, Qmax] token index within the group; None when Qmax == 1
+    valid: torch.Tensor | None = None  # [B, Qmax] bool; None when Qmax == 1
+    _mask: torch.Tensor | None = field(default=None, repr=False)
+
+    def mask(self, kv_len: int, group: int) -> torch.Tensor:
+        """[B, 1, g*Qmax, L] (or [B, 1, 1, L] when Qmax == 1): key l visible iff l <= q_pos."""
+        if self._mask is None:
+            b, qmax = self.q_pos.shape
+            ar = torch.arange(kv_len, device=self.q_pos.device)
+            allowed = ar.view(1, 1, kv_len) <= self.q_pos.unsqueeze(-1)  # [B, Qmax, L]
+            if qmax == 1:
+                self._mask = allowed.view(b, 1, 1, kv_len)
+            else:
+                self._mask = allowed.unsqueeze(1).expand(b, group, qmax, kv_len).reshape(b, 1, group * qmax, kv_len)
+        return self._mask
+
+
+@dataclass
+class AttnMetadata:
+    slot_mapping: torch.Tensor  # [T] where each new token's k/v goes
+    shorts: list[ShortGroup]
+    longs: list[LongSeq]
+
+
+class PagedAttention:
+    def __init__(self, kv_pool: torch.Tensor, num_heads: int):
+        self.pool = kv_pool
+        _, _, nb, bs, nkv, hd = kv_pool.shape
+        self.block_size, self.nkv, self.hd = bs, nkv, hd
+        self.nh = num_heads
+        self.group = num_heads // nkv
+        # Flat per-layer views [slots, nkv, hd] for writes and slot gathers.
+        self.k_flat = [kv_pool[i, 0].view(nb * bs, nkv, hd) for i in range(kv_pool.shape[0])]
+        self.v_flat = [kv_pool[i, 1].view(nb * bs, nkv, hd) for i in range(kv_pool.shape[0])]
+        self.meta: AttnMetadata | None = None
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        meta = self.meta
+        kf, vf = self.k_flat[layer_idx], self.v_flat[layer_idx]
+        kf.index_copy_(0, meta.slot_mapping, k)
+        vf.index_copy_(0, meta.slot_mapping, v)
+        if len(meta.shorts) == 1 and not meta.longs and meta.shorts[0].q_index is None:
+            return self._short(layer_idx, q, meta.shorts[0])  # pure decode: no copy of the output
+        out = torch.empty_like(q)
+        for sg in meta.shorts:
+            out[sg.tok_start:sg.tok_end] = self._short(layer_idx, q[sg.tok_start:sg.tok_end], sg)
+        for ls in meta.longs:
+            out[ls.tok_start:ls.tok_end] = self._long(kf, vf, q, k, v, ls)
+        return out
+
+    def _short(self, layer_idx: int, q: torch.Tensor, sg: ShortGroup) -> torch.Tensor:
+        b, qmax = sg.q_pos.shape
+        nkv, g, hd = self.nkv, self.group, self.hd
+        bt = sg.block_tables
+        kv_len = bt.shape[1] * self.block_size
+        keys = self.pool[layer_idx, 0][bt].view(b, kv_len, nkv, hd).transpose(1, 2)  # [B, nkv, L, hd]
+        vals = self.pool[layer_idx, 1][bt].view(b, kv_len, nkv, hd).transpose(1, 2)
+        if sg.q_index is None:  # one query per sequence
+            qg = q.view(b, nkv, g, hd)
+        else:
+            qg = q[sg.q_index].view(b, qmax, nkv, g, hd).permute(0, 2, 3, 1, 4).reshape(b, nkv, g * qmax, hd)
+        o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=sg.mask(kv_len, g))
+        if sg.q_index is None:
+            return o.reshape(b, self.nh, hd)
+        o = o.view(b, nkv, g, qmax, hd).permute(0, 3, 1, 2, 4).reshape(b, qmax, self.nh, hd)
+        return o[sg.valid]
+
+    def _long(self, kf, vf, q, k, v, ls: LongSeq) -> torch.Tensor:
+        n = ls.tok_end - ls.tok_start
+        nkv, g, hd = self.nkv, self.group, self.hd
+        qs = q[ls.tok_start:ls.tok_end]
+        if ls.slots is None:  # first chunk: its own k/v are the whole context; plain causal
+            ks, vs = k[ls.tok_start:ls.tok_end], v[ls.tok_start:ls.tok_end]
+            o = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                                               is_causal=True, enable_gqa=g > 1)
+            return o.transpose(0, 1)
+        keys = kf.index_select(0, ls.slots).transpose(0, 1)  # [nkv, kv_len, hd]
+        vals = vf.index_select(0, ls.slots).transpose(0, 1)
+        kv_len = keys.shape[1]
+        qg = qs.view(n, nkv, g, hd).permute(1, 2, 0, 3).reshape(nkv, g * n, hd)
+        mask = ls.mask.unsqueeze(0).expand(g, n, kv_len).reshape(g * n, kv_len)
+        o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)
+        return o.view(nkv, g, n, hd).permute(2, 0, 1, 3).reshape(n, self.nh, hd)

@@ -1,0 +1,251 @@
+"""Runs the decoder over one step's flattened batch against the paged KV pool.
+
+CUDA: pure-decode steps (one new token per sequence) replay CUDA graphs captured lazily per
+(batch bucket, context bucket); the gather of the block tables has static shapes there because the
+tables are padded to the context bucket. Everything else (prefill chunks, verification, mixed
+steps) runs eagerly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import AttnMetadata, LongSeq, PagedAttention, ShortGroup
+from .block_manager import cdiv
+
+SHORT_MAX = 32  # sequences with at most this many new tokens join the batched ("short") attention
+GATHER_TOKENS = 1 << 18  # max gathered context tokens (batch x padded length) per batched attention call
+GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+MIN_GRAPH_BLOCKS = 16
+
+
+@dataclass
+class ForwardItem:
+    """Run `tokens` at positions [start, start+len) of a sequence with this block table; return
+    logits for its last `num_logits` tokens."""
+
+    tokens: list[int]
+    start: int
+    block_table: list[int]
+    num_logits: int
+
+
+def _pow2_at_least(n: int, lo: int) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
+class ModelRunner:
+    def __init__(self, model, num_blocks: int, block_size: int, *, max_batch: int = 512,
+                 cuda_graphs: bool = True):
+        self.model = model
+        cfg = model.config
+        self.cfg = cfg
+        self.device = model.device
+        self.dtype = model.dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.null_block = num_blocks
+        self.max_blocks_per_seq = cdiv(cfg.max_position, block_size)
+        # Zeroed, not empty: masked keys get weight 0, but 0 * NaN garbage would still be NaN.
+        self.kv_pool = torch.zeros(cfg.num_layers, 2, num_blocks + 1, block_size, cfg.num_kv_heads,
+                                   cfg.head_dim, device=self.device, dtype=self.dtype)
+        self.attn = PagedAttention(self.kv_pool, cfg.num_heads)
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graph_batches = [b for b in GRAPH_BATCHES if b <= max(1, max_batch)]
+        if self.graph_batches[-1] < max_batch:
+            self.graph_batches.append(max_batch)
+        self._graphs: dict[tuple[int, int], tuple] = {}
+        self._graph_pool = None
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._pending_copies: list = []
+
+    @property
+    def block_bytes(self) -> int:
+        return self.kv_pool[:, :, 0].numel() * self.kv_pool.element_size()
+
+    # ------------------------------------------------------------------ forward
+    @torch.inference_mode()
+    def forward(self, items: list[ForwardItem]) -> torch.Tensor:
+        """Logits [sum(num_logits), V] in item order (float32, or float64 in deterministic mode)."""
+        if self._pending_copies:  # page exports still reading blocks that this step may rewrite
+            cur = torch.cuda.current_stream(self.device)
+            for ev in self._pending_copies:
+                cur.wait_event(ev)
+            self._pending_copies = []
+        if self.use_graphs and items and all(len(it.tokens) == 1 and it.num_logits == 1 for it in items):
+            hidden = self._decode_graph(items)
+            if hidden is not None:
+                return self._logits(hidden)
+        meta, ids, pos, logit_idx = self._prepare(items)
+        self.attn.meta = meta
+        hidden = self.model(ids, pos, self.attn)
+        self.attn.meta = None
+        return self._logits(hidden[logit_idx])
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.model.logits(hidden)
+        return out if out.dtype == torch.float64 else out.float()
+
+    def _prepare(self, items: list[ForwardItem]):
+        bs, dev = self.block_size, self.device
+        order = sorted(range(len(items)), key=lambda i: len(items[i].tokens) > SHORT_MAX)  # stable
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        tok_of: list[int] = [0] * len(items)  # first token index of each item in the step
+        for i in order:
+            it = items[i]
+            tok_of[i] = len(ids)
+            ids.extend(it.tokens)
+            bt = it.block_table
+            for p in range(it.start, it.start + len(it.tokens)):
+                pos.append(p)
+                slots.append(bt[p // bs] * bs + p % bs)
+        shorts: list[ShortGroup] = []
+        longs: list[LongSeq] = []
+        short_items = [i for i in order if len(items[i].tokens) <= SHORT_MAX]
+        # Batched groups, split so the padded gather stays bounded.
+        group: list[int] = []
+        for i in short_items + [None]:
+            if i is not None:
+                cand = group + [i]
+                width = max(cdiv(items[j].start + len(items[j].tokens), bs) for j in cand)
+                if not group or len(cand) * width * bs <= GATHER_TOKENS:
+                    group = cand
+                    continue
+            if group:
+                shorts.append(self._short_group(items, group, tok_of))
+            group = [i] if i is not None else []
+        for i in order[len(short_items):]:
+            it = items[i]
+            n = len(it.tokens)
+            if it.start == 0:
+                longs.append(LongSeq(tok_of[i], tok_of[i] + n, 0, None, None))
+                continue
+            kv_len = it.start + n
+            ctx = torch.arange(kv_len)
+            blocks = torch.tensor(it.block_table[:cdiv(kv_len, bs)], dtype=torch.int64)
+            sl = (blocks[ctx // bs] * bs + ctx % bs).to(dev)
+            qpos = torch.arange(it.start, kv_len).unsqueeze(1)
+            mask = (ctx.unsqueeze(0) <= qpos).to(dev)
+            longs.append(LongSeq(tok_of[i], tok_of[i] + n, it.start, sl, mask))
+        logit_idx = [tok_of[i] + len(items[i].tokens) - items[i].num_logits + j
+                     for i in range(len(items)) for j in range(items[i].num_logits)]
+        meta = AttnMetadata(torch.tensor(slots, dtype=torch.int64, device=dev), shorts, longs)
+        return (meta, torch.tensor(ids, dtype=torch.int64, device=dev),
+                torch.tensor(pos, dtype=torch.int64, device=dev),
+                torch.tensor(logit_idx, dtype=torch.int64, device=dev))
+
+    def _short_group(self, items: list[ForwardItem], group: list[int], tok_of: list[int]) -> ShortGroup:
+        bs = self.block_size
+        qmax = max(len(items[i].tokens) for i in group)
+        width = max(cdiv(items[i].start + len(items[i].tokens), bs) for i in group)
+        tables = [items[i].block_table[:width] + [self.null_block] * (width - min(width, len(items[i].block_table)))
+                  for i in group]
+        base = tok_of[group[0]]
+        q_pos, q_index, valid = [], [], []
+        for i in group:
+            it = items[i]
+            n = len(it.tokens)
+            q_pos.append([it.start + min(j, n - 1) for j in range(qmax)])
+            q_index.append([tok_of[i] - base + min(j, n - 1) for j in range(qmax)])
+            valid.append([j < n for j in range(qmax)])
+        end = tok_of[group[-1]] + len(items[group[-1]].tokens)
+        dev = self.device
+        sg = ShortGroup(base, end, torch.tensor(tables, dtype=torch.int64, device=dev),
+                        torch.tensor(q_pos, dtype=torch.int64, device=dev))
+        if qmax > 1:
+            sg.q_index = torch.tensor(q_index, dtype=torch.int64, device=dev)
+            sg.valid = torch.tensor(valid, dtype=torch.bool, device=dev)
+        return sg
+
+    # ------------------------------------------------------------------ CUDA graphs (decode)
+    def _decode_graph(self, items: list[ForwardItem]) -> torch.Tensor | None:
+        b = len(items)
+        bb = next((x for x in self.graph_batches if x >= b), None)
+        width = max(cdiv(it.start + 1, self.block_size) for it in items)
+        nblk = min(_pow2_at_least(width, MIN_GRAPH_BLOCKS), _pow2_at_least(self.max_blocks_per_seq, 1))
+        if bb is None or bb * nblk * self.block_size > GATHER_TOKENS:
+            return None
+        g = self._graphs.get((bb, nblk)) or self._capture(bb, nblk)
+        graph, ids, pos, slots, tables, hidden = g
+        bs = self.block_size
+        null_slot = self.null_block * bs
+        pad = bb - b
+        ids_h = [it.tokens[0] for it in items] + [0] * pad
+        pos_h = [it.start for it in items] + [0] * pad
+        slots_h = [it.block_table[it.start // bs] * bs + it.start % bs for it in items] + [null_slot] * pad
+        tab_h = [it.block_table[:nblk] + [self.null_block] * (nblk - min(nblk, len(it.block_table)))
+                 for it in items] + [[self.null_block] * nblk] * pad
+        ids_h, pos_h, slots_h, tab_h = (torch.tensor(x, dtype=torch.int64) for x in (ids_h, pos_h, slots_h, tab_h))
+        ids.copy_(ids_h, non_blocking=True)
+        pos.copy_(pos_h, non_blocking=True)
+        slots.copy_(slots_h, non_blocking=True)
+        tables.copy_(tab_h, non_blocking=True)
+        graph.replay()
+        return hidden[:b]
+
+    def _capture(self, bb: int, nblk: int):
+        dev = self.device
+        ids = torch.zeros(bb, dtype=torch.int64, device=dev)
+        pos = torch.zeros(bb, dtype=torch.int64, device=dev)
+        slots = torch.full((bb,), self.null_block * self.block_size, dtype=torch.int64, device=dev)
+        tables = torch.full((bb, nblk), self.null_block, dtype=torch.int64, device=dev)
+
+        def run() -> torch.Tensor:
+            # Fresh metadata per call: the mask is derived from `pos` inside the graph.
+            self.attn.meta = AttnMetadata(slots, [ShortGroup(0, bb, tables, pos.view(bb, 1))], [])
+            h = self.model(ids, pos, self.attn)
+            self.attn.meta = None
+            return h
+
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up outside capture (lazy tables, cuBLAS handles)
+            run()
+            run()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            hidden = run()
+        entry = (graph, ids, pos, slots, tables, hidden)
+        self._graphs[(bb, nblk)] = entry
+        return entry
+
+    # ------------------------------------------------------------------ page copies
+    @torch.inference_mode()
+    def read_blocks(self, blocks: list[int]):
+        """Host copies of whole blocks: ([n, L, 2, B, nkv, hd], cuda event or None).
+
+        CUDA: gathered and copied into pinned memory on a side stream, ordered after the work
+        queued so far; the next forward waits for it (GPU-side) before touching the pool again.
+        """
+        if self._copy_stream is None:
+            idx = torch.tensor(blocks, dtype=torch.int64)
+            return self.kv_pool[:, :, idx].permute(2, 0, 1, 3, 4, 5).contiguous(), None
+        cur = torch.cuda.current_stream(self.device)
+        s = self._copy_stream
+        s.wait_stream(cur)
+        with torch.cuda.stream(s):
+            idx = torch.tensor(blocks, dtype=torch.int64).to(self.device, non_blocking=True)
+            dev_copy = self.kv_pool[:, :, idx].permute(2, 0, 1, 3, 4, 5).contiguous()
+            host = torch.empty(dev_copy.shape, dtype=dev_copy.dtype, pin_memory=True)
+            host.copy_(dev_copy, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(s)
+        self._pending_copies.append(ev)
+        return host, ev
+
+    @torch.inference_mode()
+    def write_blocks(self, blocks: list[int], data: torch.Tensor) -> None:
+        """data [n, L, 2, B, nkv, hd] (host) -> the given blocks."""
+        idx = torch.tensor(blocks, dtype=torch.int64, device=self.device)
+        src = data.to(self.device, non_blocking=data.is_pinned()).permute(1, 2, 0, 3, 4, 5)
+        self.kv_pool[:, :, idx] = src
