@@ -550,5 +550,6 @@ class Controller:
                      "generated_tokens": len(r.generated), "valid_ckpt_tokens": r.valid_pages * self.cfg.block_size,
                      "interrupts": r.interrupts} for r in self.requests.values() if not r.done]
         return {"policy": self.policy.value, "model": self.cfg.served_model_name, "workers": workers,
+                "control_addr": self.router.address if self.router else None,
                 "requests": requests, "in_flight": len(requests), "stale_messages": self.stale_messages,
                 "unprotected_requests": self.unprotected, "transport_drops": dict(self.codec.stats)}

@@ -98,6 +98,7 @@ class Worker:
         self.drafter: Drafter | None = None
         self.verifier: Verifier | None = None
         self.device = args.device
+        self.page_shape: tuple = ()
         self.dtype = DTYPES[args.dtype] if args.dtype else (
             torch.float64 if args.deterministic else torch.bfloat16 if args.device.startswith("cuda")
             else torch.float32)
@@ -170,7 +171,8 @@ class Worker:
                            max_batch=self.args.max_batch, chunk_tokens=self.args.chunk_tokens,
                            deterministic=self.args.deterministic, device=self.device, dtype=self.dtype)
         self.engine = Engine(model, cfg)
-        self.engine.warmup()
+        mc = self.engine.model_config
+        self.page_shape = (mc.num_layers, 2, self.args.block_size, mc.num_kv_heads, mc.head_dim)
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> None:
@@ -261,7 +263,7 @@ class Worker:
     def _restorable_pages(self, rid: str, tags: list[bytes]) -> list[KVPage]:
         """The longest contiguous prefix of stored pages whose tags match the gateway's history."""
         n_valid = self.store.valid_prefix(rid, tags)
-        shape, dtype = self.engine.page_shape, self.engine.kv_dtype
+        shape, dtype = self.page_shape, self.engine.model.dtype
         pages = []
         for index, end_pos, data in self.store.get_pages(rid, n_valid):
             tensor = data.view(dtype).view(shape)
@@ -291,7 +293,7 @@ class Worker:
             return
         self.holders[rid] = (holder, addr)
         if self.engine is not None:
-            self.engine.reset_page_cursor(rid, since)
+            self.engine.rewind_page_export(rid, since)
 
     def _stream_pages(self) -> None:
         """Send newly completed pages of protected requests to their holders.
@@ -333,7 +335,7 @@ class Worker:
 
     def _page_nbytes(self) -> int:
         if self.engine is not None:
-            return self.engine.page_nbytes
+            return self.engine.model_config.kv_bytes_per_token(self.engine.model.dtype) * self.args.block_size
         cfg = read_config(self.model_dir)
         return cfg.kv_bytes_per_token(self.dtype) * self.args.block_size
 
