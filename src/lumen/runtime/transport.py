@@ -76,7 +76,7 @@ class Limits:
     max_str_len: int = 4096
     max_bin_len: int = 16 * 1024
     max_array_len: int = 8192
-    max_map_len: int = 256
+    max_map_len: int = 4096  # the CKPT report maps up to protocol.MAX_BATCH requests
     replay_senders: int = 4096  # LRU size of the (src, epoch) -> seq table
 
     @property
