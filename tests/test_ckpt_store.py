@@ -241,7 +241,7 @@ def test_corrupted_page_in_transit_never_becomes_valid():
         store = CheckpointStore(100 * P)
         store.reserve("r", 8 * P, 1)
         for i in range(6):
-            pool.fault = FaultHook(1.0, i, "flip" if i == 3 else "truncate") if i in (3,) else None
+            pool.fault = FaultHook(1.0, i, "flip") if i == 3 else None
             assert pool.send(pull.address, "PAGE", {"req": "r", "index": i, "end": 16 * (i + 1), "tag": tag(i)},
                              [torch.frombuffer(bytearray(page(i)), dtype=torch.uint8)])
         while (m := pull.recv(timeout_ms=1000)) is not None:

@@ -345,7 +345,10 @@ def test_fault_hook_from_env_and_modes(monkeypatch):
     assert FaultHook.from_env() is None
     monkeypatch.setenv(tp.FAULT_ENV, "1.0:7:truncate")
     h = FaultHook.from_env()
-    assert (h.prob, h.mode) == (1.0, "truncate")
+    assert (h.prob, h.mode, h.types) == (1.0, "truncate", {"PAGE"})
+    monkeypatch.setenv(tp.FAULT_ENV, "0.5:7::PAGE,MIRROR")
+    h = FaultHook.from_env()
+    assert (h.prob, h.mode, h.types) == (0.5, "flip", {"PAGE", "MIRROR"})
     monkeypatch.setenv(tp.FAULT_ENV, "bad")
     with pytest.raises(ValueError):
         FaultHook.from_env()
@@ -361,6 +364,9 @@ def test_fault_hook_from_env_and_modes(monkeypatch):
     assert dropped(rx) == {"bad_mac": 2}
     assert FaultHook(0.0, 3)(m := tx.encode("any", {}, [page])) is m
     assert FaultHook(1.0, 3)(m2 := tx.encode("any", {})) is m2  # no payload: untouched
+    only_pages = FaultHook(1.0, 3, types=["PAGE"])
+    assert only_pages(m3 := tx.encode("any", {}, [page]), "any") is m3  # other types: untouched
+    assert only_pages(tx.encode("any", {}, [page]), "PAGE") is not None and only_pages.injected == 1
 
 
 # ----------------------------------------------------------------------------- sockets
@@ -475,15 +481,18 @@ def test_push_pool_is_bounded(ctx):
 
 
 def test_push_pool_fault_hook_from_env_is_caught_by_receiver(ctx, monkeypatch):
-    monkeypatch.setenv(tp.FAULT_ENV, "1.0:1:flip")
+    monkeypatch.setenv(tp.FAULT_ENV, "1.0:1:flip:any")
     rx = codec("w1")
     with PullEndpoint(ctx, rx) as pull:
         pool = PushPool(ctx, codec("w0"))
         assert pool.fault is not None
         assert pool.send(pull.address, "any", {"x": 1}, [b"page-bytes"])
         assert pool.send(pull.address, "any", {"x": 2})  # no payload: not a page, untouched
+        assert pool.send(pull.address, "hello", {"worker": 3, "data": "d"})  # type not selected
         m = pull.recv(timeout_ms=2000)
-        assert m is not None and m.body["x"] == 2 and dropped(rx) == {"bad_mac": 1}
+        m2 = pull.recv(timeout_ms=2000)
+        assert m is not None and m.body["x"] == 2 and m2.body["worker"] == 3
+        assert dropped(rx) == {"bad_mac": 1}
         pool.close()
 
 

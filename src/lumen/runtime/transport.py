@@ -21,10 +21,11 @@ once it has been received; bind data/control sockets to cluster-internal interfa
 Token-id lists belong in payload frames (:func:`ints_frame` / :func:`frame_ints`), not in
 the header: the header limit (64 KiB) is sized for control fields.
 
-Fault injection (tests only): ``LUMEN_FAULT_CORRUPT_PAGES=PROB:SEED[:MODE]`` in a worker's
-environment makes every :class:`PushPool` created in that process corrupt messages that carry
-payload frames with probability PROB, *after* the MAC was computed (MODE ``flip``: flip one
-byte, ``truncate``: cut the last frame in half, ``drop``: do not send). The receiver's MAC
+Fault injection (tests only): ``LUMEN_FAULT_CORRUPT_PAGES=PROB:SEED[:MODE[:TYPES]]`` in a
+worker's environment makes every :class:`PushPool` created in that process corrupt messages of
+the given types (comma-separated; default ``PAGE``) that carry payload frames, with
+probability PROB, *after* the MAC was computed (MODE ``flip``: flip one byte, ``truncate``:
+cut the last frame in half, ``drop``: do not send). The receiver's MAC
 check drops the message, so the checkpoint page never becomes valid. Read once, at pool
 creation (:meth:`FaultHook.from_env`).
 """
@@ -511,31 +512,39 @@ class FaultHook:
     """Corrupts outgoing messages that carry payload frames, after the MAC was computed.
 
     ``mode``: ``flip`` one byte of a payload frame, ``truncate`` the last frame to half, or
-    ``drop`` the message. Never mutates the caller's buffers (copies the frame it changes).
+    ``drop`` the message; ``types``: only these message types (None: all). Never mutates the
+    caller's buffers (copies the frame it changes).
     """
 
     MODES = ("flip", "truncate", "drop")
 
-    def __init__(self, prob: float, seed: int = 0, mode: str = "flip") -> None:
+    def __init__(self, prob: float, seed: int = 0, mode: str = "flip",
+                 types: Iterable[str] | None = None) -> None:
         if not 0.0 <= prob <= 1.0 or mode not in self.MODES:
             raise ValueError(f"bad fault hook prob={prob} mode={mode}")
         self.prob, self.mode = prob, mode
+        self.types = None if types is None else frozenset(types)
         self._rng = random.Random(seed)
         self.injected = 0
 
     @classmethod
     def from_env(cls, var: str = FAULT_ENV) -> FaultHook | None:
-        """``PROB:SEED[:MODE]`` from the environment, or None when unset/empty."""
+        """``PROB:SEED[:MODE[:TYPES]]`` from the environment, or None when unset/empty."""
         spec = os.environ.get(var, "").strip()
         if not spec:
             return None
         parts = spec.split(":")
-        if len(parts) not in (2, 3):
-            raise ValueError(f"{var}={spec!r}: expected PROB:SEED[:MODE]")
-        return cls(float(parts[0]), int(parts[1]), parts[2] if len(parts) == 3 else "flip")
+        if len(parts) not in (2, 3, 4):
+            raise ValueError(f"{var}={spec!r}: expected PROB:SEED[:MODE[:TYPES]]")
+        mode = parts[2] if len(parts) >= 3 and parts[2] else "flip"
+        types = parts[3].split(",") if len(parts) == 4 else ["PAGE"]
+        return cls(float(parts[0]), int(parts[1]), mode, types)
 
-    def __call__(self, msg: list) -> list | None:
-        """``msg`` is an encoded message; returns the frames to send or None to drop."""
+    def __call__(self, msg: list, type_: str | None = None) -> list | None:
+        """``msg`` is an encoded message of type ``type_``; returns the frames to send or
+        None to drop."""
+        if self.types is not None and type_ not in self.types:
+            return msg
         if len(msg) <= 2 or self._rng.random() >= self.prob:
             return msg
         self.injected += 1
@@ -772,7 +781,7 @@ class PushPool:
     def send(self, address: str, type_: str, body: dict | None = None, frames: Sequence[Any] = ()) -> bool:
         msg = self.codec.encode(type_, body, frames)
         if self.fault is not None:
-            msg = self.fault(msg)
+            msg = self.fault(msg, type_)
             if msg is None:
                 self.refused += 1
                 return False
