@@ -241,7 +241,7 @@ def test_reports_and_plots(tmp_path):
     con = Console(record=True, width=300)
     con.print(render_table(agg))
     text = con.export_text()
-    assert "stop-restart" in text and "lumen" in text and "3.3 ± " in text
+    assert "stop-restart" in text and "lumen" in text and "3.3 ± " in text and "3/3" in text
     assert format_ci(float("nan"), 1.0) == "-" and format_ci(1.0, float("nan")) == "1.00"
     for p in (plot_ttft_timeline(summ, tmp_path / "t.png"), plot_policy_bars(agg, tmp_path / "b.png")):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000

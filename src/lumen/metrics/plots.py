@@ -13,6 +13,19 @@ from .summary import PolicyAggregate, RunSummary
 __all__ = ["plot_ttft_timeline", "plot_policy_bars", "NO_FAILURE"]
 
 NO_FAILURE = "no-failure"
+# Stable colours per policy so both plots (and every report) agree.
+_ORDER = ("stop-restart", "fixed-ckpt", "lumen", "lumen-no-spec", "spec-only")
+_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+
+
+def _color(policy: str, others: list[str]) -> str:
+    if policy == NO_FAILURE:
+        return "black"
+    if policy in _ORDER:
+        return _PALETTE[_ORDER.index(policy)]
+    if policy not in others:
+        others.append(policy)
+    return _PALETTE[(len(_ORDER) + others.index(policy)) % len(_PALETTE)]
 
 
 def _pyplot():
@@ -51,11 +64,16 @@ def plot_ttft_timeline(summaries: Sequence[RunSummary], path: str | Path, title:
     if NO_FAILURE not in groups and summaries:
         x, y = _mean_series(summaries, baseline=True)
         ax.plot(x, y * 1e3, color="black", lw=1.5, ls=":", label=NO_FAILURE)
+    others: list[str] = []
     for policy, runs in groups.items():
         x, y = _mean_series(runs)
-        style = {"color": "black", "lw": 1.5, "ls": ":"} if policy == NO_FAILURE else {"lw": 1.8}
-        ax.plot(x, y * 1e3, marker=".", label=policy, **style)
-    failures = sorted({round(t, 3) for s in summaries for t in s.failure_times})
+        style = {"lw": 1.5, "ls": ":"} if policy == NO_FAILURE else {"lw": 1.8}
+        ax.plot(x, y * 1e3, marker=".", label=policy, color=_color(policy, others), **style)
+    # The k-th failure of every run comes from the same plan entry: mark its mean time once.
+    n_fail = max((len(s.failure_times) for s in summaries), default=0)
+    failures = [
+        float(np.mean([s.failure_times[k] for s in summaries if len(s.failure_times) > k])) for k in range(n_fail)
+    ]
     for i, t in enumerate(failures):
         ax.axvline(t, color="red", ls="--", lw=1, label="failure" if i == 0 else None)
     ax.set_xlabel("arrival time (s), window midpoint")
@@ -83,13 +101,14 @@ def plot_policy_bars(aggregates: Sequence[PolicyAggregate], path: str | Path, ti
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
     names = [a.policy for a in aggregates]
     xs = np.arange(len(names))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    others: list[str] = []
+    colors = [_color(n, others) for n in names]
     for ax, (label, metric, scale) in zip(axes, panels, strict=True):
         means = [a.metrics[metric].mean * scale for a in aggregates]
         errs = [a.metrics[metric].half_width * scale for a in aggregates]
         heights = [m if math.isfinite(m) else 0.0 for m in means]
         yerr = [e if math.isfinite(e) else 0.0 for e in errs]
-        ax.bar(xs, heights, yerr=yerr, capsize=5, color=[colors[i % len(colors)] for i in range(len(names))])
+        ax.bar(xs, heights, yerr=yerr, capsize=5, color=colors)
         for x, m in zip(xs, means, strict=True):
             if not math.isfinite(m):
                 ax.annotate("n/a", (x, 0), ha="center", va="bottom")

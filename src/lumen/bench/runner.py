@@ -1,0 +1,405 @@
+"""``run_bench``: the no-failure reference and every policy under a failure plan, same seeds.
+
+For each seed in seed … seed+repeats−1:
+  1. build the seeded workload (or the trace),
+  2. run it without failures (the reference; policy does not matter without failures, we use
+     stop-restart, the plainest),
+  3. run it once per policy with the failure plan injected,
+  4. summarise each failure run against the reference of the same seed.
+Every run gets a fresh cluster (failures must not leak from one run into the next), unless
+``url`` is given: then the bench attaches to that cluster, measures whatever policy it runs,
+and waits between runs until every worker is serving again.
+
+Outputs under ``out``: results.json (meta, aggregates, per-run summaries and fault events),
+runs.csv, summary.csv, ttft_timeline.png, policies.png, records/<policy>-seed<k>.jsonl (every
+request), logs/<policy>-seed<k>.log (cluster output).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as _dt
+import json
+import math
+import platform
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from lumen.metrics import (
+    NO_FAILURE,
+    PolicyAggregate,
+    RequestRecord,
+    RunSummary,
+    aggregate,
+    plot_policy_bars,
+    plot_ttft_timeline,
+    render_table,
+    summarize_run,
+    write_aggregate_csv,
+    write_json,
+    write_runs_csv,
+)
+from lumen.workload import RequestSpec, load_trace, make_workload
+
+from .client import ClientConfig, LoadClient
+from .cluster import ClusterProcess, free_port, serve_command, wait_ready
+from .faults import FaultEvent, FaultInjectionError, FaultSpec, parse_fail_plan, run_plan
+
+__all__ = ["BenchConfig", "BenchResults", "RunResult", "run_bench", "DEFAULT_POLICIES", "REFERENCE_POLICY"]
+
+DEFAULT_POLICIES = ("stop-restart", "fixed-ckpt", "lumen")
+REFERENCE_POLICY = "stop-restart"
+DEFAULT_REQUESTS = 1000
+
+
+@dataclass
+class BenchConfig:
+    model: str = "default"
+    workers: int = 4
+    devices: str | None = None
+    policies: list[str] = field(default_factory=lambda: list(DEFAULT_POLICIES))
+    qps: float = 4.0
+    requests: int | None = None  # default: duration × qps, else DEFAULT_REQUESTS
+    duration: float | None = None  # seconds of arrivals
+    lengths: str = "sharegpt"
+    arrival: str = "poisson"
+    burstiness: float = 1.0
+    trace: str | None = None
+    time_scale: float = 1.0
+    max_prompt: int | None = None
+    max_output: int | None = None
+    fail: list[str] = field(default_factory=lambda: ["t=30s:worker=1:SIGKILL"])
+    repeats: int = 5
+    seed: int = 0
+    url: str | None = None
+    out: str | None = None
+    window: int = 200
+    threshold: float = 0.05
+    settle: int = 3
+    # Windows whose every request had its first token before the first failure cannot start the
+    # affected period (see lumen.metrics.recovery); False = the paper's rule verbatim.
+    causal_start: bool = True
+    host: str = "127.0.0.1"
+    port: int | None = None  # None: a free port per cluster
+    serve_args: list[str] = field(default_factory=list)
+    serve_cmd: list[str] | None = None  # replaces "python -m lumen serve ..." ({port},{policy} substituted)
+    startup_timeout_s: float = 900.0
+    stop_grace_s: float = 10.0
+    request_timeout_s: float = 300.0
+    max_concurrency: int = 512
+    warmup_requests: int | None = None  # default 2 per worker; not recorded
+    token_id_range: tuple[int, int] = (100, 1000)
+    quiet: bool = False
+
+    def n_requests(self) -> int:
+        if self.requests is not None:
+            return self.requests
+        if self.duration is not None:
+            return max(1, math.ceil(self.duration * self.qps))
+        return DEFAULT_REQUESTS
+
+
+@dataclass
+class RunResult:
+    policy: str  # NO_FAILURE for the reference
+    seed: int
+    records: list[RequestRecord]
+    events: list[FaultEvent]
+    summary: RunSummary | None = None
+
+
+@dataclass
+class BenchResults:
+    out_dir: Path
+    runs: list[RunResult]
+    summaries: list[RunSummary]
+    aggregates: list[PolicyAggregate]
+    files: dict[str, Path]
+    meta: dict
+
+
+def _workload(cfg: BenchConfig, seed: int) -> list[RequestSpec]:
+    if cfg.trace:
+        specs = load_trace(cfg.trace, cfg.time_scale, cfg.requests)
+        if cfg.max_prompt or cfg.max_output:
+            specs = [
+                RequestSpec(
+                    s.req_id,
+                    s.arrival,
+                    min(s.prompt_tokens, cfg.max_prompt or s.prompt_tokens),
+                    min(s.output_tokens, cfg.max_output or s.output_tokens),
+                )
+                for s in specs
+            ]
+        return specs
+    return make_workload(
+        cfg.n_requests(),
+        cfg.qps,
+        cfg.lengths,
+        seed=seed,
+        arrival=cfg.arrival,
+        burstiness=cfg.burstiness,
+        max_prompt=cfg.max_prompt,
+        max_output=cfg.max_output,
+    )
+
+
+def _validate(cfg: BenchConfig) -> list[FaultSpec]:
+    if cfg.repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    if cfg.window < 1:
+        raise ValueError("window must be >= 1")
+    if not cfg.policies:
+        raise ValueError("at least one policy is needed")
+    plan = parse_fail_plan(cfg.fail)
+    if not plan:
+        raise ValueError("the failure plan is empty; pass --fail t=30s:worker=1:SIGKILL (or similar)")
+    for f in plan:
+        if f.worker >= cfg.workers and not cfg.url:
+            raise ValueError(f"failure {f} names worker {f.worker} but the cluster has {cfg.workers} workers")
+    return plan
+
+
+class _Progress:
+    """rich progress bars: one for the whole bench, one for the current run's requests."""
+
+    def __init__(self, total_runs: int, quiet: bool, console) -> None:
+        self.bar = None
+        if quiet:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        )
+        self.all = self.bar.add_task("bench runs", total=total_runs)
+        self.cur = None
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.__exit__(*exc)
+
+    def log(self, msg: str) -> None:
+        if self.bar:
+            self.bar.console.log(msg)
+
+    def start_run(self, label: str, n: int) -> Callable[[RequestRecord], None]:
+        if not self.bar:
+            return lambda r: None
+        if self.cur is not None:
+            self.bar.remove_task(self.cur)
+        self.cur = self.bar.add_task(label, total=n)
+        return lambda r: self.bar.advance(self.cur)
+
+    def end_run(self) -> None:
+        if self.bar:
+            self.bar.advance(self.all)
+
+
+async def _replay_with_faults(
+    url: str, specs: list[RequestSpec], plan: Sequence[FaultSpec], cfg: BenchConfig, seed: int, on_done
+) -> tuple[list[RequestRecord], list[FaultEvent]]:
+    client = LoadClient(
+        ClientConfig(
+            url=url,
+            model=cfg.model,
+            max_concurrency=cfg.max_concurrency,
+            request_timeout_s=cfg.request_timeout_s,
+            token_id_range=cfg.token_id_range,
+            seed=seed,
+        )
+    )
+    loop = asyncio.get_running_loop()
+    started: asyncio.Future[float] = loop.create_future()
+    replay = asyncio.create_task(
+        client.replay(specs, on_done=on_done, on_start=lambda t0: started.done() or started.set_result(t0))
+    )
+    if not plan:
+        return await replay, []
+    faults: asyncio.Task | None = None
+    try:
+        await asyncio.wait({started, replay}, return_when=asyncio.FIRST_COMPLETED)
+        if not started.done():
+            return await replay, []
+        faults = asyncio.create_task(run_plan(url, plan, started.result()))
+        await asyncio.wait({replay, faults}, return_when=asyncio.FIRST_EXCEPTION)
+        if faults.done() and faults.exception() is not None:
+            replay.cancel()
+            raise faults.exception()
+        records = await replay
+        if not faults.done():
+            # The workload ended before (part of) the plan ran: stop the injector, keep its events.
+            faults.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await faults
+            events = [FaultEvent(str(f), f.at_s, worker=f.worker, signal=f.sig.name) for f in plan]
+            for ev in events:
+                ev.notes.append("not injected: the workload ended first")
+            return records, events
+        return records, faults.result()
+    finally:
+        for t in (replay, faults):
+            if t is not None and not t.done():
+                t.cancel()
+                with contextlib.suppress(BaseException):
+                    await t
+
+
+async def _warmup(url: str, cfg: BenchConfig) -> None:
+    # A few short requests so that first-call costs (allocations, graph capture, imports) are
+    # paid before the measured replay, in the reference and the failure runs alike.
+    n = cfg.warmup_requests if cfg.warmup_requests is not None else 2 * cfg.workers
+    if n <= 0:
+        return
+    specs = [RequestSpec(-(i + 1), 0.0, 16, 4) for i in range(n)]
+    client = LoadClient(ClientConfig(url=url, model=cfg.model, request_timeout_s=cfg.request_timeout_s,
+                                     token_id_range=cfg.token_id_range, keep_token_times=False))
+    await client.replay(specs)
+
+
+def _save_records(path: Path, records: Sequence[RequestRecord]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in records:
+            d = r.to_dict()
+            d["token_times"] = r.token_times
+            f.write(json.dumps(d) + "\n")
+
+
+async def _attached_policy(url: str) -> str:
+    with contextlib.suppress(httpx.HTTPError, ValueError, AttributeError):
+        async with httpx.AsyncClient(base_url=url, timeout=5.0) as http:
+            r = await http.get("/lumen/cluster")
+            if r.status_code == 200 and isinstance(r.json().get("policy"), str):
+                return r.json()["policy"]
+    return "attached"
+
+
+async def _run_one(
+    cfg: BenchConfig, policy: str, seed: int, specs, plan, out: Path, progress: _Progress
+) -> RunResult:
+    label = NO_FAILURE if not plan else policy
+    on_done = progress.start_run(f"{label} seed {seed}", len(specs))
+    if cfg.url:
+        await wait_ready(cfg.url, cfg.startup_timeout_s)
+        await _warmup(cfg.url, cfg)
+        records, events = await _replay_with_faults(cfg.url, specs, plan, cfg, seed, on_done)
+    else:
+        port = cfg.port or free_port(cfg.host)
+        if cfg.serve_cmd:
+            cmd = [a.format(port=port, policy=policy, workers=cfg.workers, model=cfg.model) for a in cfg.serve_cmd]
+        else:
+            cmd = serve_command(cfg.model, cfg.workers, policy, port, cfg.host, cfg.devices, cfg.serve_args)
+        url = f"http://{cfg.host}:{port}"
+        log_path = out / "logs" / f"{label}-seed{seed}.log"
+        cluster = ClusterProcess(cmd, log_path, grace_s=cfg.stop_grace_s)
+        progress.log(f"{label} seed {seed}: starting cluster on port {port} (log: {log_path})")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("a") as f:
+            f.write(f"$ {shlex.join(cmd)}\n")
+        cluster.start()
+        try:
+            info = await wait_ready(url, cfg.startup_timeout_s, None if cfg.serve_cmd else cfg.workers,
+                                    cluster.proc, log_path)
+            cluster.note_workers(info)
+            await _warmup(url, cfg)
+            records, events = await _replay_with_faults(url, specs, plan, cfg, seed, on_done)
+        finally:
+            # Stopping blocks for up to the grace period; keep the event loop out of it.
+            await asyncio.to_thread(cluster.stop)
+    _save_records(out / "records" / f"{label}-seed{seed}.jsonl", records)
+    for ev in events:
+        if ev.injected_s is None:
+            progress.log(f"[yellow]warning: {ev.spec}: {'; '.join(ev.notes) or ev.error}")
+    progress.end_run()
+    return RunResult(label, seed, records, events)
+
+
+def _summarise(cfg: BenchConfig, run: RunResult, reference: RunResult) -> RunSummary:
+    times = [e.injected_s for e in run.events if e.injected_s is not None]
+    return summarize_run(
+        run.records,
+        reference.records,
+        window=cfg.window,
+        threshold=cfg.threshold,
+        settle=cfg.settle,
+        policy=run.policy,
+        seed=run.seed,
+        failure_times=times,
+        not_before=min(times) if (times and cfg.causal_start) else None,
+    )
+
+
+async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
+    from rich.console import Console
+
+    console = console or Console()
+    plan = _validate(cfg)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(cfg.out or f"runs/bench-{stamp}")
+    out.mkdir(parents=True, exist_ok=True)
+    policies = [await _attached_policy(cfg.url)] if cfg.url else list(cfg.policies)
+    seeds = list(range(cfg.seed, cfg.seed + cfg.repeats))
+    runs: list[RunResult] = []
+    summaries: list[RunSummary] = []
+    with _Progress(len(seeds) * (1 + len(policies)), cfg.quiet, console) as progress:
+        for seed in seeds:
+            specs = _workload(cfg, seed)
+            if cfg.window > len(specs):
+                progress.log(f"[yellow]warning: window {cfg.window} > {len(specs)} requests: one window only")
+            if plan[-1].at_s > specs[-1].arrival:
+                progress.log(f"[yellow]warning: failure at {plan[-1].at_s:g}s is after the last arrival "
+                             f"({specs[-1].arrival:.1f}s)")
+            ref = await _run_one(cfg, REFERENCE_POLICY if not cfg.url else policies[0], seed, specs, [], out, progress)
+            ref.summary = summarize_run(ref.records, ref.records, window=cfg.window, threshold=cfg.threshold,
+                                        settle=cfg.settle, policy=NO_FAILURE, seed=seed)
+            runs.append(ref)
+            summaries.append(ref.summary)
+            for policy in policies:
+                r = await _run_one(cfg, policy, seed, specs, plan, out, progress)
+                r.summary = _summarise(cfg, r, ref)
+                runs.append(r)
+                summaries.append(r.summary)
+    aggregates = aggregate(summaries)
+    meta = {
+        "config": {k: v for k, v in asdict(cfg).items() if k != "quiet"},
+        "requests": len(specs),
+        "seeds": seeds,
+        "reference_policy": REFERENCE_POLICY if not cfg.url else policies[0],
+        "failure_plan": [str(f) for f in plan],
+        "fault_events": [{"policy": r.policy, "seed": r.seed, **e.to_dict()} for r in runs for e in r.events],
+        "machine": {"node": platform.node(), "platform": platform.platform(), "python": platform.python_version()},
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "recovery_definition": "lumen.metrics.recovery (DESIGN.md §6); causal_start=" + str(cfg.causal_start),
+    }
+    files = {
+        "json": write_json(out / "results.json", summaries, aggregates, meta),
+        "runs_csv": write_runs_csv(out / "runs.csv", summaries),
+        "summary_csv": write_aggregate_csv(out / "summary.csv", aggregates),
+        "timeline_png": plot_ttft_timeline([s for s in summaries if s.policy != NO_FAILURE] or summaries,
+                                           out / "ttft_timeline.png"),
+        "bars_png": plot_policy_bars([a for a in aggregates if a.policy != NO_FAILURE] or aggregates,
+                                     out / "policies.png"),
+    }
+    console.print(render_table(aggregates))
+    console.print(f"results in {out}/: " + ", ".join(p.name for p in files.values()))
+    return BenchResults(out, runs, summaries, aggregates, files, meta)
+
+
+def run_bench(cfg: BenchConfig, console=None) -> BenchResults:
+    """Synchronous entry point (see module doc). Raises FaultInjectionError if a planned
+    failure could not be injected, ClusterStartError if a cluster did not come up."""
+    return asyncio.run(run_bench_async(cfg, console))
+
+
+__all__ += ["run_bench_async", "FaultInjectionError"]

@@ -1,0 +1,281 @@
+"""lumen.bench: plan parsing, the load client, fault injection and the runner.
+
+The client/runner tests run against tests/test_bench_fakeserver.py, a TEST DOUBLE of an
+OpenAI-compatible server (not lumen's cluster); the end-to-end test against `lumen serve` is
+separate (marked cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lumen.bench import (
+    BenchConfig,
+    ClientConfig,
+    ClusterProcess,
+    FaultInjectionError,
+    FaultSpec,
+    LoadClient,
+    free_port,
+    parse_fail_plan,
+    parse_fault,
+    prompt_token_ids,
+    run_bench,
+    run_plan,
+    wait_ready,
+)
+from lumen.bench.cli import DEMO_DEFAULTS, add_parser, config_from_args
+from lumen.bench.faults import FaultEvent, inject
+from lumen.metrics import NO_FAILURE, ttft
+from lumen.workload import RequestSpec, make_workload
+
+FAKE = Path(__file__).with_name("test_bench_fakeserver.py")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """A fake server subprocess (own process group) on a free port; yields its base URL."""
+    port = free_port()
+    c = ClusterProcess([sys.executable, str(FAKE), "--port", str(port), "--policy", "stop-restart"],
+                       tmp_path / "fake.log", grace_s=5)
+    c.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        info = asyncio.run(wait_ready(url, 30, 4, c.proc, c.log_path))
+        c.note_workers(info)
+        yield url, c
+    finally:
+        c.stop()
+
+
+# ---- plans ---------------------------------------------------------------------------------
+
+
+def test_parse_fault():
+    assert parse_fault("t=30s:worker=1:SIGKILL") == FaultSpec(30.0, 1, signal.SIGKILL, None)
+    assert parse_fault("t=30:worker=2") == FaultSpec(30.0, 2, signal.SIGKILL, None)
+    assert parse_fault("t=500ms:worker=0:SIGSTOP:cont_after=5s") == FaultSpec(0.5, 0, signal.SIGSTOP, 5.0)
+    assert parse_fault("t=1.5m:worker=3:stop") == FaultSpec(90.0, 3, signal.SIGSTOP, None)
+    plan = parse_fail_plan(["t=20s:worker=2", "t=10s:worker=1"])
+    assert [f.at_s for f in plan] == [10.0, 20.0]
+    assert str(plan[0]) == "t=10s:worker=1:SIGKILL"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["worker=1", "t=3s", "t=x:worker=1", "t=3s:worker=a", "t=3s:worker=1:SIGTERM",
+     "t=3s:worker=1:SIGKILL:cont_after=2s", "t=3s:worker=1:color=red"],
+)
+def test_parse_fault_errors(bad):
+    with pytest.raises(ValueError):
+        parse_fault(bad)
+
+
+# ---- client --------------------------------------------------------------------------------
+
+
+def test_prompt_token_ids_exact_and_seeded():
+    s = RequestSpec(5, 0.0, 37, 4)
+    ids = prompt_token_ids(s, (100, 200), seed=1)
+    assert len(ids) == 37 and all(100 <= t < 200 for t in ids)
+    assert ids == prompt_token_ids(s, (100, 200), seed=1)
+    assert ids != prompt_token_ids(RequestSpec(6, 0.0, 37, 4), (100, 200), seed=1)
+
+
+def test_client_replays_on_schedule_and_times_tokens(fake):
+    url, _ = fake
+    specs = make_workload(30, 20.0, "fixed:20:6", seed=1)
+    seen = []
+    recs = asyncio.run(LoadClient(ClientConfig(url=url)).replay(specs, on_done=seen.append))
+    assert [r.req_id for r in recs] == list(range(30)) and len(seen) == 30
+    for r, s in zip(recs, specs, strict=True):
+        assert r.error is None, r.error
+        assert r.output_tokens == 6 and len(r.token_times) == 6
+        assert r.arrival == s.arrival and r.prompt_tokens == 20
+        assert 0 < ttft(r) < 2.0
+        assert r.first_token == r.token_times[0] <= r.token_times[-1] == r.finish
+    # open loop: requests were sent at their arrival times, so the last TTFT is as small as the first
+    assert max(r.first_token for r in recs) >= specs[-1].arrival
+
+
+@pytest.mark.parametrize(
+    "model, kind",
+    [("error-503", "http: 503 no worker available"), ("stream-error", "stream: worker lost"),
+     ("drop", "stream:"), ("hang", "timeout:")],
+)
+def test_client_records_errors(fake, model, kind):
+    url, _ = fake
+    cfg = ClientConfig(url=url, model=model, request_timeout_s=1.0)
+    t = time.monotonic()
+    (r,) = asyncio.run(LoadClient(cfg).replay([RequestSpec(0, 0.0, 5, 8)]))
+    assert time.monotonic() - t < 10
+    assert r.error is not None and r.error.startswith(kind), r.error
+    if model in ("stream-error", "drop"):
+        assert r.output_tokens == 2 and r.first_token is not None
+    if model == "error-503":
+        assert r.first_token is None and r.output_tokens == 0
+
+
+def test_client_connect_error_and_deadline():
+    port = free_port()  # nothing listens there
+    (r,) = asyncio.run(LoadClient(ClientConfig(url=f"http://127.0.0.1:{port}")).replay([RequestSpec(0, 0.0, 5, 8)]))
+    assert r.error.startswith("connect:")
+
+
+def test_client_replay_deadline_never_hangs(fake):
+    url, _ = fake
+    specs = [RequestSpec(i, 0.05 * i, 5, 4) for i in range(4)]
+    cfg = ClientConfig(url=url, model="hang", request_timeout_s=60.0, max_concurrency=1)
+    t = time.monotonic()
+    recs = asyncio.run(LoadClient(cfg).replay(specs, deadline_s=1.0))
+    assert time.monotonic() - t < 5
+    assert all(r.error is not None and r.error.startswith(("timeout:", "cancelled:")) for r in recs)
+    assert recs[0].first_token is not None  # it got its first token before hanging
+
+
+# ---- fault injection -----------------------------------------------------------------------
+
+
+def test_sigkill_really_kills_the_worker(fake):
+    url, _ = fake
+    pid = httpx.get(f"{url}/lumen/cluster").json()["workers"][1]["pid"]
+    assert _alive(pid)
+    t0 = time.monotonic()
+    (ev,) = asyncio.run(run_plan(url, [FaultSpec(0.2, 1)], t0))
+    assert ev.pid == pid and ev.verified is True and ev.error is None
+    assert 0.2 <= ev.injected_s < 1.0
+    assert not _alive(pid)
+
+
+def test_sigstop_then_sigcont(fake):
+    url, _ = fake
+    pid = httpx.get(f"{url}/lumen/cluster").json()["workers"][2]["pid"]
+
+    async def go():
+        task = asyncio.create_task(run_plan(url, [FaultSpec(0.0, 2, signal.SIGSTOP, 0.6)], time.monotonic()))
+        await asyncio.sleep(0.3)
+        mid = _proc_state(pid)
+        events = await task
+        return mid, events
+
+    mid, (ev,) = asyncio.run(go())
+    assert mid == "T"
+    assert ev.cont_s is not None and ev.cont_s >= 0.6
+    assert _proc_state(pid) != "T"
+    os.kill(pid, signal.SIGCONT)  # belt and braces for the rest of the fixture
+
+
+def _mock_cluster(workers):
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"workers": workers})
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://x")
+
+
+@pytest.mark.parametrize(
+    "workers, match",
+    [
+        ([{"id": 1, "pid": 12345, "host": "10.0.0.7", "state": "serving"}], "only signal local workers"),
+        ([{"id": 0, "pid": 12345, "host": "127.0.0.1", "state": "serving"}], "no worker 1"),
+        ([{"id": 1, "pid": None, "host": "127.0.0.1", "state": "serving"}], "no usable pid"),
+    ],
+)
+def test_inject_refuses_what_it_cannot_do(workers, match):
+    async def go():
+        async with _mock_cluster(workers) as http:
+            await inject(http, FaultSpec(0.0, 1), FaultEvent("x", 0.0), lambda: 0.0)
+
+    with pytest.raises(FaultInjectionError, match=match):
+        asyncio.run(go())
+
+
+# ---- runner + CLI --------------------------------------------------------------------------
+
+
+def test_run_bench_against_fake_server(tmp_path):
+    cfg = BenchConfig(
+        workers=4,
+        policies=["stop-restart", "lumen"],
+        qps=40.0,
+        requests=160,
+        lengths="fixed:16:8",
+        fail=["t=1s:worker=1:SIGKILL"],
+        repeats=2,
+        window=10,
+        # The double's TTFT is ~0.09 s, x4 while degraded; a 50% threshold keeps the test about
+        # the pipeline, not about scheduling noise on a loaded 2-core machine.
+        threshold=0.5,
+        out=str(tmp_path / "out"),
+        serve_cmd=[sys.executable, str(FAKE), "--port", "{port}", "--policy", "{policy}", "--workers", "{workers}",
+                   "--prefill-per-token", "0.005"],
+        startup_timeout_s=60,
+        stop_grace_s=3,
+        quiet=True,
+    )
+    res = run_bench(cfg)
+    assert [(s.policy, s.seed) for s in res.summaries] == [
+        (NO_FAILURE, 0), ("stop-restart", 0), ("lumen", 0), (NO_FAILURE, 1), ("stop-restart", 1), ("lumen", 1)
+    ]
+    by = {a.policy: a for a in res.aggregates}
+    for p in ("stop-restart", "lumen"):
+        runs = [s for s in res.summaries if s.policy == p]
+        assert all(s.degraded and s.recovered for s in runs), [(s.degraded, s.recovered) for s in runs]
+        assert all(s.n_errors == 0 and s.n_interrupted > 0 for s in runs)
+        assert all(0.9 < s.failure_times[0] < 1.5 for s in runs)
+        assert by[p].metrics["recovery_time_s"].n == 2
+    # the double degrades 1.0 s under stop-restart and 0.4 s under lumen
+    assert by["stop-restart"].metrics["recovery_time_s"].mean > by["lumen"].metrics["recovery_time_s"].mean
+    assert by[NO_FAILURE].metrics["recovery_time_s"].mean == 0.0
+    out = tmp_path / "out"
+    for name in ("results.json", "runs.csv", "summary.csv", "ttft_timeline.png", "policies.png"):
+        assert (out / name).is_file(), name
+    doc = json.loads((out / "results.json").read_text())
+    assert len(doc["runs"]) == 6 and len(doc["meta"]["fault_events"]) == 4
+    assert all(e["verified"] for e in doc["meta"]["fault_events"])
+    assert len((out / "records" / "lumen-seed1.jsonl").read_text().splitlines()) == 160
+    # no orphans: every killed worker and every fake server is gone
+    for e in doc["meta"]["fault_events"]:
+        assert not _alive(e["pid"])
+    left = subprocess.run(["pgrep", "-f", str(FAKE)], capture_output=True, text=True).stdout.split()
+    assert left == [], left
+
+
+def test_cli_parses_bench_and_demo():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    add_parser(sub)
+    a = parser.parse_args(["bench", "--policy", "lumen", "--fail", "t=5s:worker=0:SIGSTOP:cont_after=1s",
+                           "--fail", "t=9s:worker=2", "--qps", "3", "--duration", "20", "--window", "50",
+                           "--serve-args", "--ckpt-budget '1 GiB'"])
+    cfg = config_from_args(a)
+    assert a.func.__name__ == "run" and not a.bench_demo
+    assert cfg.policies == ["lumen"] and len(cfg.fail) == 2 and cfg.n_requests() == 60 and cfg.window == 50
+    assert cfg.serve_args == ["--ckpt-budget", "1 GiB"] and cfg.causal_start
+    d = config_from_args(parser.parse_args(["demo"]))
+    assert d.policies == DEMO_DEFAULTS["policies"] and d.workers == 4 and d.model == "default"
+    assert d.repeats == 1 and d.window == DEMO_DEFAULTS["window"] and d.fail == DEMO_DEFAULTS["fail"]
+    assert parser.parse_args(["demo"]).bench_demo
