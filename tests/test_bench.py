@@ -110,7 +110,9 @@ def test_client_replays_on_schedule_and_times_tokens(fake):
     url, _ = fake
     specs = make_workload(30, 20.0, "fixed:20:6", seed=1)
     seen = []
-    recs = asyncio.run(LoadClient(ClientConfig(url=url)).replay(specs, on_done=seen.append))
+    client = LoadClient(ClientConfig(url=url))
+    recs = asyncio.run(client.replay(specs, on_done=seen.append))
+    assert client.model == "fake-model"  # discovered from /v1/models (the double 404s other names)
     assert [r.req_id for r in recs] == list(range(30)) and len(seen) == 30
     for r, s in zip(recs, specs, strict=True):
         assert r.error is None, r.error
@@ -260,6 +262,18 @@ def test_run_bench_against_fake_server(tmp_path):
     # no orphans: every killed worker and every fake server is gone
     for e in doc["meta"]["fault_events"]:
         assert not _alive(e["pid"])
+    left = subprocess.run(["pgrep", "-f", str(FAKE)], capture_output=True, text=True).stdout.split()
+    assert left == [], left
+
+
+def test_run_bench_refuses_requests_longer_than_the_context(tmp_path):
+    cfg = BenchConfig(
+        policies=["lumen"], qps=10.0, requests=5, lengths="fixed:4000:200", repeats=1, window=5,
+        out=str(tmp_path / "out"), fail=["t=0.1s:worker=0"], startup_timeout_s=60, stop_grace_s=3, quiet=True,
+        serve_cmd=[sys.executable, str(FAKE), "--port", "{port}", "--max-model-len", "2048"],
+    )
+    with pytest.raises(ValueError, match="--max-prompt"):
+        run_bench(cfg)
     left = subprocess.run(["pgrep", "-f", str(FAKE)], capture_output=True, text=True).stdout.split()
     assert left == [], left
 

@@ -24,7 +24,7 @@ import time
 RECOVERY_S = {"stop-restart": 1.0, "fixed-ckpt": 0.7, "lumen": 0.4}
 
 
-def build_app(n_workers: int, policy: str, token_delay: float, prefill_per_token: float):
+def build_app(n_workers: int, policy: str, token_delay: float, prefill_per_token: float, max_model_len: int):
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -79,6 +79,10 @@ def build_app(n_workers: int, policy: str, token_delay: float, prefill_per_token
     async def health():
         return {"status": "ok"}
 
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "fake-model", "object": "model", "max_model_len": max_model_len}]}
+
     @app.get("/lumen/cluster")
     async def cluster():
         ws = [{k: v for k, v in w.items() if k != "proc"} for w in state["workers"]]
@@ -95,6 +99,10 @@ def build_app(n_workers: int, policy: str, token_delay: float, prefill_per_token
             return err(400, "prompt must be a non-empty token id list")
         if not isinstance(n, int) or n < 1 or body.get("stream") is not True or body.get("ignore_eos") is not True:
             return err(400, "max_tokens >= 1, stream and ignore_eos required by this double")
+        if model not in ("fake-model", "error-503", "stream-error", "hang", "drop"):
+            return err(404, f"model {model!r} does not exist")
+        if len(prompt) + n > max_model_len:
+            return err(400, "context length exceeded")
         if model == "error-503":
             return err(503, "no worker available")
         wid = state["next"] % n_workers
@@ -146,10 +154,11 @@ def main() -> None:
     ap.add_argument("--policy", default="stop-restart")
     ap.add_argument("--token-delay", type=float, default=0.005)
     ap.add_argument("--prefill-per-token", type=float, default=0.0001)
+    ap.add_argument("--max-model-len", type=int, default=4096)
     a = ap.parse_args()
     import uvicorn
 
-    app = build_app(a.workers, a.policy, a.token_delay, a.prefill_per_token)
+    app = build_app(a.workers, a.policy, a.token_delay, a.prefill_per_token, a.max_model_len)
     try:
         uvicorn.run(app, host="127.0.0.1", port=a.port, log_level="warning")
     finally:

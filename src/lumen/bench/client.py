@@ -36,13 +36,13 @@ import numpy as np
 from lumen.metrics import RequestRecord
 from lumen.workload import RequestSpec
 
-__all__ = ["ClientConfig", "LoadClient", "prompt_token_ids", "replay"]
+__all__ = ["ClientConfig", "LoadClient", "prompt_token_ids", "replay", "server_model"]
 
 
 @dataclass
 class ClientConfig:
     url: str  # base URL, e.g. http://127.0.0.1:8000
-    model: str = "default"
+    model: str | None = None  # the served model name; None: ask GET /v1/models (first entry)
     max_concurrency: int = 256  # requests in flight at once; later arrivals wait (and their TTFT counts it)
     request_timeout_s: float = 300.0  # whole request, first byte to last token
     connect_timeout_s: float = 10.0
@@ -77,6 +77,7 @@ class LoadClient:
         if config.max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
         self.config = config
+        self.model = config.model
         self._t0: float | None = None
 
     def now(self) -> float:
@@ -88,7 +89,7 @@ class LoadClient:
     def _body(self, spec: RequestSpec) -> dict:
         c = self.config
         body = {
-            "model": c.model,
+            "model": self.model,
             "prompt": prompt_token_ids(spec, c.token_id_range, c.seed),
             "max_tokens": spec.output_tokens,
             "temperature": 0.0,
@@ -220,6 +221,8 @@ class LoadClient:
                 tasks.append(asyncio.create_task(run(spec)))
 
         async with httpx.AsyncClient(base_url=c.url, limits=limits, timeout=timeout, headers=headers) as http:
+            if self.model is None:
+                self.model = (await server_model(http))[0] or "default"
             self._t0 = time.monotonic()
             if on_start:
                 on_start(self._t0)
@@ -236,6 +239,19 @@ class LoadClient:
                 with contextlib.suppress(BaseException):
                     await asyncio.gather(*tasks, return_exceptions=True)
         return [records[s.req_id] for s in sorted(specs, key=lambda s: s.req_id)]
+
+
+async def server_model(http: httpx.AsyncClient) -> tuple[str | None, int | None]:
+    """(model id, max_model_len) from ``GET /v1/models`` (first entry); (None, None) if unavailable."""
+    try:
+        r = await http.get("/v1/models")
+        data = r.json().get("data") if r.status_code == 200 else None
+        if isinstance(data, list) and data and isinstance(data[0], dict):
+            mml = data[0].get("max_model_len")
+            return data[0].get("id"), mml if isinstance(mml, int) else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        pass
+    return None, None
 
 
 def _tokens_in(choice: dict) -> int:

@@ -46,7 +46,7 @@ from lumen.metrics import (
 )
 from lumen.workload import RequestSpec, load_trace, make_workload
 
-from .client import ClientConfig, LoadClient
+from .client import ClientConfig, LoadClient, server_model
 from .cluster import ClusterProcess, free_port, serve_command, wait_ready
 from .faults import FaultEvent, FaultInjectionError, FaultSpec, parse_fail_plan, run_plan
 
@@ -212,7 +212,7 @@ async def _replay_with_faults(
     client = LoadClient(
         ClientConfig(
             url=url,
-            model=cfg.model,
+            model=None,  # the served name (e.g. the model directory's name), asked from the server
             max_concurrency=cfg.max_concurrency,
             request_timeout_s=cfg.request_timeout_s,
             token_id_range=cfg.token_id_range,
@@ -255,6 +255,22 @@ async def _replay_with_faults(
                     await t
 
 
+async def _check_fits(url: str, specs: Sequence[RequestSpec]) -> None:
+    # A request longer than the model's context gets a 400 from every policy alike: that is a
+    # configuration mistake, not a result, so refuse up front.
+    async with httpx.AsyncClient(base_url=url, timeout=10.0) as http:
+        _, max_len = await server_model(http)
+    if max_len is None:
+        return
+    worst = max(specs, key=lambda s: s.prompt_tokens + s.output_tokens)
+    if worst.prompt_tokens + worst.output_tokens > max_len:
+        raise ValueError(
+            f"request {worst.req_id} needs {worst.prompt_tokens} + {worst.output_tokens} tokens but the model's "
+            f"context is {max_len}; use --max-prompt/--max-output (e.g. --max-prompt {max_len // 2} "
+            f"--max-output {max_len // 4})"
+        )
+
+
 async def _warmup(url: str, cfg: BenchConfig) -> None:
     # A few short requests so that first-call costs (allocations, graph capture, imports) are
     # paid before the measured replay, in the reference and the failure runs alike.
@@ -262,7 +278,7 @@ async def _warmup(url: str, cfg: BenchConfig) -> None:
     if n <= 0:
         return
     specs = [RequestSpec(-(i + 1), 0.0, 16, 4) for i in range(n)]
-    client = LoadClient(ClientConfig(url=url, model=cfg.model, request_timeout_s=cfg.request_timeout_s,
+    client = LoadClient(ClientConfig(url=url, request_timeout_s=cfg.request_timeout_s,
                                      token_id_range=cfg.token_id_range, keep_token_times=False))
     await client.replay(specs)
 
@@ -292,6 +308,7 @@ async def _run_one(
     on_done = progress.start_run(f"{label} seed {seed}", len(specs))
     if cfg.url:
         await wait_ready(cfg.url, cfg.startup_timeout_s)
+        await _check_fits(cfg.url, specs)
         await _warmup(cfg.url, cfg)
         records, events = await _replay_with_faults(cfg.url, specs, plan, cfg, seed, on_done)
     else:
@@ -312,6 +329,7 @@ async def _run_one(
             info = await wait_ready(url, cfg.startup_timeout_s, None if cfg.serve_cmd else cfg.workers,
                                     cluster.proc, log_path)
             cluster.note_workers(info)
+            await _check_fits(url, specs)
             await _warmup(url, cfg)
             records, events = await _replay_with_faults(url, specs, plan, cfg, seed, on_done)
         finally:
