@@ -285,6 +285,7 @@ class Engine:
 
     def _commit(self, seq: Sequence, toks: list[int]) -> StepOutput:
         p = seq.params
+        seq.sampled = True
         new: list[int] = []
         reason = None
         for t in toks:

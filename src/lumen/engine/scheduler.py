@@ -20,7 +20,7 @@ class ScheduledSeq:
     tokens: list[int]
     proposal: list[int]  # the K draft tokens at the end of `tokens` (empty for plain decode/prefill)
     sample: bool
-    is_decode: bool = False  # a decoding sequence's step (vs a prefill chunk)
+    is_decode: bool = False  # decode work (vs prefill, including a 1-token prefill tail)
 
     @property
     def num_logits(self) -> int:
@@ -70,6 +70,7 @@ class Scheduler:
         self.bm.free(seq)
         seq.num_computed_tokens = 0
         seq.proposal = None
+        seq.sampled = False
         seq.restored_pages = []  # their blocks are gone; recompute is the fallback
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -114,7 +115,7 @@ class Scheduler:
                     self.preempt(seq)
                 continue
             start = seq.num_computed_tokens
-            out.append(ScheduledSeq(seq, start, [seq.last_token] + proposal, proposal, True, True))
+            out.append(ScheduledSeq(seq, start, [seq.last_token] + proposal, proposal, True, seq.sampled))
             budget -= 1 + len(proposal)
             i += 1
 

@@ -47,6 +47,9 @@ class Sequence:
         self.restored_pages: list[KVPage] = list(restored_pages or [])
         # Draft proposals to verify in the next step (None = plain decode).
         self.proposal: list[int] | None = None
+        # True once this engine sampled a token for it since its last (re)prefill: from then on
+        # its steps count as decode work (a 1-token prefill tail does not).
+        self.sampled = False
         # KV export bookkeeping: pages [0, num_exported_pages) were handed out (or restored).
         self.num_exported_pages = 0
         self._page_tags: list[bytes] = []
