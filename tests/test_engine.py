@@ -463,3 +463,20 @@ def test_stats_and_q_wait():
         eng.add_request(f"b{j}", prompt_of(rng, 40), GREEDY)
     assert eng.stats()["q_wait_s"] > q1
     assert eng.stats()["num_waiting"] == 3 and 0 < eng.stats()["kv_usage"] < 1
+
+
+def test_profile_engine_writes_the_fit_csv(tmp_path):
+    import csv
+
+    from lumen.engine.profile import COLUMNS, profile_engine
+    eng = engine(num_blocks=64, chunk_tokens=64)
+    grid = [(16, 0, 8), (0, 3, 20), (40, 2, 9), (0, 1000, 16)]  # the last does not fit: skipped
+    rows = profile_engine(eng, grid, tmp_path / "p.csv", repeats=1)
+    assert [(r["num_prefill_tokens"], r["num_decode_seqs"], r["total_context_tokens"]) for r in rows] == \
+        [(16, 0, 16), (0, 3, 60), (40, 2, 58)]
+    assert all(r["step_time_s"] > 0 for r in rows)
+    with open(tmp_path / "p.csv") as f:
+        got = list(csv.DictReader(f))
+    assert tuple(got[0].keys()) == COLUMNS == ("num_prefill_tokens", "num_decode_seqs", "total_context_tokens",
+                                               "step_time_s")
+    assert len(got) == 3 and eng.block_manager.num_free == 64
