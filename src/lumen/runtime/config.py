@@ -18,6 +18,7 @@ class ClusterConfig:
     hb_misses: int = 3
     fence_grace_s: float = 0.0              # how long a fenced (hung) incarnation may linger before SIGKILL
     restart_backoff_s: float = 0.5
+    startup_timeout_s: float = 600.0        # a new incarnation must say HELLO within this
     # engine
     block_size: int = 16
     num_blocks: int | None = None

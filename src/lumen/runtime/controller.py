@@ -17,7 +17,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from ..engine.kv_pages import page_tags
+from ..engine.kv_pages import TAG_BYTES, page_tags
 from ..policy import (
     ClusterView,
     NoServingWorker,
@@ -91,6 +91,8 @@ class WorkerRecord:
     ckpt_reserved: int = 0             # R_w, the controller's own bookkeeping
     partner: int | None = None
     restarts: int = 0
+    spawned_at: float = 0.0
+    heard: bool = False                # the incarnation has spoken: heartbeat deadlines apply from now
     down_since: float | None = None
     phase_s: dict = field(default_factory=dict)
     restart_task: asyncio.Task | None = None
@@ -177,7 +179,8 @@ class Controller:
         w.identity = None
         w.stats = {}
         w.alive = True
-        w.last_hb = time.monotonic()
+        w.last_hb = w.spawned_at = time.monotonic()
+        w.heard = False
         w.phase_s = {"restart_at": time.time()}
         spec = WorkerSpec(w.id, w.epoch, self._worker_argv(w),
                           env={"LUMEN_CLUSTER_SECRET": secret_to_hex(self.secret)})
@@ -233,6 +236,7 @@ class Controller:
             return
         now = time.monotonic()
         w.last_hb = now
+        w.heard = True
         t = msg.type
         if t == "HELLO":
             w.identity = identity
@@ -321,11 +325,12 @@ class Controller:
             # matches what this request's tokens really were (DESIGN.md invariant 4)
             n_pages = max(0, (len(context) - 1) // self.cfg.block_size)
             tags = page_tags(context[:n_pages * self.cfg.block_size], self.cfg.block_size)
+            assert all(len(t) == TAG_BYTES for t in tags)
             restore_pages = n_pages
             M.RESTORES.inc()
         body = {"req": r.id, "n_prompt": len(r.prompt_ids), "params": sampling_params_to_wire(r.params),
-                "restore_pages": restore_pages, "tags": tags}
-        if not self._send(w, "ADD", body, [ints_frame(context)]):
+                "restore_pages": restore_pages}
+        if not self._send(w, "ADD", body, [ints_frame(context), b"".join(tags)]):
             log.warning("could not send request %s to worker %d", r.id, w.id)
 
     def abort(self, request_id: str) -> None:
@@ -424,8 +429,14 @@ class Controller:
                     w.last_hb = max(w.last_hb, now - interval)
                 continue
             for w in self.workers.values():
-                if not w.fenced and w.alive and now - w.last_hb > budget and not self._stopping:
+                if w.fenced or not w.alive or self._stopping:
+                    continue
+                # before its first word a starting process is covered by the sentinel (a crash) and
+                # by a start-up deadline (a hang while importing or loading)
+                if w.heard and now - w.last_hb > budget:
                     self._declare_dead(w, f"no heartbeat for {now - w.last_hb:.2f}s")
+                elif not w.heard and now - w.spawned_at > self.cfg.startup_timeout_s:
+                    self._declare_dead(w, f"silent for {now - w.spawned_at:.0f}s after start")
             self._refresh_gauges()
 
     def _declare_dead(self, w: WorkerRecord, reason: str) -> None:

@@ -29,6 +29,7 @@ from .transport import Schema
 MAX_ID = 128          # request ids are ours (short) but bound them anyway
 MAX_BATCH = 4096      # items per OUT / CKPT / MIRROR / PROPOSE message
 MAX_TOKENS = 1 << 20  # tokens of one request's context
+MAX_CKPT_REPORT = 1000  # requests per CKPT report (keeps the header well under its 64 KiB bound)
 I64 = (-(2**63), 2**63 - 1)
 U31 = (0, 2**31 - 1)
 
@@ -44,11 +45,11 @@ def build_schema() -> Schema:
     s.register("STATE", {"state": (str, 32), "info": (dict, 64)}, optional=("info",), frames=0)
     # items: [req_id, number of new tokens in the ids frame, finish reason or ""]
     s.register("OUT", {"items": (list, MAX_BATCH, (list, (3, 3)))}, frames=1)
-    s.register("CKPT", {"valid": (dict, MAX_BATCH)}, frames=0)
+    s.register("CKPT", {"valid": (dict, MAX_CKPT_REPORT)}, frames=0)
     # controller -> worker
+    # frames: context token ids (int32), then the expected page tags (16 bytes each, concatenated)
     s.register("ADD", {"to_ep": (int, U31), "req": (str, MAX_ID), "n_prompt": (int, (1, MAX_TOKENS)),
-                       "params": _params, "restore_pages": (int, (0, MAX_TOKENS)),
-                       "tags": (list, MAX_TOKENS // 16, (bytes, 64))}, frames=1)
+                       "params": _params, "restore_pages": (int, (0, MAX_TOKENS))}, frames=2)
     s.register("ABORT", {"to_ep": (int, U31), "req": (str, MAX_ID)}, frames=0)
     s.register("HOLDER", {"to_ep": (int, U31), "req": (str, MAX_ID), "holder": (int, (-1, 2**31 - 1)),
                           "addr": (str, 256), "since": (int, (0, MAX_TOKENS))}, frames=0)

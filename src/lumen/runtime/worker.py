@@ -22,12 +22,13 @@ import torch
 import zmq
 
 from ..engine import Engine, EngineConfig, KVPage, SamplingParams
+from ..engine.kv_pages import TAG_BYTES
 from ..model.loader import build_model_from_host, read_config, read_weights_to_host
 from ..policy import WorkerState, features
 from .assist import Drafter, Verifier
 from .ckpt_store import CheckpointStore
 from .model_dirs import resolve_model_dir
-from .protocol import SCHEMA
+from .protocol import MAX_CKPT_REPORT, SCHEMA
 from .transport import Codec, DealerEndpoint, PullEndpoint, PushPool, frame_ints, ints_frame, secret_from_env
 
 log = logging.getLogger("lumen.worker")
@@ -211,7 +212,9 @@ class Worker:
         t = msg.type
         try:
             if t == "ADD":
-                self._add(body, frame_ints(msg.frames[0]))
+                tags = bytes(msg.frames[1])
+                self._add(body, frame_ints(msg.frames[0]),
+                          [tags[i:i + TAG_BYTES] for i in range(0, len(tags) - TAG_BYTES + 1, TAG_BYTES)])
             elif t == "ABORT":
                 if self.engine is not None:
                     self.engine.abort(body["req"])
@@ -232,7 +235,7 @@ class Worker:
             self.counters["bad_commands"] += 1
             log.warning("rejected %s: %s", t, exc)
 
-    def _add(self, body: dict, context: list[int]) -> None:
+    def _add(self, body: dict, context: list[int], tags: list[bytes]) -> None:
         rid = body["req"]
         n_prompt = body["n_prompt"]
         if self.engine is None or not 0 < n_prompt <= len(context):
@@ -248,7 +251,7 @@ class Worker:
             return
         pages: list[KVPage] = []
         if body["restore_pages"] > 0:
-            pages = self._restorable_pages(rid, body["tags"])
+            pages = self._restorable_pages(rid, tags[: body["restore_pages"]])
             self.counters["restored_requests"] += 1
             self.counters["restored_pages"] += len(pages)
         try:
@@ -361,7 +364,7 @@ class Worker:
         now = time.monotonic()
         if now - self._last_ckpt_report > 0.2:
             self._last_ckpt_report = now
-            valid = {rid: self.store.contiguous_pages(rid) for rid in self.store.requests()[:4096]}
+            valid = {rid: self.store.contiguous_pages(rid) for rid in self.store.requests()[:MAX_CKPT_REPORT]}
             if valid:
                 self.ctrl.send("CKPT", {"valid": valid})
 
