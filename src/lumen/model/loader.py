@@ -125,17 +125,18 @@ def random_model(config: ModelConfig, device: str | torch.device = "cpu", dtype:
     device = torch.device(device)
     with torch.device("meta"):
         model = Decoder(config)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed) if device.type != "meta" else None
     state = {}
     for name, p in model.state_dict().items():
         if config.tie_embeddings and name == "lm_head.weight":
             continue
-        t = torch.empty(p.shape, device=device, dtype=dtype)
         if name.endswith("norm.weight"):
-            t.fill_(1.0)
+            state[name] = torch.ones(p.shape, device=device, dtype=dtype)
         else:
-            t.normal_(0.0, std, generator=gen)
-        state[name] = t
+            # Drawn in fp32 whatever the dtype, so fp32/bf16/fp64 copies of a preset hold the same
+            # values (rounded); the stream depends on the device type (CPU vs CUDA generators).
+            t = torch.empty(p.shape, device=device, dtype=torch.float32).normal_(0.0, std, generator=gen)
+            state[name] = t.to(dtype)
     _assign(model, state)
     return model.eval()
 
