@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from lumen.policy import (
     POLICY_NAMES,
     Assignment,
+    ClusterTable,
     ClusterView,
     IllegalTransition,
     NoServingWorker,
@@ -399,3 +400,36 @@ def test_prop_state_machine_walks(events):
         else:
             with pytest.raises(IllegalTransition):
                 next_state(s, e)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(failures(), st.sampled_from(POLICY_NAMES))
+def test_prop_cluster_table_gives_the_same_decisions(case, policy):
+    """A ClusterTable kept current in place decides exactly like a tuple of WorkerViews."""
+    view, reqs = case
+    ws = sorted(view.workers, key=lambda w: w.id)
+    dense = tuple(WorkerView(**{**_asdict(w), "id": i}) for i, w in enumerate(ws))   # ids 0..n-1
+    ref = ClusterView(dense, view.lam)
+    t = ClusterTable(len(dense))
+    for w in dense:
+        t.set_state(w.id, w.state)
+        t.alive[w.id], t.waiting[w.id], t.running[w.id], t.q[w.id] = w.alive, w.waiting, w.running, w.q_wait_s
+        t.reserved[w.id], t.budget[w.id], t.h2d[w.id] = w.ckpt_reserved_bytes, w.ckpt_budget_bytes, w.h2d_bytes_per_s
+        t.node[w.id] = {None: -1, "a": 0, "b": 1}[w.node]
+        t.partnered[w.id], t.epoch[w.id] = w.partner is not None, w.epoch
+    tv = t.view(view.lam)
+    for ex in range(len(dense)):
+        assert place_checkpoint(tv, policy, ex, GB) == place_checkpoint(ref, policy, ex, GB)
+        assert pick_partner(tv, ex) == pick_partner(ref, ex)
+    assert route_new(tv) == route_new(ref) and route_new(tv, by="wait") == route_new(ref, by="wait")
+    reqs = [RequestView(r.id, r.executor, None if r.holder is None else r.holder % len(dense),
+                        r.reservation_bytes, r.valid_prefix_tokens, r.total_tokens, r.holder_epoch)
+            for r in reqs]
+    try:
+        expected = dispatch_interrupted(ref, policy, reqs)
+    except NoServingWorker:
+        with pytest.raises(NoServingWorker):
+            dispatch_interrupted(tv, policy, reqs)
+        return
+    assert dispatch_interrupted(tv, policy, reqs) == expected
+    assert [w.id for w in tv.workers] == list(range(len(dense)))

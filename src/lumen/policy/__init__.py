@@ -20,10 +20,10 @@ from .names import POLICY_NAMES, Policy, PolicyFeatures, features, parse_policy
 from .pairing import pair_recovering, pick_partner
 from .placement import checkpoint_reservation, place_checkpoint
 from .states import IllegalTransition, WorkerEvent, WorkerState, legal_events, next_state
-from .view import Assignment, ClusterView, NoServingWorker, RequestView, WorkerView
+from .view import Assignment, ClusterTable, ClusterView, Columns, NoServingWorker, RequestView, WorkerView
 
 __all__ = [
-    "Assignment", "ClusterView", "IllegalTransition", "NoServingWorker", "POLICY_NAMES", "Policy",
+    "Assignment", "ClusterTable", "ClusterView", "Columns", "IllegalTransition", "NoServingWorker", "POLICY_NAMES", "Policy",
     "PolicyFeatures", "RequestView", "WorkerEvent", "WorkerState", "WorkerView",
     "checkpoint_reservation", "dispatch_interrupted", "features", "legal_events", "next_state",
     "pair_recovering", "parse_policy", "pick_partner", "place_checkpoint", "route_new",

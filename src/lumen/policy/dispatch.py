@@ -2,46 +2,52 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import heapq
+from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
+
 from .names import Policy, features, parse_policy
-from .states import WorkerState
-from .view import Assignment, ClusterView, NoServingWorker, RequestView
+from .view import Assignment, ClusterView, Columns, NoServingWorker, RequestView
 
-_SERVING = WorkerState.SERVING
-
-
-def _eligible(w) -> bool:
-    return w.alive and w.state == _SERVING
-
-
-def _least_loaded(workers: Iterable, extra: Mapping[int, int] | None = None,
-                  by: Literal["count", "wait"] = "count") -> int | None:
-    """argmin over SERVING workers of outstanding work, ties to the lowest id.
-
-    count: waiting + running (+ extra[w], requests assigned but not yet reflected in the view).
-    wait:  q_wait_s first, then the count, then id.
-    """
-    best_id: int | None = None
-    best_key: tuple | None = None
-    for w in workers:
-        if not (w.alive and w.state == _SERVING):
-            continue
-        c = w.waiting + w.running
-        if extra:
-            c += extra.get(w.id, 0)
-        key = (c, w.id) if by == "count" else (w.q_wait_s, c, w.id)
-        if best_key is None or key < best_key:
-            best_key, best_id = key, w.id
-    return best_id
+_BIG = np.iinfo(np.int64).max
 
 
 def route_new(view: ClusterView, *, by: Literal["count", "wait"] = "count") -> int | None:
     """The router for new requests, under every policy: least outstanding work among SERVING
-    workers (waiting + running; `by="wait"` orders by q_wait_s first), ties to the lowest id.
-    None when no worker is SERVING (the caller queues or rejects)."""
-    return _least_loaded(view.workers, None, by)
+    workers (waiting + running; `by="wait"` orders by q_wait_s first, then the count), ties to
+    the lowest id. None when no worker is SERVING (the caller queues or rejects)."""
+    c = view.columns
+    elig = c.eligible()
+    if not elig.any():
+        return None
+    load = c.waiting + c.running
+    if by == "wait":
+        qm = np.where(elig, c.q, np.inf)
+        elig = qm == qm.min()
+    return int(c.ids[int(np.argmin(np.where(elig, load, _BIG)))])
+
+
+class _LeastLoaded:
+    """argmin over SERVING workers of (count, id) where counts only change through `add`:
+    a lazy heap, so a dispatch of m requests costs O((W + m) log W), not O(m W)."""
+
+    def __init__(self, c: Columns, count: np.ndarray):
+        self.count = {int(i): int(count[i]) for i in np.flatnonzero(c.eligible())}
+        self.heap = [(v, i) for i, v in self.count.items()]
+        heapq.heapify(self.heap)
+
+    def add(self, i: int, delta: int) -> None:
+        self.count[i] += delta
+        heapq.heappush(self.heap, (self.count[i], i))
+
+    def argmin(self) -> tuple[int, int]:
+        heap, count = self.heap, self.count
+        while heap[0][0] != count[heap[0][1]]:
+            heapq.heappop(heap)          # stale entry from before an add
+        v, i = heap[0]
+        return i, v
 
 
 def dispatch_interrupted(view: ClusterView, policy: str | Policy,
@@ -63,57 +69,44 @@ def dispatch_interrupted(view: ClusterView, policy: str | Policy,
          counts as prefix 0; ties by request id) to the least-loaded worker as a recompute;
          recount. Moved requests are not moved again. Each move lowers sum(c_w^2) by at least
          2, so the loop terminates; at the end every worker still holding step-1 requests has
-         c_w <= avg + 1.
+         c_w <= avg + 1. Ties: most loaded -> lowest id; least loaded -> lowest id.
       A restore with valid_prefix_tokens == 0 is a recompute in effect (nothing to load); it
       stays a restore at the holder in step 1 so that the holder's pages (which may still be
       arriving) are used, and it is the first candidate for shedding.
     fixed-ckpt: step 1 only.
-    stop-restart / spec-only: each request through the normal router (`route_new`, counting
-      earlier assignments), recompute.
+    stop-restart / spec-only: each request through the normal router (`route_new`'s rule,
+      counting earlier assignments), recompute.
     """
     pol = parse_policy(policy)
     reqs = sorted(interrupted, key=lambda r: r.id)
     if not reqs:
         return []
-    workers = sorted(view.workers, key=lambda w: w.id)
-    by_id = {w.id: w for w in workers}
-    if not any(_eligible(w) for w in workers):
+    c = view.columns
+    elig = c.eligible()
+    if not elig.any():
         raise NoServingWorker("no alive SERVING worker to take interrupted requests")
-
-    extra: dict[int, int] = {}
+    ll = _LeastLoaded(c, c.waiting + c.running)
     feats = features(pol)
-    if not feats.locality_restore:
-        out = []
-        for r in reqs:
-            t = _least_loaded(workers, extra)
-            assert t is not None
-            extra[t] = extra.get(t, 0) + 1
-            out.append(Assignment(r.id, t, "recompute"))
-        return out
-
-    # step 1
-    target: dict[int, int] = {}
+    ids = c.ids
+    target: dict[int, int] = {}     # request id -> worker index
     mode: dict[int, str] = {}
     for r in reqs:
-        h = by_id.get(r.holder) if r.holder is not None else None
-        if (h is not None and _eligible(h)
-                and (r.holder_epoch is None or r.holder_epoch == h.epoch)):
-            target[r.id], mode[r.id] = h.id, "restore"
+        h = c.idx(r.holder) if feats.locality_restore else None
+        if (h is not None and elig[h]
+                and (r.holder_epoch is None or r.holder_epoch == int(c.epoch[h]))):
+            target[r.id], mode[r.id] = h, "restore"
         else:
-            t = _least_loaded(workers, extra)
-            assert t is not None
-            target[r.id], mode[r.id] = t, "recompute"
-        extra[target[r.id]] = extra.get(target[r.id], 0) + 1
+            target[r.id], mode[r.id] = ll.argmin()[0], "recompute"
+        ll.add(target[r.id], 1)
 
     if feats.shedding:
-        _shed(workers, reqs, target, mode, extra)
-    return [Assignment(r.id, target[r.id], mode[r.id]) for r in reqs]  # type: ignore[arg-type]
+        _shed(ll, reqs, target, mode)
+    return [Assignment(r.id, int(ids[target[r.id]]), mode[r.id]) for r in reqs]  # type: ignore[arg-type]
 
 
-def _shed(workers, reqs: Sequence[RequestView], target: dict[int, int], mode: dict[int, str],
-          extra: dict[int, int]) -> None:
-    serving = [w for w in workers if _eligible(w)]
-    count = {w.id: w.waiting + w.running + extra.get(w.id, 0) for w in serving}
+def _shed(ll: _LeastLoaded, reqs: Sequence[RequestView], target: dict[int, int],
+          mode: dict[int, str]) -> None:
+    count = ll.count
     avg = sum(count.values()) / len(count)   # moves keep the total, so avg is fixed
     # movable[w]: step-1 requests on w, shortest effective prefix first (ties by request id)
     movable: dict[int, list[tuple[int, int]]] = {}
@@ -122,15 +115,21 @@ def _shed(workers, reqs: Sequence[RequestView], target: dict[int, int], mode: di
         movable.setdefault(target[r.id], []).append((prefix, r.id))
     for lst in movable.values():
         lst.sort(reverse=True)    # pop() from the end gives the shortest prefix
-    while True:
-        holders = [wid for wid, lst in movable.items() if lst]
-        if not holders:
-            return
-        src = min(holders, key=lambda wid: (-count[wid], wid))
-        dst = min(count, key=lambda wid: (count[wid], wid))
-        if not (count[src] > avg and count[src] - 1 >= count[dst] + 1):
+    # most loaded holder of movable requests: lazy max-heap of (-count, index)
+    top = [(-count[w], w) for w in movable]
+    heapq.heapify(top)
+    while top:
+        negc, src = top[0]
+        if -negc != count[src] or not movable[src]:
+            heapq.heappop(top)           # stale, or nothing left to move
+            continue
+        dst, cmin = ll.argmin()
+        if not (count[src] > avg and count[src] - 1 >= cmin + 1):
             return
         _, rid = movable[src].pop()
         target[rid], mode[rid] = dst, "recompute"
-        count[src] -= 1
-        count[dst] += 1
+        ll.add(src, -1)
+        ll.add(dst, 1)
+        heapq.heappush(top, (-count[src], src))
+        if movable.get(dst):             # dst may hold step-1 requests of its own
+            heapq.heappush(top, (-count[dst], dst))

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 
-from .states import WorkerState
-from .view import ClusterView
+import numpy as np
 
-_SERVING = WorkerState.SERVING
+from .view import ClusterView, Columns
 
 
-def _best_partner(view: ClusterView, recovering_id: int, taken: Collection[int]) -> int | None:
-    best: tuple[float, int] | None = None
-    for w in view.workers:
-        if (w.id == recovering_id or w.id in taken or not w.alive or w.state != _SERVING
-                or w.partner is not None):
-            continue
-        key = (-w.q_wait_s, w.id)
-        if best is None or key < best:
-            best = key
-    return None if best is None else best[1]
+def _best_partner(c: Columns, recovering_id: int, taken: np.ndarray | None) -> int | None:
+    mask = c.eligible() & ~c.partnered
+    i = c.idx(recovering_id)
+    if i is not None:
+        mask[i] = False
+    if taken is not None:
+        mask &= ~taken
+    if not mask.any():
+        return None
+    # argmax returns the first maximum: ties to the lowest id
+    return int(np.argmax(np.where(mask, c.q, -np.inf)))
 
 
 def pick_partner(view: ClusterView, recovering_id: int) -> int | None:
@@ -27,17 +27,20 @@ def pick_partner(view: ClusterView, recovering_id: int) -> int | None:
     ties to the lowest id; None if every SERVING worker is already paired (the recovering worker
     then skips ASSISTING). The caller records the pair on both sides (`partner`) before the
     next call, so two recovering workers never get the same partner."""
-    return _best_partner(view, recovering_id, ())
+    c = view.columns
+    i = _best_partner(c, recovering_id, None)
+    return None if i is None else int(c.ids[i])
 
 
 def pair_recovering(view: ClusterView, recovering_ids: Sequence[int]) -> dict[int, int | None]:
     """Pairs several recovering workers at once (simultaneous failures), in ascending id order,
     each taking the best partner the previous ones left: `pick_partner` applied in sequence."""
-    taken: set[int] = set()
+    c = view.columns
+    taken = np.zeros(len(c), dtype=bool)
     out: dict[int, int | None] = {}
     for rid in sorted(recovering_ids):
-        p = _best_partner(view, rid, taken)
-        out[rid] = p
-        if p is not None:
-            taken.add(p)
+        i = _best_partner(c, rid, taken)
+        out[rid] = None if i is None else int(c.ids[i])
+        if i is not None:
+            taken[i] = True
     return out

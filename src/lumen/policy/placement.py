@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from .names import Policy, parse_policy
-from .states import WorkerState
-from .view import ClusterView
+import numpy as np
 
-_SERVING = WorkerState.SERVING
+from .names import Policy, parse_policy
+from .view import ClusterView
 
 
 def checkpoint_reservation(prompt_tokens: int, max_tokens: int, kv_bytes_per_token: int,
@@ -35,43 +34,42 @@ def place_checkpoint(view: ClusterView, policy: str | Policy, executor: int,
       if that one has no room, None (DejaVu has no fallback; load-blind by design).
     stop-restart / spec-only: None.
 
+    Only SERVING workers hold checkpoints: a holder must be able to restore on its own device.
     The caller reserves `reservation_bytes` on the result and releases it when the request
     finishes or moves.
     """
     pol = parse_policy(policy)
-    s = reservation_bytes
     if pol is Policy.FIXED_CKPT:
-        return _ring_next(view, executor, s)
+        return _ring_next(view, executor, reservation_bytes)
     if pol not in (Policy.LUMEN, Policy.LUMEN_NO_SPEC):
         return None
-    lam = view.lam
-    exec_node = None
-    for w in view.workers:
-        if w.id == executor:
-            exec_node = w.node
-            break
-    # (same_node, score, id): lexicographic min gives node preference, then objective, then id.
-    best: tuple[bool, float, int] | None = None
-    for w in view.workers:
-        if w.id == executor or not w.alive or w.state != _SERVING:
-            continue
-        if w.ckpt_budget_bytes - w.ckpt_reserved_bytes < s:
-            continue
-        key = (exec_node is not None and w.node == exec_node,
-               w.q_wait_s + lam * (w.ckpt_reserved_bytes + s) / w.h2d_bytes_per_s,
-               w.id)
-        if best is None or key < best:
-            best = key
-    return None if best is None else best[2]
+    c = view.columns
+    s = reservation_bytes
+    mask = c.eligible() & (c.budget - c.reserved >= s)
+    ex = c.idx(executor)
+    if ex is not None:
+        mask[ex] = False
+    if not mask.any():
+        return None
+    if ex is not None and c.node[ex] >= 0:
+        off = mask & (c.node != c.node[ex])
+        if off.any():
+            mask = off
+    score = c.q + view.lam * (c.reserved + s) / c.h2d
+    # argmin returns the first minimum: workers are in id order, so ties go to the lowest id
+    return int(c.ids[int(np.argmin(np.where(mask, score, np.inf)))])
 
 
 def _ring_next(view: ClusterView, executor: int, s: int) -> int | None:
-    ring = sorted((w for w in view.workers if w.id != executor), key=lambda w: w.id)
-    if not ring:
+    c = view.columns
+    n = len(c)
+    if n == 0:
         return None
-    # rotate so the ring starts just after the executor's id
-    start = next((i for i, w in enumerate(ring) if w.id > executor), 0)
-    for w in ring[start:] + ring[:start]:
-        if w.alive and w.state == _SERVING:
-            return w.id if w.ckpt_budget_bytes - w.ckpt_reserved_bytes >= s else None
-    return None
+    start = int(np.searchsorted(c.ids, executor, side="right"))
+    order = np.concatenate((np.arange(start, n), np.arange(0, start)))
+    elig = c.eligible()
+    cand = order[elig[order] & (c.ids[order] != executor)]
+    if cand.size == 0:
+        return None
+    i = int(cand[0])
+    return int(c.ids[i]) if c.budget[i] - c.reserved[i] >= s else None
