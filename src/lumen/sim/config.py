@@ -1,0 +1,209 @@
+"""Simulation configuration and failure schedules."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .cost import DEFAULT_DRAFT, DEVICES, MODELS, CostModel, DeviceSpec, ModelShape, RooflineCost
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything about the simulated cluster. Defaults are the paper's simulation setup
+    (digest section 7): Llama-3-70B on 4 A100s per worker, draft Llama-3-8B with alpha = 0.6,
+    K = 4, chunk 1,024, batch cap 512, 26 GB/s host<->device, 2 GB/s SSD."""
+
+    workers: int = 10
+    model: str = "llama-3-70b"
+    device: str = "a100"
+    tp: int = 4
+    draft: str | None = None            # None: DEFAULT_DRAFT[model]
+    alpha: float = 0.6                  # draft acceptance rate per token
+    k: int = 4                          # draft tokens proposed per request per round
+    chunk_tokens: int = 1024            # per-step token budget (chunked prefill, Sarathi-style)
+    max_batch: int = 512                # running requests per worker
+    page_tokens: int = 16               # KV page (checkpoint unit)
+    h2d_gbps: float = 26.0              # host <-> device per GPU, GB/s (restore, weight copy)
+    disk_gbps: float = 2.0              # SSD read per worker, GB/s
+    net_gbps: float = 10.0              # per-worker NIC for checkpoint streaming, Gbit/s
+    ckpt_budget_gb: float = 160.0       # host memory per worker for others' checkpoints
+    detect_s: float = 0.3               # failure -> declared dead (3 missed 100 ms heartbeats)
+    restart_s: float = 2.0              # declared dead -> new process up (CUDA init etc.)
+    warmup_s: float = 1.0               # after weights are on device (graph capture, warm-up)
+    lam: float = 1.0                    # lambda of the placement objective
+    gpu_mem_util: float = 0.9           # share of HBM for weights + KV
+    kv_tokens: int | None = None        # KV capacity per worker in tokens; None: from HBM
+    nodes: int | None = None            # workers are spread over this many nodes (round robin)
+    max_epoch_iters: int = 4096         # cap on identical iterations jumped at once
+    cost: CostModel | None = None       # None: roofline of model/device/tp
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.draft_name not in MODELS:
+            raise ValueError(f"unknown draft model {self.draft_name!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if self.workers < 1 or self.tp < 1 or self.k < 1 or self.chunk_tokens < 1 or self.max_batch < 1:
+            raise ValueError("workers, tp, k, chunk_tokens and max_batch must be >= 1")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError("alpha must be in [0, 1]")
+
+    @property
+    def draft_name(self) -> str:
+        return self.draft or DEFAULT_DRAFT[self.model]
+
+    @property
+    def shape(self) -> ModelShape:
+        return MODELS[self.model]
+
+    @property
+    def draft_shape(self) -> ModelShape:
+        return MODELS[self.draft_name]
+
+    @property
+    def dev(self) -> DeviceSpec:
+        return DEVICES[self.device]
+
+    def cost_model(self) -> CostModel:
+        return self.cost or RooflineCost(self.shape, self.dev, self.tp)
+
+    def draft_cost_model(self) -> CostModel:
+        return RooflineCost(self.draft_shape, self.dev, self.tp)
+
+    def kv_capacity_tokens(self) -> int:
+        if self.kv_tokens is not None:
+            return self.kv_tokens
+        free = self.dev.hbm_gb * 1e9 * self.tp * self.gpu_mem_util - self.shape.weight_bytes
+        if free <= 0:
+            raise ValueError(f"{self.model} does not fit {self.tp} x {self.device}")
+        return int(free // self.shape.kv_bytes_per_token)
+
+    def expected_accepted(self) -> float:
+        """Tokens committed per verify step: (1 - a^(K+1)) / (1 - a) (accepted prefix plus the
+        target's own token), K + 1 when every proposal is accepted."""
+        a, k = self.alpha, self.k
+        return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+
+    def with_(self, **kw) -> SimConfig:
+        return replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class FailureSpec:
+    """One failure event: at time `t` (seconds, or a share of the arrival span if `t_frac`), the
+    listed workers, or `count` of them, or a fraction `frac` of the cluster (rounded, at least
+    1), chosen with the run's seed."""
+
+    t: float
+    workers: tuple[int, ...] = ()
+    count: int | None = None
+    frac: float | None = None
+    t_frac: bool = False
+
+    def time(self, horizon: float) -> float:
+        return self.t * horizon if self.t_frac else self.t
+
+    def resolve(self, n_workers: int, rng: np.random.Generator) -> tuple[int, ...]:
+        if self.workers:
+            bad = [w for w in self.workers if not 0 <= w < n_workers]
+            if bad:
+                raise ValueError(f"failure names workers {bad} outside 0..{n_workers - 1}")
+            return tuple(sorted(set(self.workers)))
+        k = self.count if self.count is not None else max(1, round((self.frac or 0.0) * n_workers))
+        k = min(k, n_workers)
+        return tuple(sorted(int(x) for x in rng.choice(n_workers, size=k, replace=False)))
+
+    def to_spec(self) -> str:
+        t = f"{self.t * 100:g}%" if self.t_frac else f"{self.t:g}s"
+        if self.workers:
+            return f"t={t}:worker={'+'.join(map(str, self.workers))}"
+        if self.count is not None:
+            return f"t={t}:count={self.count}"
+        return f"t={t}:frac={self.frac:g}"
+
+
+_UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "": 1.0}
+
+
+def parse_duration(s: str) -> float:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*(ms|s|min|m|h|)\s*", s)
+    if not m:
+        raise ValueError(f"bad duration {s!r} (examples: 30s, 500ms, 2m)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_fail(spec: str) -> FailureSpec:
+    """"t=30s:worker=1" | "t=30s:worker=1+3" | "t=30s:count=4" | "t=30s:frac=0.25";
+    t may also be a share of the workload's arrival span: "t=30%:worker=0"."""
+    parts = dict(p.split("=", 1) for p in spec.split(":") if "=" in p)
+    if "t" not in parts or len(parts) != len([p for p in spec.split(":") if p]):
+        raise ValueError(f"bad --fail {spec!r}: expected t=<time>:worker=<id>|count=<n>|frac=<f>")
+    ts = parts.pop("t").strip()
+    t_frac = ts.endswith("%")
+    t = float(ts[:-1]) / 100.0 if t_frac else parse_duration(ts)
+    if len(parts) != 1:
+        raise ValueError(f"bad --fail {spec!r}: give exactly one of worker=, count=, frac=")
+    (k, v), = parts.items()
+    if k == "worker":
+        return FailureSpec(t, workers=tuple(int(x) for x in re.split(r"[+,]", v)), t_frac=t_frac)
+    if k == "count":
+        return FailureSpec(t, count=int(v), t_frac=t_frac)
+    if k == "frac":
+        f = float(v)
+        if not 0 < f <= 1:
+            raise ValueError("frac must be in (0, 1]")
+        return FailureSpec(t, frac=f, t_frac=t_frac)
+    raise ValueError(f"bad --fail {spec!r}: unknown key {k!r}")
+
+
+@dataclass(frozen=True)
+class FailurePlan:
+    """Scheduled failures plus optional random failures (exponential, per worker MTBF)."""
+
+    scheduled: tuple[FailureSpec, ...] = ()
+    mtbf_s: float | None = None
+    horizon_s: float | None = None       # MTBF failures drawn in [0, horizon); None: last arrival
+
+    def events(self, n_workers: int, seed: int, horizon: float) -> list[tuple[float, int]]:
+        """(time, worker) pairs, sorted. Same seed -> same failures for every policy."""
+        rng = np.random.default_rng([seed, 0x5EED])
+        out = [(f.time(horizon), w) for f in self.scheduled for w in f.resolve(n_workers, rng)]
+        if self.mtbf_s:
+            end = self.horizon_s if self.horizon_s is not None else horizon
+            for w in range(n_workers):
+                t = 0.0
+                while True:
+                    t += float(rng.exponential(self.mtbf_s))
+                    if t >= end or not math.isfinite(t):
+                        break
+                    out.append((t, w))
+        return sorted(out)
+
+
+@dataclass
+class SimStats:
+    events: int = 0
+    steps: int = 0                        # worker epochs executed (each 1+ identical iterations)
+    iterations: int = 0                   # engine iterations represented by those epochs
+    policy_calls: dict[str, int] = field(default_factory=dict)
+    placed: int = 0
+    unprotected: int = 0
+    reprotected: int = 0
+    interrupted: int = 0
+    restores: int = 0
+    recomputes: int = 0
+    shed: int = 0
+    holder_cofailed: int = 0              # interrupted requests whose holder had also failed
+    protected_interrupted: int = 0        # interrupted requests that had a holder
+    restored_tokens: int = 0
+    recompute_tokens: int = 0
+    stream_bytes: float = 0.0
+    assisted_steps: int = 0
+    failures: int = 0
+    errors: int = 0
+    wall_s: float = 0.0

@@ -1,0 +1,792 @@
+"""The discrete-event simulator: one heapq event loop over workers that batch like the real
+engine, with checkpointing, failures, recovery and assisted reload.
+
+Every decision -- routing, checkpoint placement, recovery dispatch, pairing, worker state
+transitions -- is a call into `lumen.policy` (through the module object `P`, so a test can spy on
+or replace it). Nothing here re-decides anything.
+
+Model of one worker (the live engine's scheduler, iteration level):
+- Each iteration runs every decoding request (1 position, or K+1 while a partner's draft
+  proposals are verified in the same pass) plus prefill chunks filling the rest of a token
+  budget (`chunk_tokens`): first the requests already prefilling (FCFS), then new admissions
+  from the waiting queue while budget, the batch cap and KV capacity allow. A request is
+  admitted only if its whole context (prompt + output) fits the free KV: no preemption is
+  modelled.
+- The prefill chunk that finishes a prompt produces the first token; each decode iteration then
+  produces 1 token per request (g > 1 in expectation while assisted).
+- Epochs: when the batch composition does not change between iterations (decode only; or one
+  long prompt that takes the whole budget), the worker jumps over n identical iterations at
+  once: n runs up to the next request finishing. The step time of those n iterations is
+  evaluated at the epoch's middle context length: exact for a cost that is affine in the
+  context (the fitted model), a close approximation for the roofline's max(). An external
+  change (arrival, restore ready, assist start/stop) truncates the epoch after the iteration in
+  flight, as continuous batching would take the change at the next iteration boundary.
+- Generated tokens are tracked lazily with a per-worker token clock G (advanced by g per
+  decode iteration) and a heap of finish clocks, so an epoch costs O(log n), not O(batch).
+
+Checkpoint streaming: when a request's prefill completes, `P.place_checkpoint` picks a holder
+and reserves s_r there (released when the request finishes, is interrupted, or its holder dies).
+The executor's NIC (`net_gbps`) is a FIFO: the prompt's full pages go first (the valid prefix
+grows linearly while they transfer), then decode pages as they fill. At a failure, the valid
+prefix of a request is the pages fully transferred by the failure time. Streaming is off the
+critical path (no step-time cost), as in the paper's measurement.
+
+Failures: the worker stops at once (the iteration in flight is lost); the controller learns at
+`detect_s`. Requests routed to it in between wait there and are interrupted with the rest.
+Workers failing at the same instant are detected and dispatched together. Interrupted requests
+go through `P.dispatch_interrupted`; a restore waits for prefix_bytes / B_h2d on the target
+(a per-worker FIFO) and then prefills only the tail; a recompute prefills prompt + generated
+tokens. If the holder dies, the requests it protected get a new holder (`P.place_checkpoint`)
+and their pages are streamed again from scratch (re-protection).
+
+Reload: after `restart_s`, policies with speculation load the draft (disk, then host->device),
+pair with `P.pick_partner`, and the partner's decode steps verify K+1 positions per request,
+committing (1-a^(K+1))/(1-a) tokens each in expectation (scaled down when the draft round is
+slower than the partner's step, since late proposals are dropped). Meanwhile the target reads
+from disk at `disk_gbps` (after the draft: one disk); then host->device (one PCIe link per GPU)
+and `warmup_s`. Policies without speculation read the target at once and sit idle.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from lumen import policy as P
+from lumen.metrics import RequestRecord
+from lumen.policy import WorkerEvent as E
+from lumen.policy import WorkerState as S
+from lumen.workload import RequestSpec
+
+from .config import FailurePlan, SimConfig, SimStats
+
+# event kinds
+_EV_STEP, _EV_FAIL, _EV_DETECT, _EV_RESTART, _EV_DRAFT, _EV_HOST, _EV_READY, _EV_WAKE, _EV_ASSIST = range(9)
+_EPS = 1e-9
+_STATE_CODE = P.view.STATE_CODES
+
+
+class SimRequest:
+    __slots__ = ("id", "arrival", "prompt", "output", "gen", "worker", "pf_total", "pf_done",
+                 "first_token", "finish", "interrupted", "error", "holder", "holder_epoch",
+                 "res_bytes", "ck_t0", "ck_t1", "ck_burst", "ck_valid", "ready_at", "g0",
+                 "kv_join", "kv_alloc", "decoding", "protected_once")
+
+    def __init__(self, spec: RequestSpec):
+        self.id = spec.req_id
+        self.arrival = spec.arrival
+        self.prompt = spec.prompt_tokens
+        self.output = max(1, spec.output_tokens)
+        self.gen = 0
+        self.worker = -1
+        self.pf_total = self.prompt
+        self.pf_done = 0
+        self.first_token: float | None = None
+        self.finish: float | None = None
+        self.interrupted = False
+        self.error: str | None = None
+        self.holder: int | None = None
+        self.holder_epoch = 0
+        self.res_bytes = 0
+        self.ck_t0 = self.ck_t1 = 0.0
+        self.ck_burst = 0
+        self.ck_valid = 0
+        self.ready_at = 0.0
+        self.g0 = 0.0
+        self.kv_join = 0
+        self.kv_alloc = 0
+        self.decoding = False
+        self.protected_once = False
+
+
+class SimWorker:
+    """One simulated worker. The fields named like `lumen.policy.WorkerView`'s are mirrored into
+    the simulator's `ClusterTable` (`Simulator._sync`) whenever they change, so every decision
+    reads the current state without rebuilding 1,024 views per call."""
+
+    __slots__ = (
+        # mirrored into the ClusterTable the policy reads
+        "id", "state", "epoch", "alive", "waiting", "running", "q_wait_s", "ckpt_reserved_bytes",
+        "ckpt_budget_bytes", "h2d_bytes_per_s", "node", "partner",
+        # simulator state
+        "crashed", "detect_at", "wq", "transit", "prefilling", "heap", "G", "S_dec", "kv_used",
+        "kv_cap", "pending_pf", "busy", "ep_start", "ep_dt", "ep_n", "ep_token", "ep_chunks",
+        "ep_g", "link_free_at", "h2d_free_at", "held", "assist_g", "assist_from", "draft_ready",
+        "n_prot_dec", "sec_per_pf", "last_dt", "wake_pending", "ep_p", "ep_dpos", "ep_ctx0", "ep_grow",
+    )
+
+    def __init__(self, wid: int, cfg: SimConfig, kv_cap: int):
+        self.id = wid
+        self.state = S.SERVING
+        self.epoch = 0
+        self.alive = True
+        self.waiting = 0
+        self.running = 0
+        self.q_wait_s = 0.0
+        self.ckpt_reserved_bytes = 0
+        self.ckpt_budget_bytes = int(cfg.ckpt_budget_gb * 1e9)
+        self.h2d_bytes_per_s = cfg.h2d_gbps * 1e9 * cfg.tp   # one PCIe link per GPU
+        self.node = None if cfg.nodes is None else wid % cfg.nodes
+        self.partner: int | None = None
+        self.crashed = False
+        self.detect_at = math.inf
+        self.kv_cap = kv_cap
+        self.held: dict[int, SimRequest] = {}   # checkpoints this worker holds (by request id)
+        self.link_free_at = 0.0
+        self.h2d_free_at = 0.0
+        self.assist_g = 1.0          # tokens committed per decode iteration (> 1 while assisted)
+        self.assist_from = math.inf  # assisted decoding starts at this time (draft caught up)
+        self.draft_ready = False
+        self.sec_per_pf = 0.0
+        self.last_dt = 0.0
+        self.ep_token = 0
+        self.wake_pending = False
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty the engine (at a crash: GPU state is gone)."""
+        self.wq: deque[SimRequest] = deque()
+        self.transit: list[tuple[float, int, SimRequest]] = []  # restores copying in (heap)
+        self.prefilling: list[SimRequest] = []
+        self.heap: list[tuple[float, int, SimRequest]] = []     # (finish clock, id, req)
+        self.G = 0.0
+        self.S_dec = 0.0
+        self.kv_used = 0
+        self.pending_pf = 0
+        self.busy = False
+        self.ep_token += 1
+        self.ep_chunks: list[tuple[SimRequest, int]] = []
+        self.n_prot_dec = 0
+        self.waiting = 0
+        self.running = 0
+        self.q_wait_s = 0.0
+
+
+@dataclass
+class SimResult:
+    policy: str
+    records: list[RequestRecord]
+    stats: SimStats
+    failure_times: list[float]
+    end_time: float
+
+
+class Simulator:
+    def __init__(self, cfg: SimConfig, workload: Sequence[RequestSpec], policy: str,
+                 failures: FailurePlan | None = None, seed: int = 0):
+        self.cfg = cfg
+        self.policy = P.parse_policy(policy)
+        self.feats = P.features(self.policy)
+        self.cost = cfg.cost_model()
+        self.draft_cost = cfg.draft_cost_model()
+        self.kvb = cfg.shape.kv_bytes_per_token
+        self.page = cfg.page_tokens
+        self.net_bw = cfg.net_gbps * 1e9 / 8.0
+        kv_cap = cfg.kv_capacity_tokens()
+        self.workers = [SimWorker(i, cfg, kv_cap) for i in range(cfg.workers)]
+        self.table = P.ClusterTable(cfg.workers)
+        self.view = self.table.view(cfg.lam)
+        for w in self.workers:
+            self._sync(w)
+        self.reqs = [SimRequest(s) for s in sorted(workload, key=lambda s: (s.arrival, s.req_id))]
+        self.by_id = {r.id: r for r in self.reqs}
+        if len(self.by_id) != len(self.reqs):
+            raise ValueError("duplicate req_id in workload")
+        horizon = self.reqs[-1].arrival if self.reqs else 0.0
+        self.fail_events = (failures or FailurePlan()).events(cfg.workers, seed, horizon)
+        self.heap: list[tuple] = []
+        self.seq = 0
+        self.now = 0.0
+        self.stats = SimStats()
+        self.orphans: list[SimRequest] = []   # interrupted while no worker was SERVING
+        self.parked: list[SimRequest] = []    # arrivals while no worker was SERVING
+        self.done = 0
+        self.k1 = cfg.k + 1
+        self.E = cfg.expected_accepted()
+        w = cfg.shape.weight_bytes
+        d = cfg.draft_shape.weight_bytes
+        pcie = cfg.h2d_gbps * 1e9 * cfg.tp
+        disk = cfg.disk_gbps * 1e9
+        self.t_target_h2d = w / pcie + cfg.warmup_s
+        self.t_plain_reload = w / disk
+        self.t_draft_load = d / disk + d / pcie
+        self.t_target_disk_after_draft = (d + w) / disk
+        # seconds per prefill token of a full chunk on an idle worker: the q_w estimate's unit
+        self.base_sec_per_pf = self.cost.step_time(cfg.chunk_tokens, 0, cfg.chunk_tokens) / cfg.chunk_tokens
+
+    # ------------------------------------------------------------------ plumbing
+    def _push(self, t: float, kind: int, a: int, b: int = 0) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, kind, a, b))
+
+    def _call(self, name: str):
+        c = self.stats.policy_calls
+        c[name] = c.get(name, 0) + 1
+        return getattr(P, name)
+
+    def _transition(self, w: SimWorker, ev: E) -> None:
+        w.state = self._call("next_state")(w.state, ev)
+        self._sync(w)
+
+    def _sync(self, w: SimWorker) -> None:
+        """Mirror w's policy-visible fields into the table (called after every change)."""
+        T, i = self.table, w.id
+        T.state[i] = _STATE_CODE[w.state]
+        T.alive[i] = w.alive
+        T.waiting[i] = w.waiting
+        T.running[i] = w.running
+        T.q[i] = w.q_wait_s
+        T.reserved[i] = w.ckpt_reserved_bytes
+        T.budget[i] = w.ckpt_budget_bytes
+        T.h2d[i] = w.h2d_bytes_per_s
+        T.node[i] = -1 if w.node is None else w.node
+        T.partnered[i] = w.partner is not None
+        T.epoch[i] = w.epoch
+
+    def _sync_load(self, w: SimWorker) -> None:
+        T, i = self.table, w.id
+        T.waiting[i] = w.waiting
+        T.running[i] = w.running
+        T.q[i] = w.q_wait_s
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> SimResult:
+        t0 = time.perf_counter()
+        for t, wid in self.fail_events:
+            self._push(t, _EV_FAIL, wid)
+        reqs, n = self.reqs, len(self.reqs)
+        ai = 0
+        heap = self.heap
+        pop = heapq.heappop
+        events = 0
+        while self.done < n:
+            if ai < n and (not heap or reqs[ai].arrival <= heap[0][0]):
+                r = reqs[ai]
+                ai += 1
+                self.now = r.arrival
+                self._arrive(r)
+                events += 1
+                continue
+            if not heap:
+                break   # nothing can make progress (cannot happen while a worker restarts)
+            t, _, kind, a, b = pop(heap)
+            self.now = t
+            events += 1
+            if kind == _EV_STEP:
+                w = self.workers[a]
+                if b == w.ep_token:
+                    self._end_epoch(w, t)
+            elif kind == _EV_WAKE:
+                self._wake(self.workers[a], t)
+            elif kind == _EV_FAIL:
+                self._crash(self.workers[a], t)
+            elif kind == _EV_DETECT:
+                self._detect(t)
+            elif kind == _EV_RESTART:
+                self._restart(self.workers[a], b)
+            elif kind == _EV_DRAFT:
+                self._draft_loaded(self.workers[a], b)
+            elif kind == _EV_HOST:
+                self._host_loaded(self.workers[a], b)
+            elif kind == _EV_READY:
+                self._ready(self.workers[a], b)
+            elif kind == _EV_ASSIST:
+                w = self.workers[a]
+                if w.partner is not None and w.state is S.SERVING:
+                    self._poke(w, t)
+        for r in reqs:   # anything left could not be served (no worker ever came back)
+            if r.finish is None and r.error is None:
+                r.error = "unavailable: no serving worker"
+                self.stats.errors += 1
+        self.stats.events = events
+        self.stats.wall_s = time.perf_counter() - t0
+        recs = [RequestRecord(r.id, r.arrival, r.first_token, r.finish, r.prompt,
+                              r.gen if r.error else r.output, r.interrupted, r.error) for r in reqs]
+        recs.sort(key=lambda x: x.req_id)
+        end = max((r.finish for r in reqs if r.finish is not None), default=0.0)
+        return SimResult(str(self.policy), recs, self.stats,
+                         sorted({t for t, _ in self.fail_events}), end)
+
+    # ------------------------------------------------------------------ arrivals and routing
+    def _arrive(self, r: SimRequest) -> None:
+        wid = self._call("route_new")(self.view)
+        if wid is None:
+            self.parked.append(r)
+            return
+        self._enqueue(self.workers[wid], r, self.now)
+
+    def _enqueue(self, w: SimWorker, r: SimRequest, now: float) -> None:
+        r.worker = w.id
+        need = r.pf_total - r.pf_done
+        if r.prompt + r.output > w.kv_cap:
+            r.error = "too_long: context exceeds a worker's KV capacity"
+            r.finish = None
+            self.stats.errors += 1
+            self.done += 1
+            return
+        w.pending_pf += need
+        w.waiting += 1
+        if r.ready_at > now + _EPS:
+            heapq.heappush(w.transit, (r.ready_at, r.id, r))
+            self._push(r.ready_at, _EV_WAKE, w.id)
+        else:
+            w.wq.append(r)
+        w.q_wait_s = w.pending_pf * w.sec_per_pf if w.sec_per_pf else w.pending_pf * self.base_sec_per_pf
+        self._sync_load(w)
+        if not w.crashed:
+            self._poke(w, now)
+
+    def _wake(self, w: SimWorker, now: float) -> None:
+        w.wake_pending = False
+        moved = False
+        while w.transit and w.transit[0][0] <= now + _EPS:
+            _, _, r = heapq.heappop(w.transit)
+            w.wq.append(r)
+            moved = True
+        if w.crashed or w.state is not S.SERVING:
+            return
+        if not w.busy:
+            self._plan(w, now)
+        elif moved:
+            self._poke(w, now)
+
+    # ------------------------------------------------------------------ worker stepping
+    def _poke(self, w: SimWorker, now: float) -> None:
+        """Something changed on w: take it at the next iteration boundary."""
+        if not w.busy:
+            # an idle engine starts its next step "now", but after every other event of this
+            # same instant (e.g. simultaneous arrivals), so those are batched together
+            if w.state is S.SERVING and not w.crashed and not w.wake_pending:
+                w.wake_pending = True
+                self._push(now, _EV_WAKE, w.id)
+            return
+        if w.ep_n > 1:
+            k = self._iters_done_by(w, now) + 1
+            if k < w.ep_n:
+                w.ep_n = k
+                w.ep_dt = self._epoch_dt(w, k)
+                w.ep_token += 1
+                self._push(w.ep_start + k * w.ep_dt, _EV_STEP, w.id, w.ep_token)
+
+    def _epoch_dt(self, w: SimWorker, n: int) -> float:
+        """Step time of an n-iteration epoch: the cost at the epoch's middle context (exact for
+        a cost affine in the context: the sum over an arithmetic sequence is n x its middle)."""
+        return max(self.cost.step_time(w.ep_p, w.ep_dpos, w.ep_ctx0 + w.ep_grow * (n - 1) * 0.5), 1e-9)
+
+    def _iters_done_by(self, w: SimWorker, t: float) -> int:
+        """Iterations of the current epoch completed by time t, had the epoch been planned to
+        end right after them (a shorter epoch has a shorter mid context, so re-time it)."""
+        k = min(int((t - w.ep_start) / w.ep_dt + _EPS), w.ep_n)
+        while k < w.ep_n and w.ep_start + (k + 1) * self._epoch_dt(w, k + 1) <= t + _EPS:
+            k += 1
+        return k
+
+    def _plan(self, w: SimWorker, now: float) -> None:
+        cfg = self.cfg
+        heap = w.heap
+        D = len(heap)
+        assisted = w.partner is not None and now + _EPS >= w.assist_from and D > 0
+        dpos = self.k1 if assisted else 1
+        budget = cfg.chunk_tokens - D * dpos
+        chunks: list[tuple[SimRequest, int]] = []
+        Ptok = 0
+        ctx_pf = 0
+        for r in w.prefilling:
+            if budget <= 0:
+                break
+            c = min(r.pf_total - r.pf_done, budget)
+            chunks.append((r, c))
+            budget -= c
+            Ptok += c
+            ctx_pf += r.pf_done + c
+        wq = w.wq
+        while wq and budget > 0 and w.running < cfg.max_batch:
+            r = wq[0]
+            need_kv = r.prompt + r.output
+            if w.kv_used + need_kv > w.kv_cap:
+                break    # FCFS: the head waits for KV to free up
+            wq.popleft()
+            w.waiting -= 1
+            w.running += 1
+            w.kv_used += need_kv
+            r.kv_alloc = need_kv
+            w.prefilling.append(r)
+            c = min(r.pf_total - r.pf_done, budget)
+            chunks.append((r, c))
+            budget -= c
+            Ptok += c
+            ctx_pf += r.pf_done + c
+        if Ptok == 0 and D == 0:
+            w.busy = False
+            w.q_wait_s = w.pending_pf * self.base_sec_per_pf
+            self._sync_load(w)
+            return
+        g = (self._assist_tokens(w, D, now) if assisted else 1.0)
+        if Ptok:
+            n = 1
+            if len(chunks) == 1 and budget == 0 and not wq:
+                r, c = chunks[0]
+                rem = r.pf_total - r.pf_done
+                n = max(1, (rem - 1) // c)
+            if D and n > 1:
+                n = min(n, max(1, math.ceil((heap[0][0] - w.G) / g - _EPS)))
+        else:
+            n = max(1, math.ceil((heap[0][0] - w.G) / g - _EPS))
+        if n > cfg.max_epoch_iters:
+            n = cfg.max_epoch_iters
+        w.ep_p = Ptok
+        w.ep_dpos = D * dpos
+        w.ep_ctx0 = w.S_dec + D * w.G + ctx_pf
+        w.ep_grow = D * g + (Ptok if n > 1 else 0)    # context added per iteration
+        dt = self._epoch_dt(w, n)
+        w.busy = True
+        w.ep_start = now
+        w.ep_dt = dt
+        w.ep_n = n
+        w.ep_g = g
+        w.ep_chunks = chunks
+        w.ep_token += 1
+        w.last_dt = dt
+        if assisted:
+            self.stats.assisted_steps += n
+        # q_w: queued prefill work at this batch's prefill rate
+        free = cfg.chunk_tokens - D * dpos
+        w.sec_per_pf = dt / free if free > 0 else dt
+        w.q_wait_s = w.pending_pf * w.sec_per_pf
+        self._sync_load(w)
+        self._push(now + n * dt, _EV_STEP, w.id, w.ep_token)
+
+    def _assist_tokens(self, w: SimWorker, D: int, now: float) -> float:
+        """Expected tokens per verify step for the partner's requests: E when the draft keeps
+        up, fewer when a draft round (K draft steps) outlasts the partner's step (late
+        proposals are dropped, never waited on)."""
+        ctx = w.S_dec + D * w.G
+        dt_t = self.cost.step_time(0, D * self.k1, ctx)
+        dt_d = self.cfg.k * self.draft_cost.step_time(0, D, ctx)
+        return 1.0 + (self.E - 1.0) * min(1.0, dt_t / dt_d if dt_d > 0 else 1.0)
+
+    def _end_epoch(self, w: SimWorker, t: float) -> None:
+        self._apply(w, w.ep_n, t)
+        w.busy = False
+        self._plan(w, t)
+
+    def _apply(self, w: SimWorker, n: int, t: float) -> None:
+        """Apply n completed iterations of the current epoch ending at time t."""
+        st = self.stats
+        st.steps += 1
+        st.iterations += n
+        g = w.ep_g
+        D = len(w.heap)
+        if D:
+            w.G += n * g
+            if w.n_prot_dec:
+                b = n * g * w.n_prot_dec * self.kvb
+                w.link_free_at = max(w.link_free_at, w.ep_start) + b / self.net_bw
+                st.stream_bytes += b
+        completed = None
+        for r, c in w.ep_chunks:
+            done = c * n
+            r.pf_done += done
+            w.pending_pf -= done
+            if r.pf_done >= r.pf_total:
+                if completed is None:
+                    completed = []
+                completed.append(r)
+        if completed:
+            w.prefilling = [r for r in w.prefilling if r.pf_done < r.pf_total]
+            for r in completed:
+                r.gen += 1
+                if r.first_token is None:
+                    r.first_token = t
+                if r.gen >= r.output:
+                    self._finish(w, r, t)
+                    continue
+                r.decoding = True
+                r.g0 = w.G
+                r.kv_join = r.pf_total
+                w.S_dec += r.kv_join - r.g0
+                heapq.heappush(w.heap, (w.G + (r.output - r.gen), r.id, r))
+                if self.feats.checkpointing is not None:
+                    self._protect(w, r, t)
+        heap = w.heap
+        G = w.G + _EPS
+        while heap and heap[0][0] <= G:
+            _, _, r = heapq.heappop(heap)
+            r.decoding = False
+            w.S_dec -= r.kv_join - r.g0
+            if r.holder is not None:
+                w.n_prot_dec -= 1
+            r.gen = r.output
+            self._finish(w, r, t)
+        self._sync_load(w)
+
+    def _finish(self, w: SimWorker, r: SimRequest, t: float) -> None:
+        r.finish = t
+        w.running -= 1
+        w.kv_used -= r.kv_alloc
+        self._release(r)
+        self.done += 1
+
+    # ------------------------------------------------------------------ checkpoints
+    def _protect(self, w: SimWorker, r: SimRequest, t: float) -> None:
+        """Place r's checkpoint (prefill just completed on w) and start streaming its pages."""
+        s = self._call("checkpoint_reservation")(r.prompt, r.output, self.kvb, self.page)
+        h = self._call("place_checkpoint")(self.view, self.policy, w.id, s)
+        if h is None:
+            self.stats.unprotected += 1
+            return
+        hw = self.workers[h]
+        hw.ckpt_reserved_bytes += s
+        self.table.reserved[h] = hw.ckpt_reserved_bytes
+        hw.held[r.id] = r
+        r.holder, r.holder_epoch, r.res_bytes = h, hw.epoch, s
+        self.stats.placed += 1
+        if r.decoding:
+            w.n_prot_dec += 1
+        kv = r.kv_join + (w.G - r.g0) if r.decoding else r.pf_done
+        burst = int(kv) // self.page * self.page
+        t0 = max(w.link_free_at, t)
+        t1 = t0 + burst * self.kvb / self.net_bw
+        w.link_free_at = t1
+        r.ck_t0, r.ck_t1, r.ck_burst = t0, t1, burst
+        self.stats.stream_bytes += burst * self.kvb
+
+    def _release(self, r: SimRequest) -> None:
+        if r.holder is not None:
+            hw = self.workers[r.holder]
+            if hw.held.pop(r.id, None) is not None:
+                hw.ckpt_reserved_bytes -= r.res_bytes
+                self.table.reserved[hw.id] = hw.ckpt_reserved_bytes
+            r.holder = None
+            r.res_bytes = 0
+
+    def _valid_prefix(self, w: SimWorker, r: SimRequest, t: float, kv_now: int) -> int:
+        """Longest contiguous prefix of full pages received by the holder by time t."""
+        if r.holder is None or t <= r.ck_t0:
+            return 0
+        page = self.page
+        if t < r.ck_t1:
+            pages = int((t - r.ck_t0) * self.net_bw / (page * self.kvb))
+            return min(pages * page, r.ck_burst)
+        # decode pages: a page is valid once it is full and has crossed the link behind any
+        # backlog; in tokens, that lag is the page's transfer time over the step time.
+        lag_s = page * self.kvb / self.net_bw + max(0.0, w.link_free_at - t)
+        lag_tok = math.ceil(lag_s / w.last_dt) if w.last_dt > 0 else 0
+        valid = max(r.ck_burst, (kv_now - lag_tok) // page * page)
+        return max(0, min(valid, kv_now // page * page))
+
+    # ------------------------------------------------------------------ failures
+    def _crash(self, w: SimWorker, t: float) -> None:
+        if w.crashed:
+            return
+        self.stats.failures += 1
+        if w.busy:
+            k = self._iters_done_by(w, t)
+            if k > 0:
+                if k < w.ep_n:
+                    w.ep_dt = self._epoch_dt(w, k)
+                self._apply(w, k, w.ep_start + k * w.ep_dt)
+            w.busy = False
+            w.ep_token += 1
+        w.crashed = True
+        # freeze what the holders have: nothing more streams from a dead worker
+        for _, _, r in w.heap:
+            kv_now = int(r.kv_join + (w.G - r.g0))
+            r.gen = r.gen + int(w.G - r.g0 + _EPS)
+            r.ck_valid = self._valid_prefix(w, r, t, kv_now)
+        for r in w.prefilling:   # first prefill or recovery prefill: not protected yet
+            r.ck_valid = 0
+        w.detect_at = t + self.cfg.detect_s
+        self._push(w.detect_at, _EV_DETECT, w.id)
+
+    def _detect(self, t: float) -> None:
+        batch = [w for w in self.workers if w.crashed and w.state is not S.DOWN
+                 and w.detect_at <= t + _EPS]
+        if not batch:
+            return
+        dead = {w.id for w in batch}
+        interrupted: list[SimRequest] = []
+        executor: dict[int, int] = {}
+        for w in batch:
+            self._transition(w, E.FAIL)
+            w.alive = False
+            running = [r for _, _, r in w.heap] + w.prefilling
+            for r in running:
+                r.interrupted = True     # it was in the running batch when its worker died
+                r.decoding = False
+            queued = list(w.wq) + [r for _, _, r in w.transit]
+            for r in running + queued:
+                executor[r.id] = w.id
+                r.worker = -1
+            interrupted += running + queued
+            self.stats.interrupted += len(running)
+            for r in running:
+                if r.holder is not None:
+                    self.stats.protected_interrupted += 1
+                    if self.workers[r.holder].crashed:
+                        self.stats.holder_cofailed += 1
+            w.reset()
+            self._unpair(w, t)
+            self._sync(w)
+            self._push(t + self.cfg.restart_s, _EV_RESTART, w.id, w.epoch)
+        # dispatch first, so the policy sees each request's real holder (dead or alive)
+        self._dispatch(interrupted, t, executor)
+        # checkpoints held by the dead workers are gone: re-protect the live requests they held
+        lost: list[SimRequest] = []
+        for w in batch:
+            for r in list(w.held.values()):
+                self._release(r)
+                if r.worker >= 0 and r.decoding and r.worker not in dead:
+                    lost.append(r)
+            w.ckpt_reserved_bytes = 0
+            w.held.clear()
+            self._sync(w)
+        for r in sorted(lost, key=lambda r: r.id):
+            ex = self.workers[r.worker]
+            ex.n_prot_dec -= 1
+            self.stats.reprotected += 1
+            self._protect(ex, r, t)
+
+    def _dispatch(self, interrupted: list[SimRequest], t: float,
+                  executor: dict[int, int] | None = None) -> None:
+        if not interrupted:
+            return
+        if not any(w.alive and w.state is S.SERVING for w in self.workers):
+            self.orphans.extend(interrupted)
+            for r in interrupted:
+                self._release(r)
+            return
+        views = []
+        for r in interrupted:
+            total = r.prompt + r.gen
+            valid = min(r.ck_valid, total) if r.holder is not None else 0
+            views.append(P.RequestView(r.id, (executor or {}).get(r.id), r.holder, r.res_bytes, valid, total,
+                                       r.holder_epoch if r.holder is not None else None))
+        plan = self._call("dispatch_interrupted")(self.view, self.policy, views)
+        st = self.stats
+        for a, v in zip(plan, sorted(views, key=lambda v: v.id), strict=True):
+            r = self.by_id[a.request_id]
+            tw = self.workers[a.target]
+            r.pf_total = r.prompt + r.gen
+            r.kv_alloc = 0
+            if a.mode == "restore":
+                st.restores += 1
+                r.pf_done = v.valid_prefix_tokens
+                st.restored_tokens += r.pf_done
+                start = max(t, tw.h2d_free_at)
+                r.ready_at = start + r.pf_done * self.kvb / tw.h2d_bytes_per_s
+                tw.h2d_free_at = r.ready_at
+            else:
+                st.recomputes += 1
+                if (v.holder is not None and self.workers[v.holder].alive
+                        and self.workers[v.holder].state is S.SERVING):
+                    st.shed += 1
+                r.pf_done = 0
+                r.ready_at = t
+            st.recompute_tokens += r.pf_total - r.pf_done
+            self._release(r)   # the checkpoint is consumed (restore) or abandoned (moved)
+            r.ck_valid = 0
+            self._enqueue(tw, r, t)
+
+    # ------------------------------------------------------------------ reload and assist
+    def _unpair(self, w: SimWorker, t: float) -> None:
+        p = w.partner
+        if p is None:
+            return
+        w.partner = None
+        pw = self.workers[p]
+        pw.partner = None
+        self._sync(w)
+        self._sync(pw)
+        if pw.state is S.ASSISTING:          # w was the survivor: its helper loses its job
+            self._transition(pw, E.UNPAIRED)
+            self._try_pair(t)
+        elif pw.state is S.SERVING:          # w was the helper: the survivor decodes alone again
+            pw.assist_from = math.inf
+            self._poke(pw, t)
+
+    def _restart(self, w: SimWorker, epoch: int) -> None:
+        if w.epoch != epoch or w.state is not S.DOWN:
+            return
+        w.crashed = False
+        w.alive = True
+        w.epoch += 1
+        w.draft_ready = False
+        t = self.now
+        if self.feats.speculation:
+            self._transition(w, E.RESTART)
+            self._push(t + self.t_draft_load, _EV_DRAFT, w.id, w.epoch)
+            self._push(t + self.t_target_disk_after_draft, _EV_HOST, w.id, w.epoch)
+        else:
+            self._transition(w, E.RESTART_PLAIN)
+            self._push(t + self.t_plain_reload + self.t_target_h2d, _EV_READY, w.id, w.epoch)
+
+    def _draft_loaded(self, w: SimWorker, epoch: int) -> None:
+        if w.epoch != epoch or w.crashed or w.state is not S.LOADING_DRAFT:
+            return
+        w.draft_ready = True
+        self._try_pair(self.now)
+
+    def _try_pair(self, t: float) -> None:
+        """Pair every recovering worker that has its draft and no partner (ascending id)."""
+        for w in self.workers:
+            if w.state is not S.LOADING_DRAFT or not w.draft_ready or w.crashed:
+                continue
+            p = self._call("pick_partner")(self.view, w.id)
+            if p is None:
+                return   # nobody free: the rest stay unpaired too
+            pw = self.workers[p]
+            self._transition(w, E.PAIRED)
+            w.partner, pw.partner = p, w.id
+            self._sync(w)
+            self._sync(pw)
+            # the draft first prefills the mirrored requests' contexts
+            ctx = int(pw.S_dec + len(pw.heap) * pw.G)
+            chunk = self.cfg.chunk_tokens
+            catch_up = 0.0
+            while ctx > 0:
+                c = min(chunk, ctx)
+                catch_up += self.draft_cost.step_time(c, 0, c)
+                ctx -= c
+            pw.assist_from = t + catch_up
+            self._push(pw.assist_from, _EV_ASSIST, p)
+
+    def _host_loaded(self, w: SimWorker, epoch: int) -> None:
+        if w.epoch != epoch or w.crashed or w.state not in (S.LOADING_DRAFT, S.ASSISTING):
+            return
+        if w.partner is not None:
+            pw = self.workers[w.partner]
+            w.partner = None
+            pw.partner = None
+            self._sync(w)
+            self._sync(pw)
+            pw.assist_from = math.inf
+            self._poke(pw, self.now)
+        self._transition(w, E.HOST_LOADED)
+        w.draft_ready = False
+        self._push(self.now + self.t_target_h2d, _EV_READY, w.id, w.epoch)
+        self._try_pair(self.now)
+
+    def _ready(self, w: SimWorker, epoch: int) -> None:
+        if w.epoch != epoch or w.crashed or w.state is not S.SWITCHING:
+            return
+        self._transition(w, E.READY)
+        t = self.now
+        if self.orphans:
+            orphans, self.orphans = self.orphans, []
+            self._dispatch(orphans, t)
+        if self.parked:
+            parked, self.parked = self.parked, []
+            for r in parked:
+                self._arrive(r)
+        self._try_pair(t)
+
+
+def simulate(cfg: SimConfig, workload: Sequence[RequestSpec], policy: str,
+             failures: FailurePlan | None = None, seed: int = 0) -> SimResult:
+    """Run one simulation; `failures=None` is the no-failure reference run."""
+    return Simulator(cfg, workload, policy, failures, seed).run()
