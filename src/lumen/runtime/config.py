@@ -19,6 +19,7 @@ class ClusterConfig:
     fence_grace_s: float = 0.0              # how long a fenced (hung) incarnation may linger before SIGKILL
     restart_backoff_s: float = 0.5
     startup_timeout_s: float = 600.0        # a new incarnation must say HELLO within this
+    loading_hb_timeout_s: float = 30.0      # heartbeat budget while a worker loads (it holds no requests)
     # engine
     block_size: int = 16
     num_blocks: int | None = None

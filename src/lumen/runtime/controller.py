@@ -433,7 +433,11 @@ class Controller:
                     continue
                 # before its first word a starting process is covered by the sentinel (a crash) and
                 # by a start-up deadline (a hang while importing or loading)
-                if w.heard and now - w.last_hb > budget:
+                # a loading worker holds no requests: a slow verdict costs nothing there, a false one a
+                # whole reload, so only workers that serve or assist are held to the tight budget
+                limit = budget if w.state in (WorkerState.SERVING, WorkerState.ASSISTING) \
+                    else max(budget, self.cfg.loading_hb_timeout_s)
+                if w.heard and now - w.last_hb > limit:
                     self._declare_dead(w, f"no heartbeat for {now - w.last_hb:.2f}s")
                 elif not w.heard and now - w.spawned_at > self.cfg.startup_timeout_s:
                     self._declare_dead(w, f"silent for {now - w.spawned_at:.0f}s after start")
