@@ -10,7 +10,6 @@ import time
 import httpx
 import pytest
 import zmq
-
 from cluster_util import make_tiny_model_dir, run_cluster, worker_pids_alive
 
 pytestmark = pytest.mark.cluster

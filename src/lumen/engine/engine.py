@@ -222,6 +222,17 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def rewind_page_export(self, req_id: str, page_index: int) -> None:
+        """Export pages from `page_index` on again (a new holder needs every page from the start)."""
+        seq = self._seqs.get(req_id)
+        if seq is not None:
+            seq.num_exported_pages = min(seq.num_exported_pages, max(0, page_index))
+
+    def decoding_sequences(self) -> list[tuple[str, list[int]]]:
+        """(request id, token ids) of every running sequence that is decoding (assisted recovery
+        mirrors these to a drafter). The lists are the engine's own: callers must not mutate them."""
+        return [(s.req_id, s.token_ids) for s in self.scheduler.running if s.is_decoding]
+
     def propose(self, req_id: str, base_len: int, tokens) -> bool:
         """Register draft tokens to verify in the next step, for a decoding sequence of current length
         base_len. Stale (length moved on) or unusable proposals are dropped and counted."""
@@ -270,9 +281,10 @@ class Engine:
         logits = self.runner.forward(items)
         sampling = [s for s in scheduled if s.sample]
         commits = self.sampler(logits, sampling) if sampling else []
+        accepted = self.sampler.last_num_accepted if sampling else []
         outputs: list[StepOutput] = []
         c = self._counters
-        for s, toks, acc in zip(sampling, commits, self.sampler.last_num_accepted, strict=True):
+        for s, toks, acc in zip(sampling, commits, accepted, strict=True):
             if s.proposal:
                 c["spec_drafts"] += 1
                 c["spec_draft_tokens"] += len(s.proposal)

@@ -355,6 +355,7 @@ class Worker:
     # ------------------------------------------------------------------ stats
     def _publish_stats(self) -> None:
         stats = dict(self.counters)
+        stats.update({f"drop_{k}": v for k, v in self.codec.stats.items()})
         if self.engine is not None:
             stats.update(self.engine.stats())
         stats.update({f"ckpt_{k}": v for k, v in self.store.stats().items() if isinstance(v, (int, float))})
