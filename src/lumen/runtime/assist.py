@@ -48,14 +48,27 @@ class Verifier:
             if not (isinstance(rid, str) and isinstance(base_len, int) and isinstance(k, int)) or k < 0 \
                     or pos + k > len(ids):
                 return
-            self.proposals[rid] = (base_len, ids[pos:pos + k][: self.k])
+            self.proposals[rid] = (base_len, ids[pos:pos + k])
             pos += k
             self.received += 1
 
     def before_step(self, engine) -> None:
+        if not self.proposals:
+            return
+        current = dict(engine.decoding_sequences())
         for rid, (base_len, toks) in self.proposals.items():
+            tokens = current.get(rid)
+            if tokens is None:
+                continue
+            # The partner never waits, so it may have moved on since the draft was made. The proposal
+            # is still good for the rest if the tokens committed meanwhile are exactly its first ones.
+            advanced = len(tokens) - base_len
+            if advanced < 0 or tokens[base_len:] != toks[:advanced]:
+                self.stale += 1
+                continue
+            toks = toks[advanced:advanced + self.k]
             if toks:
-                engine.propose(rid, base_len, toks)
+                engine.propose(rid, len(tokens), toks)
         self.proposals.clear()
 
     def after_step(self, engine, outputs) -> None:
@@ -81,14 +94,16 @@ class Verifier:
             self.sent_len.clear()
 
     def stats(self) -> dict:
-        return {"assist_proposals_received": self.received}
+        return {"assist_proposals_received": self.received, "assist_proposals_stale": self.stale}
 
 
 class Drafter:
     """Recovering side: a draft model with one contiguous KV cache per mirrored request."""
 
-    def __init__(self, worker: Worker, draft_spec: str, k: int):
-        self.worker, self.k = worker, k
+    def __init__(self, worker: Worker, draft_spec: str, k: int, lookahead: int = 2):
+        # draft a few tokens past K: the partner keeps decoding while proposals travel, and the extra
+        # tokens keep a proposal useful after the partner has committed its first ones itself
+        self.worker, self.k = worker, k + lookahead
         loaded = load_model(draft_spec, device=worker.device, dtype=worker.dtype, progress=False)
         self.model, self.config = loaded.model, loaded.config
         self.peer: int | None = None
@@ -100,11 +115,13 @@ class Drafter:
         self.proposed = 0
         self.busy_s = 0.0
 
-    def pair(self, peer: int, addr: str) -> None:
+    def pair(self, peer: int | None, addr: str) -> None:
         self.peer, self.addr = peer, addr
         self.contexts.clear()
         self.caches.clear()
-        log.info("assisting worker %d", peer)
+        self.dirty.clear()
+        if peer is not None:
+            log.info("assisting worker %d", peer)
 
     def on_mirror(self, msg) -> None:
         if self.peer is None or msg.src != f"w{self.peer}":

@@ -110,6 +110,8 @@ class Controller:
         self.router: AsyncRouterEndpoint | None = None
         self.workers: dict[int, WorkerRecord] = {i: WorkerRecord(i) for i in range(cfg.num_workers)}
         self.requests: dict[str, RequestState] = {}
+        # interrupted requests waiting for any worker to serve again (every survivor is reloading)
+        self.pending: list[tuple[float, RequestState, int]] = []
         self.stale_messages = 0
         self.unprotected = 0
         self._tasks: list[asyncio.Task] = []
@@ -245,6 +247,7 @@ class Controller:
             w.device = msg.body["device"]
             log.info("worker %d epoch %d: pid %d on %s, data at %s", w.id, w.epoch, w.pid, w.device, w.data_addr)
         elif t == "HB":
+            self._count_spec(w, msg.body["stats"])
             w.stats = msg.body["stats"]
         elif t == "STATE":
             self._on_state(w, msg.body["state"], msg.body.get("info") or {})
@@ -256,10 +259,22 @@ class Controller:
                 if r is not None and r.holder == w.id and isinstance(n, int):
                     r.valid_pages = max(0, n)
 
+    def _count_spec(self, w: WorkerRecord, stats: dict) -> None:
+        for key, counter in (("spec_drafts", M.SPEC_DRAFTS), ("spec_draft_tokens", M.SPEC_DRAFT_TOKENS),
+                             ("spec_accepted_tokens", M.SPEC_ACCEPTED)):
+            new, old = stats.get(key, 0), w.stats.get(key, 0)
+            if isinstance(new, (int, float)) and isinstance(old, (int, float)) and new > old:
+                counter.inc(new - old)
+        rate = stats.get("spec_acceptance")
+        if isinstance(rate, (int, float)) and stats.get("spec_draft_tokens"):
+            M.SPEC_ACCEPTANCE.labels(worker=str(w.id)).set(rate)
+
     def _on_state(self, w: WorkerRecord, state: str, info: dict) -> None:
         for k, v in info.items():
             if isinstance(v, (int, float)):
                 w.phase_s[k] = v
+                if k.endswith("_s") and w.epoch > 1:
+                    M.RECOVERY_PHASE.labels(phase=k[:-2]).observe(v)
         try:
             new = WorkerState(state)
         except ValueError:
@@ -269,13 +284,21 @@ class Controller:
         log.info("worker %d epoch %d: %s -> %s %s", w.id, w.epoch, old.value, new.value,
                  {k: round(v, 3) for k, v in info.items() if isinstance(v, float)})
         if new == WorkerState.SERVING:
+            if self.pending:
+                waiting, self.pending = self.pending, []
+                for _, r, dead_id in waiting:
+                    if not r.done:
+                        self._dispatch([r], dead_id)
             if w.down_since is not None:
                 M.RECOVERY_SECONDS.observe(time.monotonic() - w.down_since)
                 w.down_since = None
             w.restarts = 0
             self._ready.set()
-        if new == WorkerState.LOADING_DRAFT and self.features.speculation:
+        if new == WorkerState.LOADING_DRAFT and info.get("draft_ready") and w.partner is None \
+                and self.features.speculation:
             self._try_pair(w)
+        if new == WorkerState.SWITCHING:
+            self._unpair(w)  # the draft is released: its partner decodes alone again
 
     # ------------------------------------------------------------------ requests
     def view(self) -> ClusterView:
@@ -441,7 +464,21 @@ class Controller:
                     self._declare_dead(w, f"no heartbeat for {now - w.last_hb:.2f}s")
                 elif not w.heard and now - w.spawned_at > self.cfg.startup_timeout_s:
                     self._declare_dead(w, f"silent for {now - w.spawned_at:.0f}s after start")
+            self._expire_pending(now)
             self._refresh_gauges()
+
+    def _expire_pending(self, now: float) -> None:
+        if not self.pending:
+            return
+        keep = []
+        for since, r, dead_id in self.pending:
+            if r.done:
+                continue
+            if now - since > self.cfg.pending_timeout_s:
+                self._fail(r, 503, "no worker came back in time to recover the request")
+            else:
+                keep.append((since, r, dead_id))
+        self.pending = keep
 
     def _declare_dead(self, w: WorkerRecord, reason: str) -> None:
         if self._stopping or w.fenced:
@@ -483,7 +520,10 @@ class Controller:
         for r in interrupted:
             r.interrupts += 1
             r.executor = None
-        views = [RequestView(id=i, executor=dead.id, holder=r.holder, reservation_bytes=r.reservation,
+        self._dispatch(interrupted, dead.id)
+
+    def _dispatch(self, interrupted: list[RequestState], dead_id: int) -> None:
+        views = [RequestView(id=i, executor=dead_id, holder=r.holder, reservation_bytes=r.reservation,
                              valid_prefix_tokens=min(r.valid_pages * self.cfg.block_size, r.context_len),
                              total_tokens=r.context_len,
                              holder_epoch=r.holder_epoch if r.holder is not None else None)
@@ -493,6 +533,11 @@ class Controller:
         except NoServingWorker:
             assignments = []
         if not assignments:
+            if any(w.alive and not w.fenced for w in self.workers.values()):
+                now = time.monotonic()
+                self.pending.extend((now, r, dead_id) for r in interrupted)
+                log.warning("%d interrupted requests wait for a worker to finish reloading", len(interrupted))
+                return
             for r in interrupted:
                 self._fail(r, 503, "every worker has failed; the request could not be recovered")
             return
@@ -530,7 +575,8 @@ class Controller:
         if p.partner == w.id:
             p.partner = None
             self._send(p, "ASSIST", {"role": "none", "peer": -1, "addr": "", "k": self.cfg.spec_k})
-            if p.state == WorkerState.ASSISTING:
+            if p.state == WorkerState.ASSISTING:  # a drafter whose partner died looks for another
+                p.state = WorkerState.LOADING_DRAFT
                 self._try_pair(p)
 
     # ------------------------------------------------------------------ introspection

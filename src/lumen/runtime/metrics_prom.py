@@ -43,3 +43,8 @@ CKPT_STORED = Gauge("lumen:checkpoint_stored_bytes", "Host bytes of valid checkp
 STALE_MESSAGES = Counter("lumen:stale_messages", "Messages from fenced incarnations, ignored", registry=REGISTRY)
 REJECTED = Counter("lumen:rejected_requests", "Requests refused by back-pressure", ["reason"], registry=REGISTRY)
 REQUEST_ERRORS = Counter("lumen:request_errors", "Requests ended with an error", ["status"], registry=REGISTRY)
+SPEC_ACCEPTANCE = Gauge("lumen:assist_acceptance_rate", "Accepted / proposed draft tokens verified by a partner "
+                        "during assisted recovery", ["worker"], registry=REGISTRY)
+RECOVERY_PHASE = Histogram("lumen:recovery_phase_seconds", "Duration of each phase of a worker's recovery "
+                           "(draft_load, assist, disk_to_host, host_to_device)", ["phase"],
+                           buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80), registry=REGISTRY)

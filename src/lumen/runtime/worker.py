@@ -59,6 +59,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _injected_slow_disk() -> None:
+    """Fault injection for tests and demos: LUMEN_FAULT_SLOW_RELOAD_S makes a *re*load take that many
+    seconds longer, as a larger model or a slower disk would (the first start is unaffected)."""
+    delay = float(os.environ.get("LUMEN_FAULT_SLOW_RELOAD_S", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
 class Heartbeat(threading.Thread):
     def __init__(self, ctx: zmq.Context, secret: bytes, worker_id: int, epoch: int, controller: str,
                  interval: float):
@@ -128,6 +136,8 @@ class Worker:
         self._set_state(WorkerState.SWITCHING)
         t0 = time.monotonic()
         host = read_weights_to_host(self.model_dir, dtype=self.dtype, pin=self.device.startswith("cuda"))
+        if self.epoch > 1:
+            _injected_slow_disk()
         t1 = time.monotonic()
         self._build_engine(host)
         t2 = time.monotonic()
@@ -144,11 +154,12 @@ class Worker:
         def load_target():
             loaded["state"] = read_weights_to_host(self.model_dir, dtype=self.dtype,
                                                    pin=self.device.startswith("cuda"), progress=False)
+            _injected_slow_disk()
             loaded["disk_to_host_s"] = time.monotonic() - t0
 
         loader = threading.Thread(target=load_target, daemon=True, name="target-loader")
         loader.start()
-        self.ctrl.send("STATE", {"state": WorkerState.LOADING_DRAFT.value, "info": {"draft_load_s": t_draft}})
+        self._set_state(WorkerState.LOADING_DRAFT, draft_load_s=t_draft, draft_ready=1)
         while loader.is_alive() and self.running:
             self._poll(timeout_ms=5)
             if self.drafter is not None:
@@ -351,6 +362,9 @@ class Worker:
             self._set_state(WorkerState.ASSISTING)
         elif role == "none":
             self.verifier = None
+            if self.drafter is not None and self.drafter.peer is not None:
+                self.drafter.pair(None, "")
+                self._set_state(WorkerState.LOADING_DRAFT)
 
     # ------------------------------------------------------------------ stats
     def _publish_stats(self) -> None:

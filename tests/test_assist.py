@@ -1,0 +1,141 @@
+"""LUMEN mechanism 3 on the live cluster: draft first, assist the most congested survivor, switch over.
+
+Reloads are made slow with LUMEN_FAULT_SLOW_RELOAD_S (a bigger model or a slower disk would do the
+same) so that a recovering worker spends seconds in ASSISTING.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from cluster_util import make_tiny_model_dir, run_cluster
+
+pytestmark = pytest.mark.cluster
+
+PROMPT = list(range(300, 332))
+SLOW = {"LUMEN_FAULT_SLOW_RELOAD_S": "6"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def random_draft_dir(tmp_path_factory):
+    import torch
+
+    from lumen.model.loader import random_model, read_config, save_model
+    target = make_tiny_model_dir(tmp_path_factory.mktemp("tiny_t"))
+    cfg = read_config(target)
+    out = tmp_path_factory.mktemp("draft")
+    save_model(random_model(cfg, "cpu", torch.float32, seed=99, std=0.2), cfg, out, tokenizer_dir=target)
+    return str(out)
+
+
+def _worker(c, wid):
+    return c.worker(wid)
+
+
+def _wait_state(c, wid, state, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        w = _worker(c, wid)
+        if w["state"] == state:
+            return w
+        time.sleep(0.02)
+    raise TimeoutError(f"worker {wid} never reached {state}: {_worker(c, wid)}")
+
+
+def _long_stream(c, max_tokens):
+    box = {}
+    t = threading.Thread(target=lambda: box.update(r=c.stream_tokens(PROMPT, max_tokens=max_tokens,
+                                                                     ignore_eos=True)))
+    t.start()
+    return t, box
+
+
+def test_assisted_requests_keep_their_output_and_gain_tokens_per_step(tiny_dir):
+    # the target itself as draft: every proposal is right, so assistance must show > 1 token per step
+    with run_cluster(tiny_dir, workers=2, policy="lumen", env=SLOW,
+                     extra=["--deterministic", "--draft-model", tiny_dir]) as c:
+        reference = c.complete(PROMPT, max_tokens=1500, ignore_eos=True)["choices"][0]["token_ids"]
+        t, box = _long_stream(c, 1500)
+        partner = c.executor_of()
+        recovering = 1 - partner
+        c.kill(recovering)
+        w = _wait_state(c, recovering, "assisting")
+        assert w["partner"] == partner and _worker(c, partner)["partner"] == recovering
+        _wait_state(c, recovering, "serving", timeout=90)
+        t.join(120)
+        ids, finish, errors = box["r"]
+        assert not errors and ids == reference
+        stats = _worker(c, partner)["stats"]
+        assert stats["spec_accepted_tokens"] > 0
+        tokens_per_verify_step = (stats["spec_drafts"] + stats["spec_accepted_tokens"]) / stats["spec_drafts"]
+        assert tokens_per_verify_step > 1.0
+        phases = _worker(c, recovering)["phases_s"]
+        assert {"draft_load_s", "assist_s", "disk_to_host_s", "host_to_device_s"} <= set(phases)
+        metrics = c.client.get("/metrics").text
+        assert "vllm:spec_decode_num_accepted_tokens_total" in metrics
+        assert "lumen:recovery_phase_seconds_bucket" in metrics
+
+
+def test_random_draft_never_changes_output(tiny_dir, random_draft_dir):
+    with run_cluster(tiny_dir, workers=2, policy="lumen", env=SLOW,
+                     extra=["--deterministic", "--draft-model", random_draft_dir]) as c:
+        reference = c.complete(PROMPT, max_tokens=1200, ignore_eos=True)["choices"][0]["token_ids"]
+        t, box = _long_stream(c, 1200)
+        partner = c.executor_of()
+        c.kill(1 - partner)
+        _wait_state(c, 1 - partner, "assisting")
+        t.join(120)
+        ids, finish, errors = box["r"]
+        assert not errors and ids == reference
+        assert _worker(c, partner)["stats"]["spec_draft_tokens"] > 0
+
+
+def test_kill_recovering_worker_while_assisting(tiny_dir):
+    with run_cluster(tiny_dir, workers=2, policy="lumen", env=SLOW,
+                     extra=["--deterministic", "--draft-model", tiny_dir]) as c:
+        reference = c.complete(PROMPT, max_tokens=1500, ignore_eos=True)["choices"][0]["token_ids"]
+        t, box = _long_stream(c, 1500)
+        partner = c.executor_of()
+        recovering = 1 - partner
+        c.kill(recovering)
+        w = _wait_state(c, recovering, "assisting")
+        c.kill(recovering)  # dies while assisting: the partner carries on alone
+        t.join(120)
+        ids, finish, errors = box["r"]
+        assert not errors and ids == reference
+        w2 = _wait_state(c, recovering, "serving", timeout=120)
+        assert w2["epoch"] > w["epoch"]
+
+
+def test_kill_partner_while_assisting_and_no_shared_partner(tiny_dir):
+    with run_cluster(tiny_dir, workers=3, policy="lumen", env=SLOW,
+                     extra=["--deterministic", "--draft-model", tiny_dir]) as c:
+        reference = c.complete(PROMPT, max_tokens=1500, ignore_eos=True)["choices"][0]["token_ids"]
+        t, box = _long_stream(c, 1500)
+        executor = c.executor_of()
+        others = [w for w in range(3) if w != executor]
+        c.kill(others[0])
+        c.kill(others[1])  # two recovering workers, one survivor: at most one may pair with it
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ws = c.state()["workers"]
+            if any(w["state"] == "assisting" for w in ws):
+                break
+            time.sleep(0.02)
+        ws = {w["id"]: w for w in c.state()["workers"]}
+        partners = [ws[i]["partner"] for i in others if ws[i]["partner"] is not None]
+        assert partners == [executor]  # exactly one drafter paired, with the only survivor
+        drafter = next(i for i in others if ws[i]["partner"] == executor)
+        c.kill(executor)  # the partner dies while assisted: its request recovers by the normal path
+        t.join(180)
+        ids, finish, errors = box["r"]
+        assert not errors and ids == reference
+        c.wait_serving(3, timeout=120)
+        assert _worker(c, drafter)["state"] == "serving"
