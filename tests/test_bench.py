@@ -278,6 +278,41 @@ def test_run_bench_refuses_requests_longer_than_the_context(tmp_path):
     assert left == [], left
 
 
+_BENCH_SCRIPT = """
+import sys
+from lumen.bench import BenchConfig, run_bench
+run_bench(BenchConfig(policies=["lumen"], qps=2.0, requests=200, lengths="fixed:8:4", fail=["t=50s:worker=0"],
+                      repeats=1, window=10, out=sys.argv[2], quiet=True, stop_grace_s=3,
+                      serve_cmd=[sys.executable, sys.argv[1], "--port", "{port}"]))
+"""
+
+
+def _fake_pids() -> list[str]:
+    out = subprocess.run(["pgrep", "-f", f"{FAKE}|lumen fake worker"], capture_output=True, text=True).stdout
+    return out.split()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killing_the_bench_leaves_no_cluster_behind(tmp_path, sig):
+    bench = subprocess.Popen([sys.executable, "-c", _BENCH_SCRIPT, str(FAKE), str(tmp_path / "out")])
+    try:
+        deadline = time.monotonic() + 60
+        while len(_fake_pids()) < 5:  # the server and its 4 stand-in workers
+            assert time.monotonic() < deadline and bench.poll() is None, "the fake cluster never started"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        bench.send_signal(sig)
+        bench.wait(30)
+        deadline = time.monotonic() + 20
+        while _fake_pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _fake_pids() == []
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+
+
 def test_cli_parses_bench_and_demo():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")

@@ -1,7 +1,8 @@
 """Start, wait for and stop a local ``lumen serve`` cluster as a subprocess.
 
 The cluster runs in its own session/process group so that stopping it (SIGTERM, then SIGKILL
-after a grace period, both to the whole group) takes every process it started with it. lumen's
+after a grace period, both to the whole group) takes every process it started with it; on Linux
+it also gets SIGTERM from the kernel if the bench itself dies (PR_SET_PDEATHSIG). lumen's
 workers put themselves in their own groups but die with their parent (PDEATHSIG); as a last
 guard we also SIGKILL any worker pid the cluster reported that is still alive afterwards, after
 checking its command line is a lumen process (pids are not reused within seconds, but we check).
@@ -101,6 +102,17 @@ def _tail(log_path: Path | None, n: int = 20) -> str:
     return f"\n--- last lines of {log_path} ---\n" + "\n".join(lines)
 
 
+def _term_with_parent() -> None:
+    # Runs in the child before exec: if the bench dies without cleaning up (SIGKILL, crash), the
+    # kernel sends the cluster SIGTERM, and lumen's workers die with the cluster in turn.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def _is_lumen_process(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -130,6 +142,7 @@ class ClusterProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # own group: stop() signals all of it, Ctrl-C here doesn't
+                preexec_fn=_term_with_parent if sys.platform.startswith("linux") else None,
                 env=self.env,
             )
         finally:

@@ -416,8 +416,20 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
 
 def run_bench(cfg: BenchConfig, console=None) -> BenchResults:
     """Synchronous entry point (see module doc). Raises FaultInjectionError if a planned
-    failure could not be injected, ClusterStartError if a cluster did not come up."""
-    return asyncio.run(run_bench_async(cfg, console))
+    failure could not be injected, ClusterStartError if a cluster did not come up.
+
+    SIGTERM is handled like Ctrl-C (asyncio cancels the run and every ``finally`` stops its
+    cluster), so ``timeout``/``kill`` of the bench leaves no cluster behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return asyncio.run(run_bench_async(cfg, console))
+    previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    try:
+        return asyncio.run(run_bench_async(cfg, console))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 __all__ += ["run_bench_async", "FaultInjectionError"]
