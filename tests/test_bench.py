@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import signal
 import subprocess
@@ -266,6 +267,21 @@ def test_run_bench_against_fake_server(tmp_path):
     assert left == [], left
 
 
+def test_run_bench_calibrates_qps(tmp_path):
+    cfg = BenchConfig(
+        policies=["lumen"], qps=None, duration=2.0, lengths="fixed:16:8", repeats=1, window=None,
+        fail=["t=1s:worker=1"], out=str(tmp_path / "out"), startup_timeout_s=60, stop_grace_s=3, quiet=True,
+        serve_cmd=[sys.executable, str(FAKE), "--port", "{port}", "--policy", "{policy}"],
+    )
+    res = run_bench(cfg)
+    cal = res.meta["calibration"]
+    assert cal["probe_requests"] == 8 and cal["qps"] == pytest.approx(0.5 * cal["saturated_rps"])
+    n = len(res.runs[0].records)
+    assert n == math.ceil(2.0 * cal["qps"]) and res.meta["qps"] == cal["qps"]
+    assert res.meta["window"] == max(5, n // 12) == res.summaries[1].window
+    assert len(res.runs[1].records) == n  # the failure run replays the same calibrated workload
+
+
 def test_run_bench_refuses_requests_longer_than_the_context(tmp_path):
     cfg = BenchConfig(
         policies=["lumen"], qps=10.0, requests=5, lengths="fixed:4000:200", repeats=1, window=5,
@@ -326,5 +342,10 @@ def test_cli_parses_bench_and_demo():
     assert cfg.serve_args == ["--ckpt-budget", "1 GiB"] and cfg.causal_start
     d = config_from_args(parser.parse_args(["demo"]))
     assert d.policies == DEMO_DEFAULTS["policies"] and d.workers == 4 and d.model == "default"
-    assert d.repeats == 1 and d.window == DEMO_DEFAULTS["window"] and d.fail == DEMO_DEFAULTS["fail"]
+    assert d.repeats == 1 and d.window is None and d.fail == DEMO_DEFAULTS["fail"]
+    assert d.qps is None and d.duration == DEMO_DEFAULTS["duration"]  # calibrated rate, fixed duration
+    auto = config_from_args(parser.parse_args(["bench", "--qps", "auto", "--window", "auto", "--duration", "9"]))
+    assert auto.qps is None and auto.window is None and auto.window_for(120) == 10 and auto.window_for(12) == 5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--qps", "0"])
     assert parser.parse_args(["demo"]).bench_demo

@@ -2,8 +2,8 @@
 
 ``lumen demo`` is ``lumen bench`` with defaults sized for the embedded default model on a small
 CPU machine: 4 workers, the no-failure reference plus stop-restart, fixed-ckpt and lumen, one
-SIGKILL, one repeat, short prompts/outputs and windows of DEMO_WINDOW requests (the paper's 200
-would leave a few-hundred-request run with one or two windows; smaller windows are noisier,
+SIGKILL, one repeat, short prompts/outputs, a calibrated rate and automatic windows (the paper's
+200 would leave a few-hundred-request run with one or two windows; smaller windows are noisier,
 which is why the bench ignores windows that finished before the failure, see --paper-start).
 """
 
@@ -18,21 +18,41 @@ from .runner import DEFAULT_POLICIES, BenchConfig, run_bench
 __all__ = ["add_parser", "run", "config_from_args", "DEMO_DEFAULTS"]
 
 # Sized to finish in well under 10 minutes on 2 CPU cores: 4 cluster starts and 4 replays.
+# The rate is calibrated on the machine (half of the measured saturated request rate) because a
+# fixed QPS would overload a slow 2-core box and leave a fast one idle; duration fixes the size.
 DEMO_DEFAULTS = dict(
     model="default",
     workers=4,
     devices=None,
     policies=list(DEFAULT_POLICIES),
-    qps=2.0,
-    requests=160,
+    qps=None,
+    duration=75.0,
+    requests=None,
     lengths="sharegpt",
     max_prompt=128,
     max_output=32,
-    fail=["t=30s:worker=1:SIGKILL"],
+    fail=["t=25s:worker=1:SIGKILL"],
     repeats=1,
-    window=20,
+    window=None,
 )
-DEMO_WINDOW = DEMO_DEFAULTS["window"]
+
+
+def _qps(text: str) -> float | None:
+    if text.strip().lower() == "auto":
+        return None
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError("qps must be > 0 or 'auto'")
+    return v
+
+
+def _window(text: str) -> int | None:
+    if text.strip().lower() == "auto":
+        return None
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError("window must be >= 1 or 'auto'")
+    return v
 
 
 def _add_args(p: argparse.ArgumentParser, demo: bool) -> None:
@@ -50,10 +70,14 @@ def _add_args(p: argparse.ArgumentParser, demo: bool) -> None:
     g.add_argument("--port", type=int, default=None, help="cluster port (default: a free port per run)")
     g.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for a cluster to be ready")
     w = p.add_argument_group("workload")
-    w.add_argument("--qps", type=float, default=d.get("qps", 4.0), help="mean request rate (default: %(default)s)")
+    w.add_argument("--qps", type=_qps, default=d.get("qps", 4.0),
+                   help="mean request rate, or 'auto': target-load × the saturated rate measured on the first "
+                        "cluster (default: %s)" % ("auto" if demo else "%(default)s"))
+    w.add_argument("--target-load", type=float, default=0.5, help="with --qps auto (default: %(default)s)")
     w.add_argument("--requests", type=int, default=d.get("requests"),
                    help="number of requests (default: duration × qps, else 1000)")
-    w.add_argument("--duration", type=float, default=None, help="seconds of arrivals (sets --requests = qps × duration)")
+    w.add_argument("--duration", type=float, default=d.get("duration"),
+                   help="seconds of arrivals (sets --requests = qps × duration)")
     w.add_argument("--lengths", default=d.get("lengths", "sharegpt"),
                    help="sharegpt | splitwise-conv | splitwise-code | fixed:P:O (default: %(default)s)")
     w.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
@@ -68,9 +92,9 @@ def _add_args(p: argparse.ArgumentParser, demo: bool) -> None:
                         f"(default: {DEMO_DEFAULTS['fail'][0]})")
     f.add_argument("--repeats", type=int, default=d.get("repeats", 5), help="seeds per policy (default: %(default)s)")
     f.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
-    f.add_argument("--window", type=int, default=d.get("window", 200),
-                   help="requests per recovery-time window (default: %(default)s; the paper uses 200, "
-                        "use fewer for short runs, e.g. requests/10)")
+    f.add_argument("--window", type=_window, default=d.get("window", 200),
+                   help="requests per recovery-time window, or 'auto' = requests/12 (default: %s; the paper "
+                        "uses 200, short runs need fewer)" % ("auto" if demo else "%(default)s"))
     f.add_argument("--threshold", type=float, default=0.05, help="degradation threshold (default: 5%%)")
     f.add_argument("--settle", type=int, default=3, help="consecutive good windows that end recovery")
     f.add_argument("--paper-start", action="store_true",
@@ -90,9 +114,10 @@ mean ± 95% Student-t CI. Writes results.json, runs.csv, summary.csv and PNG plo
 """
 _DEMO_DESC = """\
 lumen bench with defaults for the embedded default model on a CPU: {workers} workers, the
-no-failure reference plus {policies}, failure {fail}, {repeats} repeat(s), {requests} requests at
-{qps} QPS with prompts <= {max_prompt} and outputs <= {max_output} tokens, windows of {window}
-requests (the paper's 200 needs far longer runs). Every bench option can be overridden.
+no-failure reference plus {policies}, failure {fail}, {repeats} repeat(s), {duration:g} s of
+arrivals at half the cluster's measured capacity (--qps auto), prompts <= {max_prompt} and outputs
+<= {max_output} tokens, windows of requests/12 (the paper's 200 needs far longer runs). Every bench
+option can be overridden.
 """.format(**{**DEMO_DEFAULTS, "policies": ", ".join(DEMO_DEFAULTS["policies"]), "fail": DEMO_DEFAULTS["fail"][0]})
 
 
@@ -115,6 +140,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         devices=args.devices,
         policies=list(args.policies or DEFAULT_POLICIES),
         qps=args.qps,
+        target_load=args.target_load,
         requests=args.requests,
         duration=args.duration,
         lengths=args.lengths,

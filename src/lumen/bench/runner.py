@@ -24,6 +24,7 @@ import json
 import math
 import platform
 import shlex
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,7 +64,8 @@ class BenchConfig:
     workers: int = 4
     devices: str | None = None
     policies: list[str] = field(default_factory=lambda: list(DEFAULT_POLICIES))
-    qps: float = 4.0
+    qps: float | None = 4.0  # None: calibrate (target_load × measured throughput of the first cluster)
+    target_load: float = 0.5  # with qps=None: fraction of the measured saturated request rate
     requests: int | None = None  # default: duration × qps, else DEFAULT_REQUESTS
     duration: float | None = None  # seconds of arrivals
     lengths: str = "sharegpt"
@@ -78,7 +80,7 @@ class BenchConfig:
     seed: int = 0
     url: str | None = None
     out: str | None = None
-    window: int = 200
+    window: int | None = 200  # None: auto, requests // 12 (at least 5), so a short run still has ~12 windows
     threshold: float = 0.05
     settle: int = 3
     # Windows whose every request had its first token before the first failure cannot start the
@@ -96,12 +98,16 @@ class BenchConfig:
     token_id_range: tuple[int, int] = (100, 1000)
     quiet: bool = False
 
-    def n_requests(self) -> int:
+    def n_requests(self, qps: float | None = None) -> int:
+        qps = qps if qps is not None else self.qps
         if self.requests is not None:
             return self.requests
-        if self.duration is not None:
-            return max(1, math.ceil(self.duration * self.qps))
+        if self.duration is not None and qps is not None:
+            return max(1, math.ceil(self.duration * qps))
         return DEFAULT_REQUESTS
+
+    def window_for(self, n: int) -> int:
+        return self.window if self.window is not None else max(5, n // 12)
 
 
 @dataclass
@@ -123,7 +129,7 @@ class BenchResults:
     meta: dict
 
 
-def _workload(cfg: BenchConfig, seed: int) -> list[RequestSpec]:
+def _workload(cfg: BenchConfig, seed: int, qps: float) -> list[RequestSpec]:
     if cfg.trace:
         specs = load_trace(cfg.trace, cfg.time_scale, cfg.requests)
         if cfg.max_prompt or cfg.max_output:
@@ -138,8 +144,8 @@ def _workload(cfg: BenchConfig, seed: int) -> list[RequestSpec]:
             ]
         return specs
     return make_workload(
-        cfg.n_requests(),
-        cfg.qps,
+        cfg.n_requests(qps),
+        qps,
         cfg.lengths,
         seed=seed,
         arrival=cfg.arrival,
@@ -152,8 +158,14 @@ def _workload(cfg: BenchConfig, seed: int) -> list[RequestSpec]:
 def _validate(cfg: BenchConfig) -> list[FaultSpec]:
     if cfg.repeats < 1:
         raise ValueError("repeats must be >= 1")
-    if cfg.window < 1:
+    if cfg.window is not None and cfg.window < 1:
         raise ValueError("window must be >= 1")
+    if cfg.qps is None and cfg.trace:
+        raise ValueError("--qps auto needs a synthetic workload; a trace brings its own arrival times")
+    if cfg.qps is None and cfg.requests is None and cfg.duration is None:
+        raise ValueError("--qps auto needs --duration (or --requests)")
+    if cfg.qps is None and not 0 < cfg.target_load <= 1:
+        raise ValueError("target_load must be in (0, 1]")
     if not cfg.policies:
         raise ValueError("at least one policy is needed")
     plan = parse_fail_plan(cfg.fail)
@@ -301,46 +313,102 @@ async def _attached_policy(url: str) -> str:
     return "attached"
 
 
-async def _run_one(
-    cfg: BenchConfig, policy: str, seed: int, specs, plan, out: Path, progress: _Progress
-) -> RunResult:
-    label = NO_FAILURE if not plan else policy
-    on_done = progress.start_run(f"{label} seed {seed}", len(specs))
-    if cfg.url:
-        await wait_ready(cfg.url, cfg.startup_timeout_s)
-        await _check_fits(cfg.url, specs)
-        await _warmup(cfg.url, cfg)
-        records, events = await _replay_with_faults(cfg.url, specs, plan, cfg, seed, on_done)
-    else:
-        port = cfg.port or free_port(cfg.host)
-        if cfg.serve_cmd:
-            cmd = [a.format(port=port, policy=policy, workers=cfg.workers, model=cfg.model) for a in cfg.serve_cmd]
+async def _calibrate(url: str, cfg: BenchConfig, seed: int) -> dict:
+    """Measure the saturated request rate of the cluster at ``url`` on the workload's lengths.
+
+    2 × workers requests (at least 4) of the configured length distribution are sent at once;
+    rate = requests / makespan, a conservative estimate of capacity (the tail of the burst
+    runs below full batch). The bench then uses qps = target_load × rate for every run.
+    """
+    k = max(4, 2 * cfg.workers)
+    probe = make_workload(k, 1.0, cfg.lengths, seed=seed + 1_000_003, max_prompt=cfg.max_prompt,
+                          max_output=cfg.max_output)
+    specs = [RequestSpec(s.req_id, 0.0, s.prompt_tokens, s.output_tokens) for s in probe]
+    client = LoadClient(ClientConfig(url=url, request_timeout_s=cfg.request_timeout_s,
+                                     token_id_range=cfg.token_id_range, keep_token_times=False))
+    t = time.monotonic()
+    recs = await client.replay(specs)
+    makespan = time.monotonic() - t
+    bad = [r.error for r in recs if r.error]
+    if bad:
+        raise RuntimeError(f"calibration requests failed ({len(bad)}/{k}), e.g. {bad[0]}")
+    rate = k / makespan
+    return {"probe_requests": k, "makespan_s": makespan, "saturated_rps": rate, "target_load": cfg.target_load,
+            "qps": cfg.target_load * rate}
+
+
+class _Bench:
+    """State of one bench: the (possibly calibrated) rate and the per-seed workloads."""
+
+    def __init__(self, cfg: BenchConfig, out: Path, progress: _Progress) -> None:
+        self.cfg, self.out, self.progress = cfg, out, progress
+        self.qps = cfg.qps
+        self.calibration: dict | None = None
+        self._specs: dict[int, list[RequestSpec]] = {}
+
+    async def specs_for(self, seed: int, url: str) -> list[RequestSpec]:
+        if seed in self._specs:
+            return self._specs[seed]
+        if self.qps is None and not self.cfg.trace:
+            self.calibration = await _calibrate(url, self.cfg, seed)
+            self.qps = self.calibration["qps"]
+            self.progress.log(
+                f"calibrated: saturated {self.calibration['saturated_rps']:.2f} req/s -> "
+                f"qps {self.qps:.2f} ({self.cfg.target_load:.0%} load)"
+            )
+        specs = _workload(self.cfg, seed, self.qps if self.qps is not None else 1.0)
+        plan_end = max((f.at_s for f in parse_fail_plan(self.cfg.fail)), default=0.0)
+        if self.cfg.window_for(len(specs)) > len(specs):
+            self.progress.log(f"[yellow]warning: window > {len(specs)} requests: one window only")
+        if plan_end > specs[-1].arrival:
+            self.progress.log(
+                f"[yellow]warning: failure at {plan_end:g}s is after the last arrival ({specs[-1].arrival:.1f}s)"
+            )
+        self._specs[seed] = specs
+        return specs
+
+    async def run_one(self, policy: str, seed: int, plan: Sequence[FaultSpec]) -> RunResult:
+        cfg, out, progress = self.cfg, self.out, self.progress
+        label = NO_FAILURE if not plan else policy
+        if cfg.url:
+            await wait_ready(cfg.url, cfg.startup_timeout_s)
+            await _warmup(cfg.url, cfg)
+            specs = await self.specs_for(seed, cfg.url)
+            await _check_fits(cfg.url, specs)
+            on_done = progress.start_run(f"{label} seed {seed}", len(specs))
+            records, events = await _replay_with_faults(cfg.url, specs, plan, cfg, seed, on_done)
         else:
-            cmd = serve_command(cfg.model, cfg.workers, policy, port, cfg.host, cfg.devices, cfg.serve_args)
-        url = f"http://{cfg.host}:{port}"
-        log_path = out / "logs" / f"{label}-seed{seed}.log"
-        cluster = ClusterProcess(cmd, log_path, grace_s=cfg.stop_grace_s)
-        progress.log(f"{label} seed {seed}: starting cluster on port {port} (log: {log_path})")
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("a") as f:
-            f.write(f"$ {shlex.join(cmd)}\n")
-        cluster.start()
-        try:
-            info = await wait_ready(url, cfg.startup_timeout_s, None if cfg.serve_cmd else cfg.workers,
-                                    cluster.proc, log_path)
-            cluster.note_workers(info)
-            await _check_fits(url, specs)
-            await _warmup(url, cfg)
-            records, events = await _replay_with_faults(url, specs, plan, cfg, seed, on_done)
-        finally:
-            # Stopping blocks for up to the grace period; keep the event loop out of it.
-            await asyncio.to_thread(cluster.stop)
-    _save_records(out / "records" / f"{label}-seed{seed}.jsonl", records)
-    for ev in events:
-        if ev.injected_s is None:
-            progress.log(f"[yellow]warning: {ev.spec}: {'; '.join(ev.notes) or ev.error}")
-    progress.end_run()
-    return RunResult(label, seed, records, events)
+            port = cfg.port or free_port(cfg.host)
+            if cfg.serve_cmd:
+                cmd = [a.format(port=port, policy=policy, workers=cfg.workers, model=cfg.model) for a in cfg.serve_cmd]
+            else:
+                cmd = serve_command(cfg.model, cfg.workers, policy, port, cfg.host, cfg.devices, cfg.serve_args)
+            url = f"http://{cfg.host}:{port}"
+            log_path = out / "logs" / f"{label}-seed{seed}.log"
+            cluster = ClusterProcess(cmd, log_path, grace_s=cfg.stop_grace_s)
+            progress.log(f"{label} seed {seed}: starting cluster on port {port} (log: {log_path})")
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with log_path.open("a") as f:
+                f.write(f"$ {shlex.join(cmd)}\n")
+            cluster.start()
+            try:
+                info = await wait_ready(url, cfg.startup_timeout_s, None if cfg.serve_cmd else cfg.workers,
+                                        cluster.proc, log_path)
+                cluster.note_workers(info)
+                await _warmup(url, cfg)
+                specs = await self.specs_for(seed, url)
+                await _check_fits(url, specs)
+                on_done = progress.start_run(f"{label} seed {seed}", len(specs))
+                records, events = await _replay_with_faults(url, specs, plan, cfg, seed, on_done)
+            finally:
+                # Stopping blocks for up to the grace period; keep the event loop out of it.
+                await asyncio.to_thread(cluster.stop)
+        _save_records(out / "records" / f"{label}-seed{seed}.jsonl", records)
+        for ev in events:
+            if ev.injected_s is None:
+                progress.log(f"[yellow]warning: {ev.spec}: {'; '.join(ev.notes) or ev.error}")
+        progress.end_run()
+        return RunResult(label, seed, records, events)
 
 
 def _summarise(cfg: BenchConfig, run: RunResult, reference: RunResult) -> RunSummary:
@@ -348,7 +416,7 @@ def _summarise(cfg: BenchConfig, run: RunResult, reference: RunResult) -> RunSum
     return summarize_run(
         run.records,
         reference.records,
-        window=cfg.window,
+        window=cfg.window_for(len(reference.records)),
         threshold=cfg.threshold,
         settle=cfg.settle,
         policy=run.policy,
@@ -371,27 +439,25 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
     runs: list[RunResult] = []
     summaries: list[RunSummary] = []
     with _Progress(len(seeds) * (1 + len(policies)), cfg.quiet, console) as progress:
+        bench = _Bench(cfg, out, progress)
         for seed in seeds:
-            specs = _workload(cfg, seed)
-            if cfg.window > len(specs):
-                progress.log(f"[yellow]warning: window {cfg.window} > {len(specs)} requests: one window only")
-            if plan[-1].at_s > specs[-1].arrival:
-                progress.log(f"[yellow]warning: failure at {plan[-1].at_s:g}s is after the last arrival "
-                             f"({specs[-1].arrival:.1f}s)")
-            ref = await _run_one(cfg, REFERENCE_POLICY if not cfg.url else policies[0], seed, specs, [], out, progress)
-            ref.summary = summarize_run(ref.records, ref.records, window=cfg.window, threshold=cfg.threshold,
-                                        settle=cfg.settle, policy=NO_FAILURE, seed=seed)
+            ref = await bench.run_one(REFERENCE_POLICY if not cfg.url else policies[0], seed, [])
+            ref.summary = summarize_run(ref.records, ref.records, window=cfg.window_for(len(ref.records)),
+                                        threshold=cfg.threshold, settle=cfg.settle, policy=NO_FAILURE, seed=seed)
             runs.append(ref)
             summaries.append(ref.summary)
             for policy in policies:
-                r = await _run_one(cfg, policy, seed, specs, plan, out, progress)
+                r = await bench.run_one(policy, seed, plan)
                 r.summary = _summarise(cfg, r, ref)
                 runs.append(r)
                 summaries.append(r.summary)
     aggregates = aggregate(summaries)
     meta = {
         "config": {k: v for k, v in asdict(cfg).items() if k != "quiet"},
-        "requests": len(specs),
+        "requests": len(runs[0].records) if runs else 0,
+        "qps": bench.qps,
+        "calibration": bench.calibration,
+        "window": cfg.window_for(len(runs[0].records)) if runs else cfg.window,
         "seeds": seeds,
         "reference_policy": REFERENCE_POLICY if not cfg.url else policies[0],
         "failure_plan": [str(f) for f in plan],
