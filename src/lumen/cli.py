@@ -94,12 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_models(sub)
     _add_serve(sub)
-    for module in ("bench", "sim"):
-        try:
-            mod = __import__(f"lumen.{module}.cli", fromlist=["add_parser"])
-        except ModuleNotFoundError:  # TODO(lead): remove once bench/sim CLIs have landed
-            continue
-        mod.add_parser(sub)
+    from .bench.cli import add_parser as add_bench
+    from .sim.cli import add_parser as add_sim
+    add_bench(sub)
+    add_sim(sub)
     _add_profile(sub)
     return parser
 
