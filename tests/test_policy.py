@@ -413,7 +413,8 @@ def test_prop_cluster_table_gives_the_same_decisions(case, policy):
     t = ClusterTable(len(dense))
     for w in dense:
         t.set_state(w.id, w.state)
-        t.alive[w.id], t.waiting[w.id], t.running[w.id], t.q[w.id] = w.alive, w.waiting, w.running, w.q_wait_s
+        t.set_alive(w.id, w.alive)
+        t.waiting[w.id], t.running[w.id], t.q[w.id] = w.waiting, w.running, w.q_wait_s
         t.reserved[w.id], t.budget[w.id], t.h2d[w.id] = w.ckpt_reserved_bytes, w.ckpt_budget_bytes, w.h2d_bytes_per_s
         t.node[w.id] = {None: -1, "a": 0, "b": 1}[w.node]
         t.partnered[w.id], t.epoch[w.id] = w.partner is not None, w.epoch

@@ -26,7 +26,7 @@ def route_new(view: ClusterView, *, by: Literal["count", "wait"] = "count") -> i
     if by == "wait":
         qm = np.where(elig, c.q, np.inf)
         elig = qm == qm.min()
-    return int(c.ids[int(np.argmin(np.where(elig, load, _BIG)))])
+    return int(c.ids[int(np.where(elig, load, _BIG).argmin())])
 
 
 class _LeastLoaded:

@@ -19,7 +19,7 @@ def _best_partner(c: Columns, recovering_id: int, taken: np.ndarray | None) -> i
     if not mask.any():
         return None
     # argmax returns the first maximum: ties to the lowest id
-    return int(np.argmax(np.where(mask, c.q, -np.inf)))
+    return int(np.where(mask, c.q, -np.inf).argmax())
 
 
 def pick_partner(view: ClusterView, recovering_id: int) -> int | None:

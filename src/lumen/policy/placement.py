@@ -57,7 +57,7 @@ def place_checkpoint(view: ClusterView, policy: str | Policy, executor: int,
             mask = off
     score = c.q + view.lam * (c.reserved + s) / c.h2d
     # argmin returns the first minimum: workers are in id order, so ties go to the lowest id
-    return int(c.ids[int(np.argmin(np.where(mask, score, np.inf)))])
+    return int(c.ids[int(np.where(mask, score, np.inf).argmin())])
 
 
 def _ring_next(view: ClusterView, executor: int, s: int) -> int | None:

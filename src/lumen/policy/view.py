@@ -129,9 +129,11 @@ class Columns:
 
 
 class ClusterTable(Columns):
-    """Mutable columns for workers 0..n-1 (index = id), kept current by the caller."""
+    """Mutable columns for workers 0..n-1 (index = id), kept current by the caller: numeric
+    columns by direct writes (`table.waiting[i] = 3`), state and liveness through `set_state` /
+    `set_alive` (they also maintain the cached eligibility mask every decision reads)."""
 
-    __slots__ = ()
+    __slots__ = ("_elig",)
 
     def __init__(self, n: int):
         self.ids = np.arange(n, dtype=np.int64)
@@ -147,9 +149,19 @@ class ClusterTable(Columns):
         self.partnered = np.zeros(n, dtype=bool)
         self.epoch = np.zeros(n, dtype=np.int64)
         self._index = _Identity(n)
+        self._elig = np.ones(n, dtype=bool)
 
     def set_state(self, wid: int, state: WorkerState) -> None:
-        self.state[wid] = STATE_CODES[state]
+        code = STATE_CODES[WorkerState(state)]
+        self.state[wid] = code
+        self._elig[wid] = bool(self.alive[wid]) and code == SERVING_CODE
+
+    def set_alive(self, wid: int, alive: bool) -> None:
+        self.alive[wid] = alive
+        self._elig[wid] = bool(alive) and int(self.state[wid]) == SERVING_CODE
+
+    def eligible(self) -> np.ndarray:
+        return self._elig.copy()    # callers may mask it in place
 
     def view(self, lam: float = 1.0) -> ClusterView:
         return ClusterView(lam=lam, columns=self)

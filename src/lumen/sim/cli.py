@@ -60,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="repeatable; default: all policies")
     g.add_argument("--alpha", type=float, default=0.6, help="draft acceptance rate")
     g.add_argument("--k", type=int, default=4, help="draft tokens per round")
+    g.add_argument("--draft-cached", action="store_true",
+                   help="draft weights kept in host memory (no SSD read before the target's)")
     g.add_argument("--lam", type=float, default=1.0, help="lambda of the placement objective")
     g = p.add_argument_group("workload")
     g.add_argument("--qps", type=float, default=14.0)
@@ -91,7 +93,8 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
                      alpha=a.alpha, k=a.k, chunk_tokens=a.chunk_tokens, max_batch=a.max_batch,
                      page_tokens=a.page_tokens, h2d_gbps=a.h2d_gbps, disk_gbps=a.disk_gbps,
                      net_gbps=a.net_gbps, ckpt_budget_gb=a.ckpt_budget_gb, detect_s=a.detect_s,
-                     restart_s=a.restart_s, lam=a.lam, kv_tokens=a.kv_tokens, nodes=a.nodes, cost=cost)
+                     restart_s=a.restart_s, lam=a.lam, draft_cached=a.draft_cached,
+                     kv_tokens=a.kv_tokens, nodes=a.nodes, cost=cost)
 
 
 def failures_from_args(a: argparse.Namespace) -> FailurePlan:
@@ -131,7 +134,8 @@ def _apply_sweep(a: argparse.Namespace, key: str, value: str) -> argparse.Namesp
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    console = Console(stderr=False)
+    # a pipe or file gets the full table rather than an 80-column squeeze
+    console = Console(width=None if sys.stdout.isatty() else 180)
     policies = args.policy or list(POLICY_NAMES)
     out = Path(args.out) if args.out else None
     if args.sweep:
@@ -211,7 +215,8 @@ def _print_sim_stats(console, exp: Experiment) -> None:
     from rich.table import Table
 
     t = Table(title="simulator counters (sum over seeds)")
-    cols = ("interrupted", "restores", "recomputes", "shed", "holder_cofailed", "unprotected",
+    cols = ("interrupted", "restores", "recomputes", "shed", "protected_interrupted", "holder_cofailed",
+            "unprotected",
             "reprotected", "assisted_steps", "events", "wall_s")
     t.add_column("policy")
     for c in cols:

@@ -34,6 +34,7 @@ class SimConfig:
     detect_s: float = 0.3               # failure -> declared dead (3 missed 100 ms heartbeats)
     restart_s: float = 2.0              # declared dead -> new process up (CUDA init etc.)
     warmup_s: float = 1.0               # after weights are on device (graph capture, warm-up)
+    draft_cached: bool = False          # draft weights already in host memory (no disk read)
     lam: float = 1.0                    # lambda of the placement objective
     gpu_mem_util: float = 0.9           # share of HBM for weights + KV
     kv_tokens: int | None = None        # KV capacity per worker in tokens; None: from HBM

@@ -67,7 +67,6 @@ from .config import FailurePlan, SimConfig, SimStats
 # event kinds
 _EV_STEP, _EV_FAIL, _EV_DETECT, _EV_RESTART, _EV_DRAFT, _EV_HOST, _EV_READY, _EV_WAKE, _EV_ASSIST = range(9)
 _EPS = 1e-9
-_STATE_CODE = P.view.STATE_CODES
 
 
 class SimRequest:
@@ -213,8 +212,11 @@ class Simulator:
         disk = cfg.disk_gbps * 1e9
         self.t_target_h2d = w / pcie + cfg.warmup_s
         self.t_plain_reload = w / disk
-        self.t_draft_load = d / disk + d / pcie
-        self.t_target_disk_after_draft = (d + w) / disk
+        # one SSD per worker: the draft is read first, then the target (unless the draft is kept
+        # in host memory, when only its host->device copy remains)
+        d_disk = 0.0 if cfg.draft_cached else d
+        self.t_draft_load = d_disk / disk + d / pcie
+        self.t_target_disk_after_draft = (d_disk + w) / disk
         # seconds per prefill token of a full chunk on an idle worker: the q_w estimate's unit
         self.base_sec_per_pf = self.cost.step_time(cfg.chunk_tokens, 0, cfg.chunk_tokens) / cfg.chunk_tokens
 
@@ -235,8 +237,8 @@ class Simulator:
     def _sync(self, w: SimWorker) -> None:
         """Mirror w's policy-visible fields into the table (called after every change)."""
         T, i = self.table, w.id
-        T.state[i] = _STATE_CODE[w.state]
-        T.alive[i] = w.alive
+        T.set_alive(i, w.alive)
+        T.set_state(i, w.state)
         T.waiting[i] = w.waiting
         T.running[i] = w.running
         T.q[i] = w.q_wait_s
