@@ -77,7 +77,7 @@ def lumen_generate(eng: Engine, prompts: list[list[int]], new_tokens: int) -> tu
 def lumen_decode_rate(eng: Engine, batch: int, prompt_len: int, steps: int, vocab: int) -> dict:
     """Decode steps/s at a fixed batch: prefill everything first, then time `steps` engine steps."""
     rng = random.Random(batch)
-    sp = SamplingParams(max_tokens=steps + 8, ignore_eos=True)
+    sp = SamplingParams(max_tokens=1 << 20, ignore_eos=True)  # aborted when done
     for i in range(batch):
         eng.add_request(f"d{batch}-{i}", [rng.randrange(vocab) for _ in range(prompt_len)], sp)
     while any(not s.sampled for s in eng.scheduler.running) or eng.scheduler.waiting:

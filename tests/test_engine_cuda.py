@@ -47,6 +47,11 @@ def test_cuda_graph_decode_matches_oracle():
     prompts = {f"r{i}": [rng.randrange(2, CFG.vocab_size) for _ in range(rng.randint(1, 100))] for i in range(7)}
     eng = Engine(m, EngineConfig(device="cuda", num_blocks=256, chunk_tokens=64, max_batch=8))
     assert eng.runner.use_graphs
+    try:
+        import triton  # noqa: F401
+        assert eng.runner.use_triton, "Triton is installed but the paged kernel is off"
+    except ImportError:
+        pass
     for rid, p in prompts.items():
         eng.add_request(rid, p, SamplingParams(max_tokens=24, ignore_eos=True))
     out = _run(eng)
@@ -54,6 +59,20 @@ def test_cuda_graph_decode_matches_oracle():
     for rid, p in prompts.items():
         assert out[rid] == _reference(m, p, 24), rid
     assert eng.block_manager.num_free == eng.block_manager.num_blocks
+
+
+def test_cuda_portable_attention_path_matches_oracle():
+    """The gather + SDPA path (no Triton) on CUDA, with graphs."""
+    m = _model()
+    rng = random.Random(3)
+    prompts = {f"r{i}": [rng.randrange(2, CFG.vocab_size) for _ in range(rng.randint(1, 60))] for i in range(4)}
+    eng = Engine(m, EngineConfig(device="cuda", num_blocks=256, chunk_tokens=48, block_size=8))  # bs 8: no Triton
+    assert not eng.runner.use_triton
+    for rid, p in prompts.items():
+        eng.add_request(rid, p, SamplingParams(max_tokens=12, ignore_eos=True))
+    out = _run(eng)
+    for rid, p in prompts.items():
+        assert out[rid] == _reference(m, p, 12), rid
 
 
 def test_cuda_pages_export_import_and_verify():

@@ -12,8 +12,11 @@ own over its gathered context. Padding is masked by position (key l is visible t
 absolute position p iff l <= p), which is also the causal rule, so padded or stale slots never leak
 in: they are either the zeroed null block or an own block's positions past the query.
 
-GQA without repeating K/V: the g = nh/nkv query heads of a KV head are folded into the query
-length ([nkv, g*Tq, hd] against [nkv, L, hd]), which every SDPA backend supports.
+GQA without repeating K/V in the short group: the g = nh/nkv query heads of a KV head are folded
+into the query length ([nkv, g*Tq, hd] against [nkv, L, hd]), which every SDPA backend supports.
+On CUDA (Triton available, block_size >= 16) the short group instead runs `triton_attention`, which
+reads K/V through the block tables without gathering or padding. Long chunks use SDPA with a
+bottom-right-aligned causal bias (no materialised mask, so the fused kernels apply).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -32,7 +36,6 @@ class LongSeq:
     tok_end: int
     start: int  # position of its first new token (= KV already in the cache)
     slots: torch.Tensor | None  # [kv_len] slots of its whole context; None when start == 0
-    mask: torch.Tensor | None  # [n, kv_len] bool; None when start == 0 (plain causal)
 
 
 @dataclass
@@ -45,7 +48,16 @@ class ShortGroup:
     q_pos: torch.Tensor  # [B, Qmax] absolute position of each query (padded rows repeat the last)
     q_index: torch.Tensor | None = None  # [B, Qmax] token index within the group; None when Qmax == 1
     valid: torch.Tensor | None = None  # [B, Qmax] bool; None when Qmax == 1
+    # Triton path: per token of the group, its row of block_tables and its context length (pos + 1).
+    row_seq: torch.Tensor | None = None
+    ctx: torch.Tensor | None = None
+    num_splits: int = 1
     _mask: torch.Tensor | None = field(default=None, repr=False)
+
+    def ctx_lens(self) -> torch.Tensor:
+        if self.ctx is None:  # one query per sequence: derived from the positions (inside CUDA graphs)
+            self.ctx = self.q_pos[:, 0] + 1
+        return self.ctx
 
     def mask(self, kv_len: int, group: int) -> torch.Tensor:
         """[B, 1, g*Qmax, L] (or [B, 1, 1, L] when Qmax == 1): key l visible iff l <= q_pos."""
@@ -68,7 +80,7 @@ class AttnMetadata:
 
 
 class PagedAttention:
-    def __init__(self, kv_pool: torch.Tensor, num_heads: int):
+    def __init__(self, kv_pool: torch.Tensor, num_heads: int, use_triton: bool = False):
         self.pool = kv_pool
         _, _, nb, bs, nkv, hd = kv_pool.shape
         self.block_size, self.nkv, self.hd = bs, nkv, hd
@@ -78,14 +90,18 @@ class PagedAttention:
         self.k_flat = [kv_pool[i, 0].view(nb * bs, nkv, hd) for i in range(kv_pool.shape[0])]
         self.v_flat = [kv_pool[i, 1].view(nb * bs, nkv, hd) for i in range(kv_pool.shape[0])]
         self.meta: AttnMetadata | None = None
+        self.use_triton = use_triton
+        if use_triton:
+            from . import triton_attention
+            self._triton = triton_attention.paged_attention
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = self.meta
         kf, vf = self.k_flat[layer_idx], self.v_flat[layer_idx]
         kf.index_copy_(0, meta.slot_mapping, k)
         vf.index_copy_(0, meta.slot_mapping, v)
-        if len(meta.shorts) == 1 and not meta.longs and meta.shorts[0].q_index is None:
-            return self._short(layer_idx, q, meta.shorts[0])  # pure decode: no copy of the output
+        if len(meta.shorts) == 1 and not meta.longs and (self.use_triton or meta.shorts[0].q_index is None):
+            return self._short(layer_idx, q, meta.shorts[0])  # short group only: no copy of the output
         out = torch.empty_like(q)
         for sg in meta.shorts:
             out[sg.tok_start:sg.tok_end] = self._short(layer_idx, q[sg.tok_start:sg.tok_end], sg)
@@ -94,6 +110,9 @@ class PagedAttention:
         return out
 
     def _short(self, layer_idx: int, q: torch.Tensor, sg: ShortGroup) -> torch.Tensor:
+        if self.use_triton:
+            return self._triton(q, self.pool[layer_idx, 0], self.pool[layer_idx, 1], sg.block_tables,
+                                sg.row_seq, sg.ctx_lens(), sg.num_splits)
         b, qmax = sg.q_pos.shape
         nkv, g, hd = self.nkv, self.group, self.hd
         bt = sg.block_tables
@@ -112,17 +131,17 @@ class PagedAttention:
 
     def _long(self, kf, vf, q, k, v, ls: LongSeq) -> torch.Tensor:
         n = ls.tok_end - ls.tok_start
-        nkv, g, hd = self.nkv, self.group, self.hd
-        qs = q[ls.tok_start:ls.tok_end]
-        if ls.slots is None:  # first chunk: its own k/v are the whole context; plain causal
+        g = self.group
+        qs = q[ls.tok_start:ls.tok_end].transpose(0, 1).unsqueeze(0)  # [1, nh, n, hd]
+        if ls.slots is None:  # first chunk: its own k/v are the whole context
             ks, vs = k[ls.tok_start:ls.tok_end], v[ls.tok_start:ls.tok_end]
-            o = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
-                                               is_causal=True, enable_gqa=g > 1)
-            return o.transpose(0, 1)
-        keys = kf.index_select(0, ls.slots).transpose(0, 1)  # [nkv, kv_len, hd]
-        vals = vf.index_select(0, ls.slots).transpose(0, 1)
-        kv_len = keys.shape[1]
-        qg = qs.view(n, nkv, g, hd).permute(1, 2, 0, 3).reshape(nkv, g * n, hd)
-        mask = ls.mask.unsqueeze(0).expand(g, n, kv_len).reshape(g * n, kv_len)
-        o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)
-        return o.view(nkv, g, n, hd).permute(2, 0, 1, 3).reshape(n, self.nh, hd)
+        else:
+            ks, vs = kf.index_select(0, ls.slots), vf.index_select(0, ls.slots)  # [kv_len, nkv, hd]
+        if g > 1:  # explicit repeat: every SDPA kernel (and the causal bias) accepts equal head counts
+            ks, vs = ks.repeat_interleave(g, dim=1), vs.repeat_interleave(g, dim=1)
+        ks, vs = ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0)
+        if ls.slots is None:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+        else:  # query i sits at position start + i: causal aligned to the bottom-right corner
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=causal_lower_right(n, ks.shape[2]))
+        return o[0].transpose(0, 1)

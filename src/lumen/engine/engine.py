@@ -31,6 +31,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: torch.dtype | None = None  # None: keep the model's dtype (float64 when deterministic)
     cuda_graphs: bool = True
+    compile: bool = True  # CUDA: torch.compile the RMSNorms (fewer tiny kernels per decode step)
     gpu_memory_utilization: float = 0.9
     cpu_kv_bytes: int = 256 << 20
     seed: int = 0  # draws the per-request seed of requests that give none
@@ -80,7 +81,8 @@ class Engine:
         num_blocks = cfg.num_blocks or self._auto_num_blocks(draft_model)
         self.block_manager = BlockManager(num_blocks, cfg.block_size)
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, max_batch=cfg.max_batch,
-                                  cuda_graphs=cfg.cuda_graphs and not cfg.deterministic)
+                                  cuda_graphs=cfg.cuda_graphs and not cfg.deterministic,
+                                  compile_norms=cfg.compile and not cfg.deterministic)
         self.scheduler = Scheduler(self.block_manager, cfg.max_batch, self.chunk_tokens, on_admit=self._on_admit)
         self.sampler = Sampler()
         self.draft = None

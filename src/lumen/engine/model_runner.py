@@ -32,6 +32,43 @@ class ForwardItem:
     num_logits: int
 
 
+def fuse_norms(model) -> bool:
+    """torch.compile the decoder's RMSNorm modules (CUDA): each is ~8 tiny elementwise kernels eagerly
+    and a decode step runs 4 per layer -- at batch 1 these, not the weight reads, dominate otherwise.
+
+    The compiled function runs the model's own RMSNorm.forward (same numerics) on a stand-in `self`,
+    so it is one code path guarded on tensor shapes only, shared by every norm instance.
+    Returns False (model untouched) if compilation is unavailable.
+    """
+    from types import SimpleNamespace
+
+    from lumen.model.decoder import RMSNorm
+
+    def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return RMSNorm.forward(SimpleNamespace(weight=weight, eps=eps), x)
+
+    try:
+        fn = torch.compile(norm, dynamic=None)
+        probe = next(m for m in model.modules() if isinstance(m, RMSNorm))
+        with torch.inference_mode():
+            fn(torch.ones(2, probe.weight.shape[0], device=probe.weight.device, dtype=probe.weight.dtype),
+               probe.weight, probe.eps)
+    except Exception:  # no Triton / compiler: stay eager
+        return False
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.forward = (lambda mod: lambda x: fn(x, mod.weight, mod.eps))(m)
+    return True
+
+
+def _triton_ok(block_size: int, head_dim: int, dtype: torch.dtype) -> bool:
+    try:
+        from .triton_attention import supported
+    except ImportError:  # no Triton: the gather + SDPA path
+        return False
+    return supported(block_size, head_dim, dtype)
+
+
 def _pow2_at_least(n: int, lo: int) -> int:
     p = lo
     while p < n:
@@ -41,7 +78,7 @@ def _pow2_at_least(n: int, lo: int) -> int:
 
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, *, max_batch: int = 512,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, compile_norms: bool = False):
         self.model = model
         cfg = model.config
         self.cfg = cfg
@@ -54,8 +91,12 @@ class ModelRunner:
         # Zeroed, not empty: masked keys get weight 0, but 0 * NaN garbage would still be NaN.
         self.kv_pool = torch.zeros(cfg.num_layers, 2, num_blocks + 1, block_size, cfg.num_kv_heads,
                                    cfg.head_dim, device=self.device, dtype=self.dtype)
-        self.attn = PagedAttention(self.kv_pool, cfg.num_heads)
+        self.use_triton = self.device.type == "cuda" and _triton_ok(block_size, cfg.head_dim, self.dtype)
+        self._num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                         if self.device.type == "cuda" else 1)
+        self.attn = PagedAttention(self.kv_pool, cfg.num_heads, use_triton=self.use_triton)
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.norms_compiled = compile_norms and self.device.type == "cuda" and fuse_norms(model)
         self.graph_batches = [b for b in GRAPH_BATCHES if b <= max(1, max_batch)]
         if self.graph_batches[-1] < max_batch:
             self.graph_batches.append(max_batch)
@@ -115,7 +156,7 @@ class ModelRunner:
             if i is not None:
                 cand = group + [i]
                 width = max(cdiv(items[j].start + len(items[j].tokens), bs) for j in cand)
-                if not group or len(cand) * width * bs <= GATHER_TOKENS:
+                if not group or self.use_triton or len(cand) * width * bs <= GATHER_TOKENS:
                     group = cand
                     continue
             if group:
@@ -125,15 +166,13 @@ class ModelRunner:
             it = items[i]
             n = len(it.tokens)
             if it.start == 0:
-                longs.append(LongSeq(tok_of[i], tok_of[i] + n, 0, None, None))
+                longs.append(LongSeq(tok_of[i], tok_of[i] + n, 0, None))
                 continue
             kv_len = it.start + n
             ctx = torch.arange(kv_len)
             blocks = torch.tensor(it.block_table[:cdiv(kv_len, bs)], dtype=torch.int64)
             sl = (blocks[ctx // bs] * bs + ctx % bs).to(dev)
-            qpos = torch.arange(it.start, kv_len).unsqueeze(1)
-            mask = (ctx.unsqueeze(0) <= qpos).to(dev)
-            longs.append(LongSeq(tok_of[i], tok_of[i] + n, it.start, sl, mask))
+            longs.append(LongSeq(tok_of[i], tok_of[i] + n, it.start, sl))
         logit_idx = [tok_of[i] + len(items[i].tokens) - items[i].num_logits + j
                      for i in range(len(items)) for j in range(items[i].num_logits)]
         meta = AttnMetadata(torch.tensor(slots, dtype=torch.int64, device=dev), shorts, longs)
@@ -159,10 +198,20 @@ class ModelRunner:
         dev = self.device
         sg = ShortGroup(base, end, torch.tensor(tables, dtype=torch.int64, device=dev),
                         torch.tensor(q_pos, dtype=torch.int64, device=dev))
-        if qmax > 1:
+        if self.use_triton:  # per token: its table row and context length; no padding
+            row_seq = [r for r, i in enumerate(group) for _ in items[i].tokens]
+            ctx = [items[i].start + j + 1 for i in group for j in range(len(items[i].tokens))]
+            sg.row_seq = torch.tensor(row_seq, dtype=torch.int64, device=dev)
+            sg.ctx = torch.tensor(ctx, dtype=torch.int64, device=dev)
+            sg.num_splits = self._splits(len(ctx), width)
+        elif qmax > 1:
             sg.q_index = torch.tensor(q_index, dtype=torch.int64, device=dev)
             sg.valid = torch.tensor(valid, dtype=torch.bool, device=dev)
         return sg
+
+    def _splits(self, rows: int, width: int) -> int:
+        from .triton_attention import num_splits_for
+        return num_splits_for(rows, self.cfg.num_kv_heads, width, 2 * self._num_sms)
 
     # ------------------------------------------------------------------ CUDA graphs (decode)
     def _decode_graph(self, items: list[ForwardItem]) -> torch.Tensor | None:
@@ -170,36 +219,39 @@ class ModelRunner:
         bb = next((x for x in self.graph_batches if x >= b), None)
         width = max(cdiv(it.start + 1, self.block_size) for it in items)
         nblk = min(_pow2_at_least(width, MIN_GRAPH_BLOCKS), _pow2_at_least(self.max_blocks_per_seq, 1))
-        if bb is None or bb * nblk * self.block_size > GATHER_TOKENS:
+        if bb is None or (not self.use_triton and bb * nblk * self.block_size > GATHER_TOKENS):
             return None
-        g = self._graphs.get((bb, nblk)) or self._capture(bb, nblk)
-        graph, ids, pos, slots, tables, hidden = g
+        graph, inputs, hidden = self._graphs.get((bb, nblk)) or self._capture(bb, nblk)
         bs = self.block_size
         null_slot = self.null_block * bs
         pad = bb - b
-        ids_h = [it.tokens[0] for it in items] + [0] * pad
-        pos_h = [it.start for it in items] + [0] * pad
-        slots_h = [it.block_table[it.start // bs] * bs + it.start % bs for it in items] + [null_slot] * pad
-        tab_h = [it.block_table[:nblk] + [self.null_block] * (nblk - min(nblk, len(it.block_table)))
-                 for it in items] + [[self.null_block] * nblk] * pad
-        ids_h, pos_h, slots_h, tab_h = (torch.tensor(x, dtype=torch.int64) for x in (ids_h, pos_h, slots_h, tab_h))
-        ids.copy_(ids_h, non_blocking=True)
-        pos.copy_(pos_h, non_blocking=True)
-        slots.copy_(slots_h, non_blocking=True)
-        tables.copy_(tab_h, non_blocking=True)
+        # One host->device copy of [ids | positions | slots | block tables] per step.
+        flat = [it.tokens[0] for it in items] + [0] * pad
+        flat += [it.start for it in items] + [0] * pad
+        flat += [it.block_table[it.start // bs] * bs + it.start % bs for it in items] + [null_slot] * pad
+        for it in items:
+            flat += it.block_table[:nblk]
+            flat += [self.null_block] * (nblk - min(nblk, len(it.block_table)))
+        flat += [self.null_block] * (nblk * pad)
+        inputs.copy_(torch.tensor(flat, dtype=torch.int64), non_blocking=True)
         graph.replay()
         return hidden[:b]
 
     def _capture(self, bb: int, nblk: int):
         dev = self.device
-        ids = torch.zeros(bb, dtype=torch.int64, device=dev)
-        pos = torch.zeros(bb, dtype=torch.int64, device=dev)
-        slots = torch.full((bb,), self.null_block * self.block_size, dtype=torch.int64, device=dev)
-        tables = torch.full((bb, nblk), self.null_block, dtype=torch.int64, device=dev)
+        inputs = torch.zeros(bb * (3 + nblk), dtype=torch.int64, device=dev)
+        ids, pos, slots = inputs[:bb], inputs[bb:2 * bb], inputs[2 * bb:3 * bb]
+        tables = inputs[3 * bb:].view(bb, nblk)
+        slots.fill_(self.null_block * self.block_size)
+        tables.fill_(self.null_block)
+
+        row_seq = torch.arange(bb, device=dev)
+        splits = self._splits(bb, nblk) if self.use_triton else 1
 
         def run() -> torch.Tensor:
-            # Fresh metadata per call: the mask is derived from `pos` inside the graph.
-            self.attn.meta = AttnMetadata(slots, [ShortGroup(0, bb, tables, pos.view(bb, 1))], [])
+            # Fresh metadata per call: mask / context lengths are derived from `pos` inside the graph.
+            sg = ShortGroup(0, bb, tables, pos.view(bb, 1), row_seq=row_seq, num_splits=splits)
+            self.attn.meta = AttnMetadata(slots, [sg], [])
             h = self.model(ids, pos, self.attn)
             self.attn.meta = None
             return h
@@ -208,14 +260,14 @@ class ModelRunner:
             self._graph_pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up outside capture (lazy tables, cuBLAS handles)
+        with torch.cuda.stream(side):  # warm-up outside capture (lazy tables, cuBLAS handles, compiles)
             run()
             run()
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
             hidden = run()
-        entry = (graph, ids, pos, slots, tables, hidden)
+        entry = (graph, inputs, hidden)
         self._graphs[(bb, nblk)] = entry
         return entry
 

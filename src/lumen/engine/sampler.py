@@ -103,6 +103,9 @@ class Sampler:
         Returns the tokens to commit per item; `last_num_accepted` holds accepted proposals per item.
         """
         vocab = logits.shape[-1]
+        if all(it.seq.params.greedy and not it.proposal for it in items):  # plain greedy decode: one argmax
+            self.last_num_accepted = [0] * len(items)
+            return [[t] for t in logits.argmax(-1).tolist()]
         greedy_rows: list[int] = []
         rand_rows: list[int] = []
         row_prop: list[int] = []  # proposed token checked at each row, -1 if none
