@@ -97,29 +97,43 @@ class Verifier:
         return {"assist_proposals_received": self.received, "assist_proposals_stale": self.stale}
 
 
-class Drafter:
-    """Recovering side: a draft model with one contiguous KV cache per mirrored request."""
+class _DraftState:
+    """One mirrored request on the drafter: the partner's committed tokens, the drafter's own guess of
+    what comes next (`ahead`), and a draft KV cache holding a prefix of committed + ahead."""
 
-    def __init__(self, worker: Worker, draft_spec: str, k: int, lookahead: int = 2):
-        # draft a few tokens past K: the partner keeps decoding while proposals travel, and the extra
-        # tokens keep a proposal useful after the partner has committed its first ones itself
-        self.worker, self.k = worker, k + lookahead
+    def __init__(self, cache: DenseKV):
+        self.committed: list[int] = []
+        self.ahead: list[int] = []
+        self.cache = cache
+        self.cached: list[int] = []  # the tokens whose KV is in the cache
+        self.sent: tuple[int, int] = (-1, -1)  # (committed length, proposal length) last sent
+
+
+class Drafter:
+    """Recovering side: a draft model that keeps drafting ahead of its partner.
+
+    Drafting is incremental: each round adds a token or two to every request's guess and re-sends
+    the proposal, so a proposal is never older than a couple of draft steps. When the partner's
+    committed tokens agree with the guess, the rest of the guess (and its KV) is kept; on the first
+    disagreement the guess is cut there. A draft faster than the target thus runs ahead of it, and
+    the partner verifies up to K of its tokens in each normal decode step.
+    """
+
+    def __init__(self, worker: Worker, draft_spec: str, k: int, max_ahead: int = 16, steps_per_round: int = 2):
+        self.worker, self.k = worker, k
+        self.max_ahead, self.steps_per_round = max(max_ahead, k), steps_per_round
         loaded = load_model(draft_spec, device=worker.device, dtype=worker.dtype, progress=False)
         self.model, self.config = loaded.model, loaded.config
         self.peer: int | None = None
         self.addr = ""
-        self.contexts: dict[str, list[int]] = {}
-        self.caches: dict[str, tuple[DenseKV, list[int]]] = {}  # request -> (cache, tokens in it)
-        self.dirty: set[str] = set()
+        self.states: dict[str, _DraftState] = {}
         self.rounds = 0
         self.proposed = 0
         self.busy_s = 0.0
 
     def pair(self, peer: int | None, addr: str) -> None:
         self.peer, self.addr = peer, addr
-        self.contexts.clear()
-        self.caches.clear()
-        self.dirty.clear()
+        self.states.clear()
         if peer is not None:
             log.info("assisting worker %d", peer)
 
@@ -129,76 +143,74 @@ class Drafter:
         ids = frame_ints(msg.frames[0])
         pos = 0
         for rid in msg.body["drop"]:
-            self.contexts.pop(rid, None)
-            self.caches.pop(rid, None)
+            self.states.pop(rid, None)
         for rid, total, n in msg.body["items"]:
             if not (isinstance(rid, str) and isinstance(total, int) and isinstance(n, int)) or n < 0 \
                     or pos + n > len(ids):
                 return
             tail = ids[pos:pos + n]
             pos += n
-            ctx = self.contexts.get(rid, [])
-            if len(ctx) + n != total:
-                if n != total:  # a gap: wait for a full resend
-                    self.contexts.pop(rid, None)
+            st = self.states.get(rid)
+            if st is None or len(st.committed) + n != total:
+                if n != total:  # a gap: wait for the full resend
+                    self.states.pop(rid, None)
                     continue
-                ctx = []
-            ctx = ctx + tail
-            if len(ctx) > self.config.max_position - self.k - 1:
-                self.contexts.pop(rid, None)
-                continue
-            self.contexts[rid] = ctx
-            self.dirty.add(rid)
+                if total + self.max_ahead + 1 > self.config.max_position:
+                    continue
+                st = _DraftState(DenseKV(self.config, device=self.worker.device, dtype=self.worker.dtype,
+                                         capacity=min(self.config.max_position, 2 * total + 256)))
+                self.states[rid] = st
+            self._commit(st, tail)
+
+    @staticmethod
+    def _commit(st: _DraftState, tail: list[int]) -> None:
+        """The partner committed `tail`: keep what is left of the guess if it agrees."""
+        st.committed.extend(tail)
+        agree = 0
+        while agree < min(len(tail), len(st.ahead)) and st.ahead[agree] == tail[agree]:
+            agree += 1
+        st.ahead = st.ahead[len(tail):] if agree == len(tail) else []
 
     @torch.inference_mode()
     def round(self) -> None:
-        """Propose K tokens for every request whose context moved since its last proposal."""
-        if self.peer is None or not self.dirty:
+        """Extend every request's guess by a few draft steps and send the proposals that changed."""
+        if self.peer is None or not self.states:
             return
         t0 = time.monotonic()
         items, ids = [], []
-        for rid in list(self.dirty)[:MAX_MIRRORED]:
-            self.dirty.discard(rid)
-            ctx = self.contexts.get(rid)
-            if ctx is None:
-                continue
-            proposal = self._propose(rid, ctx)
-            items.append([rid, len(ctx), len(proposal)])
-            ids.extend(proposal)
+        for rid, st in list(self.states.items())[:MAX_MIRRORED]:
+            for _ in range(self.steps_per_round):
+                if len(st.ahead) >= self.max_ahead or not self._step(st):
+                    break
+            key = (len(st.committed), len(st.ahead))
+            if st.ahead and key != st.sent:
+                st.sent = key
+                items.append([rid, len(st.committed), len(st.ahead)])
+                ids.extend(st.ahead)
         if items:
             self.worker.push.send(self.addr, "PROPOSE", {"items": items}, [ints_frame(ids)])
             self.rounds += 1
             self.proposed += len(ids)
         self.busy_s += time.monotonic() - t0
 
-    def _propose(self, rid: str, ctx: list[int]) -> list[int]:
-        cache, cached = self.caches.get(rid, (None, []))
-        if cache is None:
-            cache = DenseKV(self.config, device=self.worker.device, dtype=self.worker.dtype,
-                            capacity=min(self.config.max_position, len(ctx) + 4 * self.k + 256))
-        if cache.capacity < len(ctx) + self.k + 1:
-            cache, cached = DenseKV(self.config, device=self.worker.device, dtype=self.worker.dtype,
-                                    capacity=min(self.config.max_position, 2 * len(ctx) + self.k + 1)), []
-        # keep the cached prefix that still agrees with the partner's committed tokens
+    def _step(self, st: _DraftState) -> bool:
+        """One draft forward: bring the cache up to committed + ahead, append the next guessed token."""
+        belief = st.committed + st.ahead
+        if len(belief) + 1 > st.cache.capacity:
+            return False
         common = 0
-        limit = min(len(cached), len(ctx) - 1)
-        while common < limit and cached[common] == ctx[common]:
+        limit = min(len(st.cached), len(belief))
+        while common < limit and st.cached[common] == belief[common]:
             common += 1
-        cache.truncate(common)
-        feed = ctx[common:]
+        common = min(common, len(belief) - 1)  # always run at least the last token for its logits
+        st.cache.truncate(common)
+        feed = belief[common:]
         device = self.worker.device
-        proposal: list[int] = []
-        tokens = list(ctx[:common])
-        while len(proposal) < self.k:
-            inp = torch.tensor(feed, dtype=torch.long, device=device)
-            pos = torch.arange(len(tokens), len(tokens) + len(feed), dtype=torch.long, device=device)
-            hidden = self.model(inp, pos, cache)
-            tokens.extend(feed)
-            proposal.append(int(self.model.logits(hidden[-1:]).argmax(-1).item()))
-            feed = proposal[-1:]
-        # the cache holds ctx + proposal[:-1]; the last proposal was never fed
-        self.caches[rid] = (cache, tokens)
-        return proposal
+        hidden = self.model(torch.tensor(feed, dtype=torch.long, device=device),
+                            torch.arange(common, len(belief), dtype=torch.long, device=device), st.cache)
+        st.cached = list(belief)
+        st.ahead.append(int(self.model.logits(hidden[-1:]).argmax(-1).item()))
+        return True
 
     def stats(self) -> dict:
         return {"assist_rounds": self.rounds, "assist_proposed_tokens": self.proposed,

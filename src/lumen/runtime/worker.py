@@ -161,7 +161,8 @@ class Worker:
         loader.start()
         self._set_state(WorkerState.LOADING_DRAFT, draft_load_s=t_draft, draft_ready=1)
         while loader.is_alive() and self.running:
-            self._poll(timeout_ms=5)
+            drafting = self.drafter is not None and self.drafter.peer is not None and self.drafter.states
+            self._poll(timeout_ms=0 if drafting else 5)
             if self.drafter is not None:
                 self.drafter.round()
         t1 = time.monotonic()
