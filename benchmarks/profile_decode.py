@@ -50,6 +50,30 @@ def attention_micro(batch: int, ctx: int, nkv: int = 8, g: int = 4, hd: int = 12
     print(f"  manual compiled: {timeit(lambda: cm(q, k, v, mask)) * 1e3:.1f} us")
 
 
+def prefill_profile(spec: str) -> None:
+    loaded = load_model(spec, device="cuda", dtype=torch.bfloat16)
+    eng = Engine(loaded, EngineConfig(device="cuda", chunk_tokens=1024, gpu_memory_utilization=0.5))
+    sp = SamplingParams(max_tokens=1, ignore_eos=True)
+    for rep in range(2):
+        eng.add_request(f"p{rep}", list(range(10, 10 + 4096)), sp)
+        while eng.has_work():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            eng.step()
+            torch.cuda.synchronize()
+            print(f"chunk step {1e3 * (time.perf_counter() - t0):.1f} ms")
+    from torch.profiler import ProfilerActivity, profile
+    eng.add_request("p", list(range(10, 10 + 4096)), sp)
+    eng.step()
+    eng.step()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        eng.step()  # third chunk: 2048 tokens of context before it
+        torch.cuda.synchronize()
+    ev = prof.key_averages()
+    print(ev.table(sort_by="cuda_time_total", row_limit=15))
+    print(ev.table(sort_by="cpu_time_total", row_limit=12))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="preset:qwen3-8b")
@@ -57,7 +81,10 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--attn-micro", action="store_true", help="only time decode attention variants")
+    ap.add_argument("--prefill", action="store_true", help="profile 1024-token prefill chunks instead")
     a = ap.parse_args()
+    if a.prefill:
+        return prefill_profile(a.model)
     if a.attn_micro:
         for b, c in [(1, 1024), (32, 1024), (128, 1024)]:
             print(f"attention batch {b} ctx {c}")
@@ -77,7 +104,10 @@ def main() -> None:
     print(f"engine.step(): {timeit(eng.step):.3f} ms")
     seqs = list(eng.scheduler.running)
     items = [ForwardItem([s.last_token], s.num_computed_tokens, s.block_table, 1) for s in seqs]
-    print(f"runner.forward (graph + lm_head): {timeit(lambda: eng.runner.forward(items)):.3f} ms")
+    try:
+        print(f"runner.forward (graph + lm_head): {timeit(lambda: eng.runner.forward(items)):.3f} ms")
+    except Exception as e:  # diagnostics only
+        print(f"runner.forward failed: {e!r}")
     graph = next(g for k, g in eng.runner._graphs.items() if k[0] >= a.batch)[0]
     print(f"graph.replay(): {timeit(graph.replay):.3f} ms")
     h = torch.randn(a.batch, loaded.config.hidden_size, device="cuda", dtype=torch.bfloat16)

@@ -113,3 +113,26 @@ def test_cuda_bf16_auto_sized_pool_runs():
                         SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=i, ignore_eos=True))
     out = _run(eng)
     assert all(len(v) == 16 for v in out.values()) and len(out) == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_triton_paged_kernel_matches_reference(dtype):
+    triton_attention = pytest.importorskip("lumen.engine.triton_attention")
+    torch.manual_seed(0)
+    nb, bs, nkv, hd, g = 40, 16, 2, 64, 4
+    kc = torch.randn(nb + 1, bs, nkv, hd, device="cuda", dtype=dtype)
+    vc = torch.randn_like(kc)
+    tables = torch.randint(0, nb, (3, 8), device="cuda")
+    rows = [(0, 1), (0, 5), (1, 17), (1, 18), (2, 100), (2, 128)]
+    row_seq = torch.tensor([r[0] for r in rows], device="cuda")
+    ctx = torch.tensor([r[1] for r in rows], device="cuda")
+    q = torch.randn(len(rows), nkv * g, hd, device="cuda", dtype=dtype)
+    for splits in (1, 3, 8):
+        out = triton_attention.paged_attention(q, kc, vc, tables, row_seq, ctx, splits)
+        torch.cuda.synchronize()
+        for i, (s, c) in enumerate(rows):
+            k = kc[tables[s]].reshape(-1, nkv, hd)[:c].repeat_interleave(g, 1).transpose(0, 1).float()
+            v = vc[tables[s]].reshape(-1, nkv, hd)[:c].repeat_interleave(g, 1).transpose(0, 1).float()
+            ref = (torch.softmax((q[i].float().unsqueeze(1) @ k.transpose(1, 2)) * hd ** -0.5, -1) @ v).squeeze(1)
+            tol = 1e-4 if dtype == torch.float32 else 3e-2
+            torch.testing.assert_close(out[i].float(), ref, rtol=tol, atol=tol)

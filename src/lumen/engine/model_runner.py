@@ -32,13 +32,16 @@ class ForwardItem:
     num_logits: int
 
 
-def fuse_norms(model) -> bool:
-    """torch.compile the decoder's RMSNorm modules (CUDA): each is ~8 tiny elementwise kernels eagerly
-    and a decode step runs 4 per layer -- at batch 1 these, not the weight reads, dominate otherwise.
+def compiled_norms(model) -> list[tuple[torch.nn.Module, object]]:
+    """(module, compiled forward) for the decoder's RMSNorms, or [] if torch.compile is unavailable.
+
+    Used only while capturing decode CUDA graphs: eagerly an RMSNorm is ~8 tiny kernels and a decode
+    step runs 4 per layer, which at batch 1 costs as much as reading the weights. Outside graphs the
+    compiled function's per-call overhead (guards, ~150 us of CPU) would make eager prefill steps
+    CPU-bound, so eager steps keep the model's own forward.
 
     The compiled function runs the model's own RMSNorm.forward (same numerics) on a stand-in `self`,
     so it is one code path guarded on tensor shapes only, shared by every norm instance.
-    Returns False (model untouched) if compilation is unavailable.
     """
     from types import SimpleNamespace
 
@@ -47,18 +50,15 @@ def fuse_norms(model) -> bool:
     def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return RMSNorm.forward(SimpleNamespace(weight=weight, eps=eps), x)
 
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
     try:
         fn = torch.compile(norm, dynamic=None)
-        probe = next(m for m in model.modules() if isinstance(m, RMSNorm))
         with torch.inference_mode():
-            fn(torch.ones(2, probe.weight.shape[0], device=probe.weight.device, dtype=probe.weight.dtype),
-               probe.weight, probe.eps)
+            w = norms[0].weight
+            fn(torch.ones(2, w.shape[0], device=w.device, dtype=w.dtype), w, norms[0].eps)
     except Exception:  # no Triton / compiler: stay eager
-        return False
-    for m in model.modules():
-        if isinstance(m, RMSNorm):
-            m.forward = (lambda mod: lambda x: fn(x, mod.weight, mod.eps))(m)
-    return True
+        return []
+    return [(m, (lambda mod: lambda x: fn(x, mod.weight, mod.eps))(m)) for m in norms]
 
 
 def _triton_ok(block_size: int, head_dim: int, dtype: torch.dtype) -> bool:
@@ -96,7 +96,8 @@ class ModelRunner:
                          if self.device.type == "cuda" else 1)
         self.attn = PagedAttention(self.kv_pool, cfg.num_heads, use_triton=self.use_triton)
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
-        self.norms_compiled = compile_norms and self.device.type == "cuda" and fuse_norms(model)
+        self._norms = compiled_norms(model) if compile_norms and self.use_graphs else []
+        self.norms_compiled = bool(self._norms)
         self.graph_batches = [b for b in GRAPH_BATCHES if b <= max(1, max_batch)]
         if self.graph_batches[-1] < max_batch:
             self.graph_batches.append(max_batch)
@@ -221,7 +222,7 @@ class ModelRunner:
         nblk = min(_pow2_at_least(width, MIN_GRAPH_BLOCKS), _pow2_at_least(self.max_blocks_per_seq, 1))
         if bb is None or (not self.use_triton and bb * nblk * self.block_size > GATHER_TOKENS):
             return None
-        graph, inputs, hidden = self._graphs.get((bb, nblk)) or self._capture(bb, nblk)
+        graph, inputs, hidden, _ = self._graphs.get((bb, nblk)) or self._capture(bb, nblk)
         bs = self.block_size
         null_slot = self.null_block * bs
         pad = bb - b
@@ -260,14 +261,20 @@ class ModelRunner:
             self._graph_pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up outside capture (lazy tables, cuBLAS handles, compiles)
-            run()
-            run()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            hidden = run()
-        entry = (graph, inputs, hidden)
+        for m, fwd in self._norms:  # compiled norms inside the graph only (see compiled_norms)
+            m.forward = fwd
+        try:
+            with torch.cuda.stream(side):  # warm-up outside capture (lazy tables, cuBLAS handles, compiles)
+                run()
+                run()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                hidden = run()
+        finally:
+            for m, _ in self._norms:
+                del m.forward  # back to the class's (eager) forward
+        entry = (graph, inputs, hidden, row_seq)  # everything the graph reads must outlive it
         self._graphs[(bb, nblk)] = entry
         return entry
 
