@@ -253,6 +253,7 @@ def test_run_bench_against_fake_server(tmp_path):
     # the double degrades 1.0 s under stop-restart and 0.4 s under lumen
     assert by["stop-restart"].metrics["recovery_time_s"].mean > by["lumen"].metrics["recovery_time_s"].mean
     assert by[NO_FAILURE].metrics["recovery_time_s"].mean == 0.0
+    assert [r.unplanned_restarts for r in res.runs] == [0] * 6  # the double restarts only the killed worker
     out = tmp_path / "out"
     for name in ("results.json", "runs.csv", "summary.csv", "ttft_timeline.png", "policies.png"):
         assert (out / name).is_file(), name
@@ -327,6 +328,17 @@ def test_killing_the_bench_leaves_no_cluster_behind(tmp_path, sig):
         if bench.poll() is None:
             bench.kill()
             bench.wait()
+
+
+def test_unplanned_restarts_are_counted():
+    from lumen.bench.runner import _unplanned
+
+    kill1 = FaultEvent("t=1s:worker=1:SIGKILL", 1.0, injected_s=1.0, worker=1)
+    assert _unplanned({0: 1, 1: 1}, {0: 1, 1: 2}, [kill1]) == 0
+    assert _unplanned({0: 1, 1: 1}, {0: 2, 1: 3}, [kill1]) == 2  # worker 0 and a second restart of 1
+    assert _unplanned({0: 1, 1: 1}, {0: 1, 1: 1}, [kill1]) == 0  # not restarted yet by the end
+    assert _unplanned({0: 1}, {0: 2}, []) == 1
+    assert _unplanned(None, {0: 2}, []) is None
 
 
 def test_cli_parses_bench_and_demo():

@@ -10,6 +10,7 @@ which is why the bench ignores windows that finished before the failure, see --p
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 
@@ -175,6 +176,10 @@ def run(args: argparse.Namespace) -> int:
     from .faults import FaultInjectionError
 
     console = Console()
+    # One INFO line per HTTP request (httpx's default under lumen's -v/INFO logging) would bury
+    # the progress bars and the table.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     if args.url and args.policies:
         console.print("[yellow]--url: measuring the attached cluster's own policy; --policy is ignored")
     try:

@@ -117,6 +117,9 @@ class RunResult:
     records: list[RequestRecord]
     events: list[FaultEvent]
     summary: RunSummary | None = None
+    # Worker restarts the plan does not explain (e.g. a worker declared dead on missed
+    # heartbeats). Non-zero means the run measured more failures than it injected.
+    unplanned_restarts: int | None = None
 
 
 @dataclass
@@ -304,6 +307,27 @@ def _save_records(path: Path, records: Sequence[RequestRecord]) -> None:
             f.write(json.dumps(d) + "\n")
 
 
+async def _epochs(url: str) -> dict[int, int] | None:
+    with contextlib.suppress(httpx.HTTPError, ValueError, AttributeError, TypeError):
+        async with httpx.AsyncClient(base_url=url, timeout=10.0) as http:
+            r = await http.get("/lumen/cluster")
+            if r.status_code == 200:
+                return {int(w["id"]): int(w["epoch"]) for w in r.json()["workers"]}
+    return None
+
+
+def _unplanned(before: dict[int, int] | None, after: dict[int, int] | None, events: Sequence[FaultEvent]) -> int | None:
+    # Each SIGKILL of the plan explains one restart of its worker; a SIGSTOP may or may not
+    # (the hang may be declared a death), so it explains at most one.
+    if before is None or after is None:
+        return None
+    restarts = {w: after.get(w, e) - e for w, e in before.items()}
+    for ev in events:
+        if ev.injected_s is not None and restarts.get(ev.worker, 0) > 0:
+            restarts[ev.worker] -= 1
+    return sum(max(0, n) for n in restarts.values())
+
+
 async def _attached_policy(url: str) -> str:
     with contextlib.suppress(httpx.HTTPError, ValueError, AttributeError):
         async with httpx.AsyncClient(base_url=url, timeout=5.0) as http:
@@ -358,8 +382,12 @@ class _Bench:
             )
         specs = _workload(self.cfg, seed, self.qps if self.qps is not None else 1.0)
         plan_end = max((f.at_s for f in parse_fail_plan(self.cfg.fail)), default=0.0)
-        if self.cfg.window_for(len(specs)) > len(specs):
-            self.progress.log(f"[yellow]warning: window > {len(specs)} requests: one window only")
+        n_windows = math.ceil(len(specs) / self.cfg.window_for(len(specs)))
+        if n_windows < 2 * self.cfg.settle + 2:
+            self.progress.log(
+                f"[yellow]warning: {len(specs)} requests make only {n_windows} windows; recovery needs a degraded "
+                f"window and {self.cfg.settle} good ones after it - use more requests/--duration or a smaller --window"
+            )
         if plan_end > specs[-1].arrival:
             self.progress.log(
                 f"[yellow]warning: failure at {plan_end:g}s is after the last arrival ({specs[-1].arrival:.1f}s)"
@@ -376,7 +404,9 @@ class _Bench:
             specs = await self.specs_for(seed, cfg.url)
             await _check_fits(cfg.url, specs)
             on_done = progress.start_run(f"{label} seed {seed}", len(specs))
+            before = await _epochs(cfg.url)
             records, events = await _replay_with_faults(cfg.url, specs, plan, cfg, seed, on_done)
+            unplanned = _unplanned(before, await _epochs(cfg.url), events)
         else:
             port = cfg.port or free_port(cfg.host)
             if cfg.serve_cmd:
@@ -399,7 +429,9 @@ class _Bench:
                 specs = await self.specs_for(seed, url)
                 await _check_fits(url, specs)
                 on_done = progress.start_run(f"{label} seed {seed}", len(specs))
+                before = await _epochs(url)
                 records, events = await _replay_with_faults(url, specs, plan, cfg, seed, on_done)
+                unplanned = _unplanned(before, await _epochs(url), events)
             finally:
                 # Stopping blocks for up to the grace period; keep the event loop out of it.
                 await asyncio.to_thread(cluster.stop)
@@ -407,8 +439,11 @@ class _Bench:
         for ev in events:
             if ev.injected_s is None:
                 progress.log(f"[yellow]warning: {ev.spec}: {'; '.join(ev.notes) or ev.error}")
+        if unplanned:
+            progress.log(f"[red]warning: {label} seed {seed}: {unplanned} worker restart(s) the failure plan does "
+                         "not explain (workers declared dead on their own?) - this run measured extra failures")
         progress.end_run()
-        return RunResult(label, seed, records, events)
+        return RunResult(label, seed, records, events, unplanned_restarts=unplanned)
 
 
 def _summarise(cfg: BenchConfig, run: RunResult, reference: RunResult) -> RunSummary:
@@ -462,6 +497,7 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
         "reference_policy": REFERENCE_POLICY if not cfg.url else policies[0],
         "failure_plan": [str(f) for f in plan],
         "fault_events": [{"policy": r.policy, "seed": r.seed, **e.to_dict()} for r in runs for e in r.events],
+        "unplanned_restarts": [{"policy": r.policy, "seed": r.seed, "restarts": r.unplanned_restarts} for r in runs],
         "machine": {"node": platform.node(), "platform": platform.platform(), "python": platform.python_version()},
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "recovery_definition": "lumen.metrics.recovery (DESIGN.md §6); causal_start=" + str(cfg.causal_start),

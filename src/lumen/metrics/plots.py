@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,7 +44,9 @@ def _mean_series(runs: Sequence[RunSummary], baseline: bool = False) -> tuple[np
     n = min(len(r.window_mid_arrival) for r in runs)
     x = np.nanmean([r.window_mid_arrival[:n] for r in runs], axis=0) if n else np.array([])
     key = "baseline_window_mean_ttft" if baseline else "window_mean_ttft"
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():
+        # a window where no request got a token in any repeat is NaN (a gap in the line), not an error
+        warnings.simplefilter("ignore", RuntimeWarning)
         ys = np.array([getattr(r, key)[:n] for r in runs], dtype=np.float64)
         y = np.nanmean(ys, axis=0) if n else np.array([])
     return x, y
