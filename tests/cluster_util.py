@@ -142,11 +142,7 @@ class Cluster:
 def run_cluster(model: str, workers: int = 2, policy: str = "stop-restart", extra: list[str] | None = None,
                 name: str = "tiny", env: dict | None = None, ready_timeout: float = 180):
     port = free_port()
-    # 10 missed heartbeats (1 s) rather than 3: test clusters share two cores with the test itself and
-    # the other suites, and a 300 ms scheduling stall there is not a failure
-    extra = list(extra or [])
-    if "--hb-misses" not in extra:
-        extra += ["--hb-misses", "10"]
+    extra = list(extra or [])  # CPU clusters default to 10 missed heartbeats (1 s) before a verdict
     cmd = [sys.executable, "-m", "lumen", "serve", "--model", model, "--workers", str(workers), "--policy",
            policy, "--port", str(port), "--served-model-name", name, *extra]
     full_env = dict(os.environ, **(env or {}))

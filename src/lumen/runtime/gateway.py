@@ -168,7 +168,10 @@ class Gateway:
                 text_parts.append(text)
                 token_ids.extend(ids)
                 if finish:
-                    return completion_response(req, "".join(text_parts), token_ids, finish, len(req.prompt_ids))
+                    body = completion_response(req, "".join(text_parts), token_ids, finish, len(req.prompt_ids))
+                    if state.interrupts:
+                        body["lumen"] = {"interrupted": state.interrupts}
+                    return body
         finally:
             self._cleanup(state)
         raise APIError(500, "generation ended without a finish reason")
@@ -229,7 +232,10 @@ class Gateway:
                     break
                 n_tokens += len(ids)
                 if text or ids or finish:
-                    yield _sse(stream_chunk(req, text, ids, finish, first=first))
+                    chunk = stream_chunk(req, text, ids, finish, first=first)
+                    if state.interrupts:  # lumen extension: this request survived a worker failure
+                        chunk["lumen"] = {"interrupted": state.interrupts}
+                    yield _sse(chunk)
                     first = False
                 if finish:
                     if req.include_usage:

@@ -47,7 +47,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-tokens", type=int, default=None, help="prefill token budget per step")
     p.add_argument("--max-pending", type=int, default=1024, help="requests in flight before 429")
     p.add_argument("--hb-interval", type=float, default=0.1, help="heartbeat interval, seconds")
-    p.add_argument("--hb-misses", type=int, default=3, help="missed heartbeats before a worker is declared dead")
+    p.add_argument("--hb-misses", type=int, default=None,
+                   help="missed heartbeats before a worker is declared dead (default: 3 on GPU; 10 on CPU, where "
+                        "workers share a few cores with the gateway and a 300 ms scheduling stall is no failure)")
     p.add_argument("--fence-grace", type=float, default=0.0,
                    help="seconds a hung (fenced) worker may linger before it is killed")
     p.add_argument("--deterministic", action="store_true", help="float64 on CPU: bit-stable greedy outputs")
@@ -89,7 +91,8 @@ def build_config(args: argparse.Namespace) -> tuple[ClusterConfig, Tokenizer | N
         model=str(model_dir), served_model_name=args.served_model_name or (
             "default" if args.model == "default" else model_dir.name),
         num_workers=args.workers, devices=devices, policy=args.policy, host=args.host,
-        hb_interval_s=args.hb_interval, hb_misses=args.hb_misses, fence_grace_s=args.fence_grace,
+        hb_interval_s=args.hb_interval, hb_misses=args.hb_misses or (3 if on_gpu else 10),
+        fence_grace_s=args.fence_grace,
         block_size=args.block_size, num_blocks=args.num_blocks, max_batch=args.max_batch,
         chunk_tokens=args.chunk_tokens or (1024 if on_gpu else 256), deterministic=args.deterministic,
         dtype=dtype_name, max_model_len=max_len, ckpt_budget_bytes=int(args.ckpt_budget_gb * (1 << 30)),
