@@ -25,7 +25,7 @@ def _paged_partial(Q, K, V, BT, ROW_SEQ, CTX, ACC, ML,
                    stride_qr, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
                    num_splits, blocks_per_split, scale,
                    G: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr,
-                   IEEE: tl.constexpr):
+                   NB: tl.constexpr, IEEE: tl.constexpr):
     r = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -36,22 +36,25 @@ def _paged_partial(Q, K, V, BT, ROW_SEQ, CTX, ACC, ML,
     b1 = tl.minimum(b0 + blocks_per_split, n_blocks)
     gi = tl.arange(0, G_PAD)
     d = tl.arange(0, HD)
-    t = tl.arange(0, BS)
+    t = tl.arange(0, BS * NB)  # NB blocks per iteration: more bytes in flight per program
     qmask = gi < G
     q = tl.load(Q + r * stride_qr + (h * G + gi)[:, None] * stride_qh + d[None, :], mask=qmask[:, None], other=0.0)
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     lsum = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, HD], tl.float32)
-    for blk in range(b0, b1):
-        bid = tl.load(BT + seq * stride_bt + blk).to(tl.int64)
-        off = bid * stride_kb + t[:, None] * stride_ks + h * stride_kh + d[None, :]
-        k = tl.load(K + off)
-        v = tl.load(V + off)
+    for blk0 in range(b0, b1, NB):
+        blk = blk0 + t // BS
+        inb = blk < b1  # this split's blocks only (the next split starts at b1)
+        bid = tl.load(BT + seq * stride_bt + blk, mask=inb, other=0).to(tl.int64)
+        keep = inb & (blk * BS + t % BS < ctx)
+        off = bid[:, None] * stride_kb + (t % BS)[:, None] * stride_ks + h * stride_kh + d[None, :]
+        k = tl.load(K + off, mask=keep[:, None], other=0.0)
+        v = tl.load(V + off, mask=keep[:, None], other=0.0)
         if IEEE:
             sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
             sc = tl.dot(q, tl.trans(k)) * scale
-        sc = tl.where((blk * BS + t < ctx)[None, :], sc, float("-inf"))
+        sc = tl.where(keep[None, :], sc, float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(sc - m_new[:, None])
@@ -124,6 +127,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q, k_cache, v_cache, block_tables, row_seq, ctx_lens, acc, ml,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         num_splits, bps, scale if scale is not None else hd ** -0.5,
-        G=g, G_PAD=max(16, _pow2(g)), HD=hd, BS=bs, IEEE=q.dtype == torch.float32)
+        G=g, G_PAD=max(16, _pow2(g)), HD=hd, BS=bs, NB=max(1, 64 // bs), IEEE=q.dtype == torch.float32)
     _merge[(r, nh)](acc, ml, out, out.stride(0), out.stride(1), num_splits, HD=hd, S_PAD=_pow2(num_splits))
     return out
