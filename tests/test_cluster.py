@@ -229,3 +229,26 @@ def test_api_key_and_backpressure(tiny_dir):
         for t in threads:
             t.join(180)
         assert 429 in statuses and 200 in statuses
+
+
+def test_sigterm_drains_in_flight_requests(tiny_dir):
+    with run_cluster(tiny_dir, workers=2) as c:
+        box = {}
+        t = threading.Thread(target=lambda: box.update(r=c.stream_tokens(PROMPT, max_tokens=300, ignore_eos=True)))
+        t.start()
+        c.executor_of()
+        c.proc.send_signal(signal.SIGTERM)  # drain: the stream in flight still completes
+        t.join(120)
+        ids, finish, errors = box["r"]
+        assert not errors and finish == "length" and len(ids) == 300
+        assert c.proc.wait(timeout=60) == 0
+    # run_cluster's exit asserts that no worker process is left
+
+
+def test_default_model_answers_the_openai_client():
+    openai = pytest.importorskip("openai")
+    with run_cluster("default", workers=2, name="default") as c:
+        client = openai.OpenAI(base_url=c.url + "/v1", api_key="unused")
+        out = client.chat.completions.create(model="default", max_tokens=24, temperature=0,
+                                             messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in out.choices[0].message.content

@@ -20,6 +20,7 @@ class ClusterConfig:
     restart_backoff_s: float = 0.5
     startup_timeout_s: float = 600.0        # a new incarnation must say HELLO within this
     loading_hb_timeout_s: float = 30.0      # heartbeat budget while a worker loads (it holds no requests)
+    loop_stall_s: float = 120.0             # a worker whose engine loop has not turned for this long is dead
     pending_timeout_s: float = 120.0        # interrupted requests wait this long for a reloading worker
     # engine
     block_size: int = 16

@@ -398,7 +398,10 @@ class Controller:
                 if r.needs_placement:
                     r.needs_placement = False
                     self._place_checkpoint(r, w)
-            if finish:
+            if finish and str(finish).startswith("error:"):
+                log.error("request %s failed on worker %d: %s", rid, w.id, finish)
+                self._fail(r, 500, f"the worker could not run the request: {finish[6:]}")
+            elif finish:
                 r.done = True
                 self._release_holder(r)
                 r.events.put_nowait(("finish", str(finish)))
@@ -462,6 +465,9 @@ class Controller:
                     else max(budget, self.cfg.loading_hb_timeout_s)
                 if w.heard and now - w.last_hb > limit:
                     self._declare_dead(w, f"no heartbeat for {now - w.last_hb:.2f}s")
+                elif float(w.stats.get("loop_age_s", 0.0)) > self.cfg.loop_stall_s:
+                    # the heartbeat thread lives but the engine loop is stuck (a deadlock, a hung device)
+                    self._declare_dead(w, f"engine loop stalled for {w.stats['loop_age_s']:.0f}s")
                 elif not w.heard and now - w.spawned_at > self.cfg.startup_timeout_s:
                     self._declare_dead(w, f"silent for {now - w.spawned_at:.0f}s after start")
             self._expire_pending(now)

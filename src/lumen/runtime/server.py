@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 
 import torch
 import uvicorn
@@ -101,12 +103,28 @@ def build_config(args: argparse.Namespace) -> tuple[ClusterConfig, Tokenizer | N
     return cfg, tokenizer, mcfg.vocab_size
 
 
+class _DrainingServer(uvicorn.Server):
+    """uvicorn re-raises SIGINT/SIGTERM once its own shutdown is done, which would kill this process
+    before the workers are stopped; lumen handles the signals itself: HTTP drains, then the cluster."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
 async def serve(args: argparse.Namespace) -> int:
     cfg, tokenizer, vocab = build_config(args)
     launcher = LocalLauncher()
     controller = Controller(cfg, launcher, new_cluster_secret())
     gateway = Gateway(controller, tokenizer, vocab, cfg.max_model_len, api_key=args.api_key)
-    server = uvicorn.Server(uvicorn.Config(gateway.app, host=args.host, port=args.port, log_level="warning",
+    server = _DrainingServer(uvicorn.Config(gateway.app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=30, lifespan="off"))
     log.info("lumen: %d workers of %s on %s, policy %s", cfg.num_workers, cfg.model, ",".join(cfg.devices),
              cfg.policy)

@@ -75,6 +75,7 @@ class Heartbeat(threading.Thread):
         self.sock = DealerEndpoint(ctx, self.codec, controller)
         self.interval = interval
         self.stats: dict = {}
+        self.loop_at: float | None = None  # last turn of the worker's main loop (None while loading)
         self._stop = threading.Event()
 
     def run(self) -> None:
@@ -82,7 +83,10 @@ class Heartbeat(threading.Thread):
         while not self._stop.wait(self.interval):
             if os.getppid() != parent:  # the gateway is gone: do not linger as an orphan
                 os.kill(os.getpid(), signal.SIGKILL)
-            self.sock.send("HB", {"stats": self.stats})
+            stats = self.stats
+            if self.loop_at is not None:
+                stats = dict(stats, loop_age_s=round(time.monotonic() - self.loop_at, 3))
+            self.sock.send("HB", {"stats": stats})
 
     def stop(self) -> None:
         self._stop.set()
@@ -191,6 +195,7 @@ class Worker:
     def run(self) -> None:
         poller_timeout = 20
         while self.running:
+            self.hb.loop_at = time.monotonic()
             busy = self.engine is not None and self.engine.has_work()
             self._poll(timeout_ms=0 if busy else poller_timeout)
             if self.engine is not None and self.engine.has_work():
