@@ -4,6 +4,7 @@ in one run, and (GPU) beside the decode / prefill rooflines measured on the card
     python benchmarks/engine.py                         # CPU: the default model (SmolLM2-135M), fp32
     python benchmarks/engine.py --gpu --out gpu.json    # GPU: Qwen3-8B-shaped bf16 random weights
     python benchmarks/engine.py --smoke [--gpu]         # tiny preset, seconds: checks every code path
+    python benchmarks/engine.py --profile [--batch 32 | --prefill | --attn-micro]   # GPU diagnostics
 
 CPU: tokens/s of greedy generation (eos ignored, same prompts, same number of new tokens) for one
 request at a time and for the whole batch at once, lumen vs transformers, and the ratio.
@@ -33,6 +34,7 @@ import time
 import torch
 
 from lumen.engine import Engine, EngineConfig, SamplingParams
+from lumen.engine.model_runner import ForwardItem
 from lumen.model import load_model
 
 PROMPTS = [
@@ -207,6 +209,117 @@ def matmul_peak(dev: torch.device, n: int = 8192, dtype=torch.bfloat16) -> float
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
+# ----------------------------------------------------------------------------- diagnostics (GPU)
+
+def timeit(fn, n=20):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def attention_micro(batch: int, ctx: int, nkv: int = 8, g: int = 4, hd: int = 128) -> None:  # noqa: D401
+    """Decode attention variants at one shape (per layer call)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q = torch.randn(batch, nkv, g, hd, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, nkv, ctx, hd, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    mask = (torch.arange(ctx, device="cuda") < ctx - 100).view(1, 1, 1, ctx).expand(batch, 1, 1, ctx)
+    for name, be in [("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                     ("math", SDPBackend.MATH)]:
+        try:
+            with sdpa_kernel([be]):
+                print(f"  sdpa {name}: {timeit(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)) * 1e3:.1f} us")
+        except Exception as e:  # backend refuses the inputs
+            print(f"  sdpa {name}: n/a ({type(e).__name__})")
+
+    def manual(q, k, v, mask):
+        s = torch.matmul(q, k.transpose(-1, -2)) * hd ** -0.5
+        s = s.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(s, v)
+    print(f"  manual: {timeit(lambda: manual(q, k, v, mask)) * 1e3:.1f} us")
+    cm = torch.compile(manual, dynamic=False)
+    print(f"  manual compiled: {timeit(lambda: cm(q, k, v, mask)) * 1e3:.1f} us")
+
+
+def prefill_profile(spec: str) -> None:
+    loaded = load_model(spec, device="cuda", dtype=torch.bfloat16)
+    eng = Engine(loaded, EngineConfig(device="cuda", chunk_tokens=1024, gpu_memory_utilization=0.5))
+    sp = SamplingParams(max_tokens=1, ignore_eos=True)
+    for rep in range(2):
+        eng.add_request(f"p{rep}", list(range(10, 10 + 4096)), sp)
+        while eng.has_work():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            eng.step()
+            torch.cuda.synchronize()
+            print(f"chunk step {1e3 * (time.perf_counter() - t0):.1f} ms")
+    from torch.profiler import ProfilerActivity, profile
+    eng.add_request("p", list(range(10, 10 + 4096)), sp)
+    eng.step()
+    eng.step()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        eng.step()  # third chunk: 2048 tokens of context before it
+        torch.cuda.synchronize()
+    ev = prof.key_averages()
+    print(ev.table(sort_by="cuda_time_total", row_limit=15))
+    print(ev.table(sort_by="cpu_time_total", row_limit=12))
+
+
+def decode_profile(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="engine.py --profile")
+    ap.add_argument("--model", default="preset:qwen3-8b")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--attn-micro", action="store_true", help="only time decode attention variants")
+    ap.add_argument("--prefill", action="store_true", help="profile 1024-token prefill chunks instead")
+    a = ap.parse_args(argv)
+    if a.prefill:
+        return prefill_profile(a.model)
+    if a.attn_micro:
+        for b, c in [(1, 1024), (32, 1024), (128, 1024)]:
+            print(f"attention batch {b} ctx {c}")
+            attention_micro(b, c)
+        return
+    loaded = load_model(a.model, device="cuda", dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    eng = Engine(loaded, EngineConfig(device="cuda", max_batch=max(a.batch, 8), gpu_memory_utilization=0.5,
+                                      compile=not a.no_compile))
+    print(f"engine init {time.perf_counter() - t0:.1f} s, norms compiled: {eng.runner.norms_compiled}")
+    for i in range(a.batch):
+        eng.add_request(f"r{i}", list(range(10, 10 + a.prompt_len)), SamplingParams(max_tokens=1 << 20, ignore_eos=True))
+    t0 = time.perf_counter()
+    for _ in range(a.batch * a.prompt_len // eng.chunk_tokens + 6):
+        eng.step()
+    print(f"prefill + first decode steps (graph capture) {time.perf_counter() - t0:.1f} s")
+    print(f"engine.step(): {timeit(eng.step):.3f} ms")
+    seqs = list(eng.scheduler.running)
+    items = [ForwardItem([s.last_token], s.num_computed_tokens, s.block_table, 1) for s in seqs]
+    try:
+        print(f"runner.forward (graph + lm_head): {timeit(lambda: eng.runner.forward(items)):.3f} ms")
+    except Exception as e:  # diagnostics only
+        print(f"runner.forward failed: {e!r}")
+    graph = next(g for k, g in eng.runner._graphs.items() if k[0] >= a.batch)[0]
+    print(f"graph.replay(): {timeit(graph.replay):.3f} ms")
+    h = torch.randn(a.batch, loaded.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    print(f"lm_head: {timeit(lambda: loaded.model.logits(h)):.3f} ms")
+    eng.runner.use_graphs = False
+    print(f"eager forward: {timeit(lambda: eng.runner.forward(items), 5):.3f} ms")
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eng.runner.forward(items)
+        torch.cuda.synchronize()
+    ev = prof.key_averages()
+    print(f"kernels: {sum(e.count for e in ev if e.device_type.name == 'CUDA')}")
+    print(ev.table(sort_by="cuda_time_total", row_limit=12))
+
+
+
 # ----------------------------------------------------------------------------- modes
 
 def env_info(dev: torch.device) -> dict:
@@ -304,15 +417,24 @@ def run_gpu(args) -> dict:
                                       gpu_memory_utilization=args.gpu_mem))
     res["kv_blocks"] = eng.block_manager.num_blocks
     res["lumen"] = dict(decode=[], prefill=None)
+    kv_tok = cfg.kv_bytes_per_token(torch.bfloat16)
     for b in batches:
         r = lumen_decode_rate(eng, b, prompt_len, steps, cfg.vocab_size)
         r["fraction_of_roofline"] = r["steps_per_s"] / res["roofline"]["decode_steps_per_s"]
+        # At larger batches the KV read per step matters too: weights + every sequence's context.
+        ctx = prompt_len + steps // 2 + 8
+        r["roofline_with_kv_steps_per_s"] = bw / (wbytes + b * ctx * kv_tok)
+        r["fraction_of_roofline_with_kv"] = r["steps_per_s"] / r["roofline_with_kv_steps_per_s"]
         res["lumen"]["decode"].append(r)
         log(f"lumen decode {r}")
     r = lumen_prefill_rate(eng, chunk, 2 if args.smoke else 4, cfg.vocab_size)
     r["fraction_of_peak"] = r["tokens_per_s"] / res["roofline"]["prefill_tokens_per_s"]
     res["lumen"]["prefill"] = r
-    log(f"lumen prefill {r}")
+    log(f"lumen prefill (one long prompt in chunks) {r}")
+    r = lumen_prefill_rate(eng, chunk, 1, cfg.vocab_size)  # one chunk from position 0, like transformers'
+    r["fraction_of_peak"] = r["tokens_per_s"] / res["roofline"]["prefill_tokens_per_s"]
+    res["lumen"]["prefill_single_chunk"] = r
+    log(f"lumen prefill (single chunk) {r}")
     res["lumen"]["stats"] = {k: v for k, v in eng.stats().items() if isinstance(v, int | float)}
     del eng, loaded
     gc.collect()
@@ -336,6 +458,9 @@ def run_gpu(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--profile"]:  # where a step's time goes (GPU diagnostics, not a benchmark)
+        return decode_profile(argv[1:])
     ap = argparse.ArgumentParser(description="lumen engine vs transformers (and rooflines on GPU)")
     ap.add_argument("--gpu", action="store_true", help="GPU benchmark (default: CPU)")
     ap.add_argument("--smoke", action="store_true", help="tiny preset, a few seconds: checks the code paths")

@@ -480,3 +480,20 @@ def test_profile_engine_writes_the_fit_csv(tmp_path):
     assert tuple(got[0].keys()) == COLUMNS == ("num_prefill_tokens", "num_decode_seqs", "total_context_tokens",
                                                "step_time_s")
     assert len(got) == 3 and eng.block_manager.num_free == 64
+
+
+def test_rewind_page_export_and_decoding_sequences():
+    bs = 4
+    p = prompt_of(random.Random(21), 10)
+    eng = engine(block_size=bs)
+    eng.add_request("r", p, SamplingParams(max_tokens=12, ignore_eos=True))
+    eng.add_request("w", prompt_of(random.Random(22), 5), SamplingParams(max_tokens=12, ignore_eos=True))
+    _, first = _run_collecting_pages(eng, "r", 6)
+    assert len(first) >= 3 and eng.new_completed_pages("r") == []
+    eng.rewind_page_export("r", 1)  # a new holder: pages from index 1 on again
+    again = eng.new_completed_pages("r")
+    assert [pg.index for pg in again] == [pg.index for pg in first[1:]]
+    assert all(torch.equal(a.data, b.data) and a.tag == b.tag for a, b in zip(again, first[1:], strict=True))
+    eng.rewind_page_export("missing", 0)  # unknown ids are ignored
+    dec = dict(eng.decoding_sequences())
+    assert set(dec) == {"r", "w"} and dec["r"][:len(p)] == p
