@@ -441,6 +441,13 @@ def test_add_request_rejects_bad_input():
         eng.add_request("a", [3] * 40, GREEDY)
     with pytest.raises(ValueError, match="top_p"):
         eng.add_request("a", [3], SamplingParams(top_p=0.0))
+    for bad in ([3, 1.5], ["x"], [None], [True]):
+        with pytest.raises(ValueError, match="integers"):
+            eng.add_request("a", bad, GREEDY)
+    # garbage in place of pages is ignored (counted), never trusted
+    eng.add_request("g", [3] * 9, GREEDY, restored_pages=[None, "page", KVPage("g", 0, 4, b"", torch.zeros(3))])
+    assert eng.stats()["rejected_pages"] == 3 and eng.stats()["restored_pages"] == 0
+    assert not eng.propose("g", 9, [10**9])
     eng.add_request("a", [3], GREEDY)
     with pytest.raises(ValueError, match="duplicate"):
         eng.add_request("a", [3], GREEDY)

@@ -5,6 +5,7 @@ Not thread-safe: one caller drives it (the worker's loop), calling `step()` repe
 
 from __future__ import annotations
 
+import operator
 import random
 import time
 from dataclasses import dataclass
@@ -46,6 +47,13 @@ class StepOutput:
     token_ids: list[int]  # committed this step (1 .. K+1; empty only when finished without a token)
     finished: bool
     finish_reason: str | None  # "stop" | "length" | None
+
+
+def _token(t) -> int:
+    """An integer token id (ints, numpy / 0-d torch integers); floats, strings and bools are errors."""
+    if isinstance(t, bool):
+        raise TypeError(f"{t!r}")
+    return operator.index(t)
 
 
 def _unwrap(model_or_loaded):
@@ -148,8 +156,11 @@ class Engine:
         params = (params or SamplingParams()).validate()
         if req_id in self._seqs:
             raise ValueError(f"duplicate request id {req_id!r}")
-        prompt = [int(t) for t in prompt_ids]
-        generated = [int(t) for t in generated_ids]
+        try:
+            prompt = [_token(t) for t in prompt_ids]
+            generated = [_token(t) for t in generated_ids]
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"token ids must be integers: {e}") from None
         if not prompt:
             raise ValueError("empty prompt")
         n = len(prompt) + len(generated)
@@ -178,6 +189,9 @@ class Engine:
         kv_dtype = self.runner.kv_pool.dtype
         good: list[KVPage] = []
         prev = b""
+        n_given = len(pages)
+        pages = [p for p in pages if isinstance(p, KVPage) and isinstance(p.index, int)
+                 and isinstance(p.data, torch.Tensor)]
         for i, p in enumerate(sorted(pages, key=lambda p: p.index)):
             end = (i + 1) * bs
             if p.index != i or p.end_pos != end or end > len(seq):
@@ -194,7 +208,7 @@ class Engine:
             if p.tag != prev:
                 break
             good.append(KVPage(p.req_id, i, end, p.tag, data.reshape(shape)))
-        self._counters["rejected_pages"] += len(pages) - len(good)
+        self._counters["rejected_pages"] += n_given - len(good)
         return good
 
     def _on_admit(self, seq: Sequence) -> None:
