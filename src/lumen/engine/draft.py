@@ -39,8 +39,9 @@ class DraftProposer:
         if st is not None:
             self.bm.free(st)
 
-    def _sync(self, st: _DraftSeq, seq: Sequence) -> None:
-        """Adopt the target's tokens; keep draft KV only for the prefix both agree on."""
+    def _sync(self, st: _DraftSeq, seq: Sequence, known: int) -> None:
+        """Adopt the target's tokens; keep draft KV only for the prefix both agree on. The first
+        `known` tokens of seq are the target's own (later ones may be a caller's guesses)."""
         common = st.num_synced
         limit = min(len(st.token_ids), len(seq))
         while common < limit and st.token_ids[common] == seq.token_ids[common]:
@@ -48,11 +49,13 @@ class DraftProposer:
         # >= 1 token must run: its logits give the first proposal.
         st.num_computed = min(st.num_computed, common, len(seq) - 1)
         st.token_ids = list(seq.token_ids)
-        st.num_synced = len(seq)
+        st.num_synced = min(known, len(seq))
         self.bm.truncate(st, st.num_computed)
 
     @torch.inference_mode()
-    def propose(self, seqs: list[Sequence]) -> dict[Sequence, list[int]]:
+    def propose(self, seqs: list[Sequence], known: dict[str, int] | None = None) -> dict[Sequence, list[int]]:
+        """K greedy draft tokens for each sequence (batched). `known[req_id]`: how many leading tokens
+        are committed target tokens (default: all); tokens past it are re-checked at every call."""
         work: list[tuple[Sequence, _DraftSeq, int]] = []
         budget = self.chunk_tokens
         for seq in seqs:
@@ -62,7 +65,7 @@ class DraftProposer:
             st = self.states.get(seq.req_id)
             if st is None:
                 st = self.states[seq.req_id] = _DraftSeq(seq.req_id)
-            self._sync(st, seq)
+            self._sync(st, seq, len(seq) if known is None else known.get(seq.req_id, len(seq)))
             catch_up = len(seq) - st.num_computed
             # The last proposal is never run through the draft: KV up to len + k - 1.
             if catch_up > budget or not self.bm.ensure(st, len(seq) + k - 1):

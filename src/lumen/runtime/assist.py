@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..model import DenseKV
+from ..engine import SamplingParams
+from ..engine.draft import DraftProposer
+from ..engine.sequence import Sequence
 from ..model.loader import load_model
 from .transport import frame_ints, ints_frame
 
@@ -35,8 +37,9 @@ class Verifier:
         self.worker, self.peer, self.addr, self.k = worker, peer, addr, k
         self.sent_len: dict[str, int] = {}  # tokens of each request the drafter has
         self.proposals: dict[str, tuple[int, list[int]]] = {}
-        self.received = 0
-        self.stale = 0
+        # counted on the worker, so the figures outlive this pairing
+        worker.counters.setdefault("assist_proposals_received", 0)
+        worker.counters.setdefault("assist_proposals_stale", 0)
         log.info("verifying proposals from worker %d", peer)
 
     def on_proposals(self, msg) -> None:
@@ -50,7 +53,7 @@ class Verifier:
                 return
             self.proposals[rid] = (base_len, ids[pos:pos + k])
             pos += k
-            self.received += 1
+            self.worker.counters["assist_proposals_received"] += 1
 
     def before_step(self, engine) -> None:
         if not self.proposals:
@@ -64,7 +67,7 @@ class Verifier:
             # is still good for the rest if the tokens committed meanwhile are exactly its first ones.
             advanced = len(tokens) - base_len
             if advanced < 0 or tokens[base_len:] != toks[:advanced]:
-                self.stale += 1
+                self.worker.counters["assist_proposals_stale"] += 1
                 continue
             toks = toks[advanced:advanced + self.k]
             if toks:
@@ -93,37 +96,38 @@ class Verifier:
             # the drafter is slow or gone: start over with full contexts next time
             self.sent_len.clear()
 
-    def stats(self) -> dict:
-        return {"assist_proposals_received": self.received, "assist_proposals_stale": self.stale}
-
 
 class _DraftState:
-    """One mirrored request on the drafter: the partner's committed tokens, the drafter's own guess of
-    what comes next (`ahead`), and a draft KV cache holding a prefix of committed + ahead."""
+    """One mirrored request on the drafter: the partner's committed tokens and the drafter's own guess
+    of what comes next (`ahead`)."""
 
-    def __init__(self, cache: DenseKV):
+    def __init__(self) -> None:
         self.committed: list[int] = []
         self.ahead: list[int] = []
-        self.cache = cache
-        self.cached: list[int] = []  # the tokens whose KV is in the cache
         self.sent: tuple[int, int] = (-1, -1)  # (committed length, proposal length) last sent
 
 
 class Drafter:
     """Recovering side: a draft model that keeps drafting ahead of its partner.
 
-    Drafting is incremental: each round adds a token or two to every request's guess and re-sends
-    the proposal, so a proposal is never older than a couple of draft steps. When the partner's
-    committed tokens agree with the guess, the rest of the guess (and its KV) is kept; on the first
-    disagreement the guess is cut there. A draft faster than the target thus runs ahead of it, and
-    the partner verifies up to K of its tokens in each normal decode step.
+    Drafting is incremental and batched: each draft step runs ONE forward over every mirrored
+    request (the engine's DraftProposer, with its own paged KV) and appends one token to each guess,
+    and the proposals go out after every step, so none is older than a draft step. When the partner's
+    committed tokens agree with a guess, the rest of the guess and its KV are kept; on the first
+    disagreement the guess is cut there. A draft faster than the target runs ahead of it, and the
+    partner verifies up to K of its tokens in each normal decode step.
     """
 
-    def __init__(self, worker: Worker, draft_spec: str, k: int, max_ahead: int = 16, steps_per_round: int = 2):
+    def __init__(self, worker: Worker, draft_spec: str, k: int, max_ahead: int = 12):
         self.worker, self.k = worker, k
-        self.max_ahead, self.steps_per_round = max(max_ahead, k), steps_per_round
+        self.max_ahead = max(max_ahead, k)
         loaded = load_model(draft_spec, device=worker.device, dtype=worker.dtype, progress=False)
-        self.model, self.config = loaded.model, loaded.config
+        self.config = loaded.config
+        block = worker.args.block_size
+        num_blocks = max(256, (worker.args.num_blocks or 0) // 2, 4 * (self.config.max_position // block + 1))
+        self.proposer = DraftProposer(loaded.model, 1, block, num_blocks, chunk_tokens=1 << 14,
+                                      max_batch=MAX_MIRRORED)
+        self._params = SamplingParams(max_tokens=self.config.max_position)
         self.peer: int | None = None
         self.addr = ""
         self.states: dict[str, _DraftState] = {}
@@ -133,6 +137,8 @@ class Drafter:
 
     def pair(self, peer: int | None, addr: str) -> None:
         self.peer, self.addr = peer, addr
+        for rid in list(self.states):
+            self.proposer.release(rid)
         self.states.clear()
         if peer is not None:
             log.info("assisting worker %d", peer)
@@ -143,7 +149,8 @@ class Drafter:
         ids = frame_ints(msg.frames[0])
         pos = 0
         for rid in msg.body["drop"]:
-            self.states.pop(rid, None)
+            if self.states.pop(rid, None) is not None:
+                self.proposer.release(rid)
         for rid, total, n in msg.body["items"]:
             if not (isinstance(rid, str) and isinstance(total, int) and isinstance(n, int)) or n < 0 \
                     or pos + n > len(ids):
@@ -152,14 +159,12 @@ class Drafter:
             pos += n
             st = self.states.get(rid)
             if st is None or len(st.committed) + n != total:
-                if n != total:  # a gap: wait for the full resend
-                    self.states.pop(rid, None)
+                if n != total or total + self.max_ahead + 1 > self.config.max_position:
+                    self.states.pop(rid, None)  # a gap (wait for the full resend) or too long to draft
+                    self.proposer.release(rid)
                     continue
-                if total + self.max_ahead + 1 > self.config.max_position:
-                    continue
-                st = _DraftState(DenseKV(self.config, device=self.worker.device, dtype=self.worker.dtype,
-                                         capacity=min(self.config.max_position, 2 * total + 256)))
-                self.states[rid] = st
+                self.proposer.release(rid)
+                st = self.states[rid] = _DraftState()
             self._commit(st, tail)
 
     @staticmethod
@@ -173,15 +178,19 @@ class Drafter:
 
     @torch.inference_mode()
     def round(self) -> None:
-        """Extend every request's guess by a few draft steps and send the proposals that changed."""
+        """One batched draft step for every request whose guess is short, then send what changed."""
         if self.peer is None or not self.states:
             return
         t0 = time.monotonic()
+        todo = [(rid, st) for rid, st in list(self.states.items())[:MAX_MIRRORED] if len(st.ahead) < self.max_ahead]
+        if todo:
+            seqs = {rid: Sequence(rid, st.committed + st.ahead, self._params, 0, 0) for rid, st in todo}
+            proposals = self.proposer.propose(list(seqs.values()),
+                                              known={rid: len(st.committed) for rid, st in todo})
+            for rid, st in todo:
+                st.ahead.extend(proposals.get(seqs[rid], []))
         items, ids = [], []
-        for rid, st in list(self.states.items())[:MAX_MIRRORED]:
-            for _ in range(self.steps_per_round):
-                if len(st.ahead) >= self.max_ahead or not self._step(st):
-                    break
+        for rid, st in self.states.items():
             key = (len(st.committed), len(st.ahead))
             if st.ahead and key != st.sent:
                 st.sent = key
@@ -192,25 +201,6 @@ class Drafter:
             self.rounds += 1
             self.proposed += len(ids)
         self.busy_s += time.monotonic() - t0
-
-    def _step(self, st: _DraftState) -> bool:
-        """One draft forward: bring the cache up to committed + ahead, append the next guessed token."""
-        belief = st.committed + st.ahead
-        if len(belief) + 1 > st.cache.capacity:
-            return False
-        common = 0
-        limit = min(len(st.cached), len(belief))
-        while common < limit and st.cached[common] == belief[common]:
-            common += 1
-        common = min(common, len(belief) - 1)  # always run at least the last token for its logits
-        st.cache.truncate(common)
-        feed = belief[common:]
-        device = self.worker.device
-        hidden = self.model(torch.tensor(feed, dtype=torch.long, device=device),
-                            torch.arange(common, len(belief), dtype=torch.long, device=device), st.cache)
-        st.cached = list(belief)
-        st.ahead.append(int(self.model.logits(hidden[-1:]).argmax(-1).item()))
-        return True
 
     def stats(self) -> dict:
         return {"assist_rounds": self.rounds, "assist_proposed_tokens": self.proposed,

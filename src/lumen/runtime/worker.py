@@ -379,8 +379,6 @@ class Worker:
         if self.engine is not None:
             stats.update(self.engine.stats())
         stats.update({f"ckpt_{k}": v for k, v in self.store.stats().items() if isinstance(v, (int, float))})
-        if self.verifier is not None:
-            stats.update(self.verifier.stats())
         self.hb.stats = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
         now = time.monotonic()
         if now - self._last_ckpt_report > 0.2:
