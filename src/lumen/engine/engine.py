@@ -69,7 +69,10 @@ class Engine:
             raise ValueError("deterministic mode runs on CPU (float64)")
         dtype = torch.float64 if cfg.deterministic else cfg.dtype
         self.model = _unwrap(model)
-        self.model.to(device=dev, dtype=dtype) if dtype is not None else self.model.to(device=dev)
+        if dtype is not None:
+            self.model.to(device=dev, dtype=dtype)
+        else:
+            self.model.to(device=dev)
         self.model.eval()
         self.model_config = self.model.config
         self.device = dev
