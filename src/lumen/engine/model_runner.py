@@ -293,7 +293,9 @@ class ModelRunner:
         s = self._copy_stream
         s.wait_stream(cur)
         with torch.cuda.stream(s):
-            idx = torch.tensor(blocks, dtype=torch.int64).to(self.device, non_blocking=True)
+            # a pinned index: from pageable memory the copy would block the host until the GPU has
+            # drained the step queued so far, serialising every step that completes a page
+            idx = torch.tensor(blocks, dtype=torch.int64, pin_memory=True).to(self.device, non_blocking=True)
             dev_copy = self.kv_pool[:, :, idx].permute(2, 0, 1, 3, 4, 5).contiguous()
             host = torch.empty(dev_copy.shape, dtype=dev_copy.dtype, pin_memory=True)
             host.copy_(dev_copy, non_blocking=True)

@@ -83,9 +83,12 @@ class WorkerRecord:
     alive: bool = False                # process up (launcher's view)
     fenced: bool = True                # declared dead (or not started): its messages are ignored
     identity: bytes | None = None      # ROUTER identity of the incarnation's main socket
-    data_addr: str = ""
+    data_addr: str = ""                # PULL for assisted-recovery traffic
+    kv_addr: str = ""                  # PULL for checkpoint pages (its own thread on the worker)
     pid: int | None = None
     device: str = ""
+    host: str = ""                     # the incarnation's machine, as its launcher reports it
+    node: str | None = None            # node identity from the launcher (Ray); placement avoids same-node holders
     last_hb: float = 0.0
     stats: dict = field(default_factory=dict)
     ckpt_reserved: int = 0             # R_w, the controller's own bookkeeping
@@ -188,6 +191,7 @@ class Controller:
                           env={"LUMEN_CLUSTER_SECRET": secret_to_hex(self.secret)})
         handle = await self.launcher.start(spec)
         w.pid = handle.pid
+        w.host, w.node = handle.host, handle.node
         M.WORKER_STATE.labels(worker=str(w.id)).set(0)
 
     async def _restart_later(self, w: WorkerRecord) -> None:
@@ -243,6 +247,7 @@ class Controller:
         if t == "HELLO":
             w.identity = identity
             w.data_addr = msg.body["data_addr"]
+            w.kv_addr = msg.body["kv_addr"]
             w.pid = msg.body["pid"]
             w.device = msg.body["device"]
             log.info("worker %d epoch %d: pid %d on %s, data at %s", w.id, w.epoch, w.pid, w.device, w.data_addr)
@@ -315,7 +320,7 @@ class Controller:
                 id=w.id, state=w.state, epoch=w.epoch, alive=w.alive, waiting=waiting, running=running,
                 q_wait_s=float(w.stats.get("q_wait_s", 0.0)), ckpt_reserved_bytes=w.ckpt_reserved,
                 ckpt_budget_bytes=self.cfg.ckpt_budget_bytes, h2d_bytes_per_s=self.cfg.h2d_bytes_per_s,
-                node=self.cfg.node_of(w.id), partner=w.partner))
+                node=w.node or self.cfg.node_of(w.id), partner=w.partner))
         return ClusterView(tuple(workers), lam=self.cfg.lam)
 
     def in_flight(self) -> int:
@@ -422,7 +427,7 @@ class Controller:
         holder.ckpt_reserved += s
         r.holder, r.holder_epoch, r.reservation, r.valid_pages = h, holder.epoch, s, 0
         self._send(holder, "RESERVE", {"req": r.id, "bytes": s, "owner": executor.id})
-        self._send(executor, "HOLDER", {"req": r.id, "holder": h, "addr": holder.data_addr, "since": 0})
+        self._send(executor, "HOLDER", {"req": r.id, "holder": h, "addr": holder.kv_addr, "since": 0})
 
     def _release_holder(self, r: RequestState) -> None:
         if r.holder is None:
@@ -607,7 +612,9 @@ class Controller:
         for w in self.workers.values():
             workers.append({
                 "id": w.id, "state": w.state.value, "epoch": w.epoch, "alive": w.alive, "pid": w.pid,
-                "host": "127.0.0.1" if self.cfg.host in ("127.0.0.1", "localhost") else self.cfg.host,
+                "host": w.host if w.node else (
+                    "127.0.0.1" if self.cfg.host in ("127.0.0.1", "localhost") else self.cfg.host),
+                "node": w.node,
                 "device": w.device or self.cfg.device_for(w.id), "data_addr": w.data_addr,
                 "last_heartbeat_ms": round((now - w.last_hb) * 1000, 1), "partner": w.partner,
                 "load": {k: w.stats.get(k) for k in ("num_waiting", "num_running", "q_wait_s", "kv_usage")},

@@ -14,7 +14,7 @@ Control plane (controller ROUTER <-> worker DEALER):
     RESERVE / RELEASE   reserve / free host bytes for a request's checkpoint (on the holder)
     ASSIST  assisted recovery: pair / unpair a recovering worker and its partner
     SHUTDOWN
-Data plane (worker PUSH -> worker PULL):
+Data plane (worker PUSH -> worker PULL; pages have their own socket and threads, see kv_stream.py):
     PAGE    one KV page: req, index, end position, tag; frame = page bytes
     MIRROR  partner -> recovering worker: token ids of decoding requests (assisted recovery)
     PROPOSE recovering worker -> partner: K draft tokens per request
@@ -39,7 +39,7 @@ _params = (dict, 16)
 def build_schema() -> Schema:
     s = Schema()
     # worker -> controller
-    s.register("HELLO", {"worker": (int, U31), "pid": (int, U31), "data_addr": (str, 256),
+    s.register("HELLO", {"worker": (int, U31), "pid": (int, U31), "data_addr": (str, 256), "kv_addr": (str, 256),
                          "device": (str, 64), "host": (str, 256)}, frames=0)
     s.register("HB", {"stats": (dict, 64)}, frames=0)
     s.register("STATE", {"state": (str, 32), "info": (dict, 64)}, optional=("info",), frames=0)

@@ -27,6 +27,7 @@ from ..model.loader import build_model_from_host, read_config, read_weights_to_h
 from ..policy import WorkerState, features
 from .assist import Drafter, Verifier
 from .ckpt_store import CheckpointStore
+from .kv_stream import PageReceiver, PageSender
 from .model_dirs import resolve_model_dir
 from .protocol import MAX_CKPT_REPORT, SCHEMA
 from .transport import Codec, DealerEndpoint, PullEndpoint, PushPool, frame_ints, ints_frame, secret_from_env
@@ -98,6 +99,7 @@ class Worker:
         self.id, self.epoch = args.worker_id, args.epoch
         secret = secret_from_env()
         self.ctx = zmq.Context()
+        self._page_nbytes_cache: int | None = None
         self.codec = Codec(secret, f"w{self.id}", self.epoch, schema=SCHEMA)
         self.ctrl = DealerEndpoint(self.ctx, self.codec, args.controller)
         self.data = PullEndpoint(self.ctx, self.codec, host=args.host)
@@ -105,9 +107,10 @@ class Worker:
         self.hb = Heartbeat(self.ctx, secret, self.id, self.epoch, args.controller, args.hb_interval)
         self.features = features(args.policy)
         self.store = CheckpointStore(args.ckpt_budget_bytes)
+        self.kv_tx = PageSender(self.ctx, secret, self.id, self.epoch)
+        self.kv_rx = PageReceiver(self.ctx, secret, self.id, self.epoch, args.host, self.store, self._page_nbytes)
         self.engine: Engine | None = None
         self.holders: dict[str, tuple[int, str]] = {}  # req -> (holder id, data address)
-        self.pending_pages: list[tuple[str, KVPage]] = []
         self.drafter: Drafter | None = None
         self.verifier: Verifier | None = None
         self.device = args.device
@@ -117,15 +120,16 @@ class Worker:
             else torch.float32)
         self.state = WorkerState.DOWN
         self.running = True
-        self.counters = {"pages_sent": 0, "pages_refused": 0, "restored_requests": 0, "restored_pages": 0,
-                         "bad_commands": 0}
+        self.counters = {"restored_requests": 0, "restored_pages": 0, "bad_commands": 0}
         self._last_ckpt_report = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self.hb.start()
+        self.kv_tx.start()
+        self.kv_rx.start()
         self.ctrl.send("HELLO", {"worker": self.id, "pid": os.getpid(), "data_addr": self.data.address,
-                                 "device": self.device, "host": self.args.host})
+                                 "kv_addr": self.kv_rx.address, "device": self.device, "host": self.args.host})
         speculative_restart = self.features.speculation and self.epoch > 1 and self.args.draft_model
         if speculative_restart:
             self._load_progressively()
@@ -316,48 +320,30 @@ class Worker:
             self.engine.rewind_page_export(rid, since)
 
     def _stream_pages(self) -> None:
-        """Send newly completed pages of protected requests to their holders.
+        """Hand newly completed pages of protected requests to the sender thread.
 
-        Pages are copied device -> host by the engine asynchronously; a page is sent once its copy
-        has landed, so the engine step never waits on the network or on the copy.
+        The engine copies pages device -> host asynchronously; the sender waits for each copy, MACs
+        and sends it, so the engine step never waits on the copy, the MAC or the network.
         """
         if self.engine is None:
             return
-        for rid in list(self.holders):
+        for rid, (_, addr) in list(self.holders.items()):
             for page in self.engine.new_completed_pages(rid):
-                self.pending_pages.append((rid, page))
-        keep = []
-        for rid, page in self.pending_pages:
-            target = self.holders.get(rid)
-            if target is None:
-                continue
-            if not page.ready():
-                keep.append((rid, page))
-                continue
-            body = {"req": rid, "index": page.index, "end": page.end_pos, "tag": page.tag}
-            if self.push.send(target[1], "PAGE", body, [page.data.contiguous().view(torch.uint8).numpy()]):
-                self.counters["pages_sent"] += 1
-            else:
-                self.counters["pages_refused"] += 1  # holder slow or gone: that page stays invalid
-        self.pending_pages = keep
+                self.kv_tx.submit(addr, page)
 
     # ------------------------------------------------------------------ data plane
     def _on_data(self, msg) -> None:
         t = msg.type
-        if t == "PAGE":
-            b = msg.body
-            self.store.put_page(b["req"], b["index"], b["end"], b["tag"], msg.frames[0],
-                                expected_nbytes=self._page_nbytes())
-        elif t == "MIRROR" and self.drafter is not None:
+        if t == "MIRROR" and self.drafter is not None:
             self.drafter.on_mirror(msg)
         elif t == "PROPOSE" and self.verifier is not None:
             self.verifier.on_proposals(msg)
 
     def _page_nbytes(self) -> int:
-        if self.engine is not None:
-            return self.engine.model_config.kv_bytes_per_token(self.engine.model.dtype) * self.args.block_size
-        cfg = read_config(self.model_dir)
-        return cfg.kv_bytes_per_token(self.dtype) * self.args.block_size
+        if self._page_nbytes_cache is None:
+            cfg = read_config(self.model_dir)
+            self._page_nbytes_cache = cfg.kv_bytes_per_token(self.dtype) * self.args.block_size
+        return self._page_nbytes_cache
 
     def _on_assist(self, body: dict) -> None:
         role = body["role"]
@@ -374,8 +360,8 @@ class Worker:
 
     # ------------------------------------------------------------------ stats
     def _publish_stats(self) -> None:
-        stats = dict(self.counters)
-        stats.update({f"drop_{k}": v for k, v in self.codec.stats.items()})
+        stats = dict(self.counters, pages_sent=self.kv_tx.sent, pages_refused=self.kv_tx.refused)
+        stats.update({f"drop_{k}": v + self.kv_rx.codec.stats.get(k, 0) for k, v in self.codec.stats.items()})
         if self.engine is not None:
             stats.update(self.engine.stats())
         stats.update({f"ckpt_{k}": v for k, v in self.store.stats().items() if isinstance(v, (int, float))})
@@ -389,6 +375,8 @@ class Worker:
 
     def close(self) -> None:
         self.hb.stop()
+        self.kv_tx.stop()
+        self.kv_rx.stop()
         self.ctx.destroy(linger=0)
 
 
@@ -401,11 +389,20 @@ def main(argv=None) -> int:
         torch.set_num_threads(int(os.environ.get("LUMEN_WORKER_THREADS", "1")))
     worker = Worker(args)
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "running", False))
+    profile_dir = os.environ.get("LUMEN_WORKER_PROFILE")  # developer aid: cProfile of the whole worker
+    profiler = None
+    if profile_dir:
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         worker.start()
         worker.run()
     finally:
         worker.close()
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(profile_dir, f"worker{args.worker_id}.{args.epoch}.prof"))
     return 0
 
 
