@@ -38,6 +38,7 @@ class WorkerHandle:
     epoch: int
     pid: int
     host: str
+    node: str | None = None            # physical node identity (Ray node id); None = this machine
 
 
 class Launcher(ABC):

@@ -56,6 +56,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a hung (fenced) worker may linger before it is killed")
     p.add_argument("--deterministic", action="store_true", help="float64 on CPU: bit-stable greedy outputs")
     p.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], default=None)
+    p.add_argument("--launcher", choices=["local", "ray"], default="local",
+                   help="local: worker processes on this machine; ray: workers as Ray actors across the nodes "
+                        "of a Ray cluster (pip install 'lumen-serve[ray]'; see docs/multinode.md)")
+    p.add_argument("--ray-address", default=None,
+                   help="with --launcher ray: 'auto' (the cluster `ray start` runs on this node) or HOST:PORT "
+                        "of its head; default: a private single-node Ray started and stopped by lumen")
+    p.add_argument("--placement-strategy", choices=["SPREAD", "PACK"], default="SPREAD",
+                   help="with --launcher ray: spread workers over nodes (default) or pack them onto few")
 
 
 def _devices(arg: str | None) -> list[str]:
@@ -119,9 +127,33 @@ class _DrainingServer(uvicorn.Server):
                 loop.remove_signal_handler(sig)
 
 
+def _connect_ray(args: argparse.Namespace):
+    from .launcher_ray import RayLauncher
+
+    launcher = RayLauncher(address=args.ray_address, strategy=args.placement_strategy)
+    launcher.connect()
+    if args.devices is None:
+        # the driver may have no GPU while the workers' nodes do: ask the cluster, not this machine
+        args.devices = "cuda:0" if launcher.cluster_has_gpus() else "cpu"
+    return launcher
+
+
 async def serve(args: argparse.Namespace) -> int:
-    cfg, tokenizer, vocab = build_config(args)
-    launcher = LocalLauncher()
+    ray_launcher = _connect_ray(args) if getattr(args, "launcher", "local") == "ray" else None
+    try:
+        cfg, tokenizer, vocab = build_config(args)
+        if ray_launcher is not None:
+            from .launcher_ray import internal_host
+
+            # workers on other nodes must reach the controller's ROUTER: a loopback --host keeps only the
+            # HTTP gateway private, the internal sockets bind the driver's node IP (HMAC-authenticated)
+            cfg.host = internal_host(args.host, ray_launcher.node_ip())
+            await ray_launcher.prepare(cfg.num_workers, on_gpu=cfg.devices[0].startswith("cuda"))
+    except BaseException:
+        if ray_launcher is not None:
+            await ray_launcher.shutdown()
+        raise
+    launcher = ray_launcher or LocalLauncher()
     controller = Controller(cfg, launcher, new_cluster_secret())
     gateway = Gateway(controller, tokenizer, vocab, cfg.max_model_len, api_key=args.api_key)
     server = _DrainingServer(uvicorn.Config(gateway.app, host=args.host, port=args.port, log_level="warning",
