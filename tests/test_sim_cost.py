@@ -132,7 +132,7 @@ def test_cli_sweep_and_profile(tmp_path):
               "--profile", str(prof), "--no-plots", "--kv-tokens", "200000")
     assert simcli.run(a) == 0
     text = (tmp_path / "sw" / "sweep.csv").read_text().splitlines()
-    assert text[0].startswith("workers,policy,affected_ttft_mean_reduction_vs_sr")
+    assert text[0].startswith("workers,policy,affected_ttft_mean_change_vs_sr")
     assert len(text) == 3 and (tmp_path / "sw" / "workers=2" / "summary.json").exists()
     doc = json.loads((tmp_path / "sw" / "workers=4" / "summary.json").read_text())
     assert doc["meta"]["config"]["cost"] == "FittedCost"

@@ -21,7 +21,7 @@ from .cost import DEVICES, MODELS, load_profile
 from .experiment import Experiment, WorkloadSpec, run_experiment
 
 SWEEP_KEYS = ("workers", "qps", "qps-per-worker", "alpha", "k", "fail-count", "fail-frac")
-_REDUCTION_METRICS = ("affected_ttft_mean", "affected_tpot_mean", "recovery_time_s")
+_CHANGE_METRICS = ("affected_ttft_mean", "affected_tpot_mean", "recovery_time_s")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
                 if pol == "stop-restart":
                     continue
                 rows.append({key: v.strip(), "policy": pol,
-                             **{f"{m}_reduction_vs_sr": exp.reduction(pol, m) for m in _REDUCTION_METRICS}})
+                             **{f"{m}_change_vs_sr": exp.change(pol, m) for m in _CHANGE_METRICS}})
         _print_sweep(console, key, rows)
         if out:
             _write_rows(out / "sweep.csv", rows)
@@ -234,13 +234,13 @@ def _print_sim_stats(console, exp: Experiment) -> None:
 def _print_sweep(console, key: str, rows: list[dict]) -> None:
     from rich.table import Table
 
-    t = Table(title="reduction vs stop-restart (positive = better), mean over seeds")
+    t = Table(title="change vs stop-restart (the paper's convention: negative = better), mean over seeds")
     t.add_column(key)
     t.add_column("policy")
-    for m in _REDUCTION_METRICS:
+    for m in _CHANGE_METRICS:
         t.add_column(m, justify="right")
     for r in rows:
-        t.add_row(r[key], r["policy"], *(_pct(r[f"{m}_reduction_vs_sr"]) for m in _REDUCTION_METRICS))
+        t.add_row(r[key], r["policy"], *(_pct(r[f"{m}_change_vs_sr"]) for m in _CHANGE_METRICS))
     console.print(t)
 
 

@@ -43,13 +43,14 @@ class Experiment:
     def aggregate_of(self, policy: str) -> PolicyAggregate | None:
         return next((a for a in self.aggregates if a.policy == policy), None)
 
-    def reduction(self, policy: str, metric: str, vs: str = "stop-restart") -> float:
-        """(vs - policy) / vs of the mean over repeats: the paper's "-x%" figures, positive = better."""
+    def change(self, policy: str, metric: str, vs: str = "stop-restart") -> float:
+        """(policy - vs) / vs of the means over repeats, in the paper's convention: the paper's
+        "TTFT -44%" is -0.44 here (negative = better than `vs` for times)."""
         a, b = self.aggregate_of(policy), self.aggregate_of(vs)
         if a is None or b is None:
             return math.nan
         x, y = a.metrics[metric].mean, b.metrics[metric].mean
-        return (y - x) / y if y and math.isfinite(x) and math.isfinite(y) else math.nan
+        return (x - y) / y if y and math.isfinite(x) and math.isfinite(y) else math.nan
 
 
 def run_experiment(cfg: SimConfig, workload: WorkloadSpec, policies: Sequence[str],
