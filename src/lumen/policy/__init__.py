@@ -12,7 +12,9 @@ Usage (the live controller and the simulator call exactly these):
     partner = pick_partner(view, recovering_id=2); st = next_state(st, WorkerEvent.PAIRED)
 Policies: lumen, lumen-no-spec, spec-only, fixed-ckpt, stop-restart (`features(name)` says what
 each switches on). Nothing here does I/O or imports the rest of lumen; the functions only read
-their arguments. Rules and tie-breaking are documented on each function.
+their arguments. Rules and tie-breaking are documented on each function. Decisions read a columnar
+(numpy) form of the view; a caller with many decisions per second can keep a `ClusterTable`
+current in place and pass `table.view(lam)` instead (the simulator does; see view.py).
 """
 
 from .dispatch import dispatch_interrupted, route_new
