@@ -377,6 +377,9 @@ class Worker:
         self.hb.stop()
         self.kv_tx.stop()
         self.kv_rx.stop()
+        for thread in (self.kv_tx, self.kv_rx):  # their sockets must close before the context goes
+            if thread.is_alive():
+                thread.join(timeout=1.0)
         self.ctx.destroy(linger=0)
 
 
