@@ -229,6 +229,7 @@ class RayLauncher(Launcher):
         self.strategy = strategy
         self.pg_timeout_s = pg_timeout_s
         self.started_ray = False
+        self._initialised = False   # this launcher called ray.init (so it calls ray.shutdown)
         self.on_gpu = False
         self.resources: dict[str, float] = {}
         self._pg = None
@@ -244,10 +245,11 @@ class RayLauncher(Launcher):
         when no address is given (then `shutdown` stops it)."""
         ray = _require_ray()
         if ray.is_initialized():
-            return
+            return  # whoever initialised Ray owns it: shutdown() leaves it connected
         # "local" forces a fresh private instance: plain None would silently join whatever cluster
         # RAY_ADDRESS or the last `ray start` on this machine points at
         self.started_ray = not self.address
+        self._initialised = True
         ray.init(address=self.address or "local", namespace="lumen", log_to_driver=True)
         log.info("ray: %s cluster, driver on node %s (%s), resources %s",
                  "private" if self.started_ray else "joined", ray.get_runtime_context().get_node_id()[:12],
@@ -424,9 +426,10 @@ class RayLauncher(Launcher):
             except Exception:
                 pass
             self._pg = None
-        # a private Ray stops here; from a joined cluster this driver disconnects, which ends its job
-        # and with it any actor of ours that a lost kill left behind
-        ray.shutdown()
+        if self._initialised:
+            # a private Ray stops here; from a joined cluster this driver disconnects, which ends its
+            # job and with it any actor of ours that a lost kill left behind
+            ray.shutdown()
 
     @staticmethod
     async def _quiet(ref) -> None:
