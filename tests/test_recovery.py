@@ -164,3 +164,32 @@ def test_budget_exhaustion_runs_unprotected(tiny_dir):
         assert not errors and ids == reference
         for w in c.state()["workers"]:
             assert int(w["stats"].get("ckpt_reserved_bytes", 0)) <= int(w["stats"].get("ckpt_budget_bytes", 1))
+
+
+@pytest.mark.parametrize("policy,expect_busy_holder", [("lumen", False), ("fixed-ckpt", True)])
+def test_load_aware_placement_avoids_a_busy_worker(tiny_dir, policy, expect_busy_holder):
+    # small prefill chunks make worker 0's long prompt take a while, so its estimated wait is high
+    with run_cluster(tiny_dir, workers=3, policy=policy, extra=["--deterministic", "--chunk-tokens", "16"]) as c:
+        warm = [threading.Thread(target=c.complete, args=(PROMPT,), kwargs={"max_tokens": 4}) for _ in range(3)]
+        for t in warm:  # every worker measures its step times once
+            t.start()
+        for t in warm:
+            t.join(60)
+        busy = threading.Thread(target=c.complete, args=(list(range(100, 2000)),), kwargs={"max_tokens": 8})
+        busy.start()  # routed to worker 0 (all idle, lowest id); a 1,900-token prefill in 16-token chunks
+        deadline = time.monotonic() + 20
+        while c.worker(0)["load"]["q_wait_s"] in (None, 0, 0.0) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert c.worker(0)["load"]["q_wait_s"] > 0
+        streams = [_stream_in_thread(c, max_tokens=200)[0] for _ in range(2)]  # -> workers 1, then 2
+        deadline = time.monotonic() + 20
+        holder_of_2 = None
+        while time.monotonic() < deadline and holder_of_2 is None:
+            for r in c.state()["requests"]:
+                if r["executor"] == 2 and r["holder"] is not None:
+                    holder_of_2 = r["holder"]
+            time.sleep(0.01)
+        # fixed-ckpt: worker 2's ring neighbour is the busy worker 0; lumen: the idle worker 1
+        assert holder_of_2 == (0 if expect_busy_holder else 1)
+        for t in streams + [busy]:
+            t.join(120)
