@@ -1,40 +1,65 @@
-"""The default draft: a layer-truncated copy of the default target (see scripts/make_draft.py)."""
+"""The default draft: the default target with some decoder layers removed, stored in bf16.
+
+Which layers go is decided offline by scripts/make_draft.py (a greedy search on teacher-forced
+agreement with the target over target-generated text) and committed as data/default_draft.json;
+building the draft at prepare time is then a cheap, deterministic copy of the converted target.
+bf16 storage halves the bytes read when a restarted worker loads the draft (the loader casts to
+the runtime dtype).
+"""
 
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-DRAFT_FORMAT_VERSION = 1
-DRAFT_LAYERS = 8
+DRAFT_FORMAT_VERSION = 2
+RECIPE_FILE = "default_draft.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def truncate_layers(target_dir: Path, out: Path, layers: list[int]) -> None:
-    """Copy the target keeping only `layers` (renumbered 0..), plus embeddings, final norm and head."""
+def load_recipe() -> dict:
+    return json.loads(resources.files("lumen.model").joinpath("data", RECIPE_FILE).read_text())
+
+
+def copy_layers(target_dir: Path, out: Path, layers: list[int], dtype: torch.dtype = torch.float32,
+                name: str | None = None) -> None:
+    """Write a copy of an HF Llama/Qwen3 dir keeping only `layers` (renumbered 0..) + embeddings,
+    final norm and head, with tensors cast to `dtype`; tokenizer files are copied along."""
     cfg = json.loads((target_dir / "config.json").read_text())
-    keep = {f"model.layers.{src}.": f"model.layers.{dst}." for dst, src in enumerate(layers)}
+    n = int(cfg["num_hidden_layers"])
+    if not layers or sorted(set(layers)) != list(layers) or layers[-1] >= n or layers[0] < 0:
+        raise ValueError(f"layers must be increasing indices below {n}, got {layers}")
+    remap = {f"model.layers.{src}.": f"model.layers.{dst}." for dst, src in enumerate(layers)}
     state = {}
     with safe_open(str(target_dir / "model.safetensors"), framework="pt") as f:
-        for name in f.keys():
-            if name.startswith("model.layers."):
-                prefix = ".".join(name.split(".")[:3]) + "."
-                if prefix not in keep:
+        for key in f.keys():
+            if key.startswith("model.layers."):
+                prefix = ".".join(key.split(".")[:3]) + "."
+                if prefix not in remap:
                     continue
-                state[keep[prefix] + name[len(prefix):]] = f.get_tensor(name)
+                state[remap[prefix] + key[len(prefix):]] = f.get_tensor(key).to(dtype)
             else:
-                state[name] = f.get_tensor(name)
+                state[key] = f.get_tensor(key).to(dtype)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg["num_hidden_layers"] = len(layers)
-    cfg["_name_or_path"] = out.name
+    cfg["_name_or_path"] = name or out.name
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (out / name).write_bytes((target_dir / name).read_bytes())
+    for fname in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (target_dir / fname).is_file():
+            (out / fname).write_bytes((target_dir / fname).read_bytes())
 
 
-def build_draft(target_dir: Path, out: Path) -> dict:
-    layers = list(range(DRAFT_LAYERS))
-    truncate_layers(target_dir, out, layers)
-    return {"target": str(target_dir), "layers": layers}
+def build_draft(target_dir: Path, out: Path, recipe: dict | None = None) -> dict:
+    """Build the default draft from the converted target following the committed recipe."""
+    recipe = recipe or load_recipe()
+    n = json.loads((target_dir / "config.json").read_text())["num_hidden_layers"]
+    drop = set(recipe["drop_layers"])
+    layers = [i for i in range(n) if i not in drop]
+    copy_layers(target_dir, out, layers, _DTYPES[recipe.get("dtype", "float32")], name=out.name)
+    return {"target": str(target_dir), "layers": layers, "dtype": recipe.get("dtype", "float32")}

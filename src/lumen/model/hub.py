@@ -91,14 +91,16 @@ def _lock(directory: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _is_prepared(path: Path, version: int) -> bool:
+def _is_prepared(path: Path, version: int, recipe: dict | None = None) -> bool:
+    """Complete, current format, and (for the draft) built from the recipe committed now."""
     marker = path / _MARKER
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()).get("format") == version
+        info = json.loads(marker.read_text())
     except ValueError:
         return False
+    return info.get("format") == version and (recipe is None or info.get("recipe") == recipe)
 
 
 def _build(final: Path, version: int, build: Callable[[Path], dict]) -> None:
@@ -128,16 +130,17 @@ def _convert_target(out: Path) -> dict:
 
 def prepare_default(force: bool = False) -> Path:
     """Make sure the default target (and its draft) exist under $LUMEN_HOME/models; return the target dir."""
-    from .draft import DRAFT_FORMAT_VERSION, build_draft
+    from .draft import DRAFT_FORMAT_VERSION, build_draft, load_recipe
 
     target, draft = default_paths()
-    if not force and _is_prepared(target, FORMAT_VERSION) and _is_prepared(draft, DRAFT_FORMAT_VERSION):
+    if (not force and _is_prepared(target, FORMAT_VERSION)
+            and _is_prepared(draft, DRAFT_FORMAT_VERSION, load_recipe())):
         return target
     with _lock(target.parent):
         if force or not _is_prepared(target, FORMAT_VERSION):
             _build(target, FORMAT_VERSION, _convert_target)
-        if force or not _is_prepared(draft, DRAFT_FORMAT_VERSION):
-            _build(draft, DRAFT_FORMAT_VERSION, lambda out: build_draft(target, out))
+        if force or not _is_prepared(draft, DRAFT_FORMAT_VERSION, load_recipe()):
+            _build(draft, DRAFT_FORMAT_VERSION, lambda out: {**build_draft(target, out), "recipe": load_recipe()})
     return target
 
 
