@@ -57,6 +57,8 @@ class ModelConfig:
         rope_theta = d.get("rope_theta")
         if rope_theta is None:  # transformers >= 5 nests it under rope_parameters
             rope_theta = (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        if d.get("use_sliding_window"):
+            raise ValueError("sliding-window attention is not supported")
         # Only plain RoPE is implemented; refuse scaled variants rather than silently mis-rotate.
         scaling = d.get("rope_scaling") or d.get("rope_parameters") or {}
         if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):

@@ -19,7 +19,8 @@ class DenseKV:
     def __init__(self, cfg: ModelConfig, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, capacity: int | None = None) -> None:
         self.cfg = cfg
-        self.capacity = capacity or cfg.max_position
+        # Default capped at 4096 tokens: a full 40k-token cache of an 8B shape would take GBs.
+        self.capacity = capacity or min(cfg.max_position, 4096)
         shape = (self.capacity, cfg.num_kv_heads, cfg.head_dim)
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]

@@ -111,6 +111,8 @@ def _build(final: Path, version: int, build: Callable[[Path], dict]) -> None:
     try:
         info = build(tmp)
         (tmp / _MARKER).write_text(json.dumps({"format": version, **info}, indent=2) + "\n")
+        for f in tmp.iterdir():  # safetensors writes 0600; the cache may be shared by several users
+            f.chmod(0o644)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     finally:

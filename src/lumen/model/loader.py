@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from .config import PRESETS, ModelConfig
 from .decoder import Decoder
 from .tokenizer import Tokenizer
-from .weights import assemble, to_hf_state
+from .weights import assemble, hf_sources, to_hf_state
 
 PRESET_SEED = 1234
 
@@ -64,9 +64,11 @@ def _progress(total: int, desc: str, enabled: bool) -> Iterator:
     if not enabled:
         yield lambda _name: None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    # stderr, so a CLI's stdout (generated text, JSON) stays clean
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True) as bar:
+                  console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(desc, total=total)
         yield lambda _name: bar.advance(task)
 
@@ -91,7 +93,7 @@ def read_weights_to_host(path: str | Path, dtype: torch.dtype = torch.float32, p
             raise ValueError(f"{path}: tensor {name!r} missing from the checkpoint")
         return handles[where[name]].get_tensor(name)
 
-    n_src = sum(1 for k in where if k.startswith("model.") or k == "lm_head.weight")
+    n_src = sum(len(srcs) for srcs in hf_sources(cfg).values())
     with _progress(n_src, f"loading {path.name}", progress) as tick:
         return assemble(cfg, get, dtype, pin=pin, on_tensor=tick)
 
