@@ -115,6 +115,7 @@ class Worker:
         self.verifier: Verifier | None = None
         self.device = args.device
         self.page_shape: tuple = ()
+        self._poller: zmq.Poller | None = None
         self.dtype = DTYPES[args.dtype] if args.dtype else (
             torch.float64 if args.deterministic else torch.bfloat16 if args.device.startswith("cuda")
             else torch.float32)
@@ -213,10 +214,11 @@ class Worker:
             self._publish_stats()
 
     def _poll(self, timeout_ms: int) -> None:
-        poller = zmq.Poller()
-        poller.register(self.ctrl.socket, zmq.POLLIN)
-        poller.register(self.data.socket, zmq.POLLIN)
-        ready = dict(poller.poll(timeout_ms))
+        if self._poller is None:  # built once: this runs on every turn of the engine loop
+            self._poller = zmq.Poller()
+            self._poller.register(self.ctrl.socket, zmq.POLLIN)
+            self._poller.register(self.data.socket, zmq.POLLIN)
+        ready = dict(self._poller.poll(timeout_ms))
         if self.ctrl.socket in ready:
             while (msg := self.ctrl.recv(0)) is not None:
                 self._on_command(msg)
