@@ -72,11 +72,11 @@ class PageReceiver(threading.Thread):
         self.address = self.endpoint.address
         self.store = store
         self.page_nbytes = page_nbytes  # callable: the size a page of this model must have
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         try:
-            while not self._stop.is_set():
+            while not self._halt.is_set():
                 msg = self.endpoint.recv(timeout_ms=100)
                 if msg is None or msg.type != "PAGE":
                     continue
@@ -87,4 +87,4 @@ class PageReceiver(threading.Thread):
             self.endpoint.close()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()

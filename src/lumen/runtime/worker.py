@@ -77,11 +77,11 @@ class Heartbeat(threading.Thread):
         self.interval = interval
         self.stats: dict = {}
         self.loop_at: float | None = None  # last turn of the worker's main loop (None while loading)
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         parent = os.getppid()
-        while not self._stop.wait(self.interval):
+        while not self._halt.wait(self.interval):
             if os.getppid() != parent:  # the gateway is gone: do not linger as an orphan
                 os.kill(os.getpid(), signal.SIGKILL)
             stats = self.stats
@@ -90,7 +90,7 @@ class Heartbeat(threading.Thread):
             self.sock.send("HB", {"stats": stats})
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
 
 class Worker:
