@@ -132,6 +132,81 @@ def add_parser(subparsers) -> None:
                               description=_DEMO_DESC, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_args(d, demo=True)
     d.set_defaults(func=run, bench_demo=True)
+    _add_chaos(subparsers)
+
+
+def _add_chaos(subparsers) -> None:
+    from .chaos import FAULT_KINDS, ChaosConfig
+
+    d = ChaosConfig()
+    c = subparsers.add_parser("chaos", help="random faults under steady load: nothing may be lost",
+                              description=_CHAOS_DESC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--model", default=d.model, help="model for `lumen serve --model` (default: %(default)s)")
+    c.add_argument("--workers", type=int, default=d.workers, help="workers (default: %(default)s)")
+    c.add_argument("--policy", default=d.policy, help="recovery policy (default: %(default)s)")
+    c.add_argument("--devices", default=None, help="passed to `lumen serve --devices`")
+    c.add_argument("--url", default=None, help="attach to a running local cluster instead of starting one")
+    c.add_argument("--serve-args", default="", help="extra arguments for `lumen serve`, one shell-quoted string")
+    c.add_argument("--duration", type=float, default=d.duration, help="seconds of load and faults (default: %(default)s)")
+    c.add_argument("--qps", type=float, default=d.qps, help="mean request rate (default: %(default)s)")
+    c.add_argument("--lengths", default=d.lengths, help="length distribution (default: %(default)s)")
+    c.add_argument("--max-prompt", type=int, default=d.max_prompt, help="clip prompt tokens (default: %(default)s)")
+    c.add_argument("--max-output", type=int, default=d.max_output, help="clip output tokens (default: %(default)s)")
+    c.add_argument("--fault-every", type=float, default=d.fault_every,
+                   help="mean seconds between faults (default: %(default)s)")
+    c.add_argument("--min-serving", type=int, default=None,
+                   help="serving workers every fault leaves untouched (default: half of them, at least 1)")
+    c.add_argument("--kinds", default=",".join(d.kinds),
+                   help=f"comma-separated fault kinds (default: all: {','.join(FAULT_KINDS)})")
+    c.add_argument("--no-abuse", action="store_true", help="no disconnecting, non-reading or idle clients")
+    c.add_argument("--idle-connections", type=int, default=d.idle_connections, help="idle connections held open")
+    c.add_argument("--replay-sample", type=int, default=None,
+                   help="replay only this many requests (seeded sample) failure-free for the comparison (default: all)")
+    c.add_argument("--no-deterministic", action="store_true",
+                   help="serve in the fast mode (outputs are then not compared with the failure-free replay)")
+    c.add_argument("--seed", type=int, default=d.seed, help="seed of the workload and the fault schedule")
+    c.add_argument("--startup-timeout", type=float, default=d.startup_timeout_s, help="seconds to wait for the cluster")
+    c.add_argument("--out", default=None, help="output directory (default: runs/chaos-<timestamp>/)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=run_chaos_cli)
+
+
+_CHAOS_DESC = """\
+Start a cluster (or attach with --url), drive a steady open-loop load over the OpenAI API, and
+inject a seeded random schedule of faults meanwhile: SIGKILL of executors, holders, workers during
+a restore, recovering workers and their partners, two at once, and SIGSTOP hangs; always leaving
+serving workers untouched. Client abuse runs alongside. Afterwards the same requests are replayed
+without failures: in deterministic mode every output must be identical. Exit status 0 when nothing
+was lost, nothing differs and nothing was left behind (requests, reservations, pages); 1 otherwise.
+"""
+
+
+def run_chaos_cli(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .chaos import ChaosConfig, run_chaos
+    from .cluster import ClusterStartError
+
+    console = Console()
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        cfg = ChaosConfig(
+            model=args.model, workers=args.workers, policy=args.policy, devices=args.devices, url=args.url,
+            serve_args=shlex.split(args.serve_args), duration=args.duration, qps=args.qps, lengths=args.lengths,
+            max_prompt=args.max_prompt, max_output=args.max_output, fault_every=args.fault_every, min_serving=args.min_serving,
+            replay_sample=args.replay_sample,
+            kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), abuse=not args.no_abuse,
+            idle_connections=args.idle_connections, deterministic=not args.no_deterministic, seed=args.seed,
+            startup_timeout_s=args.startup_timeout, out=args.out, quiet=args.quiet)
+        report = run_chaos(cfg, console)
+    except (ValueError, FileNotFoundError, ClusterStartError) as e:
+        console.print(f"[red]lumen chaos: {e}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("[red]interrupted")
+        return 130
+    return 0 if report.passed else 1
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:

@@ -52,6 +52,7 @@ class ClientConfig:
     api_key: str | None = None
     extra_body: dict = field(default_factory=dict)
     seed: int = 0
+    keep_token_ids: bool = False  # fill LoadClient.token_ids (needs return_token_ids; lumen chaos compares them)
 
 
 def prompt_token_ids(spec: RequestSpec, token_id_range: tuple[int, int] = (100, 1000), seed: int = 0) -> list[int]:
@@ -79,6 +80,7 @@ class LoadClient:
         self.config = config
         self.model = config.model
         self._t0: float | None = None
+        self.token_ids: dict[int, list[int]] = {}  # req_id -> streamed ids, with keep_token_ids
 
     def now(self) -> float:
         """Seconds since the replay started (the clock of every record)."""
@@ -105,6 +107,9 @@ class LoadClient:
     async def _one(self, http: httpx.AsyncClient, spec: RequestSpec, rec: RequestRecord) -> None:
         """Run one request, filling ``rec`` in place (so a cancelled request keeps what it got)."""
         times: list[float] = []
+        ids: list[int] | None = self.token_ids.setdefault(spec.req_id, []) if self.config.keep_token_ids else None
+        if ids:
+            ids.clear()
         usage_tokens: int | None = None
         finished = False
         try:
@@ -136,6 +141,8 @@ class LoadClient:
                             usage_tokens = usage["completion_tokens"]
                         for choice in obj.get("choices") or ():
                             k = _tokens_in(choice)
+                            if ids is not None and isinstance(choice.get("token_ids"), list):
+                                ids.extend(choice["token_ids"])
                             if k:
                                 t = self.now()
                                 if rec.first_token is None:

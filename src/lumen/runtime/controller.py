@@ -625,5 +625,6 @@ class Controller:
                      "interrupts": r.interrupts} for r in self.requests.values() if not r.done]
         return {"policy": self.policy.value, "model": self.cfg.served_model_name, "workers": workers,
                 "control_addr": self.router.address if self.router else None,
+                "hb_deadline_s": self.cfg.hb_interval_s * self.cfg.hb_misses,
                 "requests": requests, "in_flight": len(requests), "stale_messages": self.stale_messages,
                 "unprotected_requests": self.unprotected, "transport_drops": dict(self.codec.stats)}
