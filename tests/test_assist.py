@@ -93,16 +93,31 @@ def test_assisted_requests_keep_their_output_and_gain_tokens_per_step(tiny_dir):
 
 
 def test_wrong_drafts_never_change_output(tiny_dir, noisy_draft_dir):
+    # Sampling (temperature > 0, fixed seed) through the assisted path too: the engine samples every
+    # position from its own seeded stream and accepts a drafted token only where it equals that
+    # sample, so a seeded request must come out token for token as without assistance; the engine's
+    # chi-square test (tests/test_engine.py) shows those samples follow the target distribution.
+    sampled_prompt, sampling = list(range(400, 432)), {"temperature": 0.9, "top_p": 0.95, "seed": 11}
     with run_cluster(tiny_dir, workers=2, policy="lumen", env={"LUMEN_FAULT_SLOW_RELOAD_S": "12"},
                      extra=["--deterministic", "--draft-model", noisy_draft_dir]) as c:
         reference = c.complete(PROMPT, max_tokens=1200, ignore_eos=True)["choices"][0]["token_ids"]
+        sampled_reference = c.complete(sampled_prompt, max_tokens=1200, ignore_eos=True,
+                                       **sampling)["choices"][0]["token_ids"]
+        assert sampled_reference != c.complete(sampled_prompt, max_tokens=1200, ignore_eos=True)["choices"][0]["token_ids"]
         t, box = _long_stream(c, 1200)
         partner = c.executor_of()
+        sampled_box = {}
+        ts = threading.Thread(target=lambda: sampled_box.update(r=c.stream_tokens(
+            sampled_prompt, max_tokens=1200, ignore_eos=True, **sampling)))
+        ts.start()
         c.kill(1 - partner)
         _wait_state(c, 1 - partner, "assisting")
         t.join(120)
+        ts.join(120)
         ids, finish, errors = box["r"]
         assert not errors and ids == reference
+        ids, finish, errors = sampled_box["r"]
+        assert not errors and ids == sampled_reference
         stats = _worker(c, partner)["stats"]
         assert stats["assist_proposals_received"] > 0
         # wrong proposals were met: dropped on arrival (they contradict tokens the partner had already

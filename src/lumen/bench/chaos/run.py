@@ -320,6 +320,8 @@ def _summarise(cfg: ChaosConfig, raw: dict) -> tuple[dict, list[str]]:
         "faults": {"injected": len(faults), "by_kind": dict(Counter(f.kind for f in faults)),
                    "workers_hit": sum(len(f.targets) for f in faults)},
         "recoveries": recoveries,
+        # restarts no injected fault explains (e.g. a worker declared dead on missed heartbeats under load)
+        "unplanned_restarts": max(0, recoveries - len(detect)),
         "detection_s": {"n": len(detect), "p50": _q(detect, 50), "p99": _q(detect, 99), "max": max(detect, default=None)},
         "recovery_s": {"n": len(recover), "p50": _q(recover, 50), "p99": _q(recover, 99), "max": max(recover, default=None)},
         "abuse": dict(raw["abuse"]),
@@ -343,7 +345,7 @@ def _render(console, summary: dict, problems: list[str]) -> None:
         t.add_row("  error", f"{n} × {why}")
     t.add_row("outputs vs failure-free", f"{o['differ']} of {o['compared']} differ" if o["checked"] else "not checked")
     t.add_row("faults", f"{f['injected']} ({', '.join(f'{k} {n}' for k, n in sorted(f['by_kind'].items()))})")
-    t.add_row("recoveries", str(summary["recoveries"]))
+    t.add_row("recoveries", f"{summary['recoveries']} ({summary['unplanned_restarts']} not caused by an injected fault)")
     d, rc = summary["detection_s"], summary["recovery_s"]
     t.add_row("detection p50 / p99", f"{d['p50']} / {d['p99']} s (n={d['n']})")
     t.add_row("recovery p50 / p99", f"{rc['p50']} / {rc['p99']} s (n={rc['n']})")
