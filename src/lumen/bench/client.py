@@ -36,7 +36,7 @@ import numpy as np
 from lumen.metrics import RequestRecord
 from lumen.workload import RequestSpec
 
-__all__ = ["ClientConfig", "LoadClient", "prompt_token_ids", "replay", "server_model"]
+__all__ = ["ClientConfig", "LoadClient", "prompt_token_ids", "replay", "server_info", "server_model"]
 
 
 @dataclass
@@ -81,6 +81,7 @@ class LoadClient:
         self.model = config.model
         self._t0: float | None = None
         self.token_ids: dict[int, list[int]] = {}  # req_id -> streamed ids, with keep_token_ids
+        self.token_id_range = config.token_id_range  # narrowed to the served vocabulary when it is smaller
 
     def now(self) -> float:
         """Seconds since the replay started (the clock of every record)."""
@@ -92,7 +93,7 @@ class LoadClient:
         c = self.config
         body = {
             "model": self.model,
-            "prompt": prompt_token_ids(spec, c.token_id_range, c.seed),
+            "prompt": prompt_token_ids(spec, self.token_id_range, c.seed),
             "max_tokens": spec.output_tokens,
             "temperature": 0.0,
             "stream": True,
@@ -228,8 +229,13 @@ class LoadClient:
                 tasks.append(asyncio.create_task(run(spec)))
 
         async with httpx.AsyncClient(base_url=c.url, limits=limits, timeout=timeout, headers=headers) as http:
+            info = await server_info(http)
             if self.model is None:
-                self.model = (await server_model(http))[0] or "default"
+                self.model = info.get("id") or "default"
+            vocab = info.get("vocab_size")
+            lo, hi = self.token_id_range
+            if isinstance(vocab, int) and 0 < vocab < hi:  # e.g. a tiny test model: stay inside its vocabulary
+                self.token_id_range = (min(lo, vocab // 4), vocab)
             self._t0 = time.monotonic()
             if on_start:
                 on_start(self._t0)
@@ -248,17 +254,23 @@ class LoadClient:
         return [records[s.req_id] for s in sorted(specs, key=lambda s: s.req_id)]
 
 
-async def server_model(http: httpx.AsyncClient) -> tuple[str | None, int | None]:
-    """(model id, max_model_len) from ``GET /v1/models`` (first entry); (None, None) if unavailable."""
+async def server_info(http: httpx.AsyncClient) -> dict:
+    """The first entry of ``GET /v1/models`` (id, max_model_len, lumen's vocab_size); {} if unavailable."""
     try:
         r = await http.get("/v1/models")
         data = r.json().get("data") if r.status_code == 200 else None
         if isinstance(data, list) and data and isinstance(data[0], dict):
-            mml = data[0].get("max_model_len")
-            return data[0].get("id"), mml if isinstance(mml, int) else None
+            return data[0]
     except (httpx.HTTPError, ValueError, AttributeError):
         pass
-    return None, None
+    return {}
+
+
+async def server_model(http: httpx.AsyncClient) -> tuple[str | None, int | None]:
+    """(model id, max_model_len) from ``GET /v1/models`` (first entry); (None, None) if unavailable."""
+    info = await server_info(http)
+    mml = info.get("max_model_len")
+    return info.get("id"), mml if isinstance(mml, int) else None
 
 
 def _tokens_in(choice: dict) -> int:

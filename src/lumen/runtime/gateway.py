@@ -87,7 +87,8 @@ class Gateway:
         @app.get("/v1/models")
         async def models():
             return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
-                                                "owned_by": "lumen", "max_model_len": self.max_model_len}]}
+                                                "owned_by": "lumen", "max_model_len": self.max_model_len,
+                                                "vocab_size": self.vocab_size}]}
 
         @app.get("/metrics")
         async def metrics():

@@ -197,7 +197,10 @@ async def _chaos(url: str, cfg: ChaosConfig, server_pid: int | None, console) ->
         hb_deadline = cfg.hb_deadline_s or float(cluster.get("hb_deadline_s") or 2.0)
         # warm-up (not recorded), then the resource baseline
         warm = LoadClient(ClientConfig(url=url, model=model, keep_token_times=False))
-        await warm.replay([RequestSpec(-(i + 1), 0.0, 16, 4) for i in range(2 * cfg.workers)])
+        warmed = await warm.replay([RequestSpec(-(i + 1), 0.0, 16, 4) for i in range(2 * n_workers)])
+        failed = [r.error for r in warmed if r.error]
+        if failed:  # a workload the cluster refuses would only measure its refusals
+            raise ValueError(f"{len(failed)} of {len(warmed)} warm-up requests failed, e.g. {failed[0]}")
         start_stats = snapshot(server_pid, cluster)
 
         client = LoadClient(ClientConfig(url=url, model=model, request_timeout_s=cfg.request_timeout_s,
