@@ -115,3 +115,38 @@ async def wait_drained(http: httpx.AsyncClient, timeout: float) -> tuple[dict, l
         if not left or time.monotonic() > deadline:
             return c, left
         await asyncio.sleep(0.5)
+
+
+class ProcessTracker:
+    """Samples RSS / FDs / threads of the gateway and of every serving worker process every ``period``
+    seconds, keeping each process's first sample (once it serves) and its latest: a leak shows as
+    growth within one long-lived process, which start/end snapshots across restarts cannot show."""
+
+    def __init__(self, server_pid: int | None, period: float = 5.0) -> None:
+        self.server_pid, self.period = server_pid, period
+        self.procs: dict[int, dict] = {}
+
+    def sample(self, cluster: dict, now: float) -> None:
+        named = [("gateway", self.server_pid)] if self.server_pid else []
+        named += [(f"worker{w['id']}", w.get("pid")) for w in cluster.get("workers", [])
+                  if w.get("state") == "serving" and isinstance(w.get("pid"), int)]
+        for name, pid in named:
+            stats = process_stats(pid)
+            if stats is None:
+                continue
+            rec = self.procs.setdefault(pid, {"name": name, "pid": pid, "t_first": now, "first": stats})
+            rec["t_last"], rec["last"] = now, stats
+
+    async def run(self, monitor: Monitor) -> None:
+        while True:
+            self.sample(monitor.last, monitor.now())
+            await asyncio.sleep(self.period)
+
+    def longest_lived(self) -> list[dict]:
+        """Per name (the gateway, each worker id), the process that was sampled over the longest time."""
+        best: dict[str, dict] = {}
+        for rec in self.procs.values():
+            life = rec["t_last"] - rec["t_first"]
+            if rec["name"] not in best or life > best[rec["name"]]["lived_s"]:
+                best[rec["name"]] = {**rec, "lived_s": round(life, 1)}
+        return [best[k] for k in sorted(best)]

@@ -53,7 +53,7 @@ from ..client import ClientConfig, LoadClient
 from ..cluster import ClusterProcess, free_port, serve_command, wait_ready
 from ..faults import LOCAL_HOSTS
 from . import abuse as abusers
-from .observe import Monitor, snapshot, wait_all_serving, wait_drained
+from .observe import Monitor, ProcessTracker, snapshot, wait_all_serving, wait_drained
 from .planner import FAULT_KINDS, FaultPlanner
 
 __all__ = ["ChaosConfig", "ChaosReport", "Fault", "run_chaos", "run_chaos_async"]
@@ -202,6 +202,7 @@ async def _chaos(url: str, cfg: ChaosConfig, server_pid: int | None, console) ->
         if failed:  # a workload the cluster refuses would only measure its refusals
             raise ValueError(f"{len(failed)} of {len(warmed)} warm-up requests failed, e.g. {failed[0]}")
         start_stats = snapshot(server_pid, cluster)
+        tracker = ProcessTracker(server_pid)
 
         client = LoadClient(ClientConfig(url=url, model=model, request_timeout_s=cfg.request_timeout_s,
                                          keep_token_ids=True, seed=cfg.seed))
@@ -234,6 +235,7 @@ async def _chaos(url: str, cfg: ChaosConfig, server_pid: int | None, console) ->
             def started(t0: float) -> None:
                 t0_box["t0"] = t0
                 side.append(asyncio.create_task(monitor.run()))
+                side.append(asyncio.create_task(tracker.run(monitor)))
                 side.append(asyncio.create_task(schedule()))
                 if cfg.abuse:
                     side.append(asyncio.create_task(abusers.disconnectors(url, model, stop_abuse, abuse, random.Random(cfg.seed + 1))))
@@ -244,7 +246,7 @@ async def _chaos(url: str, cfg: ChaosConfig, server_pid: int | None, console) ->
                 records = await client.replay(specs, on_done=lambda r: progress.advance(bar), on_start=started)
             finally:
                 stop_abuse.set()
-                for t in side[:2]:
+                for t in side[:3]:
                     t.cancel()
                 await asyncio.gather(*side, return_exceptions=True)  # SIGCONTs run even when cancelled
 
@@ -265,6 +267,7 @@ async def _chaos(url: str, cfg: ChaosConfig, server_pid: int | None, console) ->
         end_cluster, leftovers = await wait_drained(http, 30.0)
         problems += [f"left behind: {x}" for x in leftovers]
         end_stats = snapshot(server_pid, end_cluster)
+        tracker.sample(end_cluster, monitor.now())
 
         # The failure-free replay: same prompts, one request at a time, on the recovered cluster.
         replay_client = LoadClient(ClientConfig(url=url, model=model, keep_token_ids=True, keep_token_times=False,
@@ -278,7 +281,7 @@ async def _chaos(url: str, cfg: ChaosConfig, server_pid: int | None, console) ->
             b2 = p2.add_task("replay", total=len(sequential))
             replayed = await replay_client.replay(sequential, on_done=lambda r: p2.advance(b2))
     return dict(specs=specs, records=records, ids=client.token_ids, replayed=replayed, replay_ids=replay_client.token_ids,
-                faults=faults, abuse=abuse, start_stats=start_stats, end_stats=end_stats, problems=problems,
+                faults=faults, abuse=abuse, start_stats=start_stats, end_stats=end_stats, longest=tracker.longest_lived(), problems=problems,
                 restarts={w["id"]: w["epoch"] for w in end_cluster["workers"]},
                 start_epochs={w["id"]: w["epoch"] for w in cluster["workers"]}, hb_deadline=hb_deadline)
 
@@ -328,7 +331,7 @@ def _summarise(cfg: ChaosConfig, raw: dict) -> tuple[dict, list[str]]:
         "detection_s": {"n": len(detect), "p50": _q(detect, 50), "p99": _q(detect, 99), "max": max(detect, default=None)},
         "recovery_s": {"n": len(recover), "p50": _q(recover, 50), "p99": _q(recover, 99), "max": max(recover, default=None)},
         "abuse": dict(raw["abuse"]),
-        "processes": {"start": raw["start_stats"], "end": raw["end_stats"]},
+        "processes": {"start": raw["start_stats"], "end": raw["end_stats"], "longest_lived": raw["longest"]},
         "hb_deadline_s": raw["hb_deadline"],
     }
     return summary, problems
@@ -358,6 +361,10 @@ def _render(console, summary: dict, problems: list[str]) -> None:
         a, b = start.get(name) or {}, end.get(name) or {}
         t.add_row(name, f"RSS {a.get('rss_mib')} → {b.get('rss_mib')} MiB, FDs {a.get('fds')} → {b.get('fds')}, "
                         f"threads {a.get('threads')} → {b.get('threads')}" + ("" if a.get("pid") == b.get("pid") else " (restarted)"))
+    for rec in summary["processes"].get("longest_lived", []):
+        a, b = rec["first"], rec["last"]
+        t.add_row(f"{rec['name']} longest-lived", f"pid {rec['pid']}, {rec['lived_s']:g} s: RSS {a['rss_mib']} → "
+                  f"{b['rss_mib']} MiB, FDs {a['fds']} → {b['fds']}, threads {a['threads']} → {b['threads']}")
     console.print(t)
     console.print("[green]PASS: nothing lost, nothing left behind" if not problems else
                   "[red]FAIL:\n  " + "\n  ".join(problems))
