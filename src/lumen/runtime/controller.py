@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -252,10 +253,11 @@ class Controller:
             w.device = msg.body["device"]
             log.info("worker %d epoch %d: pid %d on %s, data at %s", w.id, w.epoch, w.pid, w.device, w.data_addr)
         elif t == "HB":
-            self._count_spec(w, msg.body["stats"])
-            w.stats = msg.body["stats"]
+            stats = _clean_stats(msg.body["stats"])
+            self._count_spec(w, stats)
+            w.stats = stats
         elif t == "STATE":
-            self._on_state(w, msg.body["state"], msg.body.get("info") or {})
+            self._on_state(w, msg.body["state"], _clean_stats(msg.body.get("info") or {}, numbers_only=True))
         elif t == "OUT":
             self._on_output(w, msg)
         elif t == "CKPT":
@@ -318,7 +320,7 @@ class Controller:
                         running += 1
             workers.append(WorkerView(
                 id=w.id, state=w.state, epoch=w.epoch, alive=w.alive, waiting=waiting, running=running,
-                q_wait_s=float(w.stats.get("q_wait_s", 0.0)), ckpt_reserved_bytes=w.ckpt_reserved,
+                q_wait_s=_num(w.stats, "q_wait_s"), ckpt_reserved_bytes=w.ckpt_reserved,
                 ckpt_budget_bytes=self.cfg.ckpt_budget_bytes, h2d_bytes_per_s=self.cfg.h2d_bytes_per_s,
                 node=w.node or self.cfg.node_of(w.id), partner=w.partner))
         return ClusterView(tuple(workers), lam=self.cfg.lam)
@@ -454,29 +456,35 @@ class Controller:
             await asyncio.sleep(interval)
             now = time.monotonic()
             lag, last = now - last - interval, now
-            if lag > interval:
-                # this loop was starved itself: heartbeats may be queued unread; judge next round
-                for w in self.workers.values():
-                    w.last_hb = max(w.last_hb, now - interval)
+            try:
+                if lag > interval:
+                    # this loop was starved itself: heartbeats may be queued unread; judge next round
+                    for w in self.workers.values():
+                        w.last_hb = max(w.last_hb, now - interval)
+                else:
+                    self._check_workers(now, budget)
+                    self._expire_pending(now)
+                self._refresh_gauges()
+            except Exception:  # failure detection must outlive any bug in one round of it
+                log.exception("error in the failure detector")
+
+    def _check_workers(self, now: float, budget: float) -> None:
+        for w in self.workers.values():
+            if w.fenced or not w.alive or self._stopping:
                 continue
-            for w in self.workers.values():
-                if w.fenced or not w.alive or self._stopping:
-                    continue
-                # before its first word a starting process is covered by the sentinel (a crash) and
-                # by a start-up deadline (a hang while importing or loading)
-                # a loading worker holds no requests: a slow verdict costs nothing there, a false one a
-                # whole reload, so only workers that serve or assist are held to the tight budget
-                limit = budget if w.state in (WorkerState.SERVING, WorkerState.ASSISTING) \
-                    else max(budget, self.cfg.loading_hb_timeout_s)
-                if w.heard and now - w.last_hb > limit:
-                    self._declare_dead(w, f"no heartbeat for {now - w.last_hb:.2f}s")
-                elif float(w.stats.get("loop_age_s", 0.0)) > self.cfg.loop_stall_s:
-                    # the heartbeat thread lives but the engine loop is stuck (a deadlock, a hung device)
-                    self._declare_dead(w, f"engine loop stalled for {w.stats['loop_age_s']:.0f}s")
-                elif not w.heard and now - w.spawned_at > self.cfg.startup_timeout_s:
-                    self._declare_dead(w, f"silent for {now - w.spawned_at:.0f}s after start")
-            self._expire_pending(now)
-            self._refresh_gauges()
+            # before its first word a starting process is covered by the sentinel (a crash) and
+            # by a start-up deadline (a hang while importing or loading)
+            # a loading worker holds no requests: a slow verdict costs nothing there, a false one a
+            # whole reload, so only workers that serve or assist are held to the tight budget
+            limit = budget if w.state in (WorkerState.SERVING, WorkerState.ASSISTING) \
+                else max(budget, self.cfg.loading_hb_timeout_s)
+            if w.heard and now - w.last_hb > limit:
+                self._declare_dead(w, f"no heartbeat for {now - w.last_hb:.2f}s")
+            elif _num(w.stats, "loop_age_s") > self.cfg.loop_stall_s:
+                # the heartbeat thread lives but the engine loop is stuck (a deadlock, a hung device)
+                self._declare_dead(w, f"engine loop stalled for {_num(w.stats, 'loop_age_s'):.0f}s")
+            elif not w.heard and now - w.spawned_at > self.cfg.startup_timeout_s:
+                self._declare_dead(w, f"silent for {now - w.spawned_at:.0f}s after start")
 
     def _expire_pending(self, now: float) -> None:
         if not self.pending:
@@ -601,10 +609,19 @@ class Controller:
                     running += 1
         M.RUNNING.set(running)
         M.WAITING.set(waiting)
-        usages = [float(w.stats.get("kv_usage", 0.0)) for w in self.serving_workers()]
+        usages = [_num(w.stats, "kv_usage") for w in self.serving_workers()]
         M.KV_USAGE.set(sum(usages) / len(usages) if usages else 0.0)
         M.CKPT_RESERVED.set(sum(w.ckpt_reserved for w in self.workers.values()))
-        M.CKPT_STORED.set(sum(int(w.stats.get("ckpt_stored_bytes", 0)) for w in self.workers.values()))
+        M.CKPT_STORED.set(sum(_num(w.stats, "ckpt_stored_bytes") for w in self.workers.values()))
+        # messages dropped by the transport (bad MAC, replay, malformed, ...): the controller's own socket,
+        # and each worker's sockets as its last heartbeat reported them
+        for reason, n in self.codec.stats.items():
+            M.TRANSPORT_DROPS.labels(process="controller", reason=reason).set(n)
+        for w in self.workers.values():
+            for reason in self.codec.stats:
+                if f"drop_{reason}" in w.stats:
+                    M.TRANSPORT_DROPS.labels(process=f"worker{w.id}", reason=reason).set(
+                        _num(w.stats, f"drop_{reason}"))
 
     def cluster_json(self) -> dict:
         now = time.monotonic()
@@ -615,7 +632,7 @@ class Controller:
                 "host": w.host if w.node else (
                     "127.0.0.1" if self.cfg.host in ("127.0.0.1", "localhost") else self.cfg.host),
                 "node": w.node,
-                "device": w.device or self.cfg.device_for(w.id), "data_addr": w.data_addr,
+                "device": w.device or self.cfg.device_for(w.id), "data_addr": w.data_addr, "kv_addr": w.kv_addr,
                 "last_heartbeat_ms": round((now - w.last_hb) * 1000, 1), "partner": w.partner,
                 "load": {k: w.stats.get(k) for k in ("num_waiting", "num_running", "q_wait_s", "kv_usage")},
                 "ckpt_reserved_bytes": w.ckpt_reserved, "stats": w.stats, "phases_s": w.phase_s,
@@ -628,3 +645,24 @@ class Controller:
                 "hb_deadline_s": self.cfg.hb_interval_s * self.cfg.hb_misses,
                 "requests": requests, "in_flight": len(requests), "stale_messages": self.stale_messages,
                 "unprotected_requests": self.unprotected, "transport_drops": dict(self.codec.stats)}
+
+
+def _clean_stats(d: dict, numbers_only: bool = False) -> dict:
+    """A worker's stats or state info as the controller may keep them: string keys; finite numbers (and,
+    unless numbers_only, bounded strings). The schema bounds the size of these maps but not their values:
+    a NaN, a bytes key or a list from a buggy or mismatched worker would otherwise break the failure
+    detector, routing or the JSON of /lumen/cluster long after the message was accepted."""
+    out = {}
+    for k, v in d.items():
+        if not isinstance(k, str) or len(k) > 64:
+            continue
+        if isinstance(v, int | float) and math.isfinite(v):
+            out[k] = v
+        elif isinstance(v, str) and not numbers_only:
+            out[k] = v[:256]
+    return out
+
+
+def _num(stats: dict, key: str) -> float:
+    v = stats.get(key, 0.0)
+    return float(v) if isinstance(v, int | float) else 0.0

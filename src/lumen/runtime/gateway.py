@@ -16,18 +16,25 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..engine.params import SamplingParams
 from ..model.tokenizer import IncrementalDecoder
 from . import metrics_prom as M
 from .controller import ClusterBusy, ClusterUnavailable, Controller
 from .openai_api import (
+    MAX_BODY_BYTES,
     APIError,
     GenerationRequest,
+    body_too_large,
     completion_response,
+    openapi_components,
+    openapi_operation,
     parse_chat,
     parse_completion,
     parse_json_body,
@@ -41,7 +48,10 @@ log = logging.getLogger("lumen.gateway")
 
 class Gateway:
     def __init__(self, controller: Controller, tokenizer, vocab_size: int, max_model_len: int,
-                 api_key: str | None = None, eos_token_ids: tuple[int, ...] = ()):
+                 api_key: str | None = None, eos_token_ids: tuple[int, ...] = (),
+                 max_body_bytes: int = MAX_BODY_BYTES):
+        if max_body_bytes < 1:
+            raise ValueError("max_body_bytes must be positive")
         self.controller = controller
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -49,6 +59,11 @@ class Gateway:
         self.api_key = api_key
         self.eos_token_ids = eos_token_ids
         self.model_name = controller.cfg.served_model_name
+        self.max_body_bytes = max_body_bytes
+        # a token never covers more characters than its longest vocabulary entry, so a text longer than
+        # max_model_len * that is over the context before it is tokenized (which holds the GIL: a 4 MB
+        # prompt would stall the whole gateway for seconds)
+        self.max_prompt_chars = max_model_len * _longest_token(tokenizer)
         self.app = self._build_app()
 
     # ------------------------------------------------------------------ app
@@ -64,6 +79,12 @@ class Gateway:
             err = APIError(exc.status_code, str(exc.detail))
             return JSONResponse(err.body(), status_code=exc.status_code)
 
+        @app.exception_handler(Exception)
+        async def _internal_error(_req: Request, exc: Exception):
+            # a bug, not the client's fault: still an OpenAI-shaped body, never a bare text page
+            log.exception("internal error: %s", exc)
+            return JSONResponse(APIError(500, "internal server error").body(), status_code=500)
+
         @app.exception_handler(RequestValidationError)
         async def _validation_error(_req: Request, exc: RequestValidationError):
             return JSONResponse(APIError(400, str(exc.errors()[:3])).body(), status_code=400)
@@ -78,7 +99,11 @@ class Gateway:
                     return JSONResponse(err.body(), status_code=401)
             return await call_next(request)
 
-        @app.get("/health")
+        unavailable = {"description": "No worker is serving",
+                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+
+        @app.get("/health", response_class=Response,
+                 responses={200: {"description": "At least one worker is serving (empty body)"}, 503: unavailable})
         async def health():
             if self.controller.serving_workers():
                 return Response(status_code=200)
@@ -90,7 +115,8 @@ class Gateway:
                                                 "owned_by": "lumen", "max_model_len": self.max_model_len,
                                                 "vocab_size": self.vocab_size}]}
 
-        @app.get("/metrics")
+        @app.get("/metrics", response_class=PlainTextResponse,
+                 responses={200: {"description": "Prometheus text exposition format"}})
         async def metrics():
             return Response(generate_latest(M.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
@@ -98,24 +124,26 @@ class Gateway:
         async def cluster():
             return self.controller.cluster_json()
 
-        @app.post("/v1/completions")
+        @app.post("/v1/completions", openapi_extra=openapi_operation("CompletionRequest"))
         async def completions(request: Request):
-            body = parse_json_body(await request.body())
+            body = parse_json_body(await self._read_body(request), self.max_body_bytes)
             req = parse_completion(body, self.model_name, self.vocab_size)
             if req.prompt_ids is None:
                 if self.tokenizer is None:
                     raise APIError(400, "this model has no tokenizer; send the prompt as a list of token ids",
                                    param="prompt")
+                self._check_text_length(len(req.prompt_text), "prompt")
                 req.prompt_ids = self.tokenizer.encode(req.prompt_text)
             return await self._generate(request, req)
 
-        @app.post("/v1/chat/completions")
+        @app.post("/v1/chat/completions", openapi_extra=openapi_operation("ChatCompletionRequest"))
         async def chat(request: Request):
-            body = parse_json_body(await request.body())
+            body = parse_json_body(await self._read_body(request), self.max_body_bytes)
             req, messages = parse_chat(body, self.model_name, self.vocab_size)
             if self.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer, so chat is unavailable; use /v1/completions "
                                     "with token ids")
+            self._check_text_length(sum(len(m["content"]) for m in messages), "messages")
             try:
                 req.prompt_ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                                     tokenize=True)
@@ -123,7 +151,57 @@ class Gateway:
                 raise APIError(400, f"could not apply the chat template: {exc}", param="messages") from None
             return await self._generate(request, req)
 
+        components = openapi_components(self.vocab_size, self.max_model_len, self.model_name)
+        api_key = self.api_key
+
+        def openapi() -> dict:
+            if app.openapi_schema is None:
+                schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+                schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+                if api_key:
+                    schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                    for path, ops in schema["paths"].items():
+                        if path.startswith("/v1"):
+                            for op in ops.values():
+                                op["security"] = [{"bearer": []}]
+                                op["responses"].setdefault("401", {
+                                    "description": "Missing or wrong API key", "content": {"application/json": {
+                                        "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
+                app.openapi_schema = schema
+            return app.openapi_schema
+
+        app.openapi = openapi
         return app
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The request body, refused with 413 as soon as it is known to exceed the limit: a declared
+        Content-Length is checked before anything is read, and a chunked body is never buffered past
+        the limit (the rest is read and discarded, up to a bound, so the client gets to see the 413)."""
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise body_too_large(int(declared), limit)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    if size > 4 * limit:
+                        break
+                    continue
+                chunks.append(chunk)
+        except ClientDisconnect:  # the client went away mid-body: nobody is left to answer
+            raise APIError(400, "the client disconnected before sending the whole body") from None
+        if size > limit:
+            raise body_too_large(None, limit)
+        return b"".join(chunks)
+
+    def _check_text_length(self, n_chars: int, param: str) -> None:
+        if n_chars > self.max_prompt_chars:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; a "
+                                f"{n_chars}-character {param} cannot fit in it", param=param,
+                           code="context_length_exceeded")
 
     # ------------------------------------------------------------------ generation
     def _sampling_params(self, req: GenerationRequest) -> SamplingParams:
@@ -249,6 +327,32 @@ class Gateway:
             raise
         finally:
             self._cleanup(state)
+
+
+def _longest_token(tokenizer) -> int:
+    """Characters of the longest vocabulary entry (byte-level BPE entries are at least as long as the
+    text they stand for); a generous constant when the tokenizer does not say."""
+    try:
+        vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+        return max(16, max(len(t) for t in vocab))
+    except Exception:
+        return 1024
+
+
+class OpenAIErrorH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, but a request it cannot parse (malformed request line, headers over
+    h11's 16 KiB limit, ...) gets an OpenAI-style JSON error instead of a plain-text one."""
+
+    def send_400_response(self, msg: str) -> None:
+        import h11
+
+        body = json.dumps(APIError(400, f"{msg} (malformed HTTP, or headers larger than 16 KiB)").body()).encode()
+        for event in (h11.Response(status_code=400, reason=b"Bad Request",
+                                   headers=[(b"content-type", b"application/json"), (b"connection", b"close"),
+                                            (b"content-length", str(len(body)).encode())]),
+                      h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
 
 def _sse(obj) -> bytes:

@@ -17,6 +17,7 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
 MAX_PROMPT_TOKENS_HARD = 1 << 20
+MAX_TOP_K = 2**31 - 1  # larger means "off" anyway, and must still fit the int64 of the wire format
 
 
 class APIError(Exception):
@@ -63,17 +64,31 @@ class GenerationRequest:
     request_id: str = ""
 
 
-def parse_json_body(raw: bytes) -> dict[str, Any]:
-    if len(raw) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
+def body_too_large(size: int | None, limit: int) -> APIError:
+    got = f"{size} bytes" if size is not None else "larger than that"
+    return APIError(413, f"request body is {got}; the limit is {limit} bytes", code="request_too_large")
+
+
+def parse_json_body(raw: bytes, max_bytes: int = MAX_BODY_BYTES) -> dict[str, Any]:
+    if len(raw) > max_bytes:
+        raise body_too_large(len(raw), max_bytes)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise APIError(400, f"request body is not valid UTF-8 (byte {exc.start})") from None
     try:
         body = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers past Python's 4300-digit conversion limit
+        raise APIError(400, f"request body is not valid JSON: {str(exc)[:200]}") from None
+    if "\\u" in text:
+        # "\ud800" is valid JSON but not text: a lone surrogate would blow up the tokenizer, or the
+        # encoding of an error message that quotes it, long after parsing
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except (UnicodeEncodeError, RecursionError, ValueError):
+            raise APIError(400, "request body has a string with a lone UTF-16 surrogate (\\ud800-\\udfff)") \
+                from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     return body
@@ -84,7 +99,7 @@ def _get(body: dict, name: str, types: tuple, default=None, *, required=False):
         if required:
             raise APIError(400, f"'{name}' is a required property", param=name)
         return default
-    value = body[name]
+    value = _integral(body[name]) if int in types and float not in types else body[name]
     # bool is an int subclass in Python; a JSON true must not pass as a number
     if isinstance(value, bool) and bool not in types:
         raise APIError(400, f"'{name}' must be of type {_type_names(types)}, got boolean", param=name)
@@ -92,6 +107,19 @@ def _get(body: dict, name: str, types: tuple, default=None, *, required=False):
         raise APIError(400, f"'{name}' must be of type {_type_names(types)}, got {type(value).__name__}",
                        param=name)
     return value
+
+
+def _float(body: dict, name: str, default: float) -> float:
+    value = _get(body, name, (int, float), default=default)
+    try:
+        return float(value)
+    except OverflowError:  # a JSON integer too large for a double
+        raise APIError(400, f"'{name}' is out of range", param=name) from None
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 2.0 is an integer (as JSON Schema and pydantic read it), 2.5 is not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _type_names(types: tuple) -> str:
@@ -102,13 +130,14 @@ def _type_names(types: tuple) -> str:
 def _token_id_list(value: list, param: str, vocab_size: int) -> list[int]:
     if len(value) > MAX_PROMPT_TOKENS_HARD:
         raise APIError(400, f"'{param}' has too many tokens", param=param)
-    for tok in value:
+    ids = [_integral(tok) for tok in value]
+    for tok in ids:
         if isinstance(tok, bool) or not isinstance(tok, int):
             raise APIError(400, f"'{param}' must be a string or a list of token ids", param=param)
         if tok < 0 or tok >= vocab_size:
             raise APIError(400, f"token id {tok} in '{param}' is outside the vocabulary [0, {vocab_size})",
                            param=param)
-    return list(value)
+    return ids
 
 
 def _common(body: dict, kind: str, served_model: str, vocab_size: int) -> dict[str, Any]:
@@ -135,15 +164,15 @@ def _common(body: dict, kind: str, served_model: str, vocab_size: int) -> dict[s
     if max_tokens is not None and max_tokens < 1:
         raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
 
-    temperature = float(_get(body, "temperature", (int, float), default=1.0))
+    temperature = _float(body, "temperature", 1.0)
     if not 0.0 <= temperature <= 2.0:
         raise APIError(400, f"temperature must be in [0, 2], got {temperature}", param="temperature")
-    top_p = float(_get(body, "top_p", (int, float), default=1.0))
+    top_p = _float(body, "top_p", 1.0)
     if not 0.0 < top_p <= 1.0:
         raise APIError(400, f"top_p must be in (0, 1], got {top_p}", param="top_p")
     top_k = _get(body, "top_k", (int,), default=-1)
-    if top_k == 0 or top_k < -1:
-        raise APIError(400, f"top_k must be -1 (off) or >= 1, got {top_k}", param="top_k")
+    if top_k == 0 or not -1 <= top_k <= MAX_TOP_K:
+        raise APIError(400, f"top_k must be -1 (off) or in [1, {MAX_TOP_K}], got {top_k}", param="top_k")
     seed = _get(body, "seed", (int,), default=None)
     if seed is not None and not -(2**63) <= seed < 2**63:
         raise APIError(400, "seed must fit in 64 bits", param="seed")
@@ -165,7 +194,7 @@ def _common(body: dict, kind: str, served_model: str, vocab_size: int) -> dict[s
 
     stream = _get(body, "stream", (bool,), default=False)
     options = _get(body, "stream_options", (dict,), default={})
-    include_usage = bool(options.get("include_usage", False)) if options else False
+    include_usage = _get(options, "include_usage", (bool,), default=False) if options else False
     if options and not stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     return dict(model=model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -284,3 +313,94 @@ def usage_chunk(req: GenerationRequest, prompt_tokens: int, completion_tokens: i
     obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
     return {"id": req.request_id, "object": obj, "created": int(time.time()), "model": req.model,
             "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+# ---- OpenAPI description ---------------------------------------------------------------------
+# The handlers validate by hand (above); these schemas only *describe* what they accept, so that
+# /openapi.json documents the API and schema-driven fuzzers (tests/test_fuzz_api.py) can generate
+# valid and invalid requests. Keep them in step with _common / parse_completion / parse_chat.
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def openapi_components(vocab_size: int, max_model_len: int, served_model: str) -> dict[str, Any]:
+    token = {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}
+    stop_str = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN}
+    common = {
+        "model": {"type": "string", "enum": [served_model]},
+        "max_tokens": _nullable({"type": "integer", "minimum": 1, "maximum": max(1, max_model_len - 1)}),
+        "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 2}),
+        "top_p": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+        "top_k": _nullable({"anyOf": [{"type": "integer", "enum": [-1]},
+                                      {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K}]}),
+        "seed": _nullable({"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}),
+        "stop": _nullable({"anyOf": [stop_str, {"type": "array", "items": stop_str, "maxItems": MAX_STOP_STRINGS}]}),
+        "stop_token_ids": _nullable({"type": "array", "items": token, "maxItems": MAX_STOP_STRINGS}),
+        "n": _nullable({"type": "integer", "enum": [1]}),
+        "best_of": _nullable({"type": "integer", "enum": [1]}),
+        "stream": _nullable({"type": "boolean"}),
+        "stream_options": _nullable({"type": "object", "properties": {"include_usage": {"type": "boolean"}},
+                                     "description": "only with stream: true"}),
+        "ignore_eos": _nullable({"type": "boolean"}),
+        "return_token_ids": _nullable({"type": "boolean", "description": "lumen extension: token ids per choice"}),
+    }
+    ids = {"type": "array", "items": token, "minItems": 1, "maxItems": max_model_len}
+    completion_request = {
+        "type": "object", "required": ["prompt"],
+        "properties": {
+            "prompt": {"anyOf": [{"type": "string", "minLength": 1}, ids,
+                                 {"type": "array", "items": {"type": "string", "minLength": 1},
+                                  "minItems": 1, "maxItems": 1},
+                                 {"type": "array", "items": ids, "minItems": 1, "maxItems": 1}]},
+            **common,
+        },
+    }
+    part = {"type": "object", "required": ["type", "text"],
+            "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}
+    message = {"type": "object", "required": ["role", "content"],
+               "properties": {"role": {"type": "string",
+                                       "enum": ["system", "user", "assistant", "developer", "tool"]},
+                              "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": part}]}}}
+    chat_request = {
+        "type": "object", "required": ["messages"],
+        "properties": {
+            "messages": {"type": "array", "items": message, "minItems": 1, "maxItems": 1024},
+            "max_completion_tokens": common["max_tokens"],
+            **common,
+        },
+    }
+    error = {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+    completion = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+                  "properties": {"id": {"type": "string"}, "object": {"type": "string"},
+                                 "created": {"type": "integer"}, "model": {"type": "string"},
+                                 "choices": {"type": "array", "minItems": 1, "maxItems": 1,
+                                             "items": {"type": "object", "required": ["index", "finish_reason"]}},
+                                 "usage": {"type": "object",
+                                           "required": ["prompt_tokens", "completion_tokens", "total_tokens"]}}}
+    return {"CompletionRequest": completion_request, "ChatCompletionRequest": chat_request,
+            "ErrorResponse": error, "Completion": completion}
+
+
+ERROR_STATUSES = {400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model",
+                  413: "Request body too large", 429: "Too many requests in flight",
+                  503: "No worker can serve right now"}
+
+
+def openapi_operation(request_schema: str) -> dict[str, Any]:
+    """`openapi_extra` of a generation endpoint: its JSON body and every response it can give."""
+    ref = {"$ref": f"#/components/schemas/{request_schema}"}
+    err = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    responses: dict[str, Any] = {
+        "200": {"description": "The completion (JSON), or with stream: true a stream of server-sent events",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Completion"}},
+                            # one schema per server-sent event: data is a JSON chunk, then "[DONE]"
+                            "text/event-stream": {"schema": {"type": "object", "required": ["data"],
+                                                             "properties": {"data": {"type": "string"}}}}}},
+    }
+    responses.update({str(code): {"description": text, "content": err} for code, text in ERROR_STATUSES.items()})
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}},
+            "responses": responses}

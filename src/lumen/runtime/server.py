@@ -17,9 +17,10 @@ from ..model.tokenizer import Tokenizer
 from ..policy import POLICY_NAMES, parse_policy
 from .config import ClusterConfig
 from .controller import Controller
-from .gateway import Gateway
+from .gateway import Gateway, OpenAIErrorH11Protocol
 from .launcher import LocalLauncher
 from .model_dirs import resolve_model_dir
+from .openai_api import MAX_BODY_BYTES
 from .transport import new_cluster_secret
 
 log = logging.getLogger("lumen.serve")
@@ -48,6 +49,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=512)
     p.add_argument("--chunk-tokens", type=int, default=None, help="prefill token budget per step")
     p.add_argument("--max-pending", type=int, default=1024, help="requests in flight before 429")
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+                   help="largest accepted HTTP request body; larger ones get 413 (default: 4 MiB)")
     p.add_argument("--hb-interval", type=float, default=0.1, help="heartbeat interval, seconds")
     p.add_argument("--hb-misses", type=int, default=None,
                    help="missed heartbeats before a worker is declared dead (default: 3 on GPU; 10 on CPU, where "
@@ -155,9 +158,11 @@ async def serve(args: argparse.Namespace) -> int:
         raise
     launcher = ray_launcher or LocalLauncher()
     controller = Controller(cfg, launcher, new_cluster_secret())
-    gateway = Gateway(controller, tokenizer, vocab, cfg.max_model_len, api_key=args.api_key)
+    gateway = Gateway(controller, tokenizer, vocab, cfg.max_model_len, api_key=args.api_key,
+                      max_body_bytes=getattr(args, "max_body_bytes", MAX_BODY_BYTES))
     server = _DrainingServer(uvicorn.Config(gateway.app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=30, lifespan="off"))
+                                           timeout_graceful_shutdown=30, lifespan="off",
+                                           http=OpenAIErrorH11Protocol))
     log.info("lumen: %d workers of %s on %s, policy %s", cfg.num_workers, cfg.model, ",".join(cfg.devices),
              cfg.policy)
     await controller.start()
