@@ -84,6 +84,12 @@ def _add_profile(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="profile.csv")
     p.add_argument("--quick", action="store_true", help="a small grid")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per grid point (the median is kept)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: torch threads (default: LUMEN_WORKER_THREADS or 1, as a CPU worker)")
+    p.add_argument("--procs", type=int, default=1,
+                   help="also profile a small grid in this many processes at once (as that many workers "
+                        "on one host): adds colocated_busy rows, the simulator's co-located slowdown")
     p.set_defaults(func=_cmd_profile)
 
 

@@ -30,9 +30,14 @@ from .scheduler import ScheduledSeq
 from .sequence import Sequence
 
 COLUMNS = ("num_prefill_tokens", "num_decode_seqs", "total_context_tokens", "step_time_s")
+COLOCATED = "colocated_busy"  # other processes profiling at the same time (lumen.sim.cost docstring)
 
 DEFAULT_GRID = [(p, d, c) for p in (0, 64, 256, 1024) for d in (0, 1, 8, 32, 128) for c in (128, 1024)
                 if p or d]
+# CPU: the engine's token budget is 256 there (EngineConfig.chunk_tokens) and a CPU worker runs a
+# handful of sequences, so the grid covers that range instead (and finishes in about a minute).
+CPU_GRID = [(p, d, c) for p in (0, 32, 128, 256) for d in (0, 1, 2, 4, 8) for c in (64, 256) if p or d]
+QUICK_GRID = [(p, d, c) for p in (0, 32, 128) for d in (0, 1, 4) for c in (64, 256) if p or d]
 
 
 def _sync(dev: torch.device) -> None:
@@ -98,17 +103,118 @@ def profile_engine(loaded_model, grid: Iterable[tuple[int, int, int]] = DEFAULT_
     return rows
 
 
+def profile_cli(args: argparse.Namespace) -> int:
+    """`lumen profile`: profile `args.model` on `args.device` and write `args.out` (CSV).
+
+    On CPU the torch thread count is what a CPU worker uses (LUMEN_WORKER_THREADS, default 1), so
+    the profile measures the same kind of step a live worker runs."""
+    import os
+
+    from lumen.model.loader import load_model
+
+    device = args.device
+    if device == "cpu":
+        torch.set_num_threads(int(getattr(args, "threads", None) or os.environ.get("LUMEN_WORKER_THREADS", "1")))
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    loaded = load_model(args.model, device=device, dtype=dtype, progress=False)
+    if getattr(args, "quick", False):
+        grid = QUICK_GRID
+    else:
+        grid = CPU_GRID if device == "cpu" else DEFAULT_GRID
+    repeats = int(getattr(args, "repeats", None) or 3)
+    t0 = time.perf_counter()
+    rows = profile_engine(loaded, grid, args.out, config=EngineConfig(device=device), repeats=repeats)
+    print(f"{len(rows)} grid points in {time.perf_counter() - t0:.1f} s on {device} "
+          f"({torch.get_num_threads()} threads) -> {args.out}")
+    procs = int(getattr(args, "procs", None) or 1)
+    if procs > 1:
+        del loaded
+        t1 = time.perf_counter()
+        co = profile_colocated(args.model, device, procs, repeats, torch.get_num_threads())
+        for r in rows:
+            r[COLOCATED] = 0
+        rows += co
+        with open(args.out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=(*COLUMNS, COLOCATED))
+            w.writeheader()
+            w.writerows(rows)
+        print(f"{len(co)} rows alone / {procs} processes at once / alone in {time.perf_counter() - t1:.1f} s -> {args.out}")
+    return 0
+
+
+def profile_colocated(model: str, device: str, procs: int, repeats: int, threads: int,
+                      grid: str = "quick") -> list[dict[str, float]]:
+    """The same grid profiled by `procs` processes at once (as `procs` workers of one host), rows
+    tagged colocated_busy = procs - 1, between two runs of one process alone (colocated_busy = 0),
+    so that the slowdown is measured against the same points under the same background load.
+    The processes load the model first and start measuring together (a barrier file)."""
+    rows = _profile_procs(model, device, 1, repeats, threads, grid)
+    rows += _profile_procs(model, device, procs, repeats, threads, grid)
+    rows += _profile_procs(model, device, 1, repeats, threads, grid)
+    return rows
+
+
+def _profile_procs(model: str, device: str, procs: int, repeats: int, threads: int,
+                   grid: str) -> list[dict[str, float]]:
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lumen-profile-") as tmp:
+        go = os.path.join(tmp, "go")
+        ps = []
+        for i in range(procs):
+            cmd = [sys.executable, "-m", "lumen.engine.profile", "--model", model, "--device", device,
+                   "--out", os.path.join(tmp, f"p{i}.csv"), "--repeats", str(repeats), "--grid", grid,
+                   "--threads", str(threads), "--ready", os.path.join(tmp, f"ready{i}"), "--go", go]
+            ps.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+        deadline = time.monotonic() + 600
+        while not all(os.path.exists(os.path.join(tmp, f"ready{i}")) for i in range(procs)):
+            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in ps):
+                for p in ps:
+                    p.kill()
+                raise RuntimeError("co-located profiling processes did not start")
+            time.sleep(0.1)
+        open(go, "w").close()
+        for p in ps:
+            if p.wait() != 0:
+                raise RuntimeError("a co-located profiling process failed")
+        out: list[dict[str, float]] = []
+        for i in range(procs):
+            with open(os.path.join(tmp, f"p{i}.csv"), newline="") as f:
+                for r in csv.DictReader(f):
+                    out.append({**{k: float(v) for k, v in r.items()}, COLOCATED: procs - 1})
+        return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default", help="HF dir, preset:NAME, default")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", required=True)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--grid", default="default", choices=("default", "cpu", "quick"))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    ap.add_argument("--ready", default=None, help=argparse.SUPPRESS)  # barrier for profile_colocated
+    ap.add_argument("--go", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    import os
+
     from lumen.model.loader import load_model
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
-    loaded = load_model(a.model, device=a.device, dtype=dtype)
-    rows = profile_engine(loaded, DEFAULT_GRID, a.out, config=EngineConfig(device=a.device), repeats=a.repeats)
+    loaded = load_model(a.model, device=a.device, dtype=dtype, progress=False)
+    grid = {"default": DEFAULT_GRID, "cpu": CPU_GRID, "quick": QUICK_GRID}[a.grid]
+    if a.ready:
+        eng = Engine(loaded, EngineConfig(device=a.device))
+        open(a.ready, "w").close()
+        while a.go and not os.path.exists(a.go):
+            time.sleep(0.05)
+        rows = profile_engine(eng, grid, a.out, repeats=a.repeats)
+        return
+    rows = profile_engine(loaded, grid, a.out, config=EngineConfig(device=a.device), repeats=a.repeats)
     for r in rows:
         print(r)
 

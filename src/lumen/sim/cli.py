@@ -201,6 +201,7 @@ def _cfg_dict(cfg: SimConfig) -> dict:
     d["cost"] = type(cfg.cost).__name__ if cfg.cost else "RooflineCost"
     if cfg.cost is not None and hasattr(cfg.cost, "coef"):
         d["cost_coef"] = list(cfg.cost.coef)
+        d["colocated_slowdown"] = getattr(cfg.cost, "colocated_slowdown", 0.0)
     return json.loads(json.dumps(d, default=str))
 
 

@@ -116,6 +116,7 @@ class SimWorker:
         "kv_cap", "pending_pf", "busy", "ep_start", "ep_dt", "ep_n", "ep_token", "ep_chunks",
         "ep_g", "link_free_at", "h2d_free_at", "held", "assist_g", "assist_from", "draft_ready",
         "n_prot_dec", "sec_per_pf", "last_dt", "wake_pending", "ep_p", "ep_dpos", "ep_ctx0", "ep_grow",
+        "ep_slow", "slow_counted",
     )
 
     def __init__(self, wid: int, cfg: SimConfig, kv_cap: int):
@@ -157,6 +158,8 @@ class SimWorker:
         self.kv_used = 0
         self.pending_pf = 0
         self.busy = False
+        self.ep_slow = 1.0          # step-time factor from co-located busy workers (CPU hosts)
+        self.slow_counted = False   # counted as busy in Simulator._node_busy
         self.ep_token += 1
         self.ep_chunks: list[tuple[SimRequest, int]] = []
         self.n_prot_dec = 0
@@ -187,6 +190,15 @@ class Simulator:
         self.net_bw = cfg.net_gbps * 1e9 / 8.0
         kv_cap = cfg.kv_capacity_tokens()
         self.workers = [SimWorker(i, cfg, kv_cap) for i in range(cfg.workers)]
+        # co-located interference (CPU workers sharing one host's cores and memory bandwidth): a
+        # step takes (1 + s*k) x the fitted time while k other workers of its node are stepping;
+        # only with a cost model that measured s (`lumen profile --procs N`) and nodes configured
+        self.slowdown = float(getattr(self.cost, "colocated_slowdown", 0.0) or 0.0)
+        self._node_busy: dict[int, int] = {}
+        self._node_members: dict[int, list[SimWorker]] = {}
+        if self.slowdown > 0 and cfg.nodes is not None:
+            for w in self.workers:
+                self._node_members.setdefault(w.node, []).append(w)
         self.table = P.ClusterTable(cfg.workers)
         self.view = self.table.view(cfg.lam)
         for w in self.workers:
@@ -377,7 +389,18 @@ class Simulator:
     def _epoch_dt(self, w: SimWorker, n: int) -> float:
         """Step time of an n-iteration epoch: the cost at the epoch's middle context (exact for
         a cost affine in the context: the sum over an arithmetic sequence is n x its middle)."""
-        return max(self.cost.step_time(w.ep_p, w.ep_dpos, w.ep_ctx0 + w.ep_grow * (n - 1) * 0.5), 1e-9)
+        return max(self.cost.step_time(w.ep_p, w.ep_dpos, w.ep_ctx0 + w.ep_grow * (n - 1) * 0.5) * w.ep_slow, 1e-9)
+
+    def _busy_changed(self, w: SimWorker, now: float) -> None:
+        """Keep the node's count of stepping workers; the others re-time their epochs after the
+        iteration in flight (their step-time factor changed)."""
+        if w.busy == w.slow_counted or w.node not in self._node_members:
+            return
+        w.slow_counted = w.busy
+        self._node_busy[w.node] = self._node_busy.get(w.node, 0) + (1 if w.busy else -1)
+        for o in self._node_members[w.node]:
+            if o is not w and o.busy:
+                self._poke(o, now)
 
     def _iters_done_by(self, w: SimWorker, t: float) -> int:
         """Iterations of the current epoch completed by time t, had the epoch been planned to
@@ -426,6 +449,8 @@ class Simulator:
             w.busy = False
             w.q_wait_s = w.pending_pf * self.base_sec_per_pf
             self._sync_load(w)
+            if self._node_members:
+                self._busy_changed(w, now)
             return
         g = (self._assist_tokens(w, D, now) if assisted else 1.0)
         if Ptok:
@@ -444,6 +469,9 @@ class Simulator:
         w.ep_dpos = D * dpos
         w.ep_ctx0 = w.S_dec + D * w.G + ctx_pf
         w.ep_grow = D * g + (Ptok if n > 1 else 0)    # context added per iteration
+        if self._node_members:
+            others = self._node_busy.get(w.node, 0) - (1 if w.slow_counted else 0)
+            w.ep_slow = 1.0 + self.slowdown * others
         dt = self._epoch_dt(w, n)
         w.busy = True
         w.ep_start = now
@@ -461,6 +489,8 @@ class Simulator:
         w.q_wait_s = w.pending_pf * w.sec_per_pf
         self._sync_load(w)
         self._push(now + n * dt, _EV_STEP, w.id, w.ep_token)
+        if self._node_members:
+            self._busy_changed(w, now)
 
     def _assist_tokens(self, w: SimWorker, D: int, now: float) -> float:
         """Expected tokens per verify step for the partner's requests: E when the draft keeps
@@ -594,6 +624,8 @@ class Simulator:
                 self._apply(w, k, w.ep_start + k * w.ep_dt)
             w.busy = False
             w.ep_token += 1
+            if self._node_members:
+                self._busy_changed(w, t)
         w.crashed = True
         # freeze what the holders have: nothing more streams from a dead worker
         for _, _, r in w.heap:

@@ -22,6 +22,15 @@ per measured step, extra columns ignored, `#` comment lines allowed. Example:
 
 `FittedCost` fits  t = c0 + c1*P + c2*D + c3*C + c4*P^2  by non-negative least squares (more work
 never makes a step faster; the P^2 term is the quadratic self-attention of a prefill chunk).
+
+Optional column `colocated_busy`: how many other workers of the same host were stepping at the same
+time (`lumen profile --procs N` writes it: N profiling processes at once, as N CPU workers of one
+host). Rows with 0 (or no such column) fit the coefficients; rows with k > 0 give
+`colocated_slowdown` s, the median of (t / t_fit - 1) / k, so that a step while k co-located
+workers are busy takes t_fit * (1 + s*k). Workers on one host share its cores and memory
+bandwidth; on CPU that interference is of the order of the step time itself, on separate GPUs it
+is absent (s = 0, the default). The simulator applies it to workers of the same node
+(`SimConfig.nodes`).
 """
 
 from __future__ import annotations
@@ -30,13 +39,14 @@ import csv
 import io
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 PROFILE_COLUMNS = ("num_prefill_tokens", "num_decode_seqs", "total_context_tokens", "step_time_s")
+COLOCATED_COLUMN = "colocated_busy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +200,7 @@ class FittedCost:
     rows: int = 0
     r2: float = math.nan
     mean_abs_rel_err: float = math.nan
+    colocated_slowdown: float = 0.0   # s: t * (1 + s*k) while k other workers of the host step
 
     def step_time(self, num_prefill_tokens: int, num_decode_seqs: int,
                   total_context_tokens: float) -> float:
@@ -229,8 +240,8 @@ def fit_profile(rows: Sequence[tuple[float, float, float, float]]) -> FittedCost
                       float(np.mean(np.abs(pred - y) / y)))
 
 
-def read_profile(path: str | Path | io.TextIOBase) -> list[tuple[float, float, float, float]]:
-    """Rows (P, D, C, t) of a profile CSV (format in the module docstring)."""
+def read_profile_rows(path: str | Path | io.TextIOBase) -> list[tuple[float, float, float, float, int]]:
+    """Rows (P, D, C, t, colocated_busy) of a profile CSV; colocated_busy is 0 without that column."""
     f = open(path, newline="") if isinstance(path, str | Path) else path  # noqa: SIM115
     try:
         lines = (ln for ln in f if ln.strip() and not ln.lstrip().startswith("#"))
@@ -238,10 +249,38 @@ def read_profile(path: str | Path | io.TextIOBase) -> list[tuple[float, float, f
         missing = [c for c in PROFILE_COLUMNS if c not in (reader.fieldnames or ())]
         if missing:
             raise ValueError(f"profile CSV lacks columns {missing}; needs {list(PROFILE_COLUMNS)}")
-        return [tuple(float(r[c]) for c in PROFILE_COLUMNS) for r in reader]  # type: ignore[misc]
+        return [(*(float(r[c]) for c in PROFILE_COLUMNS), int(float(r.get(COLOCATED_COLUMN) or 0)))  # type: ignore[misc]
+                for r in reader]
     finally:
         if isinstance(path, str | Path):
             f.close()
+
+
+def read_profile(path: str | Path | io.TextIOBase) -> list[tuple[float, float, float, float]]:
+    """Rows (P, D, C, t) of a profile CSV (format in the module docstring) measured with no other
+    worker of the host busy."""
+    return [r[:4] for r in read_profile_rows(path) if r[4] == 0]
+
+
+def fit_colocated_slowdown(base: FittedCost, rows: Iterable[tuple[float, float, float, float, int]]) -> float:
+    """s of the module docstring from rows (P, D, C, t, k) with k > 0; 0 without such rows. Each
+    such row is compared with the median solo time of the same (P, D, C) where the profile has
+    one (`lumen profile --procs` measures the same points alone right before and after, so the
+    comparison sees the same background load and no fit error), else with the fit. The median
+    over rows, so that a few steps disturbed by something else do not decide it."""
+    rows = list(rows)
+    solo: dict[tuple, list[float]] = {}
+    for p, d, c, t, k in rows:
+        if k == 0:
+            solo.setdefault((p, d, c), []).append(t)
+    ratios = []
+    for p, d, c, t, k in rows:
+        if k <= 0:
+            continue
+        ref = float(np.median(solo[(p, d, c)])) if (p, d, c) in solo else base.step_time(int(p), int(d), c)
+        if ref > 0:
+            ratios.append((t / ref - 1.0) / k)
+    return max(0.0, float(np.median(ratios))) if ratios else 0.0
 
 
 def write_profile(path: str | Path, rows: Iterable[tuple[float, float, float, float]]) -> Path:
@@ -255,4 +294,7 @@ def write_profile(path: str | Path, rows: Iterable[tuple[float, float, float, fl
 
 
 def load_profile(path: str | Path) -> FittedCost:
-    return fit_profile(read_profile(path))
+    rows = read_profile_rows(path)
+    base = fit_profile([r[:4] for r in rows if r[4] == 0])
+    s = fit_colocated_slowdown(base, rows)
+    return replace(base, colocated_slowdown=s) if s else base

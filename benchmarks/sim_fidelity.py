@@ -1,0 +1,422 @@
+"""Fidelity of `lumen simulate` against the live cluster (issue 7 item 7), in one command.
+
+    python benchmarks/sim_fidelity.py --out runs/fidelity
+
+1. `lumen profile` of the default model on this machine -> OUT/profile.csv (skipped with --profile CSV);
+2. `lumen bench` of the same configuration on a live local cluster (policy stop-restart: for each
+   seed a failure-free reference run and a run with one SIGKILL) -> OUT/live/;
+3. the simulator (`lumen.sim`, fitted cost model from the profile) on the same seeded workloads
+   (`lumen.workload`, the same seeds) and the same failure time, summarised with `lumen.metrics`
+   with the bench's window / threshold / settle rule;
+4. a table (mean TTFT, mean TPOT, recovery time; live vs sim and the gap in %) and OUT/fidelity.json.
+
+`uptime` is recorded before and after the profile and the live bench (the machine may be shared).
+While the bench runs, the cluster's /lumen/cluster is polled (worker engine counters, reload phases)
+and saved to OUT/live/cluster_polls.jsonl; with --worker-profile each worker runs under cProfile
+(LUMEN_WORKER_PROFILE) and the report splits the live workers' time into the engine's forward pass,
+the rest of the engine step and the worker loop outside it, next to the profile's prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import pstats
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+# the live CPU worker's KV pool as it reports it (num_blocks 513 x block_size 16); not binding here
+DEFAULT_KV_TOKENS = 513 * 16
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Poller:
+    """Polls /lumen/cluster while the bench runs; a new segment starts whenever the cluster was
+    unreachable in between (the bench starts a fresh cluster per run)."""
+
+    def __init__(self, port: int, path: Path, interval: float = 0.5, prof_dir: Path | None = None):
+        self.url = f"http://127.0.0.1:{port}/lumen/cluster"
+        self.path, self.interval, self.prof_dir = path, interval, prof_dir
+        self.stop = threading.Event()
+        self.segment = -1
+        self.loads: list[float] = []
+        self._up = False
+        self._prof_n = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with self.path.open("w") as f:
+            while not self.stop.is_set():
+                self.loads.append(os.getloadavg()[0])
+                try:
+                    with urllib.request.urlopen(self.url, timeout=2) as r:
+                        doc = json.loads(r.read())
+                    if not self._up:
+                        self.segment += 1
+                        self._up = True
+                    f.write(json.dumps({"t": time.time(), "segment": self.segment, "workers": [
+                        {**{k: w.get(k) for k in ("id", "epoch", "state", "pid", "stats", "phases_s")},
+                         "schedstat": _schedstat(w.get("pid"))}
+                        for w in doc.get("workers", [])]}) + "\n")
+                    f.flush()
+                except (OSError, ValueError):
+                    self._up = False
+                self._collect_profiles()
+                self.stop.wait(self.interval)
+        self._collect_profiles(final=True)
+
+    def _collect_profiles(self, final: bool = False) -> None:
+        # workers dump worker<id>.<epoch>.prof when they stop; the next run's workers would overwrite
+        # them, so move each one away once it has been written completely
+        if self.prof_dir is None or not self.prof_dir.is_dir():
+            return
+        for p in sorted(self.prof_dir.glob("*.prof")):
+            if final or time.time() - p.stat().st_mtime > 1.0:
+                self._prof_n += 1
+                p.rename(self.prof_dir / "done" / f"{self._prof_n:03d}-{p.name}")
+
+    def __enter__(self):
+        if self.prof_dir is not None:
+            (self.prof_dir / "done").mkdir(parents=True, exist_ok=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+def _schedstat(pid) -> list[int] | None:
+    """/proc/PID/schedstat of a worker: [ns on a CPU, ns runnable but waiting for a CPU, slices]."""
+    try:
+        with open(f"/proc/{int(pid)}/schedstat") as f:
+            return [int(x) for x in f.read().split()]
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def cpu_share(polls_path: Path) -> dict:
+    """Over all worker incarnations: time on a CPU vs time runnable but waiting for one (the run
+    queue) -- how much of a live worker's wall time the box's other work took from it."""
+    last: dict[tuple, list[int]] = {}
+    first: dict[tuple, list[int]] = {}
+    with polls_path.open() as f:
+        for line in f:
+            d = json.loads(line)
+            for w in d["workers"]:
+                st = w.get("schedstat")
+                if st and w.get("state") == "serving":
+                    key = (d["segment"], w["id"], w["epoch"])
+                    first.setdefault(key, st)
+                    last[key] = st
+    run = sum(last[k][0] - first[k][0] for k in last) / 1e9
+    wait = sum(last[k][1] - first[k][1] for k in last) / 1e9
+    return {"on_cpu_s": run, "runqueue_wait_s": wait,
+            "share_of_runnable_time_on_cpu": run / (run + wait) if run + wait > 0 else math.nan}
+
+
+def engine_counters(polls_path: Path) -> list[dict]:
+    """Per (segment, worker, epoch): the last engine counters seen (steps, prefill/decode tokens)."""
+    last: dict[tuple, dict] = {}
+    with polls_path.open() as f:
+        for line in f:
+            d = json.loads(line)
+            for w in d["workers"]:
+                st = w.get("stats") or {}
+                if "steps" in st:
+                    last[(d["segment"], w["id"], w["epoch"])] = {
+                        "segment": d["segment"], "worker": w["id"], "epoch": w["epoch"],
+                        **{k: st.get(k) for k in ("steps", "prefill_tokens", "decode_tokens", "finished")},
+                        "phases_s": w.get("phases_s")}
+    return list(last.values())
+
+
+def live_restarts(polls_path: Path) -> list[float]:
+    """Seconds from the controller's restart of a worker (phases_s.restart_at) to the first poll that
+    sees the new incarnation SERVING: process start, imports, weights, warm-up (within a poll)."""
+    out: dict[tuple, float] = {}
+    with polls_path.open() as f:
+        for line in f:
+            d = json.loads(line)
+            for w in d["workers"]:
+                ph = w.get("phases_s") or {}
+                key = (d["segment"], w["id"], w["epoch"])
+                if w["epoch"] > 1 and w["state"] == "serving" and "restart_at" in ph and key not in out:
+                    out[key] = d["t"] - ph["restart_at"]
+    return list(out.values())
+
+
+def _func_time(stats: pstats.Stats, file_part: str, name: str) -> tuple[int, float, float]:
+    """(calls, total cumulative s, own s) of the functions called `name` in files containing file_part."""
+    calls, cum, own = 0, 0.0, 0.0
+    for (fn, _line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        if func == name and file_part in fn:
+            calls += nc
+            cum += ct
+            own += tt
+    return calls, cum, own
+
+
+def worker_profile_breakdown(done_dir: Path) -> list[dict]:
+    out = []
+    for p in sorted(done_dir.glob("*.prof")):
+        st = pstats.Stats(str(p))
+        run_calls, run_s, _ = _func_time(st, "runtime/worker.py", "run")
+        step_calls, step_s, _ = _func_time(st, "engine/engine.py", "step")
+        fwd_calls, fwd_s, _ = _func_time(st, "engine/model_runner.py", "forward")
+        smp_calls, smp_s, _ = _func_time(st, "engine/sampler.py", "__call__")
+        acc_calls, _, _ = _func_time(st, "engine/engine.py", "_account")
+        poll_calls, poll_s, _ = _func_time(st, "runtime/worker.py", "_poll")
+        send_calls, send_s, _ = _func_time(st, "runtime/worker.py", "_send_outputs")
+        pages_calls, pages_s, _ = _func_time(st, "runtime/worker.py", "_stream_pages")
+        pub_calls, pub_s, _ = _func_time(st, "runtime/worker.py", "_publish_stats")
+        out.append({"file": p.name, "loop_s": run_s, "loop_turns": pages_calls, "engine_steps": acc_calls,
+                    "engine_step_s": step_s, "forward_s": fwd_s, "forward_calls": fwd_calls,
+                    "sampler_s": smp_s, "poll_s": poll_s, "send_outputs_s": send_s,
+                    "stream_pages_s": pages_s, "publish_stats_s": pub_s})
+    return out
+
+
+def run_profile(args, out: Path, log: dict) -> Path:
+    csv_path = out / "profile.csv"
+    if args.profile:
+        shutil.copy(args.profile, csv_path)
+        log["profile"] = {"reused": str(args.profile)}
+        return csv_path
+    cmd = ["lumen", "profile", "--model", args.model, "--device", "cpu", "--out", str(csv_path),
+           "--repeats", str(args.profile_repeats), "--procs", str(args.workers)]
+    before = uptime()
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    log["profile"] = {"command": " ".join(cmd), "uptime_before": before, "uptime_after": uptime(),
+                      "wall_s": time.time() - t0}
+    return csv_path
+
+
+def run_live(args, out: Path, log: dict) -> Path:
+    live = out / "live"
+    port = args.port or free_port()
+    cmd = ["lumen", "bench", "--model", args.model, "--workers", str(args.workers), "--policy", "stop-restart",
+           "--qps", str(args.qps), "--requests", str(args.requests), "--lengths", args.lengths,
+           "--fail", f"t={args.fail_at:g}s:worker={args.fail_worker}:SIGKILL", "--repeats", str(args.repeats),
+           "--seed", str(args.seed), "--window", str(args.window), "--port", str(port), "--out", str(live),
+           "--quiet"]
+    env = dict(os.environ)
+    prof_dir = None
+    if args.worker_profile:
+        prof_dir = live / "worker_prof"
+        env["LUMEN_WORKER_PROFILE"] = str(prof_dir)
+    before = uptime()
+    t0 = time.time()
+    live.mkdir(parents=True, exist_ok=True)
+    with Poller(port, live / "cluster_polls.jsonl", prof_dir=prof_dir) as poller:
+        subprocess.run(cmd, check=True, env=env)
+    log["live"] = {"command": " ".join(cmd) + (f"  (env LUMEN_WORKER_PROFILE={prof_dir})" if prof_dir else ""),
+                   "uptime_before": before, "uptime_after": uptime(), "wall_s": time.time() - t0,
+                   "load1_during": {"mean": sum(poller.loads) / max(1, len(poller.loads)),
+                                    "min": min(poller.loads, default=math.nan),
+                                    "max": max(poller.loads, default=math.nan)}}
+    return live
+
+
+def run_sim(args, csv_path: Path, log: dict, colocated: bool = True) -> tuple[list, object]:
+    """colocated: the workers share one host (nodes=1) and the profile's co-located slowdown
+    applies; False: independent workers (the cost model without it)."""
+    from lumen.metrics import NO_FAILURE, summarize_run
+    from lumen.sim import simulate
+    from lumen.sim.config import FailurePlan, SimConfig, parse_fail
+    from lumen.sim.cost import MODELS, load_profile
+    from lumen.sim.experiment import WorkloadSpec
+
+    cost = load_profile(csv_path)
+    if not colocated:
+        cost = replace(cost, colocated_slowdown=0.0)
+    # the live restart time already contains weight loading and warm-up: the simulator's own
+    # reload of the 135M model (bytes / disk, bytes / h2d) is subtracted, warm-up set to 0
+    shape = MODELS["smollm2-135m"]
+    reload = shape.weight_bytes / 2e9 + shape.weight_bytes / 26e9
+    cfg = SimConfig(workers=args.workers, model="smollm2-135m", device="h100", tp=1, chunk_tokens=args.chunk_tokens,
+                    kv_tokens=args.kv_tokens, detect_s=args.detect_s, restart_s=max(0.0, args.restart_s - reload),
+                    warmup_s=0.0, nodes=1, cost=cost)
+    wl = WorkloadSpec(args.requests, args.qps, args.lengths)
+    fails = FailurePlan((parse_fail(f"t={args.fail_at:g}s:worker={args.fail_worker}"),))
+    summaries = []
+    window = args.window_n
+    for seed in range(args.seed, args.seed + args.repeats):
+        specs = wl.build(seed)
+        base = simulate(cfg, specs, "stop-restart", None, seed)
+        summaries.append(summarize_run(base.records, base.records, window=window, policy=NO_FAILURE, seed=seed))
+        res = simulate(cfg, specs, "stop-restart", fails, seed)
+        summaries.append(summarize_run(res.records, base.records, window=window, policy="stop-restart", seed=seed,
+                                       failure_times=res.failure_times, not_before=min(res.failure_times)))
+    log["sim_colocated" if colocated else "sim_independent"] = {"cost_coef": list(cost.coef), "fit_rows": cost.rows, "fit_r2": cost.r2,
+                  "fit_mean_abs_rel_err": cost.mean_abs_rel_err, "colocated_slowdown": cost.colocated_slowdown,
+                  "nodes": cfg.nodes, "kv_tokens": args.kv_tokens,
+                  "chunk_tokens": args.chunk_tokens, "detect_s": args.detect_s, "restart_s": args.restart_s}
+    return summaries, cost
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def compare(live_runs: list[dict], sim_runs: list, metrics=("ttft_mean", "tpot_mean", "recovery_time_s")) -> list[dict]:
+    rows = []
+    for policy in ("no-failure", "stop-restart"):
+        for m in metrics:
+            if policy == "no-failure" and m == "recovery_time_s":
+                continue
+            lv = [r[m] for r in live_runs if r["policy"] == policy]
+            sv = [getattr(s, m) for s in sim_runs if s.policy == policy]
+            lm, sm = _mean(lv), _mean(sv)
+            rows.append({"run": policy, "metric": m, "live": lm, "sim": sm, "live_per_seed": lv,
+                         "sim_per_seed": sv, "gap_pct": 100 * (sm - lm) / lm if lm else math.nan})
+    return rows
+
+
+def step_check(cost, counters: list[dict], breakdown: list[dict]) -> dict:
+    """The profile's prediction of the live engine's forward time for the steps the live workers ran
+    (from their counters), against what the worker profiles measured."""
+    out: dict = {}
+    steps = sum(c["steps"] or 0 for c in counters)
+    pre = sum(c["prefill_tokens"] or 0 for c in counters)
+    dec = sum(c["decode_tokens"] or 0 for c in counters)
+    c0, c1, c2, _c3, _c4 = cost.coef
+    out["live_counters"] = {"steps": steps, "prefill_tokens": pre, "decode_tokens": dec}
+    # context term omitted (c3 * C is < 1% of a step at these lengths); the P^2 term likewise
+    out["predicted_forward_s_without_context"] = c0 * steps + c1 * pre + c2 * dec
+    if breakdown:
+        tot = {k: sum(b[k] for b in breakdown) for k in breakdown[0] if k != "file"}
+        out["worker_profile_totals"] = tot
+        if tot["engine_steps"]:
+            n = tot["engine_steps"]
+            out["per_step_ms"] = {"forward+sampler": 1e3 * (tot["forward_s"] + tot["sampler_s"]) / n,
+                                  "engine_step": 1e3 * tot["engine_step_s"] / n,
+                                  "loop_outside_step_incl_idle_wait": 1e3 * (tot["loop_s"] - tot["engine_step_s"]) / n,
+                                  "loop_work_outside_step": 1e3 * (tot["send_outputs_s"] + tot["publish_stats_s"]
+                                                                   + tot["stream_pages_s"]) / n}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/sim_fidelity")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--qps", type=float, default=0.3)
+    ap.add_argument("--requests", type=int, default=30)
+    ap.add_argument("--lengths", default="fixed:32:32")
+    ap.add_argument("--fail-at", type=float, default=30.0, help="seconds after the replay starts")
+    ap.add_argument("--fail-worker", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--window", default="auto", help="bench recovery window (auto: requests // 12, at least 5)")
+    ap.add_argument("--chunk-tokens", type=int, default=256, help="the CPU engine's token budget")
+    ap.add_argument("--kv-tokens", type=int, default=DEFAULT_KV_TOKENS)
+    ap.add_argument("--detect-s", type=float, default=0.3, help="3 missed 100 ms heartbeats, as the live controller")
+    ap.add_argument("--restart-s", type=float, default=None,
+                    help="sim: declared dead -> process up; default: measured from the live run's reload phases")
+    ap.add_argument("--profile", default=None, help="reuse this profile CSV instead of running `lumen profile`")
+    ap.add_argument("--profile-repeats", type=int, default=3)
+    ap.add_argument("--live", default=None, help="reuse this `lumen bench` output directory instead of running it")
+    ap.add_argument("--port", type=int, default=None)
+    ap.add_argument("--worker-profile", action="store_true", help="run the live workers under cProfile")
+    args = ap.parse_args(argv)
+    args.window_n = None if args.window == "auto" else int(args.window)
+    if args.window_n is None:
+        args.window_n = max(5, args.requests // 12)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log: dict = {"date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "nproc": os.cpu_count(),
+                 "argv": sys.argv, "config": {k: v for k, v in vars(args).items()}}
+    csv_path = run_profile(args, out, log)
+    live = Path(args.live) if args.live else run_live(args, out, log)
+    live_doc = json.loads((live / "results.json").read_text())
+    counters = engine_counters(live / "cluster_polls.jsonl") if (live / "cluster_polls.jsonl").exists() else []
+    if args.restart_s is None:
+        # the killed worker's restart as the live cluster reported it (process start + imports +
+        # weights + warm-up): the simulator's restart_s, less its own weight-load time
+        polls = live / "cluster_polls.jsonl"
+        restarts = live_restarts(polls) if polls.exists() else []
+        args.restart_s = _mean(restarts) if restarts else 2.0
+        log["restart_s_from_live"] = restarts
+    variants = {}
+    for name, colocated in (("independent", False), ("colocated", True)):
+        runs, cost = run_sim(args, csv_path, log, colocated=colocated)
+        variants[name] = {"runs": runs, "cost": cost, "rows": compare(live_doc["runs"], runs)}
+    cost = variants["colocated"]["cost"]
+    rows = variants["colocated"]["rows"]
+    done = live / "worker_prof" / "done"
+    breakdown = worker_profile_breakdown(done) if done.is_dir() else []
+    if (live / "cluster_polls.jsonl").exists():
+        log["live_worker_cpu"] = cpu_share(live / "cluster_polls.jsonl")
+    first = [c for c in counters if c["epoch"] == 1] or counters
+    log["step_check"] = step_check(cost, first, breakdown)
+    log["step_check"]["per_profile_file"] = breakdown
+    log["live_counters"] = counters
+    log["comparison"] = rows
+    log["comparison_independent_workers"] = variants["independent"]["rows"]
+    log["sim_runs"] = [s.to_dict() for s in variants["colocated"]["runs"]]
+    log["sim_runs_independent_workers"] = [s.to_dict() for s in variants["independent"]["runs"]]
+    (out / "fidelity.json").write_text(json.dumps(log, indent=2, default=str))
+
+    print(f"\nprofile: {log.get('profile', {}).get('uptime_before', '')}  ->  {log.get('profile', {}).get('uptime_after', '')}")
+    if "live" in log:
+        print(f"live:    {log['live']['uptime_before']}  ->  {log['live']['uptime_after']}")
+    print(f"fit: coef {[f'{c:.3g}' for c in cost.coef]}, R2 {cost.r2:.3f}, mean |rel err| {cost.mean_abs_rel_err:.1%}, "
+          f"co-located slowdown s = {cost.colocated_slowdown:.3f}; sim restart_s from live: {args.restart_s:.2f}")
+    for name, v in variants.items():
+        print(f"\nsim with {'co-located slowdown (nodes=1)' if name == 'colocated' else 'independent workers (s=0)'}")
+        _print_rows(v["rows"])
+    sc = log["step_check"]
+    if "per_step_ms" in sc:
+        print(f"\nlive worker profile, per engine step: {json.dumps({k: round(v, 1) for k, v in sc['per_step_ms'].items()})}")
+    if sc.get("live_counters", {}).get("steps"):
+        print(f"live engine counters (all runs, first incarnations): {sc['live_counters']}; the profile's fit predicts "
+              f"{sc['predicted_forward_s_without_context']:.1f} s of steps for them without co-location")
+    if log.get("live_worker_cpu", {}).get("on_cpu_s"):
+        c = log["live_worker_cpu"]
+        print(f"live workers while serving: {c['on_cpu_s']:.1f} s on a CPU, {c['runqueue_wait_s']:.1f} s runnable but "
+              f"waiting for one ({c['share_of_runnable_time_on_cpu']:.0%} of runnable time on a CPU)")
+    print(f"\nwrote {out / 'fidelity.json'}")
+    return 0
+
+
+def _print_rows(rows: list[dict]) -> None:
+    print(f"{'run':<14}{'metric':<17}{'live':>10}{'sim':>10}{'gap':>9}   per seed live / sim")
+    for r in rows:
+        scale = 1e3 if r["metric"] != "recovery_time_s" else 1.0
+        unit = "ms" if scale == 1e3 else "s"
+        per = " ".join(f"{x * scale:.0f}" if x is not None and math.isfinite(x) else "-" for x in r["live_per_seed"])
+        per_s = " ".join(f"{x * scale:.0f}" if math.isfinite(x) else "-" for x in r["sim_per_seed"])
+        print(f"{r['run']:<14}{r['metric'] + ' (' + unit + ')':<17}{r['live'] * scale:>10.1f}{r['sim'] * scale:>10.1f}"
+              f"{r['gap_pct']:>+8.1f}%   {per} / {per_s}")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())
