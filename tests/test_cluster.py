@@ -12,6 +12,8 @@ import pytest
 import zmq
 from cluster_util import make_tiny_model_dir, run_cluster, worker_pids_alive
 
+from lumen.runtime.transport import secure_socket
+
 pytestmark = pytest.mark.cluster
 
 PROMPT = list(range(100, 140))
@@ -93,19 +95,32 @@ def test_bad_input_long_prompt_huge_body_and_chat(cluster):
 
 
 def test_forged_internal_message_is_dropped_and_counted(cluster):
-    before = cluster.state()["transport_drops"]["bad_mac"]
-    addr = cluster.state()["control_addr"]
+    """A peer without the cluster secret is refused at the CURVE handshake (nothing delivered, nothing
+    counted); a peer with it but a forged MAC gets through the handshake and is dropped by the codec."""
+    state = cluster.state()
+    before = state["transport_drops"]["bad_mac"]
+    with open(f"/proc/{state['workers'][0]['pid']}/environ", "rb") as f:
+        env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    secret = bytes.fromhex(env[b"LUMEN_CLUSTER_SECRET"].decode())
+    forged = [b"\x00" * 32, b"\x85\xa1t\xa5HELLO\xa3src\xa2w0\xa2ep\x01\xa3seq\x01\xa1n\x00"]
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(f"tcp://{addr}")
-    sock.send_multipart([b"\x00" * 32, b"\x85\xa1t\xa5HELLO\xa3src\xa2w0\xa2ep\x01\xa3seq\x01\xa1n\x00"])
-    deadline = time.monotonic() + 5
-    while cluster.state()["transport_drops"]["bad_mac"] == before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    sock.close()
-    ctx.term()
-    assert cluster.state()["transport_drops"]["bad_mac"] > before
+    try:
+        stranger, insider = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+        secure_socket(insider, secret, server=False)
+        for sock in (stranger, insider):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://{state['control_addr']}")
+        for _ in range(5):  # queued locally: the handshake fails on every reconnect, so it never leaves
+            stranger.send_multipart(forged, flags=zmq.NOBLOCK)
+        time.sleep(1.0)
+        insider.send_multipart(forged)
+        deadline = time.monotonic() + 5
+        while cluster.state()["transport_drops"]["bad_mac"] == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert cluster.state()["transport_drops"]["bad_mac"] == before + 1  # the insider's message only
+    finally:
+        ctx.destroy(linger=0)
     assert cluster.complete(PROMPT, max_tokens=3)["usage"]["completion_tokens"] == 3
 
 

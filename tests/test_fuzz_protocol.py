@@ -3,10 +3,13 @@
 Frames are thrown at the controller's ROUTER (control plane) and at both PULL sockets of every worker
 (data plane: assisted-recovery traffic; KV plane: checkpoint pages): unauthenticated garbage, valid-looking
 messages with a wrong MAC, correctly signed messages with hypothesis-generated headers and payloads,
-headers that declare huge lengths, too many frames, stale epochs, replays, and raw ZMTP frames that
-declare sizes far past the frame limit. Every message must be dropped and counted under the reason the
-codec's own rules give it (a local Codec with the cluster secret is the oracle), no process may die or
-grow, and the cluster must still serve a request correctly afterwards.
+headers that declare huge lengths, too many frames, stale epochs, replays. These are sent over CURVE
+connections keyed from the cluster secret (as lumen's own sockets are), so they reach the codec: every
+message must be dropped and counted under the reason the codec's own rules give it (a local Codec with
+the cluster secret is the oracle). Peers without the secret -- raw ZMTP with NULL security, or claiming
+CURVE without the key, declaring frames far past the limit or streaming a multipart message that never
+ends -- must be refused at the handshake: nothing delivered, nothing counted, RSS flat. No process may
+die or grow, and the cluster must still serve a request correctly afterwards.
 
 The codec itself is unit-fuzzed in test_transport.py; this file is about live ports and processes.
 LUMEN_FUZZ_PROTOCOL_EXAMPLES scales the number of generated messages; LUMEN_FUZZ_SEED picks the seed.
@@ -31,7 +34,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from lumen.runtime.protocol import SCHEMA
-from lumen.runtime.transport import DROP_REASONS, Codec, Limits, ReplayGuard
+from lumen.runtime.transport import DROP_REASONS, Codec, Limits, ReplayGuard, secure_socket
 
 pytestmark = pytest.mark.cluster
 
@@ -117,9 +120,11 @@ class Oracle:
 
 
 class Ports:
-    """zmq sockets connected to the cluster's listening ports, as an outsider on this host would."""
+    """zmq sockets connected to the cluster's listening ports by someone who holds the cluster secret (it
+    keys the CURVE handshake); what they send is then up to the codec."""
 
-    def __init__(self, state: dict):
+    def __init__(self, state: dict, secret: bytes):
+        self.secret = secret
         self.ctx = zmq.Context()
         self.socks: dict[str, zmq.Socket] = {}
         self.owner: dict[str, str] = {}
@@ -132,6 +137,7 @@ class Ports:
         s = self.ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, 100_000)
+        secure_socket(s, self.secret, server=False)
         s.connect(f"tcp://{addr}")
         self.socks[name] = s
         self.owner[name] = owner
@@ -174,7 +180,7 @@ def live(cluster):
     secret = cluster_secret(pids[0])
     # the reference answer, before anything was thrown at the ports
     reference = cluster.complete(PROMPT, max_tokens=4)["choices"][0]["token_ids"]
-    ports = Ports(state)
+    ports = Ports(state, secret)
     yield {"state": state, "pids": pids, "epochs": epochs, "secret": secret, "ports": ports,
            "reference": reference, "rss": {p: rss_mb(p) for p in pids + [cluster.proc.pid]}}
     ports.close()
@@ -448,9 +454,14 @@ def test_signed_schema_valid_garbage_from_a_worker_name_breaks_nothing(cluster, 
     assert_cluster_intact(cluster, live["pids"], live["epochs"])
 
 
-def _zmtp_greeting(socket_type: bytes) -> bytes:
-    """A ZMTP 3.0 NULL-mechanism greeting and READY command, as any zmq peer sends on connect."""
-    greeting = b"\xff" + b"\x00" * 8 + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\x00") + b"\x00" * 32
+def _zmtp_greeting(socket_type: bytes, mechanism: bytes = b"NULL") -> bytes:
+    """What a peer without the cluster secret can send on connect: a ZMTP 3.0 greeting, then for NULL
+    security the READY command (as any default zmq socket does), for CURVE a HELLO command (200 bytes)
+    whose box is not sealed to the server's key -- that key is derived from the secret."""
+    greeting = b"\xff" + b"\x00" * 8 + b"\x7f" + bytes([3, 0]) + mechanism.ljust(20, b"\x00") + b"\x00" * 32
+    if mechanism == b"CURVE":
+        hello = bytes([5]) + b"HELLO" + bytes([1, 0]) + b"\x00" * 72 + os.urandom(32) + os.urandom(8) + os.urandom(80)
+        return greeting + bytes([0x04, len(hello)]) + hello
     name = b"Socket-Type"
     ready = bytes([5]) + b"READY" + bytes([len(name)]) + name + struct.pack(">I", len(socket_type)) + socket_type
     return greeting + bytes([0x04, len(ready)]) + ready
@@ -470,22 +481,76 @@ def _peer_closes(sock: socket.socket, timeout: float) -> bool:
     return False
 
 
-@pytest.mark.parametrize("declared", [LIMITS.zmq_maxmsgsize + 1, 2**40, 2**63 - 1])
-def test_frame_declaring_a_size_past_the_limit_is_refused_before_allocation(cluster, live, declared):
-    """A raw ZMTP frame header declaring more bytes than MAXMSGSIZE: libzmq disconnects the peer at once,
-    nothing is allocated (RSS flat), and the process keeps serving."""
+def _listening_ports(cluster) -> list[tuple[str, bytes, int, str]]:
+    """(address, the zmq socket type a sender would have, pid, process) of every internal port."""
     state = cluster.state()
-    targets = [(state["control_addr"], b"DEALER", cluster.proc.pid)]
+    out = [(state["control_addr"], b"DEALER", cluster.proc.pid, "controller")]
     for w in state["workers"]:
-        targets += [(w["data_addr"], b"PUSH", w["pid"]), (w["kv_addr"], b"PUSH", w["pid"])]
-    for addr, kind, pid in targets:
+        out += [(w["data_addr"], b"PUSH", w["pid"], f"w{w['id']}"), (w["kv_addr"], b"PUSH", w["pid"], f"w{w['id']}")]
+    return out
+
+
+def _nothing_reached_the_codecs(cluster, live, before: dict) -> None:
+    """A bad-MAC marker from a secret holder to every port, then the drop counters must have moved by the
+    markers alone: whatever the stranger sent before never reached a codec."""
+    ports: Ports = live["ports"]
+    expected: dict[str, dict[str, int]] = {}
+    for name in sorted(ports.socks):
+        ports.send(name, [b"\x00" * 32, b"\x80"])
+        owner = expected.setdefault(ports.owner[name], {})
+        owner["bad_mac"] = owner.get("bad_mac", 0) + 1
+    wait_for(cluster, before, expected)
+
+
+@pytest.mark.parametrize("mechanism", [b"NULL", b"CURVE"])
+@pytest.mark.parametrize("declared", [LIMITS.zmq_maxmsgsize + 1, 2**40, 2**63 - 1])
+def test_frame_declaring_a_size_past_the_limit_is_refused_before_allocation(cluster, live, declared, mechanism):
+    """A peer without the secret sends a raw ZMTP frame header declaring more bytes than MAXMSGSIZE: it
+    fails the CURVE handshake first, so the receiver disconnects it before reading any frame, nothing is
+    allocated (RSS flat), nothing is counted, and the process keeps serving. (An authenticated peer's
+    oversize frame is refused by MAXMSGSIZE: test_transport.py.)"""
+    before = snapshot(cluster)
+    for addr, kind, pid, _ in _listening_ports(cluster):
         host, port = addr.rsplit(":", 1)
         rss0 = rss_mb(pid)
         with socket.create_connection((host, int(port)), timeout=5) as s:
-            s.sendall(_zmtp_greeting(kind))
-            s.sendall(bytes([0x02]) + struct.pack(">Q", declared) + b"\x00" * 4096)
+            try:
+                s.sendall(_zmtp_greeting(kind, mechanism))
+                s.sendall(bytes([0x02]) + struct.pack(">Q", declared) + b"\x00" * 4096)
+            except OSError:
+                pass  # already hung up on
             assert _peer_closes(s, timeout=5), f"{addr} kept a peer that declared a {declared}-byte frame"
         assert rss_mb(pid) - rss0 < 16, f"{addr}: RSS grew after a declared {declared}-byte frame"
+    _nothing_reached_the_codecs(cluster, live, before)
+    assert_cluster_intact(cluster, live["pids"], live["epochs"])
+
+
+@pytest.mark.parametrize("mechanism", [b"NULL", b"CURVE"])
+def test_unfinished_multipart_message_memory_is_bounded(cluster, live, mechanism):
+    """Found by this fuzzer (docs/reliability.md#fuzzing): libzmq buffers a multipart message until its
+    last frame, so a peer that streamed frames with MORE and never ended the message grew the receiver
+    without bound (190 MB for 190 MB sent), no secret needed. Now such a peer fails the CURVE handshake
+    keyed from the cluster secret: every port hangs up before taking a frame, RSS stays flat and nothing
+    reaches the codec."""
+    chunk = bytes([0x03]) + struct.pack(">Q", 1 << 20) + b"x" * (1 << 20)  # MORE | LONG, 1 MiB
+    before = snapshot(cluster)
+    for addr, kind, pid, _ in _listening_ports(cluster):
+        host, port = addr.rsplit(":", 1)
+        rss0 = rss_mb(pid)
+        sent = 0
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            try:
+                s.sendall(_zmtp_greeting(kind, mechanism))
+                for _ in range(160):
+                    s.sendall(chunk)
+                    sent += 1
+            except OSError:
+                pass  # the receiver hung up
+            assert _peer_closes(s, timeout=5), f"{addr} kept a peer that never completed the handshake"
+            grown = rss_mb(pid) - rss0
+        assert sent < 160, f"{addr} read a whole 160 MiB unfinished message from a peer without the secret"
+        assert grown < 16, f"{addr}: RSS grew by {grown:.0f} MB for an unfinished message"
+    _nothing_reached_the_codecs(cluster, live, before)
     assert_cluster_intact(cluster, live["pids"], live["epochs"])
 
 
@@ -500,23 +565,3 @@ def test_no_process_grew_and_answers_are_unchanged(cluster, live):
     text = cluster.client.get("/metrics").text
     assert 'lumen:transport_dropped_messages{process="controller",reason="bad_mac"}' in text
     assert 'lumen:transport_dropped_messages{process="worker0",reason="malformed"}' in text
-
-
-@pytest.mark.xfail(strict=True, reason="known gap (docs/reliability.md#fuzzing): libzmq buffers a multipart "
-                                       "message until its last frame arrives, so an unauthenticated peer that "
-                                       "never ends one grows the receiver without bound; the frame-count check "
-                                       "only runs once the message is complete")
-def test_unfinished_multipart_message_memory_is_bounded(cluster, live):
-    w = cluster.state()["workers"][1]
-    host, port = w["data_addr"].rsplit(":", 1)
-    rss0 = rss_mb(w["pid"])
-    chunk = bytes([0x03]) + struct.pack(">Q", 1 << 20) + b"x" * (1 << 20)  # MORE | LONG, 1 MiB
-    with socket.create_connection((host, int(port)), timeout=5) as s:
-        s.sendall(_zmtp_greeting(b"PUSH"))
-        for _ in range(160):
-            s.sendall(chunk)
-        time.sleep(0.5)
-        grown = rss_mb(w["pid"]) - rss0
-    # closing the connection frees it again, and the worker is unharmed either way
-    assert_cluster_intact(cluster, live["pids"], live["epochs"])
-    assert grown < 64, f"worker RSS grew by {grown:.0f} MB for one unfinished 160 MiB message"

@@ -31,6 +31,8 @@ from lumen.runtime.transport import (
     ReplayGuard,
     RouterEndpoint,
     Schema,
+    curve_keys,
+    secure_socket,
 )
 
 SECRET = bytes(range(32))
@@ -398,11 +400,65 @@ def test_dealer_router_round_trip(ctx):
         assert router.recv(timeout_ms=0) is None
 
 
+def raw_socket(ctx, kind, address: str, secret: bytes | None = SECRET) -> zmq.Socket:
+    """A plain zmq socket connected to a lumen endpoint: a CURVE client keyed from ``secret``
+    (as lumen's own), or with ZeroMQ's default NULL security when ``secret`` is None."""
+    s = ctx.socket(kind)
+    s.setsockopt(zmq.LINGER, 0)
+    if secret is not None:
+        secure_socket(s, secret, server=False)
+    s.connect(f"tcp://{address}")
+    return s
+
+
+def test_curve_keys_are_derived_from_the_secret():
+    (spub, ssec), (cpub, csec) = curve_keys(SECRET)
+    assert len({spub, ssec, cpub, csec}) == 4 and all(len(k) == 40 for k in (spub, ssec, cpub, csec))
+    assert ssec == zmq.utils.z85.encode(hmac.new(SECRET, b"lumen zmq curve server v1", hashlib.sha256).digest())
+    assert zmq.curve_public(ssec) == spub and zmq.curve_public(csec) == cpub
+    assert curve_keys(SECRET) == ((spub, ssec), (cpub, csec))  # deterministic: every process agrees
+    assert curve_keys(b"\x00" * 32)[0][0] != spub
+
+
+@pytest.mark.parametrize("endpoint", ["pull", "router"])
+def test_peer_without_the_secret_is_refused_at_the_handshake(ctx, endpoint):
+    """CURVE keyed from the cluster secret: a NULL-security peer, or a CURVE client that guesses a server
+    key (or derives it from another secret), never gets a frame delivered -- not even one with a valid
+    MAC -- and nothing reaches the codec; a client with the secret on the same port gets through."""
+    rx = codec("ctl")
+    ep = PullEndpoint(ctx, rx) if endpoint == "pull" else RouterEndpoint(ctx, rx)
+    kind = zmq.PUSH if endpoint == "pull" else zmq.DEALER
+    with ep:
+        assert ep.socket.getsockopt(zmq.CURVE_SERVER) == 1
+        good = codec("w0")
+        strangers = [raw_socket(ctx, kind, ep.address, secret=None),
+                     raw_socket(ctx, kind, ep.address, secret=b"\x00" * 32)]
+        wrong_key = ctx.socket(kind)
+        wrong_key.setsockopt(zmq.LINGER, 0)
+        wrong_key.curve_serverkey = zmq.curve_keypair()[0]
+        wrong_key.curve_publickey, wrong_key.curve_secretkey = curve_keys(SECRET)[1]
+        wrong_key.connect(f"tcp://{ep.address}")
+        strangers.append(wrong_key)
+        for s in strangers:
+            for _ in range(3):
+                try:  # a refused peer is never connected: its queue fills, or it is not even routable
+                    s.send_multipart(good.encode("any", {"x": 666}), flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+        assert ep.recv(timeout_ms=1500) is None
+        assert sum(rx.stats.values()) == 0 and rx.accepted == 0
+        friend = raw_socket(ctx, kind, ep.address)
+        friend.send_multipart(good.encode("any", {"x": 1}))
+        got = ep.recv(timeout_ms=3000)
+        assert got is not None and (got[1] if endpoint == "router" else got).body == {"x": 1}
+        for s in [*strangers, friend]:
+            s.close(linger=0)
+
+
 def test_forged_message_over_socket_is_dropped_and_next_one_arrives(ctx):
     rx = codec("w1")
     with PullEndpoint(ctx, rx) as pull:
-        raw = ctx.socket(zmq.PUSH)
-        raw.connect(f"tcp://{pull.address}")
+        raw = raw_socket(ctx, zmq.PUSH, pull.address)
         evil = codec("w0", secret=b"\x00" * 32)
         good = codec("w0")
         m = good.encode("any", {"x": 1})
@@ -421,18 +477,20 @@ def test_maxmsgsize_drops_huge_frame_before_delivery(ctx):
     lim = Limits(max_frame_bytes=1 << 20, max_message_bytes=1 << 20)
     rx = Codec(SECRET, "w1", 1, lim, schema())
     with PullEndpoint(ctx, rx) as pull:
-        assert pull.socket.getsockopt(zmq.MAXMSGSIZE) == 1 << 20
+        # a frame travels encrypted (CURVE): libzmq checks its size with the MESSAGE command's overhead
+        assert pull.socket.getsockopt(zmq.MAXMSGSIZE) == (1 << 20) + tp.CURVE_FRAME_OVERHEAD
         tx = Codec(SECRET, "w0", 1, Limits(), schema())  # sender with larger limits
-        raw = ctx.socket(zmq.PUSH)
-        raw.setsockopt(zmq.LINGER, 0)
-        raw.connect(f"tcp://{pull.address}")
+        raw = raw_socket(ctx, zmq.PUSH, pull.address)
+        # the largest frame the limits allow does arrive
+        raw.send_multipart(tx.encode("any", {"x": 0}, [np.zeros(1 << 20, np.uint8)]), copy=False)
+        got = pull.recv(timeout_ms=3000)
+        assert got is not None and got.body["x"] == 0 and len(got.frames[0]) == 1 << 20
         raw.send_multipart(tx.encode("any", {"x": 1}, [np.zeros(10 * (1 << 20), np.uint8)]), copy=False)
         assert pull.recv(timeout_ms=700) is None
         # libzmq refused it in its decoder: the codec never saw it (nothing counted)
-        assert sum(rx.stats.values()) == 0 and rx.accepted == 0
+        assert sum(rx.stats.values()) == 0 and rx.accepted == 1
         # the receiver is alive: a fresh sender gets through, as does the old one after reconnect
-        raw2 = ctx.socket(zmq.PUSH)
-        raw2.connect(f"tcp://{pull.address}")
+        raw2 = raw_socket(ctx, zmq.PUSH, pull.address)
         raw2.send_multipart(tx.encode("any", {"x": 2}, [b"small"]))
         got = pull.recv(timeout_ms=3000)
         assert got is not None and got.body["x"] == 2

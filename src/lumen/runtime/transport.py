@@ -13,10 +13,14 @@ that), then the MAC (nothing unauthenticated reaches msgpack), then msgpack with
 length bounded, then the header's types, replay, and the per-type schema. A message that
 fails any step is dropped and counted in ``Codec.stats``; ``decode`` never raises.
 
+Peers are authenticated twice. At the ZeroMQ handshake (CURVE, keys derived from the
+cluster secret, :func:`secure_socket`): a peer without the secret cannot complete it, so
+libzmq never buffers a frame of its. Then per message (the MAC above, replay and epoch).
+
 Bounds before allocation: ``MAXMSGSIZE`` makes libzmq refuse (and disconnect) a peer whose
 single frame exceeds the frame limit before the frame is allocated. libzmq delivers a
 multipart message atomically, so the *number* of frames of one message is only checked
-once it has been received; bind data/control sockets to cluster-internal interfaces.
+once it has been received -- only a peer that passed the CURVE handshake gets that far.
 
 Token-id lists belong in payload frames (:func:`ints_frame` / :func:`frame_ints`), not in
 the header: the header limit (64 KiB) is sized for control fields.
@@ -33,6 +37,7 @@ creation (:meth:`FaultHook.from_env`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import itertools
@@ -52,6 +57,7 @@ import msgpack
 import numpy as np
 import zmq
 import zmq.asyncio
+from zmq.utils import z85
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,8 @@ DROP_REASONS = ("bad_mac", "replay", "stale_epoch", "malformed", "oversize", "un
 SECRET_ENV = "LUMEN_CLUSTER_SECRET"
 FAULT_ENV = "LUMEN_FAULT_CORRUPT_PAGES"
 _INT64 = (-(2**63), 2**63 - 1)
+CURVE_FRAME_OVERHEAD = 33  # "\x07MESSAGE" + 8-byte nonce + flags byte + 16-byte Poly1305 tag
+_CURVE_LABELS = (b"lumen zmq curve server v1", b"lumen zmq curve client v1")
 
 
 @dataclass(frozen=True)
@@ -82,8 +90,9 @@ class Limits:
 
     @property
     def zmq_maxmsgsize(self) -> int:
-        # MAXMSGSIZE is per frame in libzmq; the largest legitimate frame decides it.
-        return max(self.max_frame_bytes, self.max_header_bytes, MAC_LEN)
+        # MAXMSGSIZE is per frame in libzmq; the largest legitimate frame decides it. Under CURVE
+        # libzmq checks the size of the encrypted frame (a MESSAGE command), 33 bytes larger.
+        return max(self.max_frame_bytes, self.max_header_bytes, MAC_LEN) + CURVE_FRAME_OVERHEAD
 
 
 @dataclass
@@ -568,7 +577,43 @@ class FaultHook:
 # --------------------------------------------------------------------------- endpoints
 
 
-def _configure(sock: zmq.Socket, limits: Limits, hwm: int | None = None) -> None:
+@functools.lru_cache(maxsize=8)
+def curve_keys(secret: bytes) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
+    """``((server_public, server_secret), (client_public, client_secret))``, z85-encoded CURVE
+    keys derived from the cluster secret: secret key = HMAC-SHA256(secret, label)."""
+    pairs = []
+    for label in _CURVE_LABELS:
+        sk = z85.encode(hmac.new(secret, label, hashlib.sha256).digest()[:32])
+        pairs.append((zmq.curve_public(sk), sk))
+    return pairs[0], pairs[1]
+
+
+def secure_socket(sock: zmq.Socket, secret: bytes, *, server: bool) -> None:
+    """Make ``sock`` a CURVE server (``server``: the side that binds) or client, keyed from the
+    cluster secret; call before bind/connect.
+
+    Why: libzmq buffers every frame of a multipart message until its last one (MAXMSGSIZE is per
+    frame, the HWM counts whole messages) and the codec's MAC can only run on a complete message,
+    so without this anyone reaching a port could grow the receiver without bound. A CURVE client
+    must know the server's public key, which only holders of the secret can derive: a peer
+    without it fails the handshake and no frame of its is ever buffered. There is no ZAP handler
+    (libzmq then accepts any client that completes the handshake); the codec still authenticates
+    and orders every message (defence in depth)."""
+    if not zmq.has("curve"):
+        raise RuntimeError("libzmq was built without CURVE; lumen needs it for its internal ports")
+    (server_public, server_secret), (client_public, client_secret) = curve_keys(secret)
+    if server:
+        sock.curve_server = True
+        sock.curve_secretkey = server_secret
+    else:
+        sock.curve_serverkey = server_public
+        sock.curve_publickey = client_public
+        sock.curve_secretkey = client_secret
+
+
+def _configure(sock: zmq.Socket, codec: Codec, hwm: int | None = None, *, server: bool) -> None:
+    limits = codec.limits
+    secure_socket(sock, codec._secret, server=server)
     sock.setsockopt(zmq.MAXMSGSIZE, limits.zmq_maxmsgsize)
     sock.setsockopt(zmq.LINGER, 0)  # never hang process exit on unsent data to a dead peer
     if hwm is not None:
@@ -649,7 +694,7 @@ class RouterEndpoint(_Endpoint):
     def __init__(self, ctx: zmq.Context, codec: Codec, host: str = "127.0.0.1", port: int = 0,
                  hwm: int = 1000) -> None:
         sock = ctx.socket(zmq.ROUTER)
-        _configure(sock, codec.limits, hwm)
+        _configure(sock, codec, hwm, server=True)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown identity -> False, not a silent drop
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker may reuse its identity
         sock.bind(_bind_addr(host, port))
@@ -669,7 +714,7 @@ class AsyncRouterEndpoint(_Endpoint):
     def __init__(self, ctx: zmq.asyncio.Context, codec: Codec, host: str = "127.0.0.1", port: int = 0,
                  hwm: int = 1000) -> None:
         sock = ctx.socket(zmq.ROUTER)
-        _configure(sock, codec.limits, hwm)
+        _configure(sock, codec, hwm, server=True)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.bind(_bind_addr(host, port))
@@ -715,7 +760,7 @@ class DealerEndpoint(_Endpoint):
     def __init__(self, ctx: zmq.Context, codec: Codec, address: str, identity: bytes | None = None,
                  hwm: int = 1000) -> None:
         sock = ctx.socket(zmq.DEALER)
-        _configure(sock, codec.limits, hwm)
+        _configure(sock, codec, hwm, server=False)
         if identity is not None:
             sock.setsockopt(zmq.IDENTITY, identity)
         sock.connect(_tcp(address))
@@ -735,7 +780,7 @@ class PullEndpoint(_Endpoint):
     def __init__(self, ctx: zmq.Context, codec: Codec, host: str = "127.0.0.1", port: int = 0,
                  hwm: int = 256) -> None:
         sock = ctx.socket(zmq.PULL)
-        _configure(sock, codec.limits)
+        _configure(sock, codec, server=True)
         sock.setsockopt(zmq.RCVHWM, hwm)
         sock.bind(_bind_addr(host, port))
         super().__init__(codec, sock)
@@ -767,7 +812,7 @@ class PushPool:
         sock = self._socks.get(addr)
         if sock is None:
             sock = self.ctx.socket(zmq.PUSH)
-            _configure(sock, self.codec.limits)
+            _configure(sock, self.codec, server=False)
             sock.setsockopt(zmq.SNDHWM, self.sndhwm)
             sock.connect(addr)
             self._socks[addr] = sock
@@ -818,6 +863,7 @@ __all__ = [
     "RouterEndpoint",
     "Schema",
     "as_buffer",
+    "curve_keys",
     "frame_ints",
     "frame_to_numpy",
     "frame_to_tensor",
@@ -826,5 +872,6 @@ __all__ = [
     "read_secret_file",
     "secret_from_env",
     "secret_to_hex",
+    "secure_socket",
     "write_secret_file",
 ]
