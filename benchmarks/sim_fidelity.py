@@ -10,6 +10,11 @@
    with the bench's window / threshold / settle rule;
 4. a table (mean TTFT, mean TPOT, recovery time; live vs sim and the gap in %) and OUT/fidelity.json.
 
+With --profile-from live there is no separate `lumen profile`: the live bench runs with
+LUMEN_STEP_LOG set (each worker appends one profile row per engine step), and the steps of the
+failure-free reference runs are merged into OUT/profile_live.csv, the simulator's profile -- the
+live engine's step costs, contention included. The failure variant is then out of sample.
+
 `uptime` is recorded before and after the profile and the live bench (the machine may be shared).
 While the bench runs, the cluster's /lumen/cluster is polled (worker engine counters, reload phases)
 and saved to OUT/live/cluster_polls.jsonl; with --worker-profile each worker runs under cProfile
@@ -21,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import json
 import math
 import os
 import pstats
+import re
 import shutil
 import socket
 import subprocess
@@ -224,6 +231,8 @@ def run_live(args, out: Path, log: dict) -> Path:
            "--seed", str(args.seed), "--window", str(args.window), "--port", str(port), "--out", str(live),
            "--quiet"]
     env = dict(os.environ)
+    if args.profile_from == "live":
+        env["LUMEN_STEP_LOG"] = str(live / "step_log")
     prof_dir = None
     if args.worker_profile:
         prof_dir = live / "worker_prof"
@@ -233,12 +242,93 @@ def run_live(args, out: Path, log: dict) -> Path:
     live.mkdir(parents=True, exist_ok=True)
     with Poller(port, live / "cluster_polls.jsonl", prof_dir=prof_dir) as poller:
         subprocess.run(cmd, check=True, env=env)
-    log["live"] = {"command": " ".join(cmd) + (f"  (env LUMEN_WORKER_PROFILE={prof_dir})" if prof_dir else ""),
+    extra = "".join(f"  (env {k}={env[k]})" for k in ("LUMEN_WORKER_PROFILE", "LUMEN_STEP_LOG") if k in env
+                    and env.get(k) != os.environ.get(k))
+    log["live"] = {"command": " ".join(cmd) + extra,
                    "uptime_before": before, "uptime_after": uptime(), "wall_s": time.time() - t0,
                    "load1_during": {"mean": sum(poller.loads) / max(1, len(poller.loads)),
                                     "min": min(poller.loads, default=math.nan),
                                     "max": max(poller.loads, default=math.nan)}}
     return live
+
+
+_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
+
+
+def run_spans(live: Path) -> dict[str, tuple[float, float]]:
+    """Wall-clock span of each bench run's cluster, e.g. {"no-failure-seed0": (start, end)}: from the
+    first timestamped line of its log (`lumen serve` starting, local time) to the log's last write
+    (the cluster stopping). The bench starts one cluster per run, one after the other."""
+    spans = {}
+    for p in sorted((live / "logs").glob("*.log")):
+        start = None
+        with p.open(errors="replace") as f:
+            for line in f:
+                m = _LOG_TIME.match(line)
+                if m:
+                    start = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1e3
+                    break
+        if start is not None:
+            spans[p.stem] = (start, p.stat().st_mtime)
+    return spans
+
+
+def step_log_rows(live: Path) -> dict[str, list[dict]]:
+    """The LUMEN_STEP_LOG rows of a bench output directory, by run (log name), each row with its
+    worker and epoch; rows outside every run's span are under "unassigned"."""
+    from lumen.engine.profile import COLUMNS, STEP_LOG_TIME
+
+    spans = run_spans(live)
+    out: dict[str, list[dict]] = {k: [] for k in spans}
+    out["unassigned"] = []
+    for p in sorted((live / "step_log").glob("worker*-epoch*.csv")):
+        m = re.match(r"worker(\d+)-epoch(\d+)", p.stem)
+        with p.open(newline="") as f:
+            for r in csv.DictReader(f):
+                row = {c: float(r[c]) for c in (*COLUMNS, STEP_LOG_TIME)}
+                row["worker"], row["epoch"] = int(m.group(1)), int(m.group(2))
+                run = next((k for k, (a, b) in spans.items() if a <= row[STEP_LOG_TIME] <= b + 1.0), "unassigned")
+                out[run].append(row)
+    for rows in out.values():
+        rows.sort(key=lambda r: (r["worker"], r["epoch"], r["time_s"]))
+    return out
+
+
+def step_stats(rows: list[dict]) -> dict:
+    """Per run: steps, mean step time (all / decode-only), and the worker loop's time between two
+    back-to-back decode steps of one worker beyond the step itself (both steps decoding: it had work
+    throughout), i.e. what a token costs outside the engine step."""
+    dec = [r["step_time_s"] for r in rows if r["num_prefill_tokens"] == 0]
+    gaps = []
+    for a, b in zip(rows, rows[1:], strict=False):
+        if (a["worker"], a["epoch"]) == (b["worker"], b["epoch"]) and a["num_decode_seqs"] and b["num_decode_seqs"] \
+                and b["num_prefill_tokens"] == 0:
+            g = b["time_s"] - a["time_s"] - b["step_time_s"]
+            if 0 <= g < 1.0:
+                gaps.append(g)
+    return {"steps": len(rows), "step_s_mean": _mean([r["step_time_s"] for r in rows]),
+            "decode_only_steps": len(dec), "decode_only_step_s_mean": _mean(dec),
+            "decode_seqs_mean": _mean([r["num_decode_seqs"] for r in rows]),
+            "loop_outside_step_s_mean": _mean(gaps), "loop_gaps": len(gaps)}
+
+
+def live_profile(live: Path, out: Path, log: dict) -> Path:
+    """Merge the failure-free reference runs' step rows into one profile CSV (the profile's columns)."""
+    from lumen.engine.profile import COLUMNS
+
+    by_run = step_log_rows(live)
+    ref = [r for k, rows in by_run.items() if k.startswith("no-failure") for r in rows]
+    if len(ref) < 5:
+        raise SystemExit(f"only {len(ref)} step rows from the reference runs under {live / 'step_log'}")
+    csv_path = out / "profile_live.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for r in ref:
+            w.writerow([r[c] if c == "step_time_s" else int(r[c]) for c in COLUMNS])
+    log["profile"] = {"from": "live (LUMEN_STEP_LOG of the no-failure runs)", "csv": str(csv_path),
+                      "rows": len(ref), "per_run": {k: step_stats(v) for k, v in by_run.items()}}
+    return csv_path
 
 
 def run_sim(args, csv_path: Path, log: dict, colocated: bool = True) -> tuple[list, object]:
@@ -341,6 +431,9 @@ def main(argv=None) -> int:
                     help="sim: declared dead -> process up; default: measured from the live run's reload phases")
     ap.add_argument("--profile", default=None, help="reuse this profile CSV instead of running `lumen profile`")
     ap.add_argument("--profile-repeats", type=int, default=3)
+    ap.add_argument("--profile-from", choices=("separate", "live"), default="separate",
+                    help="separate: `lumen profile` before the bench; live: the live reference runs' own steps "
+                         "(LUMEN_STEP_LOG), merged into OUT/profile_live.csv")
     ap.add_argument("--live", default=None, help="reuse this `lumen bench` output directory instead of running it")
     ap.add_argument("--port", type=int, default=None)
     ap.add_argument("--worker-profile", action="store_true", help="run the live workers under cProfile")
@@ -353,8 +446,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log: dict = {"date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "nproc": os.cpu_count(),
                  "argv": sys.argv, "config": {k: v for k, v in vars(args).items()}}
-    csv_path = run_profile(args, out, log)
+    csv_path = run_profile(args, out, log) if args.profile_from == "separate" else None
     live = Path(args.live) if args.live else run_live(args, out, log)
+    if csv_path is None:
+        csv_path = live_profile(live, out, log)
     live_doc = json.loads((live / "results.json").read_text())
     counters = engine_counters(live / "cluster_polls.jsonl") if (live / "cluster_polls.jsonl").exists() else []
     if args.restart_s is None:
@@ -402,6 +497,14 @@ def main(argv=None) -> int:
         c = log["live_worker_cpu"]
         print(f"live workers while serving: {c['on_cpu_s']:.1f} s on a CPU, {c['runqueue_wait_s']:.1f} s runnable but "
               f"waiting for one ({c['share_of_runnable_time_on_cpu']:.0%} of runnable time on a CPU)")
+    if "per_run" in log.get("profile", {}):
+        print(f"\nlive step log ({log['profile']['rows']} reference rows -> {log['profile']['csv']}):")
+        for k, st in log["profile"]["per_run"].items():
+            if st["steps"]:
+                print(f"  {k:<22}{st['steps']:>6} steps, mean step {1e3 * st['step_s_mean']:.1f} ms, decode-only "
+                      f"{1e3 * st['decode_only_step_s_mean']:.1f} ms ({st['decode_only_steps']}), mean decodes/step "
+                      f"{st['decode_seqs_mean']:.2f}, loop outside the step {1e3 * st['loop_outside_step_s_mean']:.1f} ms "
+                      f"per decode step ({st['loop_gaps']})")
     print(f"\nwrote {out / 'fidelity.json'}")
     return 0
 

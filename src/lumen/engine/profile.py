@@ -40,6 +40,55 @@ CPU_GRID = [(p, d, c) for p in (0, 32, 128, 256) for d in (0, 1, 2, 4, 8) for c 
 QUICK_GRID = [(p, d, c) for p in (0, 32, 128) for d in (0, 1, 4) for c in (64, 256) if p or d]
 
 
+STEP_LOG_ENV = "LUMEN_STEP_LOG"  # DIR: each worker appends its engine's steps to DIR/worker<id>-epoch<e>.csv
+STEP_LOG_TIME = "time_s"
+
+
+class StepLog:
+    """Appends one profile row (COLUMNS, then STEP_LOG_TIME: the wall clock, Unix seconds, at the end
+    of the step) per engine step to a CSV: the live engine profiled in place. The extra column lets a
+    reader pick one run's steps out of a file that several clusters appended to; the simulator's
+    profile reader ignores it.
+
+    `record(engine)` after each `engine.step()` writes `engine.last_step` when a step ran (a new
+    dict: `Engine._account` builds one per step). Writes are buffered and flushed about every
+    `flush_s` seconds and on close; the header is written once, when the file is new or empty."""
+
+    def __init__(self, path: str | Path, flush_s: float = 1.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", newline="", buffering=1 << 16)  # noqa: SIM115
+        self._w = csv.writer(self._f)
+        if self._f.tell() == 0:
+            self._w.writerow((*COLUMNS, STEP_LOG_TIME))
+        self.flush_s = flush_s
+        self._flushed = time.monotonic()
+        self._last: object = None
+        self.rows = 0
+
+    @classmethod
+    def from_env(cls, worker_id: int, epoch: int) -> StepLog | None:
+        import os
+
+        d = os.environ.get(STEP_LOG_ENV)
+        return cls(Path(d) / f"worker{worker_id}-epoch{epoch}.csv") if d else None
+
+    def record(self, engine) -> None:
+        step = engine.last_step
+        if not step or step is self._last:
+            return
+        self._last = step
+        self._w.writerow([*(step[c] for c in COLUMNS), f"{time.time():.6f}"])
+        self.rows += 1
+        if time.monotonic() - self._flushed >= self.flush_s:
+            self._f.flush()
+            self._flushed = time.monotonic()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

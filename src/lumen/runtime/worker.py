@@ -23,6 +23,7 @@ import zmq
 
 from ..engine import Engine, EngineConfig, KVPage, SamplingParams
 from ..engine.kv_pages import TAG_BYTES
+from ..engine.profile import StepLog
 from ..model.loader import build_model_from_host, read_config, read_weights_to_host
 from ..policy import WorkerState, features
 from .assist import Drafter, Verifier
@@ -110,6 +111,7 @@ class Worker:
         self.kv_tx = PageSender(self.ctx, secret, self.id, self.epoch)
         self.kv_rx = PageReceiver(self.ctx, secret, self.id, self.epoch, args.host, self.store, self._page_nbytes)
         self.engine: Engine | None = None
+        self.step_log = StepLog.from_env(self.id, self.epoch)  # LUMEN_STEP_LOG: per-step profile rows
         self.holders: dict[str, tuple[int, str]] = {}  # req -> (holder id, data address)
         self.drafter: Drafter | None = None
         self.verifier: Verifier | None = None
@@ -207,6 +209,8 @@ class Worker:
                 if self.verifier is not None:
                     self.verifier.before_step(self.engine)
                 outputs = self.engine.step()
+                if self.step_log is not None:
+                    self.step_log.record(self.engine)
                 self._send_outputs(outputs)
                 if self.verifier is not None:
                     self.verifier.after_step(self.engine, outputs)
@@ -405,6 +409,8 @@ def main(argv=None) -> int:
         worker.run()
     finally:
         worker.close()
+        if worker.step_log is not None:
+            worker.step_log.close()
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(os.path.join(profile_dir, f"worker{args.worker_id}.{args.epoch}.prof"))
