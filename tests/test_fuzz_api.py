@@ -215,7 +215,7 @@ BAD_BODIES = [
     b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}",
     b'{"prompt": "x", "top_k": 1' + b"0" * 30 + b"}", b'{"prompt": "x", "seed": 18446744073709551616}',
     b'{"prompt": "x", "max_tokens": -1}', b'{"prompt": "x", "max_tokens": 0}', b'{"prompt": "x", "max_tokens": 2.5}',
-    b'{"prompt": [-1]}', b'{"prompt": [1.5]}', b'{"prompt": [1e400]}', b'{"prompt": [49152]}', b'{"prompt": "x", "stop_token_ids": [-5]}',
+    b'{"prompt": [-1]}', b'{"prompt": [1.5]}', b'{"prompt": [1e400]}', b'{"prompt": [49152]}', b'{"prompt": "x", "stop_token_ids": [-5]}', (b'{"prompt": "x", "stop_token_ids": [' + b",".join(b"%d" % i for i in range(1, 18)) + b']}'),
     # wrong types everywhere
     b"[]", b"null", b"42", b'"prompt"', b'{"prompt": {}}', b'{"prompt": true}', b'{"prompt": null}',
     b'{"prompt": 5}', b'{"prompt": [[1], [2]]}', b'{"prompt": ["a", "b"]}', b'{"prompt": [[]]}',

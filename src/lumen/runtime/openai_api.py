@@ -190,7 +190,9 @@ def _common(body: dict, kind: str, served_model: str, vocab_size: int) -> dict[s
     if any(len(s) == 0 or len(s) > MAX_STOP_LEN for s in stop):
         raise APIError(400, f"stop sequences must be 1 to {MAX_STOP_LEN} characters", param="stop")
     stop_token_ids = _get(body, "stop_token_ids", (list,), default=[])
-    stop_token_ids = _token_id_list(stop_token_ids, "stop_token_ids", vocab_size)[:MAX_STOP_STRINGS]
+    if len(stop_token_ids) > MAX_STOP_STRINGS:  # refused, as the schema says, never silently cut
+        raise APIError(400, f"at most {MAX_STOP_STRINGS} stop token ids are allowed", param="stop_token_ids")
+    stop_token_ids = _token_id_list(stop_token_ids, "stop_token_ids", vocab_size)
 
     stream = _get(body, "stream", (bool,), default=False)
     options = _get(body, "stream_options", (dict,), default={})
