@@ -319,7 +319,12 @@ def test_killing_the_bench_leaves_no_cluster_behind(tmp_path, sig):
             time.sleep(0.2)
         time.sleep(1.0)
         bench.send_signal(sig)
-        bench.wait(30)
+        try:
+            bench.wait(30)
+        except subprocess.TimeoutExpired:
+            status = Path(f"/proc/{bench.pid}/status").read_text()
+            masks = [line for line in status.splitlines() if line.startswith(("State", "Sig", "Shd"))]
+            raise AssertionError(f"the bench did not exit after {sig.name}: {masks}") from None
         deadline = time.monotonic() + 20
         while _fake_pids() and time.monotonic() < deadline:
             time.sleep(0.2)
