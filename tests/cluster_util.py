@@ -39,6 +39,17 @@ def make_tiny_model_dir(out: Path) -> Path:
     return out
 
 
+def wait_until(predicate, timeout: float, what: str):
+    """Poll ``predicate`` every 50 ms; return its first truthy value, or raise TimeoutError(what)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(what)
+
+
 def worker_pids_alive(pids) -> list[int]:
     alive = []
     for pid in pids:

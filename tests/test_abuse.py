@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from cluster_util import make_tiny_model_dir, run_cluster
+from cluster_util import make_tiny_model_dir, run_cluster, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -25,17 +25,6 @@ LONG = 1500
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny")))
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise TimeoutError(what)
 
 
 def _held(c) -> dict:
@@ -64,7 +53,7 @@ def _raw_stream_request(url: str, body: dict) -> socket.socket:
 def test_abandoned_requests_are_freed_while_others_keep_streaming(tiny_dir):
     with run_cluster(tiny_dir, workers=2, policy="lumen", extra=["--deterministic"]) as c:
         reference = c.complete(PROMPT, max_tokens=200, ignore_eos=True)["choices"][0]["token_ids"]
-        _wait(lambda: _drained(c), 10, "the reference request was not freed")
+        wait_until(lambda: _drained(c), 10, "the reference request was not freed")
 
         # a well-behaved client streams all along
         box = {}
@@ -84,7 +73,7 @@ def test_abandoned_requests_are_freed_while_others_keep_streaming(tiny_dir):
             # the connection is closed here, mid-stream
         assert len(seen) < LONG
         # its KV pages, its checkpoint reservation and stored pages go at once, not at max_tokens
-        _wait(lambda: _drained(c), 5, "the disconnected request was not freed")
+        wait_until(lambda: _drained(c), 5, "the disconnected request was not freed")
         good.start()
 
         # 2. a client that never reads: its request runs to the end (or is freed), others are not slowed
@@ -110,5 +99,5 @@ def test_abandoned_requests_are_freed_while_others_keep_streaming(tiny_dir):
         lazy.close()
         for s in idle:
             s.close()
-        _wait(lambda: _drained(c), 60, f"resources left behind: {_held(c)}, requests {c.state()['requests']}")
+        wait_until(lambda: _drained(c), 60, f"resources left behind: {_held(c)}, requests {c.state()['requests']}")
         assert all(w["state"] == "serving" for w in c.state()["workers"])

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cluster_util import make_tiny_model_dir, run_cluster, worker_pids_alive
+from cluster_util import make_tiny_model_dir, run_cluster, wait_until, worker_pids_alive
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -54,16 +54,6 @@ def _tagged_processes(tag: str) -> list[int]:
         if entry.isdigit() and int(entry) != os.getpid() and needle in _read(f"/proc/{entry}/environ"):
             found.extend(worker_pids_alive([int(entry)]))
     return found
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(what)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +158,7 @@ def test_workers_spread_over_nodes_and_secret_stays_private(serve, ray_cluster, 
 def test_actor_killed_mid_stream_recovers_unchanged(serve, reference):
     box: dict = {}
     t = _stream(serve, box, 0)
-    req = _wait(lambda: next((r for r in serve.state()["requests"]
+    req = wait_until(lambda: next((r for r in serve.state()["requests"]
                               if r["holder"] is not None and r["valid_ckpt_tokens"] >= 4 * BLOCK), None),
                 60, "the request was never checkpointed")
     nodes = {w["id"]: w["node"] for w in serve.state()["workers"]}
@@ -182,7 +172,7 @@ def test_actor_killed_mid_stream_recovers_unchanged(serve, reference):
     assert ids == reference
     assert _metric(serve, "lumen:checkpoint_restores_total") >= 1
     # the worker process died with its actor, and a new actor (new epoch, new pid) serves again
-    _wait(lambda: not worker_pids_alive([old["pid"]]), 10, "the worker outlived its actor")
+    wait_until(lambda: not worker_pids_alive([old["pid"]]), 10, "the worker outlived its actor")
     serve.wait_serving(4, timeout=120)
     new = serve.worker(executor)
     assert new["epoch"] > old["epoch"] and new["pid"] != old["pid"]
@@ -191,8 +181,8 @@ def test_actor_killed_mid_stream_recovers_unchanged(serve, reference):
     victim = next(w for w in serve.state()["workers"] if w["id"] != executor)
     actor = _actor_pid(serve, victim["id"])
     os.kill(victim["pid"], signal.SIGKILL)
-    _wait(lambda: serve.worker(victim["id"])["epoch"] > victim["epoch"], 30, "no restart after the kill")
-    _wait(lambda: not worker_pids_alive([actor]), 10, "the old actor was not released")
+    wait_until(lambda: serve.worker(victim["id"])["epoch"] > victim["epoch"], 30, "no restart after the kill")
+    wait_until(lambda: not worker_pids_alive([actor]), 10, "the old actor was not released")
     serve.wait_serving(4, timeout=120)
 
 
@@ -211,7 +201,7 @@ def test_node_failure_recovers_unchanged(serve, ray_cluster, reference):
         return (state, nodes, on_b) if ok else None
 
     try:
-        state, nodes, on_b = _wait(node_b_protected, 90, "")
+        state, nodes, on_b = wait_until(node_b_protected, 90, "")
     except TimeoutError:
         raise TimeoutError(f"no request on node B was ever checkpointed: {serve.state()}") from None
     assert all(nodes[r["holder"]] != serve.node_b_id for r in on_b)  # their checkpoints survive the node
