@@ -37,6 +37,7 @@ class ClusterConfig:
     lam: float = 1.0
     # assisted recovery
     draft_model: str | None = None
+    cold_restart: bool = False             # evict weights from the page cache before a restart
     spec_k: int = 4
     # back-pressure
     max_pending: int = 1024

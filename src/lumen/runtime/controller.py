@@ -37,6 +37,7 @@ from ..policy import (
 from . import metrics_prom as M
 from .config import ClusterConfig
 from .launcher import Launcher, WorkerSpec
+from .page_cache import evict_models
 from .protocol import SCHEMA, sampling_params_to_wire
 from .transport import AsyncRouterEndpoint, Codec, Message, frame_ints, ints_frame, secret_to_hex
 
@@ -188,6 +189,10 @@ class Controller:
         w.last_hb = w.spawned_at = time.monotonic()
         w.heard = False
         w.phase_s = {"restart_at": time.time()}
+        if self.cfg.cold_restart and not initial:
+            covered = await asyncio.to_thread(evict_models, [self.cfg.model, self.cfg.draft_model])
+            log.info("worker %d: %.2f GB of weight files evicted from the page cache before restart",
+                     w.id, covered / 1e9)
         spec = WorkerSpec(w.id, w.epoch, self._worker_argv(w),
                           env={"LUMEN_CLUSTER_SECRET": secret_to_hex(self.secret)})
         handle = await self.launcher.start(spec)

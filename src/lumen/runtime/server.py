@@ -42,6 +42,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-model", default=None,
                    help="draft for assisted recovery (default: the embedded draft with the default model)")
     p.add_argument("--spec-k", type=int, default=4, help="draft tokens proposed per request per round")
+    p.add_argument("--cold-restart", action="store_true",
+                   help="drop the model's weight files from the OS page cache before restarting a worker, so "
+                        "its reload reads the disk as after a node reboot (benchmarks of reload-bound recovery)")
     p.add_argument("--ckpt-budget-gb", type=float, default=2.0, help="host memory for checkpoints, per worker")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
@@ -110,6 +113,7 @@ def build_config(args: argparse.Namespace) -> tuple[ClusterConfig, Tokenizer | N
         chunk_tokens=args.chunk_tokens or (1024 if on_gpu else 256), deterministic=args.deterministic,
         dtype=dtype_name, max_model_len=max_len, ckpt_budget_bytes=int(args.ckpt_budget_gb * (1 << 30)),
         kv_bytes_per_token=mcfg.kv_bytes_per_token(kv_dtype), draft_model=draft, spec_k=args.spec_k,
+        cold_restart=args.cold_restart,
         max_pending=args.max_pending)
     return cfg, tokenizer, mcfg.vocab_size
 
