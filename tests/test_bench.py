@@ -283,6 +283,35 @@ def test_run_bench_calibrates_qps(tmp_path):
     assert len(res.runs[1].records) == n  # the failure run replays the same calibrated workload
 
 
+def test_run_bench_resume_reuses_finished_runs(tmp_path):
+    """A long experiment split over several invocations: --resume reruns nothing that finished and
+    keeps the first invocation's calibrated rate, so every run replays one workload."""
+    def cfg(policies, repeats, resume):
+        return BenchConfig(
+            policies=policies, qps=None, calibration_requests=6, duration=2.0, lengths="fixed:16:8",
+            repeats=repeats, window=None, fail=["t=1s:worker=1"], out=str(tmp_path / "out"), resume=resume,
+            startup_timeout_s=60, stop_grace_s=3, quiet=True,
+            serve_cmd=[sys.executable, str(FAKE), "--port", "{port}", "--policy", "{policy}"],
+        )
+
+    first = run_bench(cfg(["lumen"], 1, resume=False))
+    assert first.meta["calibration"]["probe_requests"] == 6
+    records = tmp_path / "out" / "records"
+    stamps = {p.name: p.stat().st_mtime_ns for p in records.iterdir()}
+    assert set(stamps) == {f"{NO_FAILURE}-seed0.jsonl", f"{NO_FAILURE}-seed0.run.json",
+                           "lumen-seed0.jsonl", "lumen-seed0.run.json"}
+    second = run_bench(cfg(["lumen", "stop-restart"], 2, resume=True))
+    assert [(s.policy, s.seed) for s in second.summaries] == [
+        (NO_FAILURE, 0), ("lumen", 0), ("stop-restart", 0), (NO_FAILURE, 1), ("lumen", 1), ("stop-restart", 1)
+    ]
+    assert {n: records.joinpath(n).stat().st_mtime_ns for n in stamps} == stamps, "a finished run was redone"
+    assert second.meta["qps"] == first.meta["qps"]
+    reused = second.runs[1]
+    assert [r.to_dict() for r in reused.records] == [r.to_dict() for r in first.runs[1].records]
+    assert reused.events[0].injected_s == first.runs[1].events[0].injected_s
+    assert {len(r.records) for r in second.runs} == {len(first.runs[0].records)}
+
+
 def test_run_bench_refuses_requests_longer_than_the_context(tmp_path):
     cfg = BenchConfig(
         policies=["lumen"], qps=10.0, requests=5, lengths="fixed:4000:200", repeats=1, window=5,

@@ -75,6 +75,9 @@ def _add_args(p: argparse.ArgumentParser, demo: bool) -> None:
                    help="mean request rate, or 'auto': target-load × the saturated rate measured on the first "
                         "cluster (default: %s)" % ("auto" if demo else "%(default)s"))
     w.add_argument("--target-load", type=float, default=0.5, help="with --qps auto (default: %(default)s)")
+    w.add_argument("--calibration-requests", type=int, default=None,
+                   help="with --qps auto: requests sent at once to measure the saturated rate (default: 2 per "
+                        "worker, at least 4; more gives a closer estimate of capacity)")
     w.add_argument("--requests", type=int, default=d.get("requests"),
                    help="number of requests (default: duration × qps, else 1000)")
     w.add_argument("--duration", type=float, default=d.get("duration"),
@@ -105,6 +108,9 @@ def _add_args(p: argparse.ArgumentParser, demo: bool) -> None:
     f.add_argument("--concurrency", type=int, default=512, help="max requests in flight")
     f.add_argument("--out", default=None, help="output directory (default: runs/bench-<timestamp>/)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
+    f.add_argument("--resume", action="store_true",
+                   help="with --out: reuse the runs already finished there (same config), run only the missing "
+                        "ones, then report all of them (long experiments split over several sessions)")
 
 
 _BENCH_DESC = """\
@@ -240,6 +246,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         startup_timeout_s=args.startup_timeout,
         request_timeout_s=args.request_timeout,
         max_concurrency=args.concurrency,
+        calibration_requests=args.calibration_requests,
+        resume=args.resume,
         quiet=args.quiet,
     )
 

@@ -95,6 +95,8 @@ class BenchConfig:
     request_timeout_s: float = 300.0
     max_concurrency: int = 512
     warmup_requests: int | None = None  # default 2 per worker; not recorded
+    calibration_requests: int | None = None  # --qps auto probe size; default 2 per worker (at least 4)
+    resume: bool = False  # reuse runs already finished in `out` (same config), run only the missing ones
     token_id_range: tuple[int, int] = (100, 1000)
     quiet: bool = False
 
@@ -307,6 +309,26 @@ def _save_records(path: Path, records: Sequence[RequestRecord]) -> None:
             f.write(json.dumps(d) + "\n")
 
 
+def _save_run_meta(out: Path, label: str, seed: int, events: Sequence[FaultEvent], unplanned: int | None) -> None:
+    # Written last: its presence marks the run as finished for --resume.
+    path = out / "records" / f"{label}-seed{seed}.run.json"
+    path.write_text(json.dumps({"events": [e.to_dict() for e in events], "unplanned_restarts": unplanned}))
+
+
+def _load_run(out: Path, label: str, seed: int) -> RunResult | None:
+    meta_path = out / "records" / f"{label}-seed{seed}.run.json"
+    rec_path = out / "records" / f"{label}-seed{seed}.jsonl"
+    if not (meta_path.is_file() and rec_path.is_file()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    records = [RequestRecord.from_dict(json.loads(line)) for line in rec_path.read_text().splitlines() if line]
+    events = [FaultEvent(**e) for e in meta["events"]]
+    return RunResult(label, seed, records, events, unplanned_restarts=meta.get("unplanned_restarts"))
+
+
+_STATE_FILE = "bench-state.json"
+
+
 async def _epochs(url: str) -> dict[int, int] | None:
     with contextlib.suppress(httpx.HTTPError, ValueError, AttributeError, TypeError):
         async with httpx.AsyncClient(base_url=url, timeout=10.0) as http:
@@ -344,7 +366,7 @@ async def _calibrate(url: str, cfg: BenchConfig, seed: int) -> dict:
     rate = requests / makespan, a conservative estimate of capacity (the tail of the burst
     runs below full batch). The bench then uses qps = target_load × rate for every run.
     """
-    k = max(4, 2 * cfg.workers)
+    k = cfg.calibration_requests or max(4, 2 * cfg.workers)
     probe = make_workload(k, 1.0, cfg.lengths, seed=seed + 1_000_003, max_prompt=cfg.max_prompt,
                           max_output=cfg.max_output)
     specs = [RequestSpec(s.req_id, 0.0, s.prompt_tokens, s.output_tokens) for s in probe]
@@ -370,11 +392,23 @@ class _Bench:
         self.calibration: dict | None = None
         self._specs: dict[int, list[RequestSpec]] = {}
 
+    def _load_state(self) -> None:
+        # --resume keeps the rate calibrated by the first invocation, so every run sees one workload.
+        path = self.out / _STATE_FILE
+        if self.cfg.resume and path.is_file():
+            state = json.loads(path.read_text())
+            self.qps, self.calibration = float(state["qps"]), state.get("calibration")
+            self.progress.log(f"resumed: qps {self.qps:.2f} from {path}")
+
     async def specs_for(self, seed: int, url: str) -> list[RequestSpec]:
         if seed in self._specs:
             return self._specs[seed]
         if self.qps is None and not self.cfg.trace:
+            self._load_state()
+        if self.qps is None and not self.cfg.trace:
             self.calibration = await _calibrate(url, self.cfg, seed)
+            (self.out / _STATE_FILE).write_text(json.dumps({"qps": self.calibration["qps"],
+                                                            "calibration": self.calibration}))
             self.qps = self.calibration["qps"]
             self.progress.log(
                 f"calibrated: saturated {self.calibration['saturated_rps']:.2f} req/s -> "
@@ -398,6 +432,10 @@ class _Bench:
     async def run_one(self, policy: str, seed: int, plan: Sequence[FaultSpec]) -> RunResult:
         cfg, out, progress = self.cfg, self.out, self.progress
         label = NO_FAILURE if not plan else policy
+        if cfg.resume and (done := _load_run(out, label, seed)) is not None:
+            progress.log(f"{label} seed {seed}: reusing the finished run in {out}")
+            progress.end_run()
+            return done
         if cfg.url:
             await wait_ready(cfg.url, cfg.startup_timeout_s)
             await _warmup(cfg.url, cfg)
@@ -436,6 +474,7 @@ class _Bench:
                 # Stopping blocks for up to the grace period; keep the event loop out of it.
                 await asyncio.to_thread(cluster.stop)
         _save_records(out / "records" / f"{label}-seed{seed}.jsonl", records)
+        _save_run_meta(out, label, seed, events, unplanned)
         for ev in events:
             if ev.injected_s is None:
                 progress.log(f"[yellow]warning: {ev.spec}: {'; '.join(ev.notes) or ev.error}")
