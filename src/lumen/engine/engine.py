@@ -420,6 +420,26 @@ class Engine:
                                   if out["spec_draft_tokens"] else 0.0)
         return out
 
+    def reset_stats(self) -> None:
+        """Back to a fresh engine's counters and allocation order; the engine must be idle.
+
+        The worker warms the engine up before it serves (lumen.runtime.worker.warm_up); this keeps that
+        work out of its stats, step-time EMAs (q_wait_s routing), arrival order and block placement, so a
+        warmed engine counts, routes and allocates exactly as a fresh one would."""
+        if self._seqs or self.scheduler.has_work():
+            raise RuntimeError("reset_stats on an engine with requests")
+        for k in self._counters:
+            self._counters[k] = 0
+        self._ema_step_s = self._ema_decode_s = 0.0
+        self.last_step = {}
+        self._arrivals = 0
+        self.scheduler.num_preemptions = self.scheduler.num_dropped_proposals = 0
+        bm = self.block_manager
+        if bm.num_free != bm.num_blocks:
+            raise RuntimeError("reset_stats with KV blocks in use")
+        bm._free.clear()  # the free list in its initial order: block placement as in a fresh engine
+        bm._free.extend(range(bm.num_blocks))
+
     def check_invariants(self) -> None:
         """Block ownership invariants (tests)."""
         self.block_manager.check(self.scheduler.running + list(self.scheduler.waiting))

@@ -61,6 +61,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+WARMUP_ENV = "LUMEN_WORKER_WARMUP_TOKENS"  # prefill tokens of the warm-up (default: the chunk budget; 0: none)
+WARMUP_DECODE_STEPS = 4
+WARMUP_REQ = "\x00warmup"  # not a gateway request id (those are printable)
+
+
+def warm_up(engine: Engine, prefill_tokens: int | None = None, decode_steps: int = WARMUP_DECODE_STEPS) -> dict:
+    """Run one dummy request through the engine's real step path -- a prefill of `prefill_tokens`
+    (default: LUMEN_WORKER_WARMUP_TOKENS, else the engine's chunk budget: the largest step it will
+    run) and `decode_steps` decode steps -- then reset the engine's stats, so that nothing of it
+    shows in counters, step-time EMAs, step logs or block placement.
+
+    Why: a freshly loaded engine's first steps are slow (allocator growth for the largest
+    activations, first-call set-up in torch, lazily captured CUDA graphs); a worker that announced
+    SERVING before paying that made its first requests pay it. Returns the phase info to report
+    (warmup_s) and what ran."""
+    if prefill_tokens is None:
+        env = os.environ.get(WARMUP_ENV, "").strip()
+        prefill_tokens = int(env) if env else engine.chunk_tokens
+    bm = engine.block_manager
+    # fit the context (and the KV pool) with room for the decode steps
+    n = min(prefill_tokens, engine.chunk_tokens, engine.max_model_len - decode_steps - 2,
+            bm.num_blocks * bm.block_size - decode_steps - 2)
+    if n < 1:
+        return {}
+    t0 = time.monotonic()
+    vocab = engine.model_config.vocab_size
+    # a fixed seed: the engine's own seed stream (for requests without one) stays untouched
+    engine.add_request(WARMUP_REQ, [(7 + 31 * i) % vocab for i in range(n)],
+                       SamplingParams(max_tokens=1 + decode_steps, ignore_eos=True, seed=0))
+    steps = 0
+    while engine.has_work() and steps < 4 * (decode_steps + n):  # bound: it cannot loop for ever
+        engine.step()
+        steps += 1
+    engine.abort(WARMUP_REQ)  # no-op once finished
+    engine.reset_stats()
+    return {"warmup_s": time.monotonic() - t0, "warmup_steps": steps, "warmup_prefill_tokens": n}
+
+
 def _injected_slow_disk() -> None:
     """Fault injection for tests and demos: LUMEN_FAULT_SLOW_RELOAD_S makes a *re*load take that many
     seconds longer, as a larger model or a slower disk would (the first start is unaffected)."""
@@ -152,7 +190,8 @@ class Worker:
         t1 = time.monotonic()
         self._build_engine(host)
         t2 = time.monotonic()
-        self._set_state(WorkerState.SERVING, disk_to_host_s=t1 - t0, host_to_device_s=t2 - t1)
+        warm = warm_up(self.engine)
+        self._set_state(WorkerState.SERVING, disk_to_host_s=t1 - t0, host_to_device_s=t2 - t1, **warm)
 
     def _load_progressively(self) -> None:
         """LUMEN mechanism 3: draft first, assist a partner, target weights load in the background."""
@@ -182,7 +221,9 @@ class Worker:
         self._set_state(WorkerState.SWITCHING, draft_load_s=t_draft, assist_s=t1 - t0,
                         disk_to_host_s=loaded.get("disk_to_host_s", 0.0), **stats)
         self._build_engine(loaded["state"])
-        self._set_state(WorkerState.SERVING, host_to_device_s=time.monotonic() - t1)
+        t2 = time.monotonic()
+        warm = warm_up(self.engine)  # still SWITCHING: host -> device, then warm-up, then SERVING
+        self._set_state(WorkerState.SERVING, host_to_device_s=t2 - t1, **warm)
 
     @property
     def model_dir(self):

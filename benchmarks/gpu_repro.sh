@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Issue 9 in device-call-sized blocks: prepare (target + self-draft + bandwidths), the checkpoint
+# overhead re-measure of issue 4, then `lumen bench --resume` for as long as the block allows.
+# Run from the repository root. Results (at most 8 files) go to $OUT; the bench's directory
+# (.gpu-runs/, git-ignored) persists while the machine is warm and can be carried to a fresh one.
+#
+#   STEPS="prepare ckpt bench" BUDGET=560 bash benchmarks/gpu_repro.sh
+#   PRESET=tiny DEVICES=cpu DURATION=20 STEPS="prepare bench" bash benchmarks/gpu_repro.sh   # CPU dry run
+set -uo pipefail
+start=$(date +%s)
+OUT=${OUT:-/tmp/lumen-gpu}
+mkdir -p "$OUT"
+export LUMEN_HOME=${LUMEN_HOME:-$PWD/.gpu-home}
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src
+fi
+STEPS=${STEPS:-"prepare ckpt bench"}
+BUDGET=${BUDGET:-560}          # seconds this call may take in all
+PRESET=${PRESET:-qwen3-8b}
+DEVICES=${DEVICES:-$(python3 -c "import torch; print(','.join(f'cuda:{i}' for i in range(torch.cuda.device_count())) or 'cpu')")}
+WORKERS=${WORKERS:-4}
+DURATION=${DURATION:-48}
+FAIL_AT=${FAIL_AT:-10s}
+REPEATS=${REPEATS:-3}
+TARGET_LOAD=${TARGET_LOAD:-0.8}
+NUM_BLOCKS=${NUM_BLOCKS:-2000}
+POLICIES=${POLICIES:-"stop-restart fixed-ckpt lumen"}  # ablations: a later call with POLICIES="lumen-no-spec spec-only" REPEATS=1
+RUNS=${RUNS:-$PWD/.gpu-runs/repro-$PRESET}
+left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+free -g >> "$OUT/gpu.txt"; nproc >> "$OUT/gpu.txt"
+
+for step in $STEPS; do
+  echo "== $step ($(left) s left)"
+  case $step in
+  prepare)
+    python3 benchmarks/gpu_repro.py prepare --preset "$PRESET" --out "$OUT/prepare.json" > "$OUT/prepare.log" 2>&1
+    echo "prepare exit $?"; tail -3 "$OUT/prepare.log" ;;
+  ckpt)
+    # issue 4: checkpoint streaming overhead, failure-free, two workers on the first GPU
+    timeout -k 20 "${CKPT_TIMEOUT:-200}" python3 benchmarks/checkpoint_overhead.py --model preset:qwen3-1.7b \
+      --workers 2 --devices "${DEVICES%%,*}" --qps 4 --requests 100 --max-prompt 512 --max-output 256 \
+      --repeats 1 --serve-args "--num-blocks 3000" --out "$OUT/ckpt_gpu.json" > "$OUT/ckpt.log" 2>&1
+    echo "checkpoint overhead exit $?"; tail -4 "$OUT/ckpt.log" ;;
+  bench)
+    target=$LUMEN_HOME/models/repro-$PRESET
+    pol=(); for p in $POLICIES; do pol+=(--policy "$p"); done
+    t=$(( $(left) - 45 ))
+    if [ "$t" -lt 60 ]; then echo "no time left for the bench"; continue; fi
+    timeout -k 30 "$t" python3 -m lumen bench --model "$target" --workers "$WORKERS" --devices "$DEVICES" "${pol[@]}" \
+      --serve-args "--draft-model $target-selfdraft --num-blocks $NUM_BLOCKS --cold-restart --ckpt-budget-gb 16 --max-model-len 2048" \
+      --qps auto --target-load "$TARGET_LOAD" --calibration-requests 64 --duration "$DURATION" \
+      --lengths splitwise-conv --max-prompt 1024 --max-output 256 --fail "t=$FAIL_AT:worker=1:SIGKILL" \
+      --repeats "$REPEATS" --window auto --startup-timeout 300 --resume --out "$RUNS" --quiet > "$OUT/bench.log" 2>&1
+    echo "bench exit $? (124: stopped at the block's end; --resume goes on next call)"
+    tail -25 "$OUT/bench.log"
+    tar czf "$OUT/bench-runs.tgz" -C "$(dirname "$RUNS")" "$(basename "$RUNS")" ;;
+  esac
+done
+echo "== done in $(( $(date +%s) - start )) s"
