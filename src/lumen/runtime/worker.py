@@ -72,9 +72,11 @@ def warm_up(engine: Engine, prefill_tokens: int | None = None, decode_steps: int
     run) and `decode_steps` decode steps -- then reset the engine's stats, so that nothing of it
     shows in counters, step-time EMAs, step logs or block placement.
 
-    Why: a freshly loaded engine's first steps are slow (allocator growth for the largest
-    activations, first-call set-up in torch, lazily captured CUDA graphs); a worker that announced
-    SERVING before paying that made its first requests pay it. Returns the phase info to report
+    Why: one-time costs of a fresh engine (CUDA graphs captured and kernels compiled lazily, allocator
+    growth for the largest activations, first-call set-up) are paid before the worker reports SERVING,
+    not by its first requests. (On the 2-core CPU box they measured small: a fresh engine's first
+    32- and 256-token prefills took the same CPU time as later ones, within ~10%; the warm-up costs
+    ~1 s of CPU there. LUMEN_WORKER_WARMUP_TOKENS=0 turns it off.) Returns the phase info to report
     (warmup_s) and what ran."""
     if prefill_tokens is None:
         env = os.environ.get(WARMUP_ENV, "").strip()
