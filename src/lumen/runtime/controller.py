@@ -537,6 +537,11 @@ class Controller:
                 if r.executor is not None and r.executor != dead.id and r.first_token_at is not None:
                     M.REPROTECTED.inc()
                     self._place_checkpoint(r, self.workers[r.executor])
+                if r.holder is None and r.executor is not None and r.executor != dead.id:
+                    # no new holder: the executor must stop streaming pages to the dead one (and closes
+                    # its socket to it); a new holder, if any, was sent by _place_checkpoint
+                    self._send(self.workers[r.executor], "HOLDER", {"req": r.id, "holder": -1, "addr": "",
+                                                                    "since": 0})
         interrupted = [r for r in self.requests.values() if r.executor == dead.id and not r.done]
         if not interrupted:
             return

@@ -35,7 +35,8 @@ class PageSender(threading.Thread):
         super().__init__(daemon=True, name="kv-sender")
         self.codec = Codec(secret, f"w{worker_id}.kv", epoch, schema=SCHEMA)
         self.ctx = ctx
-        self.queue: queue.Queue[tuple[str, KVPage] | None] = queue.Queue(max_queued)
+        self.queue: queue.Queue[tuple[str, KVPage | None] | None] = queue.Queue(max_queued)  # page None: forget
+        self.pool: PushPool | None = None
         self.sent = 0
         self.refused = 0
 
@@ -45,11 +46,23 @@ class PageSender(threading.Thread):
         except queue.Full:
             self.refused += 1
 
+    def forget(self, addr: str) -> None:
+        """Close the socket to a holder that is gone (in queue order, on the sender's thread, which
+        owns the socket); if the queue is full the pool's LRU bound still applies."""
+        try:
+            self.queue.put_nowait((addr, None))
+        except queue.Full:
+            pass
+
     def run(self) -> None:
         push = PushPool(self.ctx, self.codec)  # created here: a socket belongs to one thread
+        self.pool = push  # tests read its peers
         try:
             while (item := self.queue.get()) is not None:
                 addr, page = item
+                if page is None:
+                    push.forget(addr)
+                    continue
                 page.wait()
                 body = {"req": page.req_id, "index": page.index, "end": page.end_pos, "tag": page.tag}
                 if push.send(addr, "PAGE", body, [page.data.contiguous().view(torch.uint8).numpy()]):

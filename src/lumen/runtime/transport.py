@@ -806,6 +806,11 @@ class PushPool:
         self._socks: OrderedDict[str, zmq.Socket] = OrderedDict()
         self.sent = 0
         self.refused = 0
+        self.forgotten = 0
+
+    @property
+    def num_peers(self) -> int:
+        return len(self._socks)  # a single read: safe from another thread (stats)
 
     def _socket(self, address: str) -> zmq.Socket:
         addr = _tcp(address)
@@ -838,11 +843,20 @@ class PushPool:
         self.sent += 1
         return True
 
-    def forget(self, address: str) -> None:
-        """Close the socket to a peer (e.g. declared dead); queued messages are discarded."""
+    def forget(self, address: str) -> bool:
+        """Close the socket to a peer (e.g. declared dead); queued messages are discarded.
+        A dead peer's socket would otherwise keep reconnecting (and hold its queue) until the LRU
+        evicts it, which on a small cluster is never. Returns whether there was one."""
         sock = self._socks.pop(_tcp(address), None)
         if sock is not None:
             sock.close(linger=0)
+            self.forgotten += 1
+        return sock is not None
+
+    @property
+    def peers(self) -> list[str]:
+        """The addresses this pool holds a socket to, least recently used first."""
+        return list(self._socks)
 
     def close(self) -> None:
         for sock in self._socks.values():

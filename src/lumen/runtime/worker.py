@@ -361,12 +361,17 @@ class Worker:
 
     # ------------------------------------------------------------------ checkpoint streaming
     def _set_holder(self, rid: str, holder: int, addr: str, since: int) -> None:
+        old = self.holders.get(rid)
         if holder < 0 or not addr:
             self.holders.pop(rid, None)
-            return
-        self.holders[rid] = (holder, addr)
-        if self.engine is not None:
-            self.engine.rewind_page_export(rid, since)
+        else:
+            self.holders[rid] = (holder, addr)
+            if self.engine is not None:
+                self.engine.rewind_page_export(rid, since)
+        # The controller moves a running request's checkpoint (or drops it: holder -1) only when its
+        # holder died; once no request streams to that address, close the page socket to it.
+        if old is not None and old[1] != addr and all(a != old[1] for _, a in self.holders.values()):
+            self.kv_tx.forget(old[1])
 
     def _stream_pages(self) -> None:
         """Hand newly completed pages of protected requests to the sender thread.
@@ -396,6 +401,9 @@ class Worker:
 
     def _on_assist(self, body: dict) -> None:
         role = body["role"]
+        # MIRROR / PROPOSE go only to the current partner: a pairing that ends (the partner died or
+        # switched to its target) or is replaced leaves its data socket unused, so close it
+        before = {x.addr for x in (self.verifier, self.drafter) if x is not None and x.addr}
         if role == "verifier":
             self.verifier = Verifier(self, body["peer"], body["addr"], body["k"])
         elif role == "drafter" and self.drafter is not None:
@@ -406,10 +414,16 @@ class Worker:
             if self.drafter is not None and self.drafter.peer is not None:
                 self.drafter.pair(None, "")
                 self._set_state(WorkerState.LOADING_DRAFT)
+        after = {x.addr for x in (self.verifier, self.drafter) if x is not None and x.addr}
+        for addr in before - after:
+            self.push.forget(addr)
 
     # ------------------------------------------------------------------ stats
     def _publish_stats(self) -> None:
-        stats = dict(self.counters, pages_sent=self.kv_tx.sent, pages_refused=self.kv_tx.refused)
+        stats = dict(self.counters, pages_sent=self.kv_tx.sent, pages_refused=self.kv_tx.refused,
+                     data_peers=self.push.num_peers, data_peers_forgotten=self.push.forgotten)
+        if self.kv_tx.pool is not None:  # PUSH sockets to holders (owned by the sender thread; read only)
+            stats.update(kv_peers=self.kv_tx.pool.num_peers, kv_peers_forgotten=self.kv_tx.pool.forgotten)
         stats.update({f"drop_{k}": v + self.kv_rx.codec.stats.get(k, 0) for k, v in self.codec.stats.items()})
         if self.engine is not None:
             stats.update(self.engine.stats())
