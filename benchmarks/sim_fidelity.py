@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -124,54 +125,56 @@ def _schedstat(pid) -> list[int] | None:
         return None
 
 
-def cpu_share(polls_path: Path) -> dict:
-    """Over all worker incarnations: time on a CPU vs time runnable but waiting for one (the run
-    queue) -- how much of a live worker's wall time the box's other work took from it."""
-    last: dict[tuple, list[int]] = {}
-    first: dict[tuple, list[int]] = {}
+def poll_records(polls_path: Path) -> Iterator[tuple[dict, dict]]:
+    """(poll, worker record) for every worker of every /lumen/cluster poll saved by Poller, in file
+    order; a poll has "t" and "segment", a worker record "id", "epoch", "state", "stats", "phases_s",
+    "schedstat". The readers below take these, so the file is read (and parsed) once."""
     with polls_path.open() as f:
         for line in f:
             d = json.loads(line)
             for w in d["workers"]:
-                st = w.get("schedstat")
-                if st and w.get("state") == "serving":
-                    key = (d["segment"], w["id"], w["epoch"])
-                    first.setdefault(key, st)
-                    last[key] = st
+                yield d, w
+
+
+def cpu_share(records: Iterable[tuple[dict, dict]]) -> dict:
+    """Over all worker incarnations: time on a CPU vs time runnable but waiting for one (the run
+    queue) -- how much of a live worker's wall time the box's other work took from it."""
+    last: dict[tuple, list[int]] = {}
+    first: dict[tuple, list[int]] = {}
+    for d, w in records:
+        st = w.get("schedstat")
+        if st and w.get("state") == "serving":
+            key = (d["segment"], w["id"], w["epoch"])
+            first.setdefault(key, st)
+            last[key] = st
     run = sum(last[k][0] - first[k][0] for k in last) / 1e9
     wait = sum(last[k][1] - first[k][1] for k in last) / 1e9
     return {"on_cpu_s": run, "runqueue_wait_s": wait,
             "share_of_runnable_time_on_cpu": run / (run + wait) if run + wait > 0 else math.nan}
 
 
-def engine_counters(polls_path: Path) -> list[dict]:
+def engine_counters(records: Iterable[tuple[dict, dict]]) -> list[dict]:
     """Per (segment, worker, epoch): the last engine counters seen (steps, prefill/decode tokens)."""
     last: dict[tuple, dict] = {}
-    with polls_path.open() as f:
-        for line in f:
-            d = json.loads(line)
-            for w in d["workers"]:
-                st = w.get("stats") or {}
-                if "steps" in st:
-                    last[(d["segment"], w["id"], w["epoch"])] = {
-                        "segment": d["segment"], "worker": w["id"], "epoch": w["epoch"],
-                        **{k: st.get(k) for k in ("steps", "prefill_tokens", "decode_tokens", "finished")},
-                        "phases_s": w.get("phases_s")}
+    for d, w in records:
+        st = w.get("stats") or {}
+        if "steps" in st:
+            last[(d["segment"], w["id"], w["epoch"])] = {
+                "segment": d["segment"], "worker": w["id"], "epoch": w["epoch"],
+                **{k: st.get(k) for k in ("steps", "prefill_tokens", "decode_tokens", "finished")},
+                "phases_s": w.get("phases_s")}
     return list(last.values())
 
 
-def live_restarts(polls_path: Path) -> list[float]:
+def live_restarts(records: Iterable[tuple[dict, dict]]) -> list[float]:
     """Seconds from the controller's restart of a worker (phases_s.restart_at) to the first poll that
     sees the new incarnation SERVING: process start, imports, weights, warm-up (within a poll)."""
     out: dict[tuple, float] = {}
-    with polls_path.open() as f:
-        for line in f:
-            d = json.loads(line)
-            for w in d["workers"]:
-                ph = w.get("phases_s") or {}
-                key = (d["segment"], w["id"], w["epoch"])
-                if w["epoch"] > 1 and w["state"] == "serving" and "restart_at" in ph and key not in out:
-                    out[key] = d["t"] - ph["restart_at"]
+    for d, w in records:
+        ph = w.get("phases_s") or {}
+        key = (d["segment"], w["id"], w["epoch"])
+        if w["epoch"] > 1 and w["state"] == "serving" and "restart_at" in ph and key not in out:
+            out[key] = d["t"] - ph["restart_at"]
     return list(out.values())
 
 
@@ -451,12 +454,13 @@ def main(argv=None) -> int:
     if csv_path is None:
         csv_path = live_profile(live, out, log)
     live_doc = json.loads((live / "results.json").read_text())
-    counters = engine_counters(live / "cluster_polls.jsonl") if (live / "cluster_polls.jsonl").exists() else []
+    polls_path = live / "cluster_polls.jsonl"
+    polls = list(poll_records(polls_path)) if polls_path.exists() else []  # read once, used three times
+    counters = engine_counters(polls)
     if args.restart_s is None:
         # the killed worker's restart as the live cluster reported it (process start + imports +
         # weights + warm-up): the simulator's restart_s, less its own weight-load time
-        polls = live / "cluster_polls.jsonl"
-        restarts = live_restarts(polls) if polls.exists() else []
+        restarts = live_restarts(polls)
         args.restart_s = _mean(restarts) if restarts else 2.0
         log["restart_s_from_live"] = restarts
     variants = {}
@@ -467,8 +471,8 @@ def main(argv=None) -> int:
     rows = variants["colocated"]["rows"]
     done = live / "worker_prof" / "done"
     breakdown = worker_profile_breakdown(done) if done.is_dir() else []
-    if (live / "cluster_polls.jsonl").exists():
-        log["live_worker_cpu"] = cpu_share(live / "cluster_polls.jsonl")
+    if polls_path.exists():
+        log["live_worker_cpu"] = cpu_share(polls)
     first = [c for c in counters if c["epoch"] == 1] or counters
     log["step_check"] = step_check(cost, first, breakdown)
     log["step_check"]["per_profile_file"] = breakdown
