@@ -84,6 +84,10 @@ class ModelRunner:
         self.cfg = cfg
         self.device = model.device
         self.dtype = model.dtype
+        if self.device.type == "cuda":
+            # Triton launches and CUDA graph capture use the current device, not the tensors':
+            # a runner on cuda:1 in a process whose current device is cuda:0 fails to launch.
+            torch.cuda.set_device(self.device)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.null_block = num_blocks
