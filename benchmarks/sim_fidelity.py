@@ -13,7 +13,9 @@
 With --profile-from live there is no separate `lumen profile`: the live bench runs with
 LUMEN_STEP_LOG set (each worker appends one profile row per engine step), and the steps of the
 failure-free reference runs are merged into OUT/profile_live.csv, the simulator's profile -- the
-live engine's step costs, contention included. The failure variant is then out of sample.
+live engine's step costs, contention included, fitted for the mean step per shape (--fit, see
+fit_mean). The failure variant is then out of sample; the script also prints how much faster or
+slower the live failure runs were than their reference runs before the failure (drift_before_failure).
 
 `uptime` is recorded before and after the profile and the live bench (the machine may be shared).
 While the bench runs, the cluster's /lumen/cluster is polled (worker engine counters, reload phases)
@@ -178,6 +180,33 @@ def live_restarts(records: Iterable[tuple[dict, dict]]) -> list[float]:
     return list(out.values())
 
 
+def drift_before_failure(live: Path, live_runs: list[dict]) -> list[dict]:
+    """Per seed: the requests that finished before the failure was injected, in the failure run and
+    in its reference run (same workload): mean TTFT and TPOT of each. The failure cannot have changed
+    these, so a difference is the box running the two runs at a different speed -- which a profile
+    of the reference runs cannot know about."""
+    from lumen.metrics.records import RequestRecord, tpot, ttft
+
+    def read_records(path: Path) -> list[RequestRecord]:
+        with path.open() as f:
+            return [RequestRecord.from_dict(json.loads(line)) for line in f if line.strip()]
+
+    out = []
+    for r in live_runs:
+        if r["policy"] == "no-failure" or not r.get("failure_times"):
+            continue
+        seed, t_fail = r["seed"], min(r["failure_times"])
+        fail = {x.req_id: x for x in read_records(live / "records" / f"{r['policy']}-seed{seed}.jsonl")}
+        ref = {x.req_id: x for x in read_records(live / "records" / f"no-failure-seed{seed}.jsonl")}
+        ids = [i for i, x in fail.items() if i in ref and x.finish is not None and x.finish < t_fail]
+        row = {"seed": seed, "requests": len(ids), "failure_at_s": t_fail}
+        for name, recs in (("reference", ref), ("failure_run", fail)):
+            row[f"{name}_ttft_mean"] = _mean([ttft(recs[i]) for i in ids])
+            row[f"{name}_tpot_mean"] = _mean([tpot(recs[i]) for i in ids])
+        out.append(row)
+    return out
+
+
 def _func_time(stats: pstats.Stats, file_part: str, name: str) -> tuple[int, float, float]:
     """(calls, total cumulative s, own s) of the functions called `name` in files containing file_part."""
     calls, cum, own = 0, 0.0, 0.0
@@ -334,6 +363,36 @@ def live_profile(live: Path, out: Path, log: dict) -> Path:
     return csv_path
 
 
+def fit_mean(csv_path: Path):
+    """The simulator's cost model (t = c0 + c1 P + c2 D + c3 C + c4 P^2, lumen.sim.cost.FittedCost)
+    fitted by plain non-negative least squares: the mean step time of each batch shape.
+
+    lumen.sim.cost.fit_profile weights rows by 1/t (relative error), right for a `lumen profile`
+    grid (one median per point, points spanning orders of magnitude) but not for a live step log:
+    thousands of steps of a few shapes with a long right tail (steps that waited for a CPU). There
+    the 1/t weighting lands near the typical step, well below the mean -- and mean TTFT and TPOT
+    are sums of steps. Measured on runs/fidelityW: decode-only steps of the reference runs 103 ms on
+    average, the relative fit's 1-decode step 73 ms, the mean fit's 96 ms."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    from lumen.sim.cost import FittedCost, fit_colocated_slowdown, read_profile_rows
+
+    rows = read_profile_rows(csv_path)
+    a = np.asarray([r[:4] for r in rows if r[4] == 0], dtype=np.float64)
+    p, d, c, y = a[:, 0], a[:, 1], a[:, 2], a[:, 3]
+    x = np.stack([np.ones_like(p), p, d, c, p * p], axis=1)
+    scale = np.maximum(np.abs(x).max(axis=0), 1e-12)  # as fit_profile: P^2 must not swamp the rest
+    sol, _ = nnls(x / scale, y)
+    coef = sol / scale
+    pred = x @ coef
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    base = FittedCost(tuple(float(v) for v in coef), len(y),  # type: ignore[arg-type]
+                      1.0 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else math.nan,
+                      float(np.mean(np.abs(pred - y) / y)))
+    return replace(base, colocated_slowdown=fit_colocated_slowdown(base, rows))
+
+
 def run_sim(args, csv_path: Path, log: dict, colocated: bool = True) -> tuple[list, object]:
     """colocated: the workers share one host (nodes=1) and the profile's co-located slowdown
     applies; False: independent workers (the cost model without it)."""
@@ -343,7 +402,7 @@ def run_sim(args, csv_path: Path, log: dict, colocated: bool = True) -> tuple[li
     from lumen.sim.cost import MODELS, load_profile
     from lumen.sim.experiment import WorkloadSpec
 
-    cost = load_profile(csv_path)
+    cost = fit_mean(csv_path) if args.fit == "mean" else load_profile(csv_path)
     if not colocated:
         cost = replace(cost, colocated_slowdown=0.0)
     # the live restart time already contains weight loading and warm-up: the simulator's own
@@ -367,7 +426,8 @@ def run_sim(args, csv_path: Path, log: dict, colocated: bool = True) -> tuple[li
     log["sim_colocated" if colocated else "sim_independent"] = {"cost_coef": list(cost.coef), "fit_rows": cost.rows, "fit_r2": cost.r2,
                   "fit_mean_abs_rel_err": cost.mean_abs_rel_err, "colocated_slowdown": cost.colocated_slowdown,
                   "nodes": cfg.nodes, "kv_tokens": args.kv_tokens,
-                  "chunk_tokens": args.chunk_tokens, "detect_s": args.detect_s, "restart_s": args.restart_s}
+                  "chunk_tokens": args.chunk_tokens, "detect_s": args.detect_s, "restart_s": args.restart_s,
+                  "fit": args.fit}
     return summaries, cost
 
 
@@ -437,10 +497,16 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-from", choices=("separate", "live"), default="separate",
                     help="separate: `lumen profile` before the bench; live: the live reference runs' own steps "
                          "(LUMEN_STEP_LOG), merged into OUT/profile_live.csv")
+    ap.add_argument("--fit", choices=("auto", "relative", "mean"), default="auto",
+                    help="cost fit: relative (lumen.sim.cost, 1/t weights: a profile grid), mean (plain least "
+                         "squares: the mean step per shape, for live step logs; see fit_mean); auto: mean with "
+                         "--profile-from live, else relative")
     ap.add_argument("--live", default=None, help="reuse this `lumen bench` output directory instead of running it")
     ap.add_argument("--port", type=int, default=None)
     ap.add_argument("--worker-profile", action="store_true", help="run the live workers under cProfile")
     args = ap.parse_args(argv)
+    if args.fit == "auto":
+        args.fit = "mean" if args.profile_from == "live" else "relative"
     args.window_n = None if args.window == "auto" else int(args.window)
     if args.window_n is None:
         args.window_n = max(5, args.requests // 12)
@@ -478,6 +544,7 @@ def main(argv=None) -> int:
     log["step_check"]["per_profile_file"] = breakdown
     log["live_counters"] = counters
     log["comparison"] = rows
+    log["live_drift_before_failure"] = drift_before_failure(live, live_doc["runs"])
     log["comparison_independent_workers"] = variants["independent"]["rows"]
     log["sim_runs"] = [s.to_dict() for s in variants["colocated"]["runs"]]
     log["sim_runs_independent_workers"] = [s.to_dict() for s in variants["independent"]["runs"]]
@@ -486,11 +553,15 @@ def main(argv=None) -> int:
     print(f"\nprofile: {log.get('profile', {}).get('uptime_before', '')}  ->  {log.get('profile', {}).get('uptime_after', '')}")
     if "live" in log:
         print(f"live:    {log['live']['uptime_before']}  ->  {log['live']['uptime_after']}")
-    print(f"fit: coef {[f'{c:.3g}' for c in cost.coef]}, R2 {cost.r2:.3f}, mean |rel err| {cost.mean_abs_rel_err:.1%}, "
+    print(f"fit ({args.fit}): coef {[f'{c:.3g}' for c in cost.coef]}, R2 {cost.r2:.3f}, mean |rel err| {cost.mean_abs_rel_err:.1%}, "
           f"co-located slowdown s = {cost.colocated_slowdown:.3f}; sim restart_s from live: {args.restart_s:.2f}")
     for name, v in variants.items():
         print(f"\nsim with {'co-located slowdown (nodes=1)' if name == 'colocated' else 'independent workers (s=0)'}")
         _print_rows(v["rows"])
+    for d in log["live_drift_before_failure"]:
+        print(f"live, the {d['requests']} requests done before the failure (seed {d['seed']}): failure run vs its "
+              f"reference run: TTFT {1e3 * d['failure_run_ttft_mean']:.0f} vs {1e3 * d['reference_ttft_mean']:.0f} ms, "
+              f"TPOT {1e3 * d['failure_run_tpot_mean']:.0f} vs {1e3 * d['reference_tpot_mean']:.0f} ms")
     sc = log["step_check"]
     if "per_step_ms" in sc:
         print(f"\nlive worker profile, per engine step: {json.dumps({k: round(v, 1) for k, v in sc['per_step_ms'].items()})}")
