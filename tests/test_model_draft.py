@@ -1,15 +1,19 @@
-"""Speculative measurement loop and the default draft (built from the committed recipe)."""
+"""Speculative measurement loop and the default draft (built from the committed recipe): an fp16 copy
+of the target whose linears the loader packs as fp16 on CPU."""
 
 import json
 
 import pytest
 import torch
 from safetensors import safe_open
+from torch import nn
 
+from lumen.engine import Engine, EngineConfig, SamplingParams
 from lumen.model import PRESETS, load_model, random_model, save_model
 from lumen.model.draft import copy_layers, load_recipe
 from lumen.model.hub import _build, _is_prepared, default_paths, prepare_default
-from lumen.model.specmeasure import PROMPTS, SpecStats, greedy_decode, greedy_spec_decode
+from lumen.model.quant import FP16_WEIGHTS, QUANT_KEY, Fp16Linear
+from lumen.model.specmeasure import PROMPTS, SpecStats, decode_step_time, greedy_decode, greedy_spec_decode
 
 torch.set_num_threads(1)
 
@@ -66,23 +70,61 @@ def pair():
 def test_default_draft_follows_committed_recipe(pair):
     target, draft = pair
     recipe = load_recipe()
-    assert draft.config.num_layers == target.config.num_layers - len(recipe["drop_layers"]) < target.config.num_layers
+    assert draft.config.num_layers == target.config.num_layers - len(recipe["drop_layers"])
     path = default_paths()[1]
     assert json.loads((path / "lumen_prepared.json").read_text())["recipe"] == recipe
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:  # bf16 on disk: loads faster
-        assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16
-    assert draft.model.dtype == torch.float32  # cast to the requested dtype at load
+    assert json.loads((path / "config.json").read_text())[QUANT_KEY] == recipe["quantization"] == FP16_WEIGHTS
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:  # fp16 on disk: half the bytes
+        assert f.get_tensor("model.norm.weight").dtype == torch.float16
+    assert draft.model.dtype == torch.float32  # embedding / norms cast to the requested dtype at load
+    # on CPU every linear (the tied head too, as its own copy) is fp16-packed
+    assert not any(isinstance(m, nn.Linear) for m in draft.model.modules())
+    assert isinstance(draft.model.lm_head, Fp16Linear)
     assert draft.tokenizer.encode("Hello world") == target.tokenizer.encode("Hello world")
 
 
+def _chat(tok, text):
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
+
+
 def test_default_draft_acceptance_on_prompt_subset(pair):
-    # The full figure (16 prompts) comes from scripts/make_draft.py measure; a 4-prompt subset keeps
-    # this test to about a minute while still failing for a draft that does not track the target.
+    # The full figure (16 prompts) comes from benchmarks/draft_acceptance.py; a 4-prompt subset keeps
+    # this test short while still failing for a draft that does not track the target. The fp16 copy
+    # measured 1.0 on the full set; 0.9 leaves room for a rare near-tie in the logits.
     target, draft = pair
-    tok = target.tokenizer
     stats = SpecStats()
     for text in PROMPTS[:4]:
-        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
+        prompt = _chat(target.tokenizer, text)
         out = greedy_spec_decode(target.model, draft.model, prompt, 32, 4, target.config.eos_token_ids, stats)
         assert out == greedy_decode(target.model, prompt, 32, target.config.eos_token_ids)
-    assert stats.acceptance >= 0.5, stats
+    assert stats.acceptance >= 0.9, stats
+
+
+def test_default_draft_step_is_much_cheaper_than_the_target(pair):
+    # The point of the draft: batch-1 decode steps measured ~0.37 of the target's on the CPU box.
+    # Interleaved repeats, minimum of each (interference on a shared machine only adds time).
+    target, draft = pair
+    t_target, t_draft = [], []
+    for _ in range(3):
+        t_target.append(decode_step_time(target.model, steps=16, repeats=1))
+        t_draft.append(decode_step_time(draft.model, steps=16, repeats=1))
+    assert min(t_draft) < 0.7 * min(t_target), (t_draft, t_target)
+
+
+def test_default_draft_in_engine_keeps_target_greedy_outputs(pair):
+    # The engine's fused verify (deterministic float64 target) with the default draft proposing:
+    # the committed tokens are the target's own greedy tokens, and nearly every proposal is accepted.
+    target = load_model("default", dtype=torch.float64, progress=False)
+    _, draft = pair
+    prompts = {f"r{i}": _chat(target.tokenizer, text) for i, text in enumerate(PROMPTS[4:6])}
+    eng = Engine(target, EngineConfig(deterministic=True, draft=draft, num_draft_tokens=4))
+    for rid, p in prompts.items():
+        eng.add_request(rid, p, SamplingParams(max_tokens=24, ignore_eos=True))
+    out = {rid: [] for rid in prompts}
+    while eng.has_work():
+        for o in eng.step():
+            out[o.req_id] += o.token_ids
+    for rid, p in prompts.items():
+        assert out[rid] == greedy_decode(target.model, p, 24), rid
+    s = eng.stats()
+    assert s["spec_drafts"] > 0 and s["spec_acceptance"] >= 0.9, s

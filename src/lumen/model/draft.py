@@ -1,10 +1,12 @@
-"""The default draft: the default target with some decoder layers removed, stored in bf16.
+"""The default draft: a copy of the default target stored in fp16, whose config.json asks the loader
+for fp16-weight linears on CPU (lumen.model.quant).
 
-Which layers go is decided offline by scripts/make_draft.py (a greedy search on teacher-forced
-agreement with the target over target-generated text) and committed as data/default_draft.json;
-building the draft at prepare time is then a cheap, deterministic copy of the converted target.
-bf16 storage halves the bytes read when a restarted worker loads the draft (the loader casts to
-the runtime dtype).
+The committed recipe (data/default_draft.json) says what to copy: which layers to drop (none now),
+the storage dtype and the load-time quantization. It was chosen by scripts/make_draft.py compare,
+which measures candidate drafts (greedy acceptance and decode-step cost against the target) on
+training prompts disjoint from the measurement set. Building the draft at prepare time is a cheap,
+deterministic copy of the converted target. fp16 storage halves the bytes a restarted worker reads
+and holds exactly the values the fp16 linears will use.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-DRAFT_FORMAT_VERSION = 2
+from .quant import QUANT_KEY, SCHEMES
+
+# 3: fp16 copy + "lumen_quantization" (was: bf16 copy without layer 5)
+DRAFT_FORMAT_VERSION = 3
 RECIPE_FILE = "default_draft.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,9 +32,12 @@ def load_recipe() -> dict:
 
 
 def copy_layers(target_dir: Path, out: Path, layers: list[int], dtype: torch.dtype = torch.float32,
-                name: str | None = None) -> None:
+                name: str | None = None, quantization: str | None = None) -> None:
     """Write a copy of an HF Llama/Qwen3 dir keeping only `layers` (renumbered 0..) + embeddings,
-    final norm and head, with tensors cast to `dtype`; tokenizer files are copied along."""
+    final norm and head, with tensors cast to `dtype`; tokenizer files are copied along.
+    `quantization`: recorded in config.json for the loader to apply (lumen.model.quant)."""
+    if quantization is not None and quantization not in SCHEMES:
+        raise ValueError(f"unknown quantization {quantization!r}; known: {', '.join(SCHEMES)}")
     cfg = json.loads((target_dir / "config.json").read_text())
     n = int(cfg["num_hidden_layers"])
     if not layers or sorted(set(layers)) != list(layers) or layers[-1] >= n or layers[0] < 0:
@@ -49,6 +57,9 @@ def copy_layers(target_dir: Path, out: Path, layers: list[int], dtype: torch.dty
     cfg["num_hidden_layers"] = len(layers)
     cfg["_name_or_path"] = name or out.name
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    cfg.pop(QUANT_KEY, None)
+    if quantization:
+        cfg[QUANT_KEY] = quantization
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     for fname in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (target_dir / fname).is_file():
@@ -61,5 +72,6 @@ def build_draft(target_dir: Path, out: Path, recipe: dict | None = None) -> dict
     n = json.loads((target_dir / "config.json").read_text())["num_hidden_layers"]
     drop = set(recipe["drop_layers"])
     layers = [i for i in range(n) if i not in drop]
-    copy_layers(target_dir, out, layers, _DTYPES[recipe.get("dtype", "float32")], name=out.name)
-    return {"target": str(target_dir), "layers": layers, "dtype": recipe.get("dtype", "float32")}
+    dtype, quant = recipe.get("dtype", "float32"), recipe.get("quantization")
+    copy_layers(target_dir, out, layers, _DTYPES[dtype], name=out.name, quantization=quant)
+    return {"target": str(target_dir), "layers": layers, "dtype": dtype, "quantization": quant}

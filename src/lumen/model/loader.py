@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from safetensors.torch import save_file
 
 from .config import PRESETS, ModelConfig
 from .decoder import Decoder
+from .quant import QUANT_KEY, fp16_linear_available, quantize_linears
 from .tokenizer import Tokenizer
 from .weights import assemble, hf_sources, to_hf_state
 
@@ -121,6 +123,24 @@ def build_model_from_host(config: ModelConfig, host_state: dict[str, torch.Tenso
     return model.eval()
 
 
+def _apply_quantization(model: Decoder, path: Path, device: torch.device, dtype: torch.dtype) -> None:
+    """Apply the load-time quantization a directory's config.json asks for (lumen.model.quant).
+
+    CPU only: elsewhere the directory loads unquantized in `dtype` (the scheme targets CPU decode),
+    and so it does on a CPU whose torch lacks the kernels; a draft only proposes, so either way
+    outputs are unchanged and only speed differs. Both fallbacks say so on stderr.
+    """
+    scheme = json.loads((path / "config.json").read_text()).get(QUANT_KEY)
+    if not scheme:
+        return
+    if device.type != "cpu" or not fp16_linear_available():
+        why = f"on {device}" if device.type != "cpu" else "this torch build lacks the FBGEMM fp16 kernels"
+        print(f"[lumen] {path.name}: {QUANT_KEY}={scheme} not applied ({why}); loaded unquantized in "
+              f"{str(dtype).removeprefix('torch.')}", file=sys.stderr, flush=True)
+        return
+    quantize_linears(model, scheme)
+
+
 def random_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  seed: int = PRESET_SEED, std: float = 0.02) -> Decoder:
     """Random weights made directly on the device in the target dtype (no fp32 CPU detour), seeded."""
@@ -169,6 +189,8 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu", dtype: torc
     cfg = read_config(path)
     host = read_weights_to_host(path, dtype=dtype, progress=progress, config=cfg)
     model = build_model_from_host(cfg, host, device, dtype)
+    del host  # the quantized linears below replace these tensors: let them go
+    _apply_quantization(model, path, torch.device(device), dtype)
     tok = Tokenizer.from_dir(path, eos_token_ids=cfg.eos_token_ids) if (path / "tokenizer.json").is_file() else None
     return LoadedModel(model, cfg, tok, path)
 
