@@ -273,7 +273,10 @@ class ModelRunner:
                 run()
             torch.cuda.current_stream(dev).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
+            # thread_local: graphs are captured lazily while serving, when the KV threads may be
+            # allocating pinned host memory; in the default (global) mode that call from another
+            # thread invalidates the capture and kills the worker (seen on H200, 2026-11-28).
+            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
                 hidden = run()
         finally:
             for m, _ in self._norms:
