@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -310,6 +311,11 @@ def test_run_bench_resume_reuses_finished_runs(tmp_path):
     assert [r.to_dict() for r in reused.records] == [r.to_dict() for r in first.runs[1].records]
     assert reused.events[0].injected_s == first.runs[1].events[0].injected_s
     assert {len(r.records) for r in second.runs} == {len(first.runs[0].records)}
+    # --report-only: the table over what finished (seed 2 never ran), no cluster started
+    report = run_bench(dataclasses.replace(cfg(["lumen", "stop-restart", "spec-only"], 3, resume=False),
+                                           report_only=True, serve_cmd=["false"]))
+    assert [(s.policy, s.seed) for s in report.summaries] == [(s.policy, s.seed) for s in second.summaries]
+    assert report.meta["qps"] == first.meta["qps"]
 
 
 def test_run_bench_refuses_requests_longer_than_the_context(tmp_path):

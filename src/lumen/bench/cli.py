@@ -111,6 +111,8 @@ def _add_args(p: argparse.ArgumentParser, demo: bool) -> None:
     f.add_argument("--resume", action="store_true",
                    help="with --out: reuse the runs already finished there (same config), run only the missing "
                         "ones, then report all of them (long experiments split over several sessions)")
+    f.add_argument("--report-only", action="store_true",
+                   help="with --out: write the table, CSV and plots for the runs finished there; start nothing")
 
 
 _BENCH_DESC = """\
@@ -248,6 +250,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         max_concurrency=args.concurrency,
         calibration_requests=args.calibration_requests,
         resume=args.resume,
+        report_only=args.report_only,
         quiet=args.quiet,
     )
 

@@ -97,6 +97,7 @@ class BenchConfig:
     warmup_requests: int | None = None  # default 2 per worker; not recorded
     calibration_requests: int | None = None  # --qps auto probe size; default 2 per worker (at least 4)
     resume: bool = False  # reuse runs already finished in `out` (same config), run only the missing ones
+    report_only: bool = False  # with resume: report the finished runs in `out`, start nothing
     token_id_range: tuple[int, int] = (100, 1000)
     quiet: bool = False
 
@@ -392,10 +393,10 @@ class _Bench:
         self.calibration: dict | None = None
         self._specs: dict[int, list[RequestSpec]] = {}
 
-    def _load_state(self) -> None:
+    def load_state(self) -> None:
         # --resume keeps the rate calibrated by the first invocation, so every run sees one workload.
         path = self.out / _STATE_FILE
-        if self.cfg.resume and path.is_file():
+        if (self.cfg.resume or self.cfg.report_only) and path.is_file():
             state = json.loads(path.read_text())
             self.qps, self.calibration = float(state["qps"]), state.get("calibration")
             self.progress.log(f"resumed: qps {self.qps:.2f} from {path}")
@@ -404,7 +405,7 @@ class _Bench:
         if seed in self._specs:
             return self._specs[seed]
         if self.qps is None and not self.cfg.trace:
-            self._load_state()
+            self.load_state()
         if self.qps is None and not self.cfg.trace:
             self.calibration = await _calibrate(url, self.cfg, seed)
             (self.out / _STATE_FILE).write_text(json.dumps({"qps": self.calibration["qps"],
@@ -429,13 +430,15 @@ class _Bench:
         self._specs[seed] = specs
         return specs
 
-    async def run_one(self, policy: str, seed: int, plan: Sequence[FaultSpec]) -> RunResult:
+    async def run_one(self, policy: str, seed: int, plan: Sequence[FaultSpec]) -> RunResult | None:
         cfg, out, progress = self.cfg, self.out, self.progress
         label = NO_FAILURE if not plan else policy
-        if cfg.resume and (done := _load_run(out, label, seed)) is not None:
-            progress.log(f"{label} seed {seed}: reusing the finished run in {out}")
-            progress.end_run()
-            return done
+        if cfg.resume or cfg.report_only:
+            done = _load_run(out, label, seed)
+            if done is not None or cfg.report_only:
+                progress.log(f"{label} seed {seed}: " + (f"reusing the finished run in {out}" if done else "not run"))
+                progress.end_run()
+                return done
         if cfg.url:
             await wait_ready(cfg.url, cfg.startup_timeout_s)
             await _warmup(cfg.url, cfg)
@@ -514,14 +517,20 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
     summaries: list[RunSummary] = []
     with _Progress(len(seeds) * (1 + len(policies)), cfg.quiet, console) as progress:
         bench = _Bench(cfg, out, progress)
+        if bench.qps is None and not cfg.trace:
+            bench.load_state()
         for seed in seeds:
             ref = await bench.run_one(REFERENCE_POLICY if not cfg.url else policies[0], seed, [])
+            if ref is None:  # --report-only: this seed was not run
+                continue
             ref.summary = summarize_run(ref.records, ref.records, window=cfg.window_for(len(ref.records)),
                                         threshold=cfg.threshold, settle=cfg.settle, policy=NO_FAILURE, seed=seed)
             runs.append(ref)
             summaries.append(ref.summary)
             for policy in policies:
                 r = await bench.run_one(policy, seed, plan)
+                if r is None:
+                    continue
                 r.summary = _summarise(cfg, r, ref)
                 runs.append(r)
                 summaries.append(r.summary)
