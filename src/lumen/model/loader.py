@@ -10,14 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import PRESETS, ModelConfig
 from .decoder import Decoder
 from .quant import QUANT_KEY, fp16_linear_available, quantize_linears
+from .safetensors_io import read_safetensors
 from .tokenizer import Tokenizer
-from .weights import assemble, hf_sources, to_hf_state
+from .weights import assemble, hf_sources, param_shapes, to_hf_state
+
+# Decoder parameter name -> host tensor, or the parts a fused parameter is made of (see
+# read_weights_to_host).
+HostState = dict[str, "torch.Tensor | tuple[torch.Tensor, ...]"]
 
 PRESET_SEED = 1234
 
@@ -76,28 +80,39 @@ def _progress(total: int, desc: str, enabled: bool) -> Iterator:
 
 
 def read_weights_to_host(path: str | Path, dtype: torch.dtype = torch.float32, pin: bool = False,
-                         progress: bool = False, config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
-    """Disk -> host phase: read the safetensors of an HF directory into Decoder-named host tensors.
+                         progress: bool = False, config: ModelConfig | None = None) -> HostState:
+    """Disk -> host phase: read the safetensors of an HF directory; Decoder name -> host tensor.
 
     Always reads the files (no in-process cache): recovery reloads must pay the real disk cost.
+    With `pin` (a CUDA destination) the files are read into page-locked buffers and fused
+    parameters stay as their parts (a tuple), assembled on the device by `build_model_from_host`
+    with no host-side copy; otherwise they are assembled into `dtype` host tensors here.
     """
     path = Path(path)
     cfg = config or read_config(path)
-    files = _weight_files(path)
-    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
-    where: dict[str, int] = {}
-    for i, h in enumerate(handles):
-        for k in h.keys():
-            where[k] = i
+    tensors: dict[str, torch.Tensor] = {}
+    for f in _weight_files(path):
+        tensors.update(read_safetensors(f, pin=pin))
 
     def get(name: str) -> torch.Tensor:
-        if name not in where:
+        if name not in tensors:
             raise ValueError(f"{path}: tensor {name!r} missing from the checkpoint")
-        return handles[where[name]].get_tensor(name)
+        return tensors[name]
 
-    n_src = sum(len(srcs) for srcs in hf_sources(cfg).values())
+    sources = hf_sources(cfg)
+    if pin:
+        shapes = param_shapes(cfg)
+        parts: HostState = {}
+        for name, srcs in sources.items():
+            got = tuple(get(s) for s in srcs)
+            rows = sum(t.shape[0] for t in got)
+            if rows != shapes[name][0] or any(tuple(t.shape[1:]) != shapes[name][1:] for t in got):
+                raise ValueError(f"{name}: {srcs} do not form a tensor of shape {shapes[name]}")
+            parts[name] = got if len(got) > 1 else got[0]
+        return parts
+    n_src = sum(len(srcs) for srcs in sources.values())
     with _progress(n_src, f"loading {path.name}", progress) as tick:
-        return assemble(cfg, get, dtype, pin=pin, on_tensor=tick)
+        return assemble(cfg, get, dtype, on_tensor=tick)
 
 
 def _assign(model: Decoder, state: dict[str, torch.Tensor]) -> None:
@@ -110,13 +125,25 @@ def _assign(model: Decoder, state: dict[str, torch.Tensor]) -> None:
         model.lm_head.weight = model.embed_tokens.weight
 
 
-def build_model_from_host(config: ModelConfig, host_state: dict[str, torch.Tensor],
+def _to_device(v: torch.Tensor | tuple[torch.Tensor, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v.to(device=device, dtype=dtype, non_blocking=True)
+    rows = sum(t.shape[0] for t in v)
+    dst = torch.empty((rows, *v[0].shape[1:]), device=device, dtype=dtype)
+    row = 0
+    for t in v:  # each part lands straight in its rows: no fused copy on the host
+        dst[row:row + t.shape[0]].copy_(t, non_blocking=True)
+        row += t.shape[0]
+    return dst
+
+
+def build_model_from_host(config: ModelConfig, host_state: HostState,
                           device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Decoder:
     """Host -> device phase: a Decoder on `device` holding copies of `host_state` (non-blocking if pinned)."""
     device = torch.device(device)
     with torch.device("meta"):
         model = Decoder(config)
-    state = {k: v.to(device=device, dtype=dtype, non_blocking=True) for k, v in host_state.items()}
+    state = {k: _to_device(v, device, dtype) for k, v in host_state.items()}
     _assign(model, state)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
