@@ -139,6 +139,37 @@ def pinned_h2d_gbps(device: str, mib: int = 1024) -> float | None:
     return (mib << 20) / sorted(times)[len(times) // 2] / 1e9
 
 
+def reload_rates(model_dir: Path, device: str, dtype: torch.dtype) -> dict:
+    """A worker's reload, cold page cache: disk -> host by safetensors' mmap reader (what workers
+    used before 2026-11-28) and by lumen's chunked parallel reader, then host -> device."""
+    from safetensors import safe_open
+
+    from lumen.model.loader import build_model_from_host, read_config, read_weights_to_host
+    from lumen.runtime.page_cache import evict_models
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files)
+    out: dict = {"bytes": size}
+    os.sync()
+    evict_models([model_dir])
+    t = time.perf_counter()
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                h.get_tensor(k).clone()  # get_tensor maps lazily: touch the bytes as a load would
+    out["mmap_reader_GBps"] = size / (time.perf_counter() - t) / 1e9
+    evict_models([model_dir])
+    pin = device.startswith("cuda")
+    t = time.perf_counter()
+    host = read_weights_to_host(model_dir, dtype=dtype, pin=pin)
+    out["chunked_reader_GBps"] = size / (time.perf_counter() - t) / 1e9
+    t = time.perf_counter()
+    model = build_model_from_host(read_config(model_dir), host, device, dtype)
+    out["host_to_device_GBps"] = size / (time.perf_counter() - t) / 1e9
+    del model, host
+    return out
+
+
 def prepare(args: argparse.Namespace) -> dict:
     device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -184,6 +215,9 @@ def prepare(args: argparse.Namespace) -> dict:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     result["disk_direct_read_GBps"] = direct_read_gbps(target_dir / "model.safetensors")
+    if args.reload:
+        result["reload"] = reload_rates(target_dir, device, dtype)
+        print(f"reload: {result['reload']}", flush=True)
     result["pinned_h2d_GBps"] = pinned_h2d_gbps(device)
     print(f"disk (O_DIRECT) {result['disk_direct_read_GBps']} GB/s, pinned H2D {result['pinned_h2d_GBps']} GB/s",
           flush=True)
@@ -203,6 +237,7 @@ def main() -> None:
     p.add_argument("--max-new", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reselect", action="store_true", help="measure k again even if a self-draft exists")
+    p.add_argument("--reload", action="store_true", help="also time a cold reload of the target, both readers")
     p.add_argument("--out", default=None)
     args = ap.parse_args()
     result = prepare(args)

@@ -39,7 +39,7 @@ for step in $STEPS; do
   echo "== $step ($(left) s left)"
   case $step in
   prepare)
-    python3 benchmarks/gpu_repro.py prepare --preset "$PRESET" --out "$OUT/prepare.json" > "$OUT/prepare.log" 2>&1
+    python3 benchmarks/gpu_repro.py prepare --preset "$PRESET" ${RELOAD:+--reload} --out "$OUT/prepare.json" > "$OUT/prepare.log" 2>&1
     echo "prepare exit $?"; tail -3 "$OUT/prepare.log" ;;
   ckpt)
     # issue 4: checkpoint streaming overhead, failure-free, two workers on the first GPU
