@@ -46,7 +46,7 @@ REQUEST_ERRORS = Counter("lumen:request_errors", "Requests ended with an error",
 SPEC_ACCEPTANCE = Gauge("lumen:assist_acceptance_rate", "Accepted / proposed draft tokens verified by a partner "
                         "during assisted recovery", ["worker"], registry=REGISTRY)
 RECOVERY_PHASE = Histogram("lumen:recovery_phase_seconds", "Duration of each phase of a worker's recovery "
-                           "(draft_load, assist, disk_to_host, host_to_device)", ["phase"],
+                           "(draft_load, assist, disk_to_host, host_to_device, warmup)", ["phase"],
                            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80), registry=REGISTRY)
 TRANSPORT_DROPS = Gauge("lumen:transport_dropped_messages", "Internal messages dropped by the transport (bad MAC, "
                         "replay, stale epoch, malformed, oversize, unknown type, schema), per process and reason; a "
