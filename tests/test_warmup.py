@@ -19,7 +19,7 @@ from cluster_util import make_tiny_model_dir, run_cluster, wait_until
 from lumen.engine import Engine, EngineConfig, SamplingParams
 from lumen.model import ModelConfig
 from lumen.model.loader import random_model
-from lumen.runtime.worker import WARMUP_DECODE_STEPS, WARMUP_ENV, warm_up
+from lumen.runtime.worker import CPU_WARMUP_TOKENS, WARMUP_DECODE_STEPS, WARMUP_ENV, warm_up
 
 CFG = ModelConfig(arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5, max_position=512,
@@ -50,8 +50,8 @@ def _generate(eng, n=3):
 def test_warm_up_runs_the_engine_then_leaves_no_trace():
     eng = _engine()
     info = warm_up(eng)
-    # a full chunk of prefill (the engine's budget), then the decode steps
-    assert info["warmup_prefill_tokens"] == eng.chunk_tokens == 64
+    # a small prefill on CPU (a GPU engine warms up with its full chunk budget), then the decode steps
+    assert info["warmup_prefill_tokens"] == CPU_WARMUP_TOKENS < eng.chunk_tokens
     assert info["warmup_steps"] == 1 + WARMUP_DECODE_STEPS and info["warmup_s"] >= 0
     st = eng.stats()
     assert all(st[k] == 0 for k in COUNTERS), {k: st[k] for k in COUNTERS}
@@ -64,7 +64,7 @@ def test_warm_up_runs_the_engine_then_leaves_no_trace():
 
 def test_warm_up_fits_small_pools_and_can_be_turned_off(monkeypatch):
     eng = _engine(chunk=256, num_blocks=4)  # 64 KV tokens: the prefill shrinks to fit
-    info = warm_up(eng)
+    info = warm_up(eng, prefill_tokens=256)
     assert info["warmup_prefill_tokens"] == 64 - WARMUP_DECODE_STEPS - 2
     assert eng.stats()["steps"] == 0 and eng.block_manager.num_free == 4
     monkeypatch.setenv(WARMUP_ENV, "0")
@@ -91,7 +91,7 @@ def test_started_and_restarted_workers_warm_up_before_serving(tiny_dir, tmp_path
     with run_cluster(tiny_dir, workers=2, env={"LUMEN_STEP_LOG": str(steps)}) as c:
         for w in c.state()["workers"]:  # first start: warmed, nothing counted, nothing logged
             assert w["phases_s"]["warmup_steps"] == 1 + WARMUP_DECODE_STEPS
-            assert w["phases_s"]["warmup_prefill_tokens"] == 256  # the CPU engine's chunk budget
+            assert w["phases_s"]["warmup_prefill_tokens"] == CPU_WARMUP_TOKENS
             assert "warmup_s" in w["phases_s"] and "host_to_device_s" in w["phases_s"]
         wait_until(lambda: all("steps" in w["stats"] for w in c.state()["workers"]), 10, "worker stats")
         assert all(w["stats"]["steps"] == 0 for w in c.state()["workers"])

@@ -61,26 +61,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-WARMUP_ENV = "LUMEN_WORKER_WARMUP_TOKENS"  # prefill tokens of the warm-up (default: the chunk budget; 0: none)
+WARMUP_ENV = "LUMEN_WORKER_WARMUP_TOKENS"  # prefill tokens of the warm-up (0: none)
+CPU_WARMUP_TOKENS = 32  # CPU default: the path runs, cheaply (a full chunk measured no benefit there)
 WARMUP_DECODE_STEPS = 4
 WARMUP_REQ = "\x00warmup"  # not a gateway request id (those are printable)
 
 
 def warm_up(engine: Engine, prefill_tokens: int | None = None, decode_steps: int = WARMUP_DECODE_STEPS) -> dict:
     """Run one dummy request through the engine's real step path -- a prefill of `prefill_tokens`
-    (default: LUMEN_WORKER_WARMUP_TOKENS, else the engine's chunk budget: the largest step it will
-    run) and `decode_steps` decode steps -- then reset the engine's stats, so that nothing of it
-    shows in counters, step-time EMAs, step logs or block placement.
+    (default: LUMEN_WORKER_WARMUP_TOKENS, else on CUDA the engine's chunk budget, the largest step it
+    will run, and on CPU CPU_WARMUP_TOKENS) and `decode_steps` decode steps -- then reset the
+    engine's stats, so that nothing of it shows in counters, step-time EMAs, step logs or block
+    placement.
 
     Why: one-time costs of a fresh engine (CUDA graphs captured and kernels compiled lazily, allocator
     growth for the largest activations, first-call set-up) are paid before the worker reports SERVING,
     not by its first requests. (On the 2-core CPU box they measured small: a fresh engine's first
     32- and 256-token prefills took the same CPU time as later ones, within ~10%; the warm-up costs
-    ~1 s of CPU there. LUMEN_WORKER_WARMUP_TOKENS=0 turns it off.) Returns the phase info to report
+    1.3-2.7 s per restart there at a full chunk, hence the small CPU default. LUMEN_WORKER_WARMUP_TOKENS=0
+    turns it off.) Returns the phase info to report
     (warmup_s) and what ran."""
     if prefill_tokens is None:
         env = os.environ.get(WARMUP_ENV, "").strip()
-        prefill_tokens = int(env) if env else engine.chunk_tokens
+        if env:
+            prefill_tokens = int(env)
+        else:
+            prefill_tokens = engine.chunk_tokens if engine.device.type == "cuda" else CPU_WARMUP_TOKENS
     bm = engine.block_manager
     # fit the context (and the KV pool) with room for the decode steps
     n = min(prefill_tokens, engine.chunk_tokens, engine.max_model_len - decode_steps - 2,
