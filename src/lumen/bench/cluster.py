@@ -111,6 +111,8 @@ def _term_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    # a SIGTERM blocked in the bench's mask would be inherited and make that signal a no-op
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def _is_lumen_process(pid: int) -> bool:

@@ -568,16 +568,42 @@ def run_bench(cfg: BenchConfig, console=None) -> BenchResults:
     """Synchronous entry point (see module doc). Raises FaultInjectionError if a planned
     failure could not be injected, ClusterStartError if a cluster did not come up.
 
-    SIGTERM is handled like Ctrl-C (asyncio cancels the run and every ``finally`` stops its
-    cluster), so ``timeout``/``kill`` of the bench leaves no cluster behind."""
+    SIGTERM is handled like Ctrl-C: the run is cancelled, every ``finally`` stops its cluster, and
+    KeyboardInterrupt is raised, so ``timeout``/``kill`` of the bench leaves no cluster behind."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return asyncio.run(run_bench_async(cfg, console))
-    previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    # The handler cancels the run itself rather than re-raising SIGINT: a bench started as a
+    # background job inherits SIGINT ignored, and a parent may hand down SIGTERM blocked (both seen
+    # in a full pytest run, where the bench then ignored SIGTERM).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    terminated = False
+
+    async def main() -> BenchResults:
+        nonlocal terminated
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+
+        def on_term() -> None:
+            nonlocal terminated
+            terminated = True
+            task.cancel()
+
+        loop.add_signal_handler(signal.SIGTERM, on_term)
+        try:
+            return await run_bench_async(cfg, console)
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
     try:
-        return asyncio.run(run_bench_async(cfg, console))
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if terminated:
+            raise KeyboardInterrupt("SIGTERM") from None
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 
