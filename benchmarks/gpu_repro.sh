@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Issue 9 in device-call-sized blocks: prepare (target + self-draft + bandwidths), the checkpoint
-# overhead re-measure of issue 4, then `lumen bench --resume` for as long as the block allows.
+# Issue 9 in device-call-sized blocks: prepare (target + self-draft + bandwidths), optionally the
+# engine benchmark (issue 2) and the checkpoint overhead re-measure (issue 4), then
+# `lumen bench --resume` for as long as the block allows.
 # Run from the repository root. Results (at most 8 files) go to $OUT; the bench's directory
 # (.gpu-runs/, git-ignored) persists while the machine is warm and can be carried to a fresh one.
 #
-#   STEPS="prepare ckpt bench" BUDGET=560 bash benchmarks/gpu_repro.sh
+#   STEPS="prepare engine ckpt bench" RELOAD=1 BUDGET=560 bash benchmarks/gpu_repro.sh
 #   PRESET=tiny DEVICES=cpu DURATION=20 STEPS="prepare bench" bash benchmarks/gpu_repro.sh   # CPU dry run
 set -uo pipefail
 start=$(date +%s)
@@ -41,6 +42,11 @@ for step in $STEPS; do
   prepare)
     python3 benchmarks/gpu_repro.py prepare --preset "$PRESET" ${RELOAD:+--reload} --out "$OUT/prepare.json" > "$OUT/prepare.log" 2>&1
     echo "prepare exit $?"; tail -3 "$OUT/prepare.log" ;;
+  engine)
+    # issue 2: engine figures (decode steps/s vs transformers, prefill vs the matmul roofline)
+    timeout -k 20 "${ENGINE_TIMEOUT:-240}" python3 benchmarks/engine.py --gpu --out "$OUT/engine_gpu.json" \
+      > "$OUT/engine.log" 2>&1
+    echo "engine benchmark exit $?"; tail -12 "$OUT/engine.log" ;;
   ckpt)
     # issue 4: checkpoint streaming overhead, failure-free, two workers on the first GPU
     timeout -k 20 "${CKPT_TIMEOUT:-200}" python3 benchmarks/checkpoint_overhead.py --model preset:qwen3-1.7b \
