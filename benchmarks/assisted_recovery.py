@@ -108,8 +108,8 @@ def main() -> None:
         drafts, dtoks, acc = (int(partner.get(k, 0)) for k in
                               ("spec_drafts", "spec_draft_tokens", "spec_accepted_tokens"))
         result = {
-            "env": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
-                    "cpus": os.cpu_count()},
+            "env": {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                    "machine": platform.node(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
             "args": vars(args),
             "partner": {"spec_drafts": drafts, "spec_draft_tokens": dtoks, "spec_accepted_tokens": acc,
                         "acceptance_rate": acc / dtoks if dtoks else None,

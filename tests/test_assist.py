@@ -6,11 +6,12 @@ same) so that a recovering worker spends seconds in ASSISTING.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
-from cluster_util import make_tiny_model_dir, run_cluster
+from cluster_util import make_tiny_model_dir, run_cluster, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -90,6 +91,76 @@ def test_assisted_requests_keep_their_output_and_gain_tokens_per_step(tiny_dir):
         metrics = c.client.get("/metrics").text
         assert "vllm:spec_decode_num_accepted_tokens_total" in metrics
         assert "lumen:recovery_phase_seconds_bucket" in metrics
+
+
+def _partner_window(c, partner, recovering, timeout=90):
+    """The partner's counters when the recovering worker starts assisting and when it stops, and the
+    recovering worker's record then."""
+    _wait_state(c, recovering, "assisting")
+    before = _worker(c, partner)["stats"]
+    w = wait_until(lambda: (lambda w: w if w["state"] != "assisting" else None)(_worker(c, recovering)),
+                   timeout, f"worker {recovering} never left assisting")
+    return before, _worker(c, partner)["stats"], w
+
+
+def test_default_model_assisted_by_its_draft_gains_tokens_per_step():
+    # Issue 5 on the real model: SmolLM2-135M (fp32) and its default draft (an fp16-weight copy, ~0.4
+    # of a target step on CPU; scripts/make_draft.py). One long greedy request on the partner; the
+    # killed worker drafts for it while its reload is held 12 s longer. Over that window, from the
+    # partner's own counters: its verify steps, and all its steps, commit more than one token each
+    # on average. (Exact outputs under assistance: the deterministic tests above.) The stream is
+    # dropped once the window is measured (the gateway aborts the request), to keep the test short.
+    # --hb-misses 100 (10 s; default 1 s on CPU): on the 2-core box shared with other jobs (load
+    # average 5-10) the assisting worker -- drafting, loading its target and heartbeating on three
+    # threads -- was seen silent for 1.08 s (default budget) and for 3.02 s (a 3 s budget), declared
+    # dead ~1.5 s into the window, which ended before any proposal. A false verdict on a starved box
+    # is the failure detector's matter, not what this test measures; the kill itself is seen at once
+    # (process exit), so the longer budget costs nothing here.
+    t0 = time.monotonic()
+    marks = {}
+    with run_cluster("default", workers=2, policy="lumen", name="default", extra=["--hb-misses", "100"],
+                     env={"LUMEN_FAULT_SLOW_RELOAD_S": "12"}) as c:
+        marks["ready"] = time.monotonic() - t0
+        done, box = threading.Event(), {}
+
+        def on_token(n):
+            if done.is_set():
+                raise _Enough(n)
+
+        def stream():
+            try:
+                box["r"] = c.stream_tokens("Write a long story about a lighthouse keeper who finds a message in a bottle.",
+                                           on_token=on_token, model="default", max_tokens=2000, ignore_eos=True)
+            except _Enough as e:
+                box["n"] = e.args[0]
+
+        t = threading.Thread(target=stream)
+        t.start()
+        partner = c.executor_of()
+        recovering = 1 - partner
+        c.kill(recovering)
+        marks["kill"] = time.monotonic() - t0
+        before, after, w = _partner_window(c, partner, recovering)
+        marks["window_end"] = time.monotonic() - t0
+        done.set()
+        t.join(60)
+        # streaming without an error when the window closed, or (a very fast machine) finished
+        assert "n" in box or ("r" in box and not box["r"][2] and len(box["r"][0]) == 2000), box
+        d = {k: after[k] - before[k] for k in ("steps", "spec_drafts", "spec_draft_tokens", "spec_accepted_tokens")}
+        why = (d, marks, w["state"], w["phases_s"], os.getloadavg(), before, after)
+        assert w["state"] in ("switching", "serving"), why  # left assisting by finishing its reload
+        assert d["steps"] >= 20, why  # the request was decoding through the window
+        assert d["spec_drafts"] > 0, why
+        per_verify_step = (d["spec_drafts"] + d["spec_accepted_tokens"]) / d["spec_drafts"]
+        per_step = (d["steps"] + d["spec_accepted_tokens"]) / d["steps"]  # one request: 1 + accepted per step
+        assert per_verify_step > 1.0 and per_step > 1.0, (per_verify_step, per_step, why)
+        assert d["spec_accepted_tokens"] >= 0.8 * d["spec_draft_tokens"], why
+        print(f"assisted window: {d}, tokens per verify step {per_verify_step:.2f}, per partner step "
+              f"{per_step:.2f}, recovering worker {w['phases_s']}, marks {marks}")
+
+
+class _Enough(Exception):
+    pass
 
 
 def test_wrong_drafts_never_change_output(tiny_dir, noisy_draft_dir):
