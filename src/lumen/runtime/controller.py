@@ -479,10 +479,11 @@ class Controller:
                 continue
             # before its first word a starting process is covered by the sentinel (a crash) and
             # by a start-up deadline (a hang while importing or loading)
-            # a loading worker holds no requests: a slow verdict costs nothing there, a false one a
-            # whole reload, so only workers that serve or assist are held to the tight budget
-            limit = budget if w.state in (WorkerState.SERVING, WorkerState.ASSISTING) \
-                else max(budget, self.cfg.loading_hb_timeout_s)
+            # a loading or assisting worker holds no requests (an assisting one only proposes, and
+            # its partner never waits for it): a slow verdict costs little there, a false one a whole
+            # reload, so only serving workers are held to the tight budget (a SIGKILL is seen at
+            # once through the process sentinel either way)
+            limit = budget if w.state == WorkerState.SERVING else max(budget, self.cfg.loading_hb_timeout_s)
             if w.heard and now - w.last_hb > limit:
                 self._declare_dead(w, f"no heartbeat for {now - w.last_hb:.2f}s")
             elif _num(w.stats, "loop_age_s") > self.cfg.loop_stall_s:
