@@ -177,10 +177,11 @@ class Drafter:
         st.ahead = st.ahead[len(tail):] if agree == len(tail) else []
 
     @torch.inference_mode()
-    def round(self) -> None:
-        """One batched draft step for every request whose guess is short, then send what changed."""
+    def round(self) -> bool:
+        """One batched draft step for every request whose guess is short, then send what changed.
+        Returns whether it drafted anything (if not, the caller may wait for the partner's commits)."""
         if self.peer is None or not self.states:
-            return
+            return False
         t0 = time.monotonic()
         todo = [(rid, st) for rid, st in list(self.states.items())[:MAX_MIRRORED] if len(st.ahead) < self.max_ahead]
         if todo:
@@ -201,6 +202,7 @@ class Drafter:
             self.rounds += 1
             self.proposed += len(ids)
         self.busy_s += time.monotonic() - t0
+        return bool(todo)
 
     def stats(self) -> dict:
         return {"assist_rounds": self.rounds, "assist_proposed_tokens": self.proposed,

@@ -218,11 +218,13 @@ class Worker:
         loader = threading.Thread(target=load_target, daemon=True, name="target-loader")
         loader.start()
         self._set_state(WorkerState.LOADING_DRAFT, draft_load_s=t_draft, draft_ready=1)
+        drafted = False
         while loader.is_alive() and self.running:
-            drafting = self.drafter is not None and self.drafter.peer is not None and self.drafter.states
-            self._poll(timeout_ms=0 if drafting else 5)
-            if self.drafter is not None:
-                self.drafter.round()
+            # wait (woken at once by a message) unless the last round drafted: with every guess K
+            # tokens ahead there is nothing to do until the partner commits, and spinning would take
+            # the CPU from the partner on a small machine
+            self._poll(timeout_ms=0 if drafted else 5)
+            drafted = self.drafter.round() if self.drafter is not None else False
         t1 = time.monotonic()
         stats = self.drafter.stats() if self.drafter else {}
         self.drafter = None  # release the draft before the target lands on the device
