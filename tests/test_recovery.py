@@ -170,11 +170,15 @@ def test_budget_exhaustion_runs_unprotected(tiny_dir):
 def test_load_aware_placement_avoids_a_busy_worker(tiny_dir, policy, expect_busy_holder):
     # small prefill chunks make worker 0's long prompt take a while, so its estimated wait is high
     with run_cluster(tiny_dir, workers=3, policy=policy, extra=["--deterministic", "--chunk-tokens", "16"]) as c:
-        warm = [threading.Thread(target=c.complete, args=(PROMPT,), kwargs={"max_tokens": 4}) for _ in range(3)]
-        for t in warm:  # every worker measures its step times once
-            t.start()
-        for t in warm:
-            t.join(60)
+        for _ in range(5):  # every worker measures its step times once (a loaded box may route two to one)
+            warm = [threading.Thread(target=c.complete, args=(PROMPT,), kwargs={"max_tokens": 4}) for _ in range(3)]
+            for t in warm:
+                t.start()
+            for t in warm:
+                t.join(60)
+            time.sleep(0.5)  # stats travel with the heartbeats
+            if all(float(w["stats"].get("ema_prefill_step_s", 0)) > 0 for w in c.state()["workers"]):
+                break
         busy = threading.Thread(target=c.complete, args=(list(range(100, 2000)),), kwargs={"max_tokens": 8})
         busy.start()  # routed to worker 0 (all idle, lowest id); a 1,900-token prefill in 16-token chunks
         deadline = time.monotonic() + 20
