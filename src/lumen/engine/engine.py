@@ -103,6 +103,10 @@ class Engine:
                                        cfg.draft_num_blocks or num_blocks, self.chunk_tokens,
                                        max_batch=cfg.max_batch, cuda_graphs=cfg.cuda_graphs and not cfg.deterministic)
         self._seqs: dict[str, Sequence] = {}
+        # Requests that may have full pages not exported yet (KV export; see pages_due). Kept in step
+        # with the sequences, so a caller that never exports (no checkpointing) costs a set add per
+        # page boundary and nothing grows.
+        self._pages_due: dict[str, None] = {}
         self._rng = random.Random(cfg.seed)
         self._arrivals = 0
         self._eos = frozenset(self.model_config.eos_token_ids)
@@ -110,8 +114,8 @@ class Engine:
         self._ema_step_s = 0.0  # EMA of wall time of steps that ran prefill tokens
         self._ema_decode_s = 0.0  # EMA of wall time of decode-only steps
         self._counters = dict(steps=0, prefill_tokens=0, decode_tokens=0, restored_pages=0, restored_tokens=0,
-                              rejected_pages=0, finished=0, aborted=0, spec_drafts=0, spec_draft_tokens=0,
-                              spec_accepted_tokens=0, spec_stale=0)
+                              rejected_pages=0, exported_pages=0, finished=0, aborted=0, spec_drafts=0,
+                              spec_draft_tokens=0, spec_accepted_tokens=0, spec_stale=0)
 
     # ------------------------------------------------------------------ sizing
     def _auto_num_blocks(self, draft_model) -> int:
@@ -232,6 +236,7 @@ class Engine:
         if seq is None:
             return False
         self.scheduler.remove(seq)
+        self._pages_due.pop(req_id, None)
         seq.finish_reason = "abort"
         if self.draft is not None:
             self.draft.release(req_id)
@@ -246,6 +251,7 @@ class Engine:
         seq = self._seqs.get(req_id)
         if seq is not None:
             seq.num_exported_pages = min(seq.num_exported_pages, max(0, page_index))
+            self._pages_due[req_id] = None  # pages_due reports it again, even if no page filled since
 
     def decoding_sequences(self) -> list[tuple[str, list[int]]]:
         """(request id, token ids) of every running sequence that is decoding (assisted recovery
@@ -309,9 +315,13 @@ class Engine:
                 c["spec_draft_tokens"] += len(s.proposal)
                 c["spec_accepted_tokens"] += acc
             outputs.append(self._commit(s.seq, toks))
+        bs, due = self.block_size, self._pages_due
         for s in scheduled:
+            seq = s.seq
             if not s.sample:  # partial prefill chunk
-                s.seq.num_computed_tokens += len(s.tokens)
+                seq.num_computed_tokens += len(s.tokens)
+            if seq.num_computed_tokens // bs > seq.num_exported_pages and seq.req_id in self._seqs:
+                due[seq.req_id] = None  # a page became full (a finished request is no longer in _seqs)
         return outputs
 
     def _commit(self, seq: Sequence, toks: list[int]) -> StepOutput:
@@ -341,6 +351,7 @@ class Engine:
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
         self._seqs.pop(seq.req_id, None)
+        self._pages_due.pop(seq.req_id, None)
         if self.draft is not None:
             self.draft.release(seq.req_id)
         self._counters["finished"] += 1
@@ -371,21 +382,51 @@ class Engine:
                 seq.proposal = toks
 
     # ------------------------------------------------------------------ KV pages
-    def new_completed_pages(self, req_id: str) -> list[KVPage]:
-        """Pages of req_id that became full (all their tokens committed and computed) since the last
-        call, as host copies. On CUDA the copies are asynchronous: `page.wait()` before reading."""
-        seq = self._seqs.get(req_id)
-        if seq is None or seq.status is not SequenceStatus.RUNNING:
+    def pages_due(self) -> list[str]:
+        """Requests that filled a page (or were rewound) since the last call, and forgets them: the
+        candidates for `export_pages`. O(requests that filled a page), not O(running requests): the
+        per-step cost of checkpointing on the engine thread. A request left out of the export (no
+        holder yet) is reported again by `rewind_page_export` (which the worker calls when a holder
+        is set) or when it fills its next page."""
+        if not self._pages_due:
             return []
+        due = list(self._pages_due)
+        self._pages_due.clear()
+        return due
+
+    def export_pages(self, req_ids) -> list[KVPage]:
+        """Pages of the given requests that became full (all their tokens committed and computed)
+        since they were last exported, as host copies: one `read_blocks` for all of them (on CUDA one
+        gather and one asynchronous copy; `page.wait()` before reading). Requests that are not
+        running are skipped."""
         bs = self.block_size
-        full = seq.num_computed_tokens // bs
-        first = seq.num_exported_pages
-        if full <= first:
+        todo: list[tuple[Sequence, int, int]] = []
+        blocks: list[int] = []
+        for rid in req_ids:
+            seq = self._seqs.get(rid)
+            if seq is None or seq.status is not SequenceStatus.RUNNING:
+                continue
+            full, first = seq.num_computed_tokens // bs, seq.num_exported_pages
+            if full <= first:
+                continue
+            todo.append((seq, first, full))
+            blocks.extend(seq.block_table[first:full])
+            seq.num_exported_pages = full
+        if not todo:
             return []
-        data, event = self.runner.read_blocks(seq.block_table[first:full])
-        seq.num_exported_pages = full
-        return [KVPage(req_id, i, (i + 1) * bs, seq.page_tag(i, bs), data[i - first], event)
-                for i in range(first, full)]
+        data, event = self.runner.read_blocks(blocks)
+        pages: list[KVPage] = []
+        k = 0
+        for seq, first, full in todo:
+            for i in range(first, full):
+                pages.append(KVPage(seq.req_id, i, (i + 1) * bs, seq.page_tag(i, bs), data[k], event))
+                k += 1
+        self._counters["exported_pages"] += len(pages)
+        return pages
+
+    def new_completed_pages(self, req_id: str) -> list[KVPage]:
+        """Pages of req_id that became full since the last call (`export_pages` of one request)."""
+        return self.export_pages((req_id,))
 
     # ------------------------------------------------------------------ stats
     def q_wait_s(self) -> float:

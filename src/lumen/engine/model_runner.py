@@ -108,7 +108,6 @@ class ModelRunner:
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._graph_pool = None
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._pending_copies: list = []
 
     @property
     def block_bytes(self) -> int:
@@ -118,11 +117,6 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, items: list[ForwardItem]) -> torch.Tensor:
         """Logits [sum(num_logits), V] in item order (float32, or float64 in deterministic mode)."""
-        if self._pending_copies:  # page exports still reading blocks that this step may rewrite
-            cur = torch.cuda.current_stream(self.device)
-            for ev in self._pending_copies:
-                cur.wait_event(ev)
-            self._pending_copies = []
         if self.use_graphs and items and all(len(it.tokens) == 1 and it.num_logits == 1 for it in items):
             hidden = self._decode_graph(items)
             if hidden is not None:
@@ -288,28 +282,41 @@ class ModelRunner:
     # ------------------------------------------------------------------ page copies
     @torch.inference_mode()
     def read_blocks(self, blocks: list[int]):
-        """Host copies of whole blocks: ([n, L, 2, B, nkv, hd], cuda event or None).
+        """Host copies of whole blocks: (pages, cuda event or None), where pages[i] is block
+        blocks[i] as [L, 2, B, nkv, hd] (contiguous; pinned on CUDA).
 
-        CUDA: gathered and copied into pinned memory on a side stream, ordered after the work
-        queued so far; the next forward waits for it (GPU-side) before touching the pool again.
+        CPU: one copy per block (about 5x cheaper than an index gather followed by a permuted copy
+        for 1.8 MB pages: 49 vs 268 us for one page, 7 vs 66 ms for 32 on the 2-core box).
+        CUDA: the blocks are gathered on the *current* stream, into a device staging buffer, by one
+        kernel: ordered before any later step that could rewrite them (a finished request's blocks
+        are reused), so no step ever waits for the export. The device -> pinned host copy runs on a
+        side stream that waits only for the gather; the returned event marks its end (the page
+        sender waits for it, on its own thread). Nothing here blocks the host.
         """
         if self._copy_stream is None:
-            idx = torch.tensor(blocks, dtype=torch.int64)
-            return self.kv_pool[:, :, idx].permute(2, 0, 1, 3, 4, 5).contiguous(), None
+            pool = self.kv_pool
+            out = []
+            for b in blocks:
+                page = torch.empty(pool.shape[:2] + pool.shape[3:], dtype=pool.dtype)
+                page.copy_(pool[:, :, b])
+                out.append(page)
+            return out, None
         cur = torch.cuda.current_stream(self.device)
+        # a pinned index: from pageable memory the copy would block the host until the GPU has
+        # drained the step queued so far
+        idx = torch.tensor(blocks, dtype=torch.int64, pin_memory=True).to(self.device, non_blocking=True)
+        staged = torch.index_select(self.kv_pool.permute(2, 0, 1, 3, 4, 5), 0, idx)  # [n, L, 2, B, nkv, hd]
+        gathered = torch.cuda.Event()
+        gathered.record(cur)
         s = self._copy_stream
-        s.wait_stream(cur)
+        s.wait_event(gathered)
         with torch.cuda.stream(s):
-            # a pinned index: from pageable memory the copy would block the host until the GPU has
-            # drained the step queued so far, serialising every step that completes a page
-            idx = torch.tensor(blocks, dtype=torch.int64, pin_memory=True).to(self.device, non_blocking=True)
-            dev_copy = self.kv_pool[:, :, idx].permute(2, 0, 1, 3, 4, 5).contiguous()
-            host = torch.empty(dev_copy.shape, dtype=dev_copy.dtype, pin_memory=True)
-            host.copy_(dev_copy, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(s)
-        self._pending_copies.append(ev)
-        return host, ev
+            host = torch.empty(staged.shape, dtype=staged.dtype, pin_memory=True)
+            host.copy_(staged, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(s)
+        staged.record_stream(s)  # allocated on `cur`, read on `s`: not reused before the copy ran
+        return host, done
 
     @torch.inference_mode()
     def write_blocks(self, blocks: list[int], data: torch.Tensor) -> None:
