@@ -255,6 +255,95 @@ def test_corrupted_page_in_transit_never_becomes_valid():
         ctx.destroy(0)
 
 
+# ----------------------------------------------------------------------------- locking
+
+
+class _BlockingSlots:
+    """Makes the store's copy into a slot wait until the test lets it go, recording whether the store
+    lock was free at that moment (the engine thread takes that lock every loop turn)."""
+
+    def __init__(self, store: CheckpointStore):
+        self.store, self.real = store, store._slot_np
+        self.entered, self.go = threading.Event(), threading.Event()
+        self.lock_free: list[bool] = []
+        store._slot_np = self
+
+    def __call__(self, slot):
+        free = self.store._lock.acquire(blocking=False)
+        if free:
+            self.store._lock.release()
+        self.lock_free.append(free)
+        self.entered.set()
+        assert self.go.wait(10)
+        return self.real(slot)
+
+
+def _put_in_thread(s: CheckpointStore, *args) -> tuple[threading.Thread, list]:
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(s.put_page(*args)))
+    t.start()
+    return t, result
+
+
+def test_page_copy_does_not_hold_the_store_lock():
+    s = CheckpointStore(100 * P)
+    s.reserve("r", 4 * P, 1)
+    assert s.put_page("r", 0, 16, tag(0), page(0), P)
+    gate = _BlockingSlots(s)
+    t, result = _put_in_thread(s, "r", 1, 32, tag(1), page(1), P)
+    assert gate.entered.wait(10)
+    # while the page is being copied, the engine thread's calls go through
+    assert s.stats()["pages"] == 1 and s.valid_prefix("r", [tag(0), tag(1)]) == 1
+    assert s.reserve("other", P, 1) and s.release("other") == P
+    gate.go.set()
+    t.join(10)
+    assert result == [True] and gate.lock_free == [True]
+    assert s.valid_prefix("r", [tag(0), tag(1)]) == 2 and bytes(s.get_pages("r", 2)[1][2].numpy()) == page(1)
+
+
+def test_release_or_shrink_during_a_copy_rejects_the_page_and_frees_its_slot():
+    s = CheckpointStore(8 * P)
+    s.reserve("r", 4 * P, 1)
+    gate = _BlockingSlots(s)
+    t, result = _put_in_thread(s, "r", 0, 16, tag(0), page(0), P)
+    assert gate.entered.wait(10)
+    assert s.release("r") == 4 * P  # the request finished (or moved) meanwhile
+    gate.go.set()
+    t.join(10)
+    assert result == [False] and rejected(s) == {"unreserved": 1}
+    assert s.stats()["pages"] == 0 and s.stored_bytes == 0 and len(s._free) == s._chunks[0].shape[0]
+
+    s.reserve("q", 4 * P, 1)
+    gate.entered.clear()
+    gate.go.clear()
+    t, result = _put_in_thread(s, "q", 3, 64, tag(3), page(3), P)
+    assert gate.entered.wait(10)
+    assert s.reserve("q", 2 * P, 1)  # same owner, smaller: page 3 no longer fits
+    gate.go.set()
+    t.join(10)
+    assert result == [False] and rejected(s)["out_of_range"] == 1
+    assert s.stats()["pages"] == 0 and s.stored_bytes == 0 <= s.reserved_bytes == 2 * P
+
+
+def test_slot_memory_grows_outside_the_store_lock(monkeypatch):
+    s = CheckpointStore(100 * P)
+    s.reserve("r", 4 * P, 1)
+    real_empty = torch.empty
+    lock_free = []
+
+    def empty(*args, **kw):
+        free = s._lock.acquire(blocking=False)
+        if free:
+            s._lock.release()
+        lock_free.append(free)
+        return real_empty(*args, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    assert s.put_page("r", 0, 16, tag(0), page(0), P)
+    monkeypatch.undo()
+    assert lock_free == [True] and len(s._chunks) == 1
+
+
 # ----------------------------------------------------------------------------- property test
 
 

@@ -18,12 +18,19 @@ pinned tensors could overshoot the budget by up to 2x. Chunks hold whole pages w
 of two bytes, so physical memory stays within the budget plus one spare page (so a re-sent
 page is copied in completely before the old copy is freed) plus under a page of rounding per
 chunk. A restore is one host->device copy per page straight out of its slot.
+
+Locking: the engine thread reads stats and makes reservations every loop turn while the receiver
+thread stores pages, so the store lock is never held across anything slow. A page is checked and
+given a slot under the lock, copied into the slot without it (numpy's copy releases the GIL too),
+and installed under the lock after checking again that its request still holds the reservation;
+growing the slot memory (a pinned allocation, tens of ms per 64 MiB chunk on a GPU host) also
+happens outside it. Copies are serialised among themselves (one page in flight), which keeps the
+physical bound above: budget plus one spare slot.
 """
 
 from __future__ import annotations
 
 import threading
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,24 +56,24 @@ class _Request:
     pages: dict[int, _Page] = field(default_factory=dict)
 
 
-def _as_uint8(data: Any) -> torch.Tensor:
-    """A flat uint8 view of bytes / memoryview / numpy / torch / zmq.Frame (no copy)."""
+def _as_uint8(data: Any) -> np.ndarray:
+    """A flat uint8 numpy view of bytes / memoryview / numpy / torch / zmq.Frame (no copy for
+    contiguous CPU data; read-only views are fine: they are only read from)."""
     if isinstance(data, torch.Tensor):
-        return data.detach().contiguous().reshape(-1).view(torch.uint8)
+        t = data.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        return t.contiguous().reshape(-1).view(torch.uint8).numpy()
     if hasattr(data, "buffer") and not isinstance(data, memoryview | bytes | bytearray | np.ndarray):
         data = data.buffer  # zmq.Frame
     if isinstance(data, np.ndarray):
-        data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)  # via memoryview: may be read-only
+        return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
     mv = memoryview(data)
     if not mv.c_contiguous:
         mv = memoryview(mv.tobytes())
-    mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
     if mv.nbytes == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    with warnings.catch_warnings():
-        # torch warns on read-only buffers (bytes); the view is only ever read from
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(mv, dtype=torch.uint8)
+        return np.empty(0, dtype=np.uint8)
+    return np.frombuffer(mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv, dtype=np.uint8)
 
 
 class CheckpointStore:
@@ -93,9 +100,12 @@ class CheckpointStore:
         self._reserved = 0
         self._stored = 0
         self._chunks: list[torch.Tensor] = []
+        self._chunks_np: list[np.ndarray] = []  # the same memory, for GIL-free copies
         self._slots_per_chunk = 0
         self._free: list[int] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # all state; never held across a copy or an allocation
+        self._put_lock = threading.Lock()  # one page copy in flight (the spare slot)
+        self._n_pages = 0
         self.rejected: Counter[str] = Counter()
         self.reserve_refused = 0
         self.pages_accepted = 0
@@ -141,6 +151,7 @@ class CheckpointStore:
         r = self._reqs.pop(req_id)
         for p in r.pages.values():
             self._free.append(p.slot)
+        self._n_pages -= len(r.pages)
         self._stored -= len(r.pages) * (self.page_nbytes or 0)
         self._reserved -= r.reserved
         return r.reserved
@@ -168,39 +179,63 @@ class CheckpointStore:
             buf = _as_uint8(data)
         except (TypeError, ValueError, RuntimeError):
             return self._reject("size")
-        with self._lock:
-            r = self._reqs.get(req_id)
-            if r is None:
-                return self._reject("unreserved")
-            if owner_epoch is not None and owner_epoch != r.owner:
-                return self._reject("stale_owner")
-            page = self.page_nbytes if self.page_nbytes is not None else expected_nbytes
-            if expected_nbytes <= 0 or expected_nbytes != page or buf.numel() != page:
-                return self._reject("size")
-            if not isinstance(tag, bytes) or not 0 < len(tag) <= MAX_TAG_BYTES:
-                return self._reject("bad_tag")
-            if not isinstance(end_pos, int) or end_pos <= 0:
-                return self._reject("bad_end")
-            if not isinstance(index, int) or index < 0 or (index + 1) * page > r.reserved:
-                return self._reject("out_of_range")
-            old = r.pages.get(index)
-            if old is None and (len(r.pages) + 1) * page > r.reserved:
-                return self._reject("over_reservation")  # implied by the range check; kept as a guard
-            if self.page_nbytes is None:
-                self.page_nbytes = page  # first page fixes the slot size
-            slot = self._take_slot()
+        with self._put_lock:
+            with self._lock:
+                r = self._reqs.get(req_id)
+                reason = self._check(r, index, end_pos, tag, buf, expected_nbytes, owner_epoch)
+                if reason is not None:
+                    return self._reject(reason)
+                if self.page_nbytes is None:
+                    self.page_nbytes = expected_nbytes  # first page fixes the slot size
+                page = self.page_nbytes
+                slot = self._free.pop() if self._free else None
+            if slot is None:
+                slot = self._grow_and_take()
             try:
-                self._slot(slot).copy_(buf)
+                np.copyto(self._slot_np(slot), buf)  # no store lock held; numpy releases the GIL
             except BaseException:
-                self._free.append(slot)
+                with self._lock:
+                    self._free.append(slot)
                 raise
-            r.pages[index] = _Page(end_pos, bytes(tag), slot)
-            if old is not None:
-                self._free.append(old.slot)
-            else:
-                self._stored += page
-            self.pages_accepted += 1
-            return True
+            with self._lock:
+                # the request may have been released, moved or resized while the page was copied
+                reason = "unreserved" if self._reqs.get(req_id) is not r else None
+                if reason is None and (index + 1) * page > r.reserved:
+                    reason = "out_of_range"
+                old = r.pages.get(index) if reason is None else None
+                if reason is None and old is None and (len(r.pages) + 1) * page > r.reserved:
+                    reason = "over_reservation"
+                if reason is not None:
+                    self._free.append(slot)
+                    return self._reject(reason)
+                r.pages[index] = _Page(end_pos, bytes(tag), slot)
+                if old is not None:
+                    self._free.append(old.slot)
+                else:
+                    self._stored += page
+                    self._n_pages += 1
+                self.pages_accepted += 1
+                return True
+
+    def _check(self, r: _Request | None, index, end_pos, tag, buf: np.ndarray, expected_nbytes: int,
+               owner_epoch: int | None) -> str | None:
+        """Why a page cannot be stored (None: it can); called with the lock held."""
+        if r is None:
+            return "unreserved"
+        if owner_epoch is not None and owner_epoch != r.owner:
+            return "stale_owner"
+        page = self.page_nbytes if self.page_nbytes is not None else expected_nbytes
+        if expected_nbytes <= 0 or expected_nbytes != page or buf.size != page:
+            return "size"
+        if not isinstance(tag, bytes) or not 0 < len(tag) <= MAX_TAG_BYTES:
+            return "bad_tag"
+        if not isinstance(end_pos, int) or end_pos <= 0:
+            return "bad_end"
+        if not isinstance(index, int) or index < 0 or (index + 1) * page > r.reserved:
+            return "out_of_range"
+        if index not in r.pages and (len(r.pages) + 1) * page > r.reserved:
+            return "over_reservation"  # implied by the range check; kept as a guard
+        return None
 
     def _reject(self, reason: str) -> bool:
         self.rejected[reason] += 1
@@ -247,31 +282,37 @@ class CheckpointStore:
     def _slot(self, slot: int) -> torch.Tensor:
         return self._chunks[slot // self._slots_per_chunk][slot % self._slots_per_chunk]
 
-    def _take_slot(self) -> int:
-        if not self._free:
-            self._grow()
-        return self._free.pop()
+    def _slot_np(self, slot: int) -> np.ndarray:
+        return self._chunks_np[slot // self._slots_per_chunk][slot % self._slots_per_chunk]
 
-    def _grow(self) -> None:
+    def _grow_and_take(self) -> int:
+        """A slot from a new chunk. Called with the put lock held (so by one thread at a time) and
+        the store lock not held: pinning a chunk is slow, and the engine thread must not wait for it."""
         page = self.page_nbytes
         assert page is not None
-        if not self._slots_per_chunk:
-            # whole pages within the largest power of two <= max(CHUNK_BYTES, page): a pinned
-            # allocator that rounds up to a power of two then wastes less than one page
-            pow2 = 1 << (max(self.CHUNK_BYTES, page).bit_length() - 1)
-            self._slots_per_chunk = max(1, pow2 // page)
-        # stored <= reserved <= budget bounds the slots in use by budget // page; one spare
-        # lets a re-sent page be copied in completely before the old copy is freed
-        total_slots = self.budget // page + 1
-        have = sum(c.shape[0] for c in self._chunks)
-        n = min(self._slots_per_chunk, total_slots - have)
-        if n <= 0 or (self._chunks and self._chunks[-1].shape[0] < self._slots_per_chunk):
-            raise RuntimeError("checkpoint store out of slots despite accounting")  # invariant broken
+        with self._lock:
+            if self._free:  # a release freed one meanwhile
+                return self._free.pop()
+            if not self._slots_per_chunk:
+                # whole pages within the largest power of two <= max(CHUNK_BYTES, page): a pinned
+                # allocator that rounds up to a power of two then wastes less than one page
+                pow2 = 1 << (max(self.CHUNK_BYTES, page).bit_length() - 1)
+                self._slots_per_chunk = max(1, pow2 // page)
+            # stored <= reserved <= budget bounds the slots in use by budget // page; one spare
+            # lets a re-sent page be copied in completely before the old copy is freed
+            total_slots = self.budget // page + 1
+            have = sum(c.shape[0] for c in self._chunks)
+            n = min(self._slots_per_chunk, total_slots - have)
+            if n <= 0 or (self._chunks and self._chunks[-1].shape[0] < self._slots_per_chunk):
+                raise RuntimeError("checkpoint store out of slots despite accounting")  # invariant broken
         # the last chunk may be partial; no chunk follows it, so slot // slots_per_chunk holds
         chunk = torch.empty((n, page), dtype=torch.uint8, pin_memory=self.pin)
-        base = have
-        self._chunks.append(chunk)
-        self._free.extend(range(base + n - 1, base - 1, -1))
+        with self._lock:
+            base = have  # only this thread adds chunks (put lock)
+            self._chunks.append(chunk)
+            self._chunks_np.append(chunk.numpy())
+            self._free.extend(range(base + n - 1, base, -1))
+            return base
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -296,12 +337,13 @@ class CheckpointStore:
                 "reserved_bytes": self._reserved,
                 "stored_bytes": self._stored,
                 "allocated_bytes": sum(c.numel() for c in self._chunks),
-                "pages": sum(len(r.pages) for r in self._reqs.values()),
+                "pages": self._n_pages,
                 "requests": len(self._reqs),
                 "page_nbytes": self.page_nbytes or 0,
                 "pages_accepted": self.pages_accepted,
                 "reserve_refused": self.reserve_refused,
                 "rejected": {k: self.rejected[k] for k in REJECT_REASONS},
+                "rejected_pages": sum(self.rejected.values()),
                 "pinned": self.pin,
             }
 
