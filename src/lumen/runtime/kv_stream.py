@@ -7,10 +7,24 @@ stream per socket. hashlib and the copies release the GIL on large buffers, so t
 with the engine for real.
 
 - `PageSender` (executor): the engine thread queues pages; the thread waits for each page's device ->
-  host copy to land, MACs it and pushes it to the holder. A full queue drops the page (it stays
-  invalid at the holder, which degrades a later restore to a shorter prefix, never to wrong output).
+  host copy to land, MACs it and pushes it to the holder. When the holder's socket is at its high-water
+  mark (a burst: a prefill that completes 32 pages, several at once), the thread waits for room (up to
+  `wait_ms`) instead of dropping the page: a dropped page ends the holder's valid prefix there, so it
+  costs every later page of that request. (Dropping at once, a burst of 200 pages of 1.8 MB lost 72
+  of them on the 2-core box.) Pages are dropped -- and stay invalid at the holder, which degrades a
+  later restore to a shorter prefix, never to wrong output -- only when the queue is over its page or
+  byte bound (the queued pages hold host memory, pinned on a GPU) or the holder does not drain in time
+  (slow or dead: the sender then stops waiting for it for a second, so other holders go on).
 - `PageReceiver` (holder): binds the worker's KV socket; verifies and stores pages in the
-  CheckpointStore (which has its own lock).
+  CheckpointStore (which has its own lock). The controller sends RESERVE to the holder and HOLDER to
+  the executor at the same time, and the executor exports a request's first pages as soon as HOLDER
+  arrives, while the holder's engine thread reads RESERVE only between two of its steps: the first
+  pages often arrive before their reservation (2-4 requests in 100 on the 2-core box), and a page
+  refused there ends the request's valid prefix at 0. So a page for a request with no reservation
+  yet is held (at most `early_pages` of them, for `early_s`) and stored once the reservation lands;
+  one still unreserved then (a request that finished, or whose reservation was refused) is refused
+  as before. Held pages are not checkpoint memory: like the socket's receive queue, they are bounded
+  apart from the budget.
 """
 
 from __future__ import annotations
@@ -18,6 +32,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+from collections import deque
 
 import torch
 import zmq
@@ -31,44 +47,96 @@ log = logging.getLogger("lumen.kv_stream")
 
 
 class PageSender(threading.Thread):
-    def __init__(self, ctx: zmq.Context, secret: bytes, worker_id: int, epoch: int, max_queued: int = 4096):
+    STALL_S = 1.0  # after a holder did not drain within wait_ms, do not wait for it again this long
+
+    def __init__(self, ctx: zmq.Context, secret: bytes, worker_id: int, epoch: int, max_queued: int = 4096,
+                 max_queued_bytes: int = 512 << 20, wait_ms: int = 250):
         super().__init__(daemon=True, name="kv-sender")
         self.codec = Codec(secret, f"w{worker_id}.kv", epoch, schema=SCHEMA)
         self.ctx = ctx
-        self.queue: queue.Queue[tuple[str, KVPage | None] | None] = queue.Queue(max_queued)  # page None: forget
+        # items: (address, page or None to forget the address, page bytes); None stops the thread
+        self.queue: queue.Queue[tuple[str, KVPage | None, int] | None] = queue.Queue(max_queued)
+        self.max_queued_bytes = max_queued_bytes
+        self.wait_ms = wait_ms
         self.pool: PushPool | None = None
+        self._queued_bytes = 0
+        self._bytes_lock = threading.Lock()
+        # counters, each written by one thread only (the engine's: dropped; the sender's: the rest)
         self.sent = 0
-        self.refused = 0
+        self.dropped = 0  # queue over its bounds at submit
+        self.stalled = 0  # the holder did not drain in time
+        self.failed = 0  # the send itself failed (fault injection)
+        self.waited_s = 0.0  # time spent waiting for a holder to drain
+
+    @property
+    def refused(self) -> int:
+        """Pages that were not sent (each one stays invalid at its holder)."""
+        return self.dropped + self.stalled + self.failed
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
 
     def submit(self, addr: str, page: KVPage) -> None:
+        """Queue a page (engine thread; never blocks)."""
+        n = page.data.numel() * page.data.element_size()
+        with self._bytes_lock:
+            if self._queued_bytes + n > self.max_queued_bytes:
+                self.dropped += 1
+                return
+            self._queued_bytes += n
         try:
-            self.queue.put_nowait((addr, page))
+            self.queue.put_nowait((addr, page, n))
         except queue.Full:
-            self.refused += 1
+            with self._bytes_lock:
+                self._queued_bytes -= n
+            self.dropped += 1
 
     def forget(self, addr: str) -> None:
         """Close the socket to a holder that is gone (in queue order, on the sender's thread, which
         owns the socket); if the queue is full the pool's LRU bound still applies."""
         try:
-            self.queue.put_nowait((addr, None))
+            self.queue.put_nowait((addr, None, 0))
         except queue.Full:
             pass
+
+    def _room(self, push: PushPool, addr: str, stalled_until: dict[str, float]) -> bool:
+        """Whether a page can be queued on the holder's socket now, waiting for room up to wait_ms
+        (not at all for a holder that recently did not drain)."""
+        now = time.monotonic()
+        wait = 0 if stalled_until.get(addr, 0.0) > now else self.wait_ms
+        sock = push._socket(addr)  # the pool's socket to addr (created on first use)
+        if sock.poll(wait, zmq.POLLOUT):
+            stalled_until.pop(addr, None)
+            return True
+        self.waited_s += time.monotonic() - now
+        stalled_until[addr] = time.monotonic() + self.STALL_S
+        return False
 
     def run(self) -> None:
         push = PushPool(self.ctx, self.codec)  # created here: a socket belongs to one thread
         self.pool = push  # tests read its peers
+        stalled_until: dict[str, float] = {}
         try:
             while (item := self.queue.get()) is not None:
-                addr, page = item
+                addr, page, n = item
                 if page is None:
                     push.forget(addr)
+                    stalled_until.pop(addr, None)
                     continue
-                page.wait()
-                body = {"req": page.req_id, "index": page.index, "end": page.end_pos, "tag": page.tag}
-                if push.send(addr, "PAGE", body, [page.data.contiguous().view(torch.uint8).numpy()]):
-                    self.sent += 1
-                else:
-                    self.refused += 1  # holder slow or gone: that page stays invalid
+                try:
+                    page.wait()
+                    if not self._room(push, addr, stalled_until):
+                        self.stalled += 1  # holder slow or gone: that page stays invalid
+                        continue
+                    body = {"req": page.req_id, "index": page.index, "end": page.end_pos, "tag": page.tag}
+                    if push.send(addr, "PAGE", body, [page.data.contiguous().view(torch.uint8).numpy()]):
+                        self.sent += 1
+                    else:
+                        self.failed += 1
+                finally:
+                    with self._bytes_lock:
+                        self._queued_bytes -= n
         finally:
             push.close()
 
@@ -78,24 +146,51 @@ class PageSender(threading.Thread):
 
 class PageReceiver(threading.Thread):
     def __init__(self, ctx: zmq.Context, secret: bytes, worker_id: int, epoch: int, host: str,
-                 store: CheckpointStore, page_nbytes):
+                 store: CheckpointStore, page_nbytes, early_pages: int = 64, early_s: float = 2.0):
         super().__init__(daemon=True, name="kv-receiver")
         self.codec = Codec(secret, f"w{worker_id}.kvrx", epoch, schema=SCHEMA)
         self.endpoint = PullEndpoint(ctx, self.codec, host=host)
         self.address = self.endpoint.address
         self.store = store
         self.page_nbytes = page_nbytes  # callable: the size a page of this model must have
+        self.early_pages, self.early_s = early_pages, early_s
+        # pages that came before their reservation: (deadline, req, index, end, tag, frame), arrival order
+        self._early: deque[tuple] = deque()
+        self.early_held = 0  # pages stored only because they were held until their reservation came
         self._halt = threading.Event()
+
+    def _put(self, req, index, end, tag, frame) -> bool:
+        return self.store.put_page(req, index, end, tag, frame, expected_nbytes=self.page_nbytes())
+
+    def _on_page(self, body: dict, frame) -> None:
+        req = body["req"]
+        if self.store.has(req) or len(self._early) >= self.early_pages:
+            self._put(req, body["index"], body["end"], body["tag"], frame)
+        else:
+            self._early.append((time.monotonic() + self.early_s, req, body["index"], body["end"], body["tag"], frame))
+
+    def _flush_early(self) -> None:
+        """Store the held pages whose reservation has come; refuse (count) those past their time."""
+        now = time.monotonic()
+        keep: deque[tuple] = deque()
+        for item in self._early:
+            deadline, req, index, end, tag, frame = item
+            if self.store.has(req):
+                self.early_held += self._put(req, index, end, tag, frame)
+            elif now >= deadline:
+                self._put(req, index, end, tag, frame)  # refused and counted as unreserved
+            else:
+                keep.append(item)
+        self._early = keep
 
     def run(self) -> None:
         try:
             while not self._halt.is_set():
-                msg = self.endpoint.recv(timeout_ms=100)
-                if msg is None or msg.type != "PAGE":
-                    continue
-                b = msg.body
-                self.store.put_page(b["req"], b["index"], b["end"], b["tag"], msg.frames[0],
-                                    expected_nbytes=self.page_nbytes())
+                msg = self.endpoint.recv(timeout_ms=5 if self._early else 100)
+                if msg is not None and msg.type == "PAGE":
+                    self._on_page(msg.body, msg.frames[0])
+                if self._early:
+                    self._flush_early()
         finally:
             self.endpoint.close()
 

@@ -169,7 +169,7 @@ class Worker:
             else torch.float32)
         self.state = WorkerState.DOWN
         self.running = True
-        self.counters = {"restored_requests": 0, "restored_pages": 0, "bad_commands": 0}
+        self.counters = {"restored_requests": 0, "restored_pages": 0, "bad_commands": 0, "ckpt_export_s": 0.0}
         self._last_ckpt_report = 0.0
 
     # ------------------------------------------------------------------ lifecycle
@@ -384,14 +384,25 @@ class Worker:
     def _stream_pages(self) -> None:
         """Hand newly completed pages of protected requests to the sender thread.
 
-        The engine copies pages device -> host asynchronously; the sender waits for each copy, MACs
-        and sends it, so the engine step never waits on the copy, the MAC or the network.
+        Only requests that filled a page since the last turn are looked at (`Engine.pages_due`), and
+        all their pages leave in one export; the engine copies them device -> host asynchronously and
+        the sender waits for the copy, MACs and sends each page on its own thread, so the engine step
+        never waits on the copy, the MAC or the network. (Scanning every protected request instead
+        cost 0.35 us per request per step on the 2-core box.)
         """
         if self.engine is None:
             return
-        for rid, (_, addr) in list(self.holders.items()):
-            for page in self.engine.new_completed_pages(rid):
-                self.kv_tx.submit(addr, page)
+        due = self.engine.pages_due()
+        if not due:
+            return
+        holders = self.holders
+        protected = [rid for rid in due if rid in holders]  # the others come back with their holder
+        if protected:
+            t0 = time.perf_counter()
+            for page in self.engine.export_pages(protected):
+                self.kv_tx.submit(holders[page.req_id][1], page)
+            # engine-thread time of checkpointing (stats: ckpt_export_s), to compare with step time
+            self.counters["ckpt_export_s"] += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ data plane
     def _on_data(self, msg) -> None:
@@ -428,8 +439,11 @@ class Worker:
 
     # ------------------------------------------------------------------ stats
     def _publish_stats(self) -> None:
-        stats = dict(self.counters, pages_sent=self.kv_tx.sent, pages_refused=self.kv_tx.refused,
-                     data_peers=self.push.num_peers, data_peers_forgotten=self.push.forgotten)
+        tx = self.kv_tx
+        # (HB carries at most 64 stats: add keys sparingly)
+        stats = dict(self.counters, pages_sent=tx.sent, pages_refused=tx.refused, pages_stalled=tx.stalled,
+                     kv_wait_s=round(tx.waited_s, 3), data_peers=self.push.num_peers,
+                     data_peers_forgotten=self.push.forgotten)
         if self.kv_tx.pool is not None:  # PUSH sockets to holders (owned by the sender thread; read only)
             stats.update(kv_peers=self.kv_tx.pool.num_peers, kv_peers_forgotten=self.kv_tx.pool.forgotten)
         stats.update({f"drop_{k}": v + self.kv_rx.codec.stats.get(k, 0) for k, v in self.codec.stats.items()})

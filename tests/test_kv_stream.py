@@ -1,0 +1,228 @@
+"""The KV page threads: the sender waits for a holder to drain instead of dropping a burst of pages,
+bounds what it queues (pages and bytes), and gives up on a holder that does not drain; the worker hands
+it only the pages of protected requests that filled a page (Engine.pages_due).
+
+No timing assertions: waits are bounded only to fail a broken test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import zmq
+from cluster_util import wait_until
+
+from lumen.engine import Engine, EngineConfig, KVPage, SamplingParams
+from lumen.model import PRESETS
+from lumen.model.loader import random_model
+from lumen.runtime.ckpt_store import CheckpointStore
+from lumen.runtime.kv_stream import PageReceiver, PageSender
+from lumen.runtime.protocol import SCHEMA
+from lumen.runtime.transport import SECRET_ENV, Codec, PullEndpoint, secret_to_hex
+from lumen.runtime.worker import Worker, parse_args
+
+SECRET = bytes(range(32))
+NBYTES = 4096
+
+
+@pytest.fixture
+def ctx():
+    c = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+def page(i: int, req: str = "r", event=None) -> KVPage:
+    return KVPage(req, i, 16 * (i + 1), bytes([i % 256]) * 16, torch.full((NBYTES,), i % 256, dtype=torch.uint8),
+                  event)
+
+
+class _Gate:
+    """A page's copy-done event that holds the sender until the test opens it."""
+
+    def __init__(self):
+        self.go = threading.Event()
+
+    def synchronize(self):
+        assert self.go.wait(10)
+
+
+def test_a_burst_beyond_the_high_water_mark_waits_for_the_holder_instead_of_dropping(ctx):
+    """The holder reads nothing at first: its socket and the sender's fill up (SNDHWM 64 + RCVHWM 256
+    messages); the sender waits for room, so every page of the burst arrives once the holder drains."""
+    n = 800
+    with PullEndpoint(ctx, Codec(SECRET, "w1.kvrx", 1, schema=SCHEMA)) as holder:
+        tx = PageSender(ctx, SECRET, 0, 1, wait_ms=60_000)
+        tx.start()
+        try:
+            for i in range(n):
+                tx.submit(holder.address, page(i))
+            wait_until(lambda: tx.queue.qsize() < n - 64, 10, "the sender filled the socket")
+            got = []
+            while len(got) < n and (m := holder.recv(timeout_ms=10_000)) is not None:
+                got.append(m.body["index"])
+            assert got == list(range(n))
+            wait_until(lambda: tx.sent == n, 10, "all sent")
+            assert tx.refused == 0 and tx.queued_bytes == 0
+        finally:
+            tx.stop()
+            tx.join(5)
+
+
+def test_a_holder_that_does_not_drain_is_given_up_without_stalling_the_others(ctx):
+    with PullEndpoint(ctx, Codec(SECRET, "w2.kvrx", 1, schema=SCHEMA)) as alive:
+        tx = PageSender(ctx, SECRET, 0, 1, wait_ms=50)
+        tx.STALL_S = 3600.0  # once given up, never waited for again in this test
+        tx.start()
+        try:
+            dead = "127.0.0.1:9"  # nothing listens: its socket fills up and never drains
+            for i in range(400):
+                tx.submit(dead, page(i))
+            tx.submit(alive.address, page(0, "other"))
+            m = alive.recv(timeout_ms=10_000)
+            assert m is not None and m.body["req"] == "other"
+            wait_until(lambda: tx.sent + tx.refused == 401, 10, "every page handled")
+            assert tx.stalled == 401 - tx.sent > 0 and tx.dropped == 0
+            assert tx.waited_s > 0 and tx.queued_bytes == 0
+        finally:
+            tx.stop()
+            tx.join(5)
+
+
+def test_the_queue_is_bounded_in_bytes_and_pages(ctx):
+    gate = _Gate()
+    tx = PageSender(ctx, SECRET, 0, 1, max_queued=10, max_queued_bytes=4 * NBYTES)
+    tx.start()
+    try:
+        for i in range(8):  # the first one holds the sender at its copy event
+            tx.submit("127.0.0.1:9", page(i, event=gate if i == 0 else None))
+        wait_until(lambda: tx.dropped == 4, 5, "pages over the byte bound dropped")
+        assert tx.queued_bytes == 4 * NBYTES
+        gate.go.set()
+        wait_until(lambda: tx.queued_bytes == 0 and tx.sent == 4, 5, "the queued pages sent")
+        small = PageSender(ctx, SECRET, 0, 1, max_queued=2)  # not started: nothing drains its queue
+        for i in range(3):
+            small.submit("127.0.0.1:9", page(i))
+        assert small.dropped == 1 and small.queued_bytes == 2 * NBYTES
+    finally:
+        tx.stop()
+        tx.join(5)
+
+
+def test_pages_reach_the_holders_store_intact(ctx):
+    store = CheckpointStore(100 * NBYTES)
+    store.reserve("r", 20 * NBYTES, 0)
+    rx = PageReceiver(ctx, SECRET, 1, 1, "127.0.0.1", store, lambda: NBYTES)
+    tx = PageSender(ctx, SECRET, 0, 1)
+    rx.start()
+    tx.start()
+    try:
+        for i in range(20):
+            tx.submit(rx.address, page(i))
+        wait_until(lambda: store.stats()["pages"] == 20, 10, "pages stored")
+        tags = [bytes([i]) * 16 for i in range(20)]
+        assert store.valid_prefix("r", tags) == 20
+        assert all(bytes(d.numpy()) == bytes([i]) * NBYTES for i, _, d in store.get_pages("r", 20))
+    finally:
+        tx.stop()
+        rx.stop()
+        tx.join(5)
+        rx.join(5)
+
+
+def test_pages_that_arrive_before_their_reservation_are_held_until_it_comes(ctx):
+    """The executor exports as soon as it learns the holder; the holder may read its RESERVE later.
+    Those first pages are held, then stored; a request never reserved has its pages refused."""
+    store = CheckpointStore(100 * NBYTES)
+    rx = PageReceiver(ctx, SECRET, 1, 1, "127.0.0.1", store, lambda: NBYTES, early_pages=8, early_s=3600)
+    tx = PageSender(ctx, SECRET, 0, 1)
+    rx.start()
+    tx.start()
+    try:
+        for i in range(4):
+            tx.submit(rx.address, page(i, "late"))
+        wait_until(lambda: len(rx._early) == 4, 10, "pages held")
+        assert store.stats()["pages"] == 0 and store.stats()["rejected_pages"] == 0
+        store.reserve("late", 10 * NBYTES, 0)
+        wait_until(lambda: store.stats()["pages"] == 4, 10, "held pages stored")
+        tx.submit(rx.address, page(4, "late"))  # a later page goes straight in
+        wait_until(lambda: store.stats()["pages"] == 5, 10, "page stored")
+        assert store.valid_prefix("late", [bytes([i]) * 16 for i in range(5)]) == 5 and rx.early_held == 4
+        # at most early_pages are held; the rest is refused at once (the request is not reserved)
+        for i in range(10):
+            tx.submit(rx.address, page(i, "never"))
+        wait_until(lambda: store.stats()["rejected"]["unreserved"] == 2, 10, "pages beyond the bound refused")
+        assert len(rx._early) == 8 and store.stats()["pages"] == 5
+    finally:
+        tx.stop()
+        rx.stop()
+        tx.join(5)
+        rx.join(5)
+
+
+def test_held_pages_whose_reservation_never_comes_are_refused_in_time(ctx):
+    store = CheckpointStore(100 * NBYTES)
+    rx = PageReceiver(ctx, SECRET, 1, 1, "127.0.0.1", store, lambda: NBYTES, early_pages=8, early_s=0.05)
+    tx = PageSender(ctx, SECRET, 0, 1)
+    rx.start()
+    tx.start()
+    try:
+        for i in range(3):
+            tx.submit(rx.address, page(i, "finished"))
+        wait_until(lambda: store.stats()["rejected"]["unreserved"] == 3, 10, "expired pages refused")
+        assert not rx._early and store.stats()["pages"] == 0 and rx.early_held == 0
+    finally:
+        tx.stop()
+        rx.stop()
+        tx.join(5)
+        rx.join(5)
+
+
+# ------------------------------------------------------------------------------ worker._stream_pages
+
+
+class _Collect:
+    def __init__(self):
+        self.pages: list[tuple[str, str, int]] = []
+
+    def submit(self, addr, p):
+        self.pages.append((addr, p.req_id, p.index))
+
+
+@pytest.fixture
+def worker(monkeypatch):
+    monkeypatch.setenv(SECRET_ENV, secret_to_hex(SECRET))
+    w = Worker(parse_args(["--worker-id", "0", "--epoch", "1", "--controller", "127.0.0.1:1", "--model", "unused",
+                           "--block-size", "4"]))
+    w.engine = Engine(random_model(PRESETS["tiny"], "cpu", torch.float32),
+                      EngineConfig(num_blocks=64, block_size=4, chunk_tokens=64))
+    real_tx, w.kv_tx = w.kv_tx, _Collect()
+    yield w
+    w.kv_tx = real_tx
+    w.close()  # closes the worker's sockets: an open one would hang the zmq context at exit
+
+
+def test_worker_streams_only_protected_requests_and_all_pages_once_a_holder_arrives(worker):
+    w, eng = worker, worker.engine
+    for rid, n in (("a", 9), ("b", 13)):
+        eng.add_request(rid, list(range(2, 2 + n)), SamplingParams(max_tokens=12, ignore_eos=True))
+    w._set_holder("a", 1, "h1", 0)
+    for _ in range(4):
+        eng.step()
+        w._stream_pages()
+    assert w.kv_tx.pages and {r for _, r, _ in w.kv_tx.pages} == {"a"}
+    a_pages = [i for _, r, i in w.kv_tx.pages if r == "a"]
+    assert a_pages == list(range(len(a_pages)))
+    # b's holder arrives late: every page it filled so far goes out at the next turn, from index 0
+    w._set_holder("b", 2, "h2", 0)
+    w._stream_pages()
+    b_pages = [(addr, i) for addr, r, i in w.kv_tx.pages if r == "b"]
+    assert b_pages == [("h2", i) for i in range(eng._seqs["b"].num_computed_tokens // 4)]
+    while eng.has_work():
+        eng.step()
+        w._stream_pages()
+    got = [(r, i) for _, r, i in w.kv_tx.pages]
+    assert len(got) == len(set(got)) == eng.stats()["exported_pages"]
+    assert w.counters["ckpt_export_s"] > 0
