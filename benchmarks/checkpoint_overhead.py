@@ -7,14 +7,24 @@ Both policies serve the same requests (same seed, same arrival times) with no fa
 (stop-restart, lumen, stop-restart, lumen, ...) so that drift of the machine hits both alike. Reports
 mean TTFT and TPOT of each policy, the lumen/stop-restart ratio, and the checkpoint traffic lumen
 generated (pages and bytes sent to holders, per second of the run).
+
+To tell where an overhead comes from, each run also reports (`engine`, `pages`):
+- the engine's own step time over the measured requests (LUMEN_STEP_LOG, decode-only and prefill
+  steps separately): a slower *step* under lumen means contention inside the step (GIL, GPU, copies
+  on the step's stream); an unchanged step with a worse TPOT means time lost between steps;
+- the engine-thread time the workers spent exporting pages (`ckpt_export_s`, per step);
+- the fate of the pages: exported by the engine, sent, refused by the sender (queue bound, holder
+  not draining), accepted and rejected by the holders, and requests left unprotected.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import datetime
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -28,31 +38,77 @@ from lumen.bench.cluster import ClusterProcess, free_port, serve_command, wait_r
 from lumen.metrics import tpot, ttft
 from lumen.workload import make_workload
 
+PAGE_STATS = ("exported_pages", "pages_sent", "pages_refused", "pages_stalled", "ckpt_pages_accepted",
+              "ckpt_rejected_pages", "ckpt_export_s", "steps")
+
+
+def step_summary(step_dir: Path, t0: float, t1: float) -> dict:
+    """Mean engine step times (ms) of the steps that ended in [t0, t1] (Unix s), over every worker's
+    step log in step_dir: decode-only steps and steps with prefill tokens apart."""
+    dec, pre, batch = [], [], []
+    for path in sorted(step_dir.glob("worker*.csv")):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                try:
+                    t, dt = float(row["time_s"]), float(row["step_time_s"])
+                    prefill, decodes = int(row["num_prefill_tokens"]), int(row["num_decode_seqs"])
+                except (KeyError, TypeError, ValueError):
+                    continue
+                if not t0 <= t <= t1:
+                    continue
+                if prefill:
+                    pre.append(dt)
+                else:
+                    dec.append(dt)
+                    batch.append(decodes)
+
+    def mean_ms(xs: list[float]) -> float | None:
+        return 1e3 * statistics.fmean(xs) if xs else None
+
+    return {"decode_steps": len(dec), "mean_decode_step_ms": mean_ms(dec),
+            "median_decode_step_ms": 1e3 * statistics.median(dec) if dec else None,
+            "mean_decode_batch": statistics.fmean(batch) if batch else None,
+            "prefill_steps": len(pre), "mean_prefill_step_ms": mean_ms(pre)}
+
 
 async def one_run(args, policy: str, seed: int, log_dir: Path) -> dict:
     port = free_port()
     cmd = serve_command(args.model, args.workers, policy, port, devices=args.devices,
                         extra=args.serve_args.split() if args.serve_args else ())
     url = f"http://127.0.0.1:{port}"
-    with ClusterProcess(cmd, log_dir / f"{policy}-{seed}.log") as proc:
+    step_dir = log_dir / f"steps-{policy}-{seed}"
+    env = dict(os.environ, LUMEN_STEP_LOG=str(step_dir))
+    with ClusterProcess(cmd, log_dir / f"{policy}-{seed}.log", env=env) as proc:
         await wait_ready(url, 900, workers=args.workers, proc=proc.proc, log_path=proc.log_path)
         specs = make_workload(args.requests, args.qps, lengths=args.lengths, seed=seed,
                               max_prompt=args.max_prompt, max_output=args.max_output)
         warm = make_workload(2 * args.workers, 100.0, lengths=args.lengths, seed=seed + 1000,
                              max_prompt=args.max_prompt, max_output=8)
         await replay(warm, ClientConfig(url=url))
-        t0 = time.monotonic()
+        async with httpx.AsyncClient(base_url=url) as http:
+            before = (await http.get("/lumen/cluster")).json()  # the warm-up's counters, subtracted below
+        t0, w0 = time.monotonic(), time.time()
         records = await replay(specs, ClientConfig(url=url))
-        elapsed = time.monotonic() - t0
+        elapsed, w1 = time.monotonic() - t0, time.time()
+        await asyncio.sleep(0.3)  # a few heartbeats: the workers' counters as of the end of the run
         async with httpx.AsyncClient(base_url=url) as http:
             info = (await http.get("/lumen/cluster")).json()
     ok = [r for r in records if r.error is None and r.first_token is not None]
-    pages = sum(int(w["stats"].get("pages_sent", 0)) for w in info["workers"])
+
+    def total(cluster: dict, key: str) -> float:
+        return sum(float(w["stats"].get(key, 0) or 0) for w in cluster["workers"])
+
+    page_stats = {k: total(info, k) - total(before, k) for k in PAGE_STATS}
+    page_stats["unprotected_requests"] = info.get("unprotected_requests", 0) - before.get("unprotected_requests", 0)
+    steps = page_stats.pop("steps")
+    page_stats["ckpt_export_ms_per_step"] = 1e3 * page_stats["ckpt_export_s"] / steps if steps else None
+    pages = int(page_stats["pages_sent"])
     page_bytes = max((int(w["stats"].get("ckpt_page_nbytes", 0)) for w in info["workers"]), default=0)
     tpots = [t for t in (tpot(r) for r in ok) if t is not None]
     return {"policy": policy, "seed": seed, "completed": len(ok), "errors": len(records) - len(ok),
             "mean_ttft_s": statistics.fmean(ttft(r) for r in ok), "mean_tpot_s": statistics.fmean(tpots),
-            "ckpt_pages_sent": pages, "ckpt_bytes_sent": pages * page_bytes, "elapsed_s": elapsed}
+            "ckpt_pages_sent": pages, "ckpt_bytes_sent": pages * page_bytes, "elapsed_s": elapsed,
+            "engine": step_summary(step_dir, w0, w1), "pages": page_stats}
 
 
 async def main_async(args) -> dict:
@@ -67,13 +123,27 @@ async def main_async(args) -> dict:
     for policy in ("stop-restart", "lumen"):
         rs = [r for r in runs if r["policy"] == policy]
         summary[policy] = {k: statistics.fmean(r[k] for r in rs) for k in ("mean_ttft_s", "mean_tpot_s")}
+        dec = [r["engine"]["mean_decode_step_ms"] for r in rs if r["engine"]["mean_decode_step_ms"] is not None]
+        summary[policy]["mean_decode_step_ms"] = statistics.fmean(dec) if dec else None
     lumen_runs = [r for r in runs if r["policy"] == "lumen"]
+    # per repeat (same seed, adjacent in time): lumen over stop-restart, and the median over repeats
+    pairs = list(zip(runs[0::2], runs[1::2], strict=True))
+    per_repeat = [{k: b[k] / a[k] for k in ("mean_tpot_s", "mean_ttft_s")} for a, b in pairs]
+    for (a, b), ratio in zip(pairs, per_repeat, strict=True):
+        da, db = a["engine"]["mean_decode_step_ms"], b["engine"]["mean_decode_step_ms"]
+        ratio["mean_decode_step"] = db / da if da and db else None
+    sr_step = summary["stop-restart"]["mean_decode_step_ms"]
     return {
         "env": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
                 "python": platform.python_version()},
         "args": vars(args), "runs": runs, "summary": summary,
         "tpot_ratio_lumen_over_stop_restart": summary["lumen"]["mean_tpot_s"] / summary["stop-restart"]["mean_tpot_s"],
         "ttft_ratio_lumen_over_stop_restart": summary["lumen"]["mean_ttft_s"] / summary["stop-restart"]["mean_ttft_s"],
+        "decode_step_ratio_lumen_over_stop_restart": (summary["lumen"]["mean_decode_step_ms"] / sr_step
+                                                      if sr_step and summary["lumen"]["mean_decode_step_ms"]
+                                                      else None),
+        "per_repeat_ratios": per_repeat,
+        "median_tpot_ratio": statistics.median(r["mean_tpot_s"] for r in per_repeat),
         "ckpt_MBps": statistics.fmean(r["ckpt_bytes_sent"] / r["elapsed_s"] for r in lumen_runs) / 1e6,
     }
 
