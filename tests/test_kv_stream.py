@@ -7,6 +7,7 @@ No timing assertions: waits are bounded only to fail a broken test instead of ha
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -32,6 +33,22 @@ def ctx():
     c = zmq.Context()
     yield c
     c.destroy(linger=0)
+
+
+@contextlib.contextmanager
+def streaming(ctx, store: CheckpointStore, **receiver_args):
+    """A holder's PageReceiver and an executor's PageSender, running; both stopped afterwards."""
+    rx = PageReceiver(ctx, SECRET, 1, 1, "127.0.0.1", store, lambda: NBYTES, **receiver_args)
+    tx = PageSender(ctx, SECRET, 0, 1)
+    rx.start()
+    tx.start()
+    try:
+        yield rx, tx
+    finally:
+        tx.stop()
+        rx.stop()
+        tx.join(5)
+        rx.join(5)
 
 
 def page(i: int, req: str = "r", event=None) -> KVPage:
@@ -114,33 +131,20 @@ def test_the_queue_is_bounded_in_bytes_and_pages(ctx):
 def test_pages_reach_the_holders_store_intact(ctx):
     store = CheckpointStore(100 * NBYTES)
     store.reserve("r", 20 * NBYTES, 0)
-    rx = PageReceiver(ctx, SECRET, 1, 1, "127.0.0.1", store, lambda: NBYTES)
-    tx = PageSender(ctx, SECRET, 0, 1)
-    rx.start()
-    tx.start()
-    try:
+    with streaming(ctx, store) as (rx, tx):
         for i in range(20):
             tx.submit(rx.address, page(i))
         wait_until(lambda: store.stats()["pages"] == 20, 10, "pages stored")
         tags = [bytes([i]) * 16 for i in range(20)]
         assert store.valid_prefix("r", tags) == 20
         assert all(bytes(d.numpy()) == bytes([i]) * NBYTES for i, _, d in store.get_pages("r", 20))
-    finally:
-        tx.stop()
-        rx.stop()
-        tx.join(5)
-        rx.join(5)
 
 
 def test_pages_that_arrive_before_their_reservation_are_held_until_it_comes(ctx):
     """The executor exports as soon as it learns the holder; the holder may read its RESERVE later.
     Those first pages are held, then stored; a request never reserved has its pages refused."""
     store = CheckpointStore(100 * NBYTES)
-    rx = PageReceiver(ctx, SECRET, 1, 1, "127.0.0.1", store, lambda: NBYTES, early_pages=8, early_s=3600)
-    tx = PageSender(ctx, SECRET, 0, 1)
-    rx.start()
-    tx.start()
-    try:
+    with streaming(ctx, store, early_pages=8, early_s=3600) as (rx, tx):
         for i in range(4):
             tx.submit(rx.address, page(i, "late"))
         wait_until(lambda: len(rx._early) == 4, 10, "pages held")
@@ -155,29 +159,15 @@ def test_pages_that_arrive_before_their_reservation_are_held_until_it_comes(ctx)
             tx.submit(rx.address, page(i, "never"))
         wait_until(lambda: store.stats()["rejected"]["unreserved"] == 2, 10, "pages beyond the bound refused")
         assert len(rx._early) == 8 and store.stats()["pages"] == 5
-    finally:
-        tx.stop()
-        rx.stop()
-        tx.join(5)
-        rx.join(5)
 
 
 def test_held_pages_whose_reservation_never_comes_are_refused_in_time(ctx):
     store = CheckpointStore(100 * NBYTES)
-    rx = PageReceiver(ctx, SECRET, 1, 1, "127.0.0.1", store, lambda: NBYTES, early_pages=8, early_s=0.05)
-    tx = PageSender(ctx, SECRET, 0, 1)
-    rx.start()
-    tx.start()
-    try:
+    with streaming(ctx, store, early_pages=8, early_s=0.05) as (rx, tx):
         for i in range(3):
             tx.submit(rx.address, page(i, "finished"))
         wait_until(lambda: store.stats()["rejected"]["unreserved"] == 3, 10, "expired pages refused")
         assert not rx._early and store.stats()["pages"] == 0 and rx.early_held == 0
-    finally:
-        tx.stop()
-        rx.stop()
-        tx.join(5)
-        rx.join(5)
 
 
 # ------------------------------------------------------------------------------ worker._stream_pages
