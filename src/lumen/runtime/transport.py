@@ -790,6 +790,9 @@ class PullEndpoint(_Endpoint):
         return self._recv_sync(timeout_ms, with_identity=False)
 
 
+FORGET_LINGER_MS = 1000
+
+
 class PushPool:
     """PUSH sockets to peers' data addresses, cached by address (LRU, ``max_peers``).
 
@@ -844,12 +847,15 @@ class PushPool:
         return True
 
     def forget(self, address: str) -> bool:
-        """Close the socket to a peer (e.g. declared dead); queued messages are discarded.
+        """Close the socket to a peer (e.g. declared dead); what is still queued gets FORGET_LINGER_MS
+        to leave (in ZeroMQ's I/O thread: close does not block), then is discarded.
         A dead peer's socket would otherwise keep reconnecting (and hold its queue) until the LRU
         evicts it, which on a small cluster is never. Returns whether there was one."""
         sock = self._socks.pop(_tcp(address), None)
         if sock is not None:
-            sock.close(linger=0)
+            # not 0: a message sent just before the forget (in queue order) is still delivered to a
+            # live peer; with linger 0 it was dropped whenever the close beat the I/O thread
+            sock.close(linger=FORGET_LINGER_MS)
             self.forgotten += 1
         return sock is not None
 
