@@ -12,7 +12,6 @@ import threading
 
 import pytest
 import torch
-import zmq
 from cluster_util import wait_until
 
 from lumen.engine import Engine, EngineConfig, KVPage, SamplingParams
@@ -26,13 +25,6 @@ from lumen.runtime.worker import Worker, parse_args
 
 SECRET = bytes(range(32))
 NBYTES = 4096
-
-
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
 
 
 @contextlib.contextmanager

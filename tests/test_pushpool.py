@@ -13,7 +13,6 @@ import time
 
 import pytest
 import torch
-import zmq
 from cluster_util import make_tiny_model_dir, run_cluster, wait_until
 
 from lumen.engine import KVPage
@@ -23,13 +22,6 @@ from lumen.runtime.transport import SECRET_ENV, Codec, PullEndpoint, PushPool, s
 from lumen.runtime.worker import Worker, parse_args
 
 SECRET = bytes(range(32))
-
-
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
 
 
 def test_forget_closes_and_drops_only_that_peer(ctx):

@@ -374,13 +374,6 @@ def test_fault_hook_from_env_and_modes(monkeypatch):
 # ----------------------------------------------------------------------------- sockets
 
 
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
-
-
 def test_dealer_router_round_trip(ctx):
     ctl = codec("ctl", epoch=0)
     w = codec("w0", epoch=3)
