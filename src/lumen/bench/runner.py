@@ -404,9 +404,7 @@ class _Bench:
     async def specs_for(self, seed: int, url: str) -> list[RequestSpec]:
         if seed in self._specs:
             return self._specs[seed]
-        if self.qps is None and not self.cfg.trace:
-            self.load_state()
-        if self.qps is None and not self.cfg.trace:
+        if self.qps is None and not self.cfg.trace:  # (a resumed rate was loaded by run_bench_async)
             self.calibration = await _calibrate(url, self.cfg, seed)
             (self.out / _STATE_FILE).write_text(json.dumps({"qps": self.calibration["qps"],
                                                             "calibration": self.calibration}))
