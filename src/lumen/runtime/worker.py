@@ -192,14 +192,10 @@ class Worker:
     def _load_plain(self) -> None:
         self._set_state(WorkerState.SWITCHING)
         t0 = time.monotonic()
-        host = read_weights_to_host(self.model_dir, dtype=self.dtype, pin=self.device.startswith("cuda"))
+        host = self._read_target()
         if self.epoch > 1:
             _injected_slow_disk()
-        t1 = time.monotonic()
-        self._build_engine(host)
-        t2 = time.monotonic()
-        warm = warm_up(self.engine)
-        self._set_state(WorkerState.SERVING, disk_to_host_s=t1 - t0, host_to_device_s=t2 - t1, **warm)
+        self._serve(host, disk_to_host_s=time.monotonic() - t0)
 
     def _load_progressively(self) -> None:
         """LUMEN mechanism 3: draft first, assist a partner, target weights load in the background."""
@@ -210,8 +206,7 @@ class Worker:
         loaded: dict = {}
 
         def load_target():
-            loaded["state"] = read_weights_to_host(self.model_dir, dtype=self.dtype,
-                                                   pin=self.device.startswith("cuda"), progress=False)
+            loaded["state"] = self._read_target()
             _injected_slow_disk()
             loaded["disk_to_host_s"] = time.monotonic() - t0
 
@@ -230,10 +225,18 @@ class Worker:
         self.drafter = None  # release the draft before the target lands on the device
         self._set_state(WorkerState.SWITCHING, draft_load_s=t_draft, assist_s=t1 - t0,
                         disk_to_host_s=loaded.get("disk_to_host_s", 0.0), **stats)
-        self._build_engine(loaded["state"])
-        t2 = time.monotonic()
-        warm = warm_up(self.engine)  # still SWITCHING: host -> device, then warm-up, then SERVING
-        self._set_state(WorkerState.SERVING, host_to_device_s=t2 - t1, **warm)
+        self._serve(loaded["state"])
+
+    def _read_target(self) -> dict:
+        # pinned for a GPU: host -> device copies at full bandwidth
+        return read_weights_to_host(self.model_dir, dtype=self.dtype, pin=self.device.startswith("cuda"))
+
+    def _serve(self, host_state: dict, **phases) -> None:
+        """Both load paths end here, still SWITCHING: host -> device, warm-up, then SERVING."""
+        t = time.monotonic()
+        self._build_engine(host_state)
+        phases["host_to_device_s"] = time.monotonic() - t
+        self._set_state(WorkerState.SERVING, **phases, **warm_up(self.engine))
 
     @property
     def model_dir(self):
