@@ -7,8 +7,11 @@ that bound a recovery. The experiment itself is `lumen bench` (see benchmarks/gp
    $LUMEN_HOME/models/repro-PRESET, so that every worker (re)load is a real read of that file.
 2. The draft: random weights make a separately trained small draft useless, so the draft is a
    self-draft, the target's first k layers plus its embeddings, final norm and head, written as its
-   own model directory. k is the smallest layer count whose greedy acceptance rate (K draft tokens
-   per round, measured on the target) reaches --acceptance (default 0.6, the paper's α).
+   own model directory (k = 1/8 of the layers by default). Plain random layers all move the argmax
+   alike (no proper self-draft reached 0.6 in the pilot), so the target is drawn with a depth decay
+   (lumen.model.selfdraft): layer l's residual branches are scaled by decay**l, and the decay is
+   bisected until the k-layer draft's greedy acceptance is within --tolerance of --acceptance
+   (default 0.6, the paper's alpha). Then the target is written with that decay.
 3. The numbers a recovery is made of: the disk's direct-read bandwidth (O_DIRECT, page cache
    bypassed), pinned host -> device copy bandwidth, and the draft/target decode step cost.
 """
@@ -16,7 +19,6 @@ that bound a recovery. The experiment itself is `lumen bench` (see benchmarks/gp
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -33,79 +35,71 @@ from lumen.model import PRESETS
 from lumen.model.decoder import Decoder
 from lumen.model.draft import copy_layers
 from lumen.model.hub import lumen_home
-from lumen.model.loader import load_model, random_model, save_model
-from lumen.model.specmeasure import SpecStats, decode_step_time, greedy_spec_decode
+from lumen.model.loader import random_model, save_model
+from lumen.model.selfdraft import first_layers, pick_decay
+from lumen.model.specmeasure import decode_step_time
 
 
-def _target(preset: str, device: str, dtype: torch.dtype) -> tuple[Decoder, Path, dict]:
-    cfg = PRESETS[preset]
-    out = lumen_home() / "models" / f"repro-{preset}"
-    info: dict = {"preset": preset, "dir": str(out), "params": cfg.param_count()}
-    if (out / "config.json").is_file():
-        t = time.perf_counter()
-        model = load_model(out, device, dtype, progress=False).model
-        info["load_s"] = time.perf_counter() - t
-    else:
-        t = time.perf_counter()
-        model = random_model(cfg, device, dtype)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, cfg, tmp)
-        os.sync()
-        tmp.rename(out)
-        info["write_s"] = time.perf_counter() - t
-    info["bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    return model, out, info
+def _write(model: Decoder, cfg, out: Path) -> float:
+    """Write a model directory atomically (a half-written target must never look prepared)."""
+    t = time.perf_counter()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, cfg, tmp)
+    os.sync()
+    tmp.rename(out)
+    return time.perf_counter() - t
 
 
-def _first_layers(target: Decoder, k: int) -> Decoder:
-    """A k-layer Decoder sharing the target's tensors (no copy): the self-draft, for measuring."""
-    cfg = dataclasses.replace(target.config, num_layers=k)
-    with torch.device("meta"):
-        draft = Decoder(cfg)
-    state = {n: p for n, p in target.state_dict().items()
-             if not n.startswith("layers.") or int(n.split(".")[1]) < k}
-    draft.load_state_dict(state, strict=True, assign=True)
-    return draft.eval()
+def _prompts(args: argparse.Namespace, vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(args.seed)
+    return [torch.randint(100, min(vocab, 30000), (args.prompt_len,), generator=gen).tolist()
+            for _ in range(args.prompts)]
 
 
-def _acceptance(target: Decoder, k: int, prompts: list[list[int]], max_new: int, spec_k: int) -> SpecStats:
-    stats = SpecStats()
-    draft = _first_layers(target, k)
-    with torch.inference_mode():
-        for p in prompts:
-            greedy_spec_decode(target, draft, p, max_new, k=spec_k, stats=stats)
-    return stats
-
-
-def pick_k(target: Decoder, goal: float, prompts: list[list[int]], max_new: int, spec_k: int) -> tuple[int, list]:
-    """Smallest k whose acceptance reaches `goal` (bisection: acceptance grows with k; the full
-    model accepts everything)."""
-    n = target.config.num_layers
-    tried: dict[int, SpecStats] = {}
-
-    def acc(k: int) -> float:
-        if k not in tried:
-            t = time.perf_counter()
-            tried[k] = _acceptance(target, k, prompts, max_new, spec_k)
-            print(f"  k={k:3d}: acceptance {tried[k].acceptance:.3f} "
-                  f"({tried[k].accepted}/{tried[k].proposed}) in {time.perf_counter() - t:.1f} s", flush=True)
-        return tried[k].acceptance
-
-    lo, hi = 0, n - 1  # acc(lo) < goal assumed (k=0 is no draft); hi: the largest proper draft
-    if acc(hi) < goal:
-        lo = hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if acc(mid) >= goal:
-            hi = mid
-        else:
-            lo = mid
-    # report the candidate closest to the goal among the two bracketing ones
-    best = min((k for k in tried if k in (lo, hi)), key=lambda k: abs(tried[k].acceptance - goal), default=hi)
-    table = [{"k": k, "acceptance": s.acceptance, "accepted": s.accepted, "proposed": s.proposed,
-              "tokens_per_target_call": s.tokens_per_target_call} for k, s in sorted(tried.items())]
-    return best, table
+def make_target_and_draft(args: argparse.Namespace, device: str, dtype: torch.dtype) -> dict:
+    """Draw the target, pick the depth decay for a k-layer self-draft, write both (once)."""
+    cfg = PRESETS[args.preset]
+    target_dir = lumen_home() / "models" / f"repro-{args.preset}"
+    draft_dir = target_dir.with_name(target_dir.name + "-selfdraft")
+    meta_path = target_dir / "lumen_repro.json"
+    if meta_path.is_file() and (draft_dir / "config.json").is_file():
+        print(f"target {target_dir} and draft already prepared", flush=True)
+        return json.loads(meta_path.read_text())
+    shutil.rmtree(target_dir, ignore_errors=True)
+    k = args.draft_layers or max(1, round(cfg.num_layers / 8))
+    t = time.perf_counter()
+    target = random_model(cfg, device, dtype)
+    draw_s = time.perf_counter() - t
+    t = time.perf_counter()
+    decay, search = pick_decay(target, k, args.acceptance, _prompts(args, cfg.vocab_size), args.max_new,
+                               args.spec_k, tolerance=args.tolerance)
+    select_s = time.perf_counter() - t
+    chosen = next(row for row in search if row["decay"] == decay)
+    t_target = decode_step_time(target)
+    t_draft = decode_step_time(first_layers(target, k))
+    write_s = _write(target, cfg, target_dir)
+    del target
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    shutil.rmtree(draft_dir, ignore_errors=True)
+    draft_dir.mkdir(parents=True)
+    copy_layers(target_dir, draft_dir, list(range(k)), dtype=dtype, name=draft_dir.name)
+    info = {
+        "target": {"preset": args.preset, "dir": str(target_dir), "params": cfg.param_count(),
+                   "depth_decay": decay, "draw_s": draw_s, "write_s": write_s,
+                   "bytes": sum(f.stat().st_size for f in target_dir.glob("*.safetensors"))},
+        "draft": {"dir": str(draft_dir), "k": k, "target_layers": cfg.num_layers, "goal": args.acceptance,
+                  "acceptance": chosen["acceptance"], "tokens_per_target_call": chosen["tokens_per_target_call"],
+                  "spec_k": args.spec_k, "prompts": args.prompts, "prompt_len": args.prompt_len,
+                  "max_new": args.max_new, "search": search, "select_s": select_s,
+                  "target_step_s": t_target, "draft_step_s": t_draft, "draft_over_target_cost": t_draft / t_target,
+                  "bytes": sum(f.stat().st_size for f in draft_dir.glob("*.safetensors"))},
+    }
+    meta_path.write_text(json.dumps(info, indent=2))
+    print(f"target {target_dir}: decay {decay:.4f}; draft k={k}: acceptance {chosen['acceptance']:.3f}, "
+          f"step cost {t_draft / t_target:.2f} of the target", flush=True)
+    return info
 
 
 def direct_read_gbps(path: Path, gib: int = 4) -> float | None:
@@ -177,43 +171,8 @@ def prepare(args: argparse.Namespace) -> dict:
                     "machine": platform.node(), "device": device,
                     "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
                     "torch": torch.__version__}
-    target, target_dir, result["target"] = _target(args.preset, device, dtype)
-    print(f"target {target_dir}: {result['target']}", flush=True)
-    draft_dir = target_dir.with_name(target_dir.name + "-selfdraft")
-    meta_path = draft_dir / "lumen_selfdraft.json"
-    if meta_path.is_file() and not args.reselect:
-        result["draft"] = json.loads(meta_path.read_text())
-        print(f"draft {draft_dir}: k={result['draft']['k']} (already selected)", flush=True)
-    else:
-        gen = torch.Generator().manual_seed(args.seed)
-        vocab = target.config.vocab_size
-        prompts = [torch.randint(100, min(vocab, 30000), (args.prompt_len,), generator=gen).tolist()
-                   for _ in range(args.prompts)]
-        t = time.perf_counter()
-        k, table = pick_k(target, args.acceptance, prompts, args.max_new, args.spec_k)
-        select_s = time.perf_counter() - t
-        t_target = decode_step_time(target)
-        t_draft = decode_step_time(_first_layers(target, k))
-        shutil.rmtree(draft_dir, ignore_errors=True)
-        draft_dir.mkdir(parents=True)
-        t = time.perf_counter()
-        copy_layers(target_dir, draft_dir, list(range(k)), dtype=torch.bfloat16, name=draft_dir.name)
-        write_s = time.perf_counter() - t
-        chosen = next(row for row in table if row["k"] == k)
-        result["draft"] = {"dir": str(draft_dir), "k": k, "target_layers": target.config.num_layers,
-                           "goal": args.acceptance, "acceptance": chosen["acceptance"],
-                           "tokens_per_target_call": chosen["tokens_per_target_call"], "spec_k": args.spec_k,
-                           "prompts": args.prompts, "prompt_len": args.prompt_len, "max_new": args.max_new,
-                           "search": table, "select_s": select_s, "write_s": write_s,
-                           "target_step_s": t_target, "draft_step_s": t_draft,
-                           "draft_over_target_cost": t_draft / t_target,
-                           "bytes": sum(f.stat().st_size for f in draft_dir.glob("*.safetensors"))}
-        meta_path.write_text(json.dumps(result["draft"], indent=2))
-        print(f"draft {draft_dir}: k={k}, acceptance {chosen['acceptance']:.3f}, "
-              f"step cost {t_draft / t_target:.2f} of the target", flush=True)
-    del target
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    result.update(make_target_and_draft(args, device, dtype))
+    target_dir = Path(result["target"]["dir"])
     result["disk_direct_read_GBps"] = direct_read_gbps(target_dir / "model.safetensors")
     if args.reload:
         result["reload"] = reload_rates(target_dir, device, dtype)
@@ -232,11 +191,13 @@ def main() -> None:
     p.add_argument("--device", default=None, help="default: cuda:0 if present, else cpu (a dry run)")
     p.add_argument("--acceptance", type=float, default=0.6, help="greedy acceptance the self-draft should reach")
     p.add_argument("--spec-k", type=int, default=4)
-    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--max-new", type=int, default=32)
+    p.add_argument("--max-new", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reselect", action="store_true", help="measure k again even if a self-draft exists")
+    p.add_argument("--draft-layers", type=int, default=None,
+                   help="self-draft depth k (default: 1/8 of the target's layers, as Qwen3-4B is to 32B)")
+    p.add_argument("--tolerance", type=float, default=0.03, help="how close to --acceptance the decay search stops")
     p.add_argument("--reload", action="store_true", help="also time a cold reload of the target, both readers")
     p.add_argument("--out", default=None)
     args = ap.parse_args()
