@@ -105,8 +105,7 @@ class PageSender(threading.Thread):
         (not at all for a holder that recently did not drain)."""
         now = time.monotonic()
         wait = 0 if stalled_until.get(addr, 0.0) > now else self.wait_ms
-        sock = push._socket(addr)  # the pool's socket to addr (created on first use)
-        if sock.poll(wait, zmq.POLLOUT):
+        if push.wait_writable(addr, wait):
             stalled_until.pop(addr, None)
             return True
         self.waited_s += time.monotonic() - now

@@ -846,6 +846,11 @@ class PushPool:
         self.sent += 1
         return True
 
+    def wait_writable(self, address: str, timeout_ms: int) -> bool:
+        """Wait up to timeout_ms until the peer's queue has room for a message (the socket is made on
+        first use); a sender with nothing better to do waits here rather than having send() refuse."""
+        return bool(self._socket(address).poll(timeout_ms, zmq.POLLOUT))
+
     def forget(self, address: str) -> bool:
         """Close the socket to a peer (e.g. declared dead); what is still queued gets FORGET_LINGER_MS
         to leave (in ZeroMQ's I/O thread: close does not block), then is discarded.
