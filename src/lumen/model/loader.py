@@ -17,7 +17,7 @@ from .decoder import Decoder
 from .quant import QUANT_KEY, fp16_linear_available, quantize_linears
 from .safetensors_io import read_safetensors
 from .tokenizer import Tokenizer
-from .weights import assemble, hf_sources, param_shapes, to_hf_state
+from .weights import assemble, fill_rows, gather_parts, hf_sources, to_hf_state
 
 # Decoder parameter name -> host tensor, or the parts a fused parameter is made of (see
 # read_weights_to_host).
@@ -99,17 +99,9 @@ def read_weights_to_host(path: str | Path, dtype: torch.dtype = torch.float32, p
             raise ValueError(f"{path}: tensor {name!r} missing from the checkpoint")
         return tensors[name]
 
-    sources = hf_sources(cfg)
     if pin:
-        shapes = param_shapes(cfg)
-        parts: HostState = {}
-        for name, srcs in sources.items():
-            got = tuple(get(s) for s in srcs)
-            rows = sum(t.shape[0] for t in got)
-            if rows != shapes[name][0] or any(tuple(t.shape[1:]) != shapes[name][1:] for t in got):
-                raise ValueError(f"{name}: {srcs} do not form a tensor of shape {shapes[name]}")
-            parts[name] = got if len(got) > 1 else got[0]
-        return parts
+        return {name: got if len(got) > 1 else got[0] for name, got in gather_parts(cfg, get).items()}
+    sources = hf_sources(cfg)
     n_src = sum(len(srcs) for srcs in sources.values())
     with _progress(n_src, f"loading {path.name}", progress) as tick:
         return assemble(cfg, get, dtype, on_tensor=tick)
@@ -128,13 +120,9 @@ def _assign(model: Decoder, state: dict[str, torch.Tensor]) -> None:
 def _to_device(v: torch.Tensor | tuple[torch.Tensor, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(v, torch.Tensor):
         return v.to(device=device, dtype=dtype, non_blocking=True)
-    rows = sum(t.shape[0] for t in v)
-    dst = torch.empty((rows, *v[0].shape[1:]), device=device, dtype=dtype)
-    row = 0
-    for t in v:  # each part lands straight in its rows: no fused copy on the host
-        dst[row:row + t.shape[0]].copy_(t, non_blocking=True)
-        row += t.shape[0]
-    return dst
+    # each part lands straight in its rows: no fused copy on the host
+    dst = torch.empty((sum(t.shape[0] for t in v), *v[0].shape[1:]), device=device, dtype=dtype)
+    return fill_rows(dst, v, "fused parameter")
 
 
 def build_model_from_host(config: ModelConfig, host_state: HostState,

@@ -42,6 +42,32 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             if not (cfg.tie_embeddings and k == "lm_head.weight")}
 
 
+def fill_rows(dst: torch.Tensor, parts, what: str) -> torch.Tensor:
+    """Copy `parts` into consecutive row ranges of `dst` (a fused projection is its HF parts stacked),
+    each straight into its rows; they must fill it exactly. Non-blocking where the copy allows."""
+    row = 0
+    for t in parts:
+        if tuple(t.shape[1:]) != tuple(dst.shape[1:]) or row + t.shape[0] > dst.shape[0]:
+            raise ValueError(f"{what}: a part of shape {tuple(t.shape)} does not fit {tuple(dst.shape)} at row {row}")
+        dst[row:row + t.shape[0]].copy_(t, non_blocking=True)
+        row += t.shape[0]
+    if row != dst.shape[0]:
+        raise ValueError(f"{what}: parts fill {row} of {dst.shape[0]} rows")
+    return dst
+
+
+def gather_parts(cfg: ModelConfig, get: Callable[[str], torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Decoder name -> its HF source tensors, unfused, shapes checked now (before any copy is made)."""
+    shapes = param_shapes(cfg)
+    parts: dict[str, tuple[torch.Tensor, ...]] = {}
+    for name, srcs in hf_sources(cfg).items():
+        got = tuple(get(s) for s in srcs)
+        if sum(t.shape[0] for t in got) != shapes[name][0] or any(tuple(t.shape[1:]) != shapes[name][1:] for t in got):
+            raise ValueError(f"{name}: {srcs} do not form a tensor of shape {shapes[name]}")
+        parts[name] = got
+    return parts
+
+
 def assemble(cfg: ModelConfig, get: Callable[[str], torch.Tensor], dtype: torch.dtype,
              pin: bool = False, on_tensor: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
     """Build the Decoder's host state from HF tensors fetched one by one through `get(hf_name)`.
@@ -49,21 +75,15 @@ def assemble(cfg: ModelConfig, get: Callable[[str], torch.Tensor], dtype: torch.
     Each destination is allocated once (optionally pinned, for fast async host->device copies) and
     the source slices are copied straight into it, so fused tensors cost no extra concatenation.
     """
-    shapes = param_shapes(cfg)
-    state: dict[str, torch.Tensor] = {}
-    for name, srcs in hf_sources(cfg).items():
-        dst = torch.empty(shapes[name], dtype=dtype, pin_memory=pin)
-        row = 0
+    def fetch(srcs):
         for s in srcs:
-            t = get(s)
-            dst[row:row + t.shape[0]].copy_(t)
-            row += t.shape[0]
+            yield get(s)
             if on_tensor is not None:
                 on_tensor(s)
-        if row != shapes[name][0]:
-            raise ValueError(f"{name}: expected {shapes[name][0]} rows from {srcs}, got {row}")
-        state[name] = dst
-    return state
+
+    shapes = param_shapes(cfg)
+    return {name: fill_rows(torch.empty(shapes[name], dtype=dtype, pin_memory=pin), fetch(srcs), f"{name} from {srcs}")
+            for name, srcs in hf_sources(cfg).items()}
 
 
 def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
