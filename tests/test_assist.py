@@ -13,6 +13,8 @@ import time
 import pytest
 from cluster_util import make_tiny_model_dir, run_cluster, wait_until
 
+from lumen.runtime.protocol import HB_MAX_STATS
+
 pytestmark = pytest.mark.cluster
 
 PROMPT = list(range(300, 332))
@@ -112,6 +114,8 @@ def test_assisted_requests_keep_their_output_and_gain_tokens_per_step(deep_targe
         ids, finish, errors = box["r"]
         assert not errors and ids == reference
         stats = _worker(c, partner)["stats"]
+        # an assisted partner publishes about the most stats a worker has: keep a margin to the bound
+        assert len(stats) <= HB_MAX_STATS - 32, sorted(stats)
         assert stats["assist_proposals_received"] > 0
         assert stats["spec_accepted_tokens"] > 0
         # a draft identical to the target must have every verified token accepted
@@ -206,7 +210,8 @@ def test_wrong_drafts_never_change_output(tiny_dir, noisy_draft_dir):
         reference = c.complete(PROMPT, max_tokens=1200, ignore_eos=True)["choices"][0]["token_ids"]
         sampled_reference = c.complete(sampled_prompt, max_tokens=1200, ignore_eos=True,
                                        **sampling)["choices"][0]["token_ids"]
-        assert sampled_reference != c.complete(sampled_prompt, max_tokens=1200, ignore_eos=True)["choices"][0]["token_ids"]
+        # sampling does change the output (else the sampled check below would prove nothing)
+        assert sampled_reference[:100] != c.complete(sampled_prompt, max_tokens=100, ignore_eos=True)["choices"][0]["token_ids"]
         t, box = _long_stream(c, 1200)
         partner = c.executor_of()
         sampled_box = {}

@@ -29,6 +29,7 @@ from .transport import Schema
 MAX_ID = 128          # request ids are ours (short) but bound them anyway
 MAX_BATCH = 4096      # items per OUT / CKPT / MIRROR / PROPOSE message
 MAX_TOKENS = 1 << 20  # tokens of one request's context
+HB_MAX_STATS = 128  # keys per heartbeat; a worker publishes ~55 (engine, store, transport, assist counters)
 MAX_CKPT_REPORT = 1000  # requests per CKPT report (keeps the header well under its 64 KiB bound)
 I64 = (-(2**63), 2**63 - 1)
 U31 = (0, 2**31 - 1)
@@ -41,7 +42,7 @@ def build_schema() -> Schema:
     # worker -> controller
     s.register("HELLO", {"worker": (int, U31), "pid": (int, U31), "data_addr": (str, 256), "kv_addr": (str, 256),
                          "device": (str, 64), "host": (str, 256)}, frames=0)
-    s.register("HB", {"stats": (dict, 64)}, frames=0)
+    s.register("HB", {"stats": (dict, HB_MAX_STATS)}, frames=0)
     s.register("STATE", {"state": (str, 32), "info": (dict, 64)}, optional=("info",), frames=0)
     # items: [req_id, number of new tokens in the ids frame, finish reason or ""]
     s.register("OUT", {"items": (list, MAX_BATCH, (list, (3, 3)))}, frames=1)

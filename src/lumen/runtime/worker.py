@@ -30,7 +30,7 @@ from .assist import Drafter, Verifier
 from .ckpt_store import CheckpointStore
 from .kv_stream import PageReceiver, PageSender
 from .model_dirs import resolve_model_dir
-from .protocol import MAX_CKPT_REPORT, SCHEMA
+from .protocol import HB_MAX_STATS, MAX_CKPT_REPORT, SCHEMA
 from .transport import Codec, DealerEndpoint, PullEndpoint, PushPool, frame_ints, ints_frame, secret_from_env
 
 log = logging.getLogger("lumen.worker")
@@ -171,6 +171,7 @@ class Worker:
         self.running = True
         self.counters = {"restored_requests": 0, "restored_pages": 0, "bad_commands": 0, "ckpt_export_s": 0.0}
         self._last_ckpt_report = 0.0
+        self._stats_trimmed = False
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -443,7 +444,6 @@ class Worker:
     # ------------------------------------------------------------------ stats
     def _publish_stats(self) -> None:
         tx = self.kv_tx
-        # (HB carries at most 64 stats: add keys sparingly)
         stats = dict(self.counters, pages_sent=tx.sent, pages_refused=tx.refused, pages_stalled=tx.stalled,
                      kv_wait_s=round(tx.waited_s, 3), data_peers=self.push.num_peers,
                      data_peers_forgotten=self.push.forgotten)
@@ -453,7 +453,15 @@ class Worker:
         if self.engine is not None:
             stats.update(self.engine.stats())
         stats.update({f"ckpt_{k}": v for k, v in self.store.stats().items() if isinstance(v, (int, float))})
-        self.hb.stats = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
+        stats = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
+        if len(stats) > HB_MAX_STATS:
+            # a heartbeat over the schema's bound is dropped by the controller, which would then
+            # declare this healthy worker dead: publish fewer stats rather than none
+            if not self._stats_trimmed:
+                log.warning("%d stats exceed the heartbeat's %d; the rest are not published", len(stats), HB_MAX_STATS)
+                self._stats_trimmed = True
+            stats = dict(sorted(stats.items())[:HB_MAX_STATS])
+        self.hb.stats = stats
         now = time.monotonic()
         if now - self._last_ckpt_report > 0.2:
             self._last_ckpt_report = now
