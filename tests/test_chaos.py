@@ -110,8 +110,8 @@ def test_short_chaos_run_loses_nothing(tmp_path, monkeypatch):
     model = str(make_tiny_model_dir(tmp_path / "tiny"))
     # a reload that takes a few seconds keeps workers recovering (and assisting) long enough to be hit
     monkeypatch.setenv("LUMEN_FAULT_SLOW_RELOAD_S", "3")
-    cfg = ChaosConfig(model=model, workers=4, policy="lumen", duration=40.0, qps=3.0, max_prompt=64, max_output=48,
-                      fault_every=3.0, seed=1, idle_connections=16, serve_args=["--draft-model", model],
+    cfg = ChaosConfig(model=model, workers=4, policy="lumen", duration=25.0, qps=3.0, max_prompt=64, max_output=48,
+                      fault_every=2.5, seed=1, idle_connections=16, serve_args=["--draft-model", model],
                       out=str(tmp_path / "chaos"), quiet=True, startup_timeout_s=300.0)
     report = run_chaos(cfg)
     s = report.summary
