@@ -13,7 +13,8 @@ OUT=${OUT:-/tmp/lumen-gpu}
 mkdir -p "$OUT"
 export LUMEN_HOME=${LUMEN_HOME:-$PWD/.gpu-home}
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
+# the device machine has torch but not lumen's other dependencies: install the carried wheels there
+if ! python3 -c "import zmq, msgpack, fastapi, uvicorn, prometheus_client" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD/src
 else
