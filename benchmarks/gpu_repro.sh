@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 9 in device-call-sized blocks: prepare (target + self-draft + bandwidths), optionally the
-# engine benchmark (issue 2) and the checkpoint overhead re-measure (issue 4), then
+# engine benchmark (issue 2), the checkpoint overhead re-measure (issue 4) and a step-time profile
+# of the target for the simulator (issue 7), then
 # `lumen bench --resume` for as long as the block allows.
 # Run from the repository root. Results (at most 8 files) go to $OUT; the bench's directory
 # (.gpu-runs/, git-ignored) persists while the machine is warm and can be carried to a fresh one.
@@ -54,6 +55,11 @@ for step in $STEPS; do
       --workers 2 --devices "${DEVICES%%,*}" --qps 4 --requests 100 --max-prompt 512 --max-output 256 \
       --repeats 1 --serve-args "--num-blocks 3000" --out "$OUT/ckpt_gpu.json" > "$OUT/ckpt.log" 2>&1
     echo "checkpoint overhead exit $?"; tail -4 "$OUT/ckpt.log" ;;
+  profile)
+    # issue 7 on GPU: the engine's step times over a grid of batch shapes, for `lumen simulate --profile`
+    timeout -k 20 "${PROFILE_TIMEOUT:-180}" python3 -m lumen profile --model "$LUMEN_HOME/models/repro-$PRESET" \
+      --device "${DEVICES%%,*}" --quick --out "$OUT/profile_gpu.csv" > "$OUT/profile.log" 2>&1
+    echo "profile exit $?"; tail -3 "$OUT/profile.log" ;;
   bench)
     target=$LUMEN_HOME/models/repro-$PRESET
     pol=(); for p in $POLICIES; do pol+=(--policy "$p"); done
