@@ -30,6 +30,9 @@ MAX_ID = 128          # request ids are ours (short) but bound them anyway
 MAX_BATCH = 4096      # items per OUT / CKPT / MIRROR / PROPOSE message
 MAX_TOKENS = 1 << 20  # tokens of one request's context
 HB_MAX_STATS = 128  # keys per heartbeat; a worker publishes ~55 (engine, store, transport, assist counters)
+# what the controller decides with (routing load, stall detection, spec metrics): never trimmed
+HB_DECISION_KEYS = ("num_waiting", "num_running", "q_wait_s", "kv_usage", "loop_age_s", "spec_drafts",
+                    "spec_draft_tokens", "spec_accepted_tokens", "spec_acceptance", "ckpt_stored_bytes")
 MAX_CKPT_REPORT = 1000  # requests per CKPT report (keeps the header well under its 64 KiB bound)
 I64 = (-(2**63), 2**63 - 1)
 U31 = (0, 2**31 - 1)

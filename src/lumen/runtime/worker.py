@@ -11,6 +11,7 @@ engine step never delays the heartbeat and the replay guard sees one ordered str
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -30,7 +31,7 @@ from .assist import Drafter, Verifier
 from .ckpt_store import CheckpointStore
 from .kv_stream import PageReceiver, PageSender
 from .model_dirs import resolve_model_dir
-from .protocol import HB_MAX_STATS, MAX_CKPT_REPORT, SCHEMA
+from .protocol import HB_DECISION_KEYS, HB_MAX_STATS, MAX_CKPT_REPORT, SCHEMA
 from .transport import Codec, DealerEndpoint, PullEndpoint, PushPool, frame_ints, ints_frame, secret_from_env
 
 log = logging.getLogger("lumen.worker")
@@ -115,6 +116,21 @@ def _injected_slow_disk() -> None:
         time.sleep(delay)
 
 
+@functools.cache
+def _warn_trimmed(count: int, limit: int) -> None:
+    log.warning("%d stats exceed the heartbeat's %d; the rest are not published", count, limit)
+
+
+def trim_stats(stats: dict, limit: int) -> dict:
+    """At most `limit` stats, the controller's decision inputs first. A heartbeat over the schema's
+    bound would be dropped and this healthy worker declared dead: publish fewer stats, not none."""
+    if len(stats) <= limit:
+        return stats
+    _warn_trimmed(len(stats), limit)
+    keys = [k for k in HB_DECISION_KEYS if k in stats] + sorted(k for k in stats if k not in HB_DECISION_KEYS)
+    return {k: stats[k] for k in keys[:limit]}
+
+
 class Heartbeat(threading.Thread):
     def __init__(self, ctx: zmq.Context, secret: bytes, worker_id: int, epoch: int, controller: str,
                  interval: float):
@@ -171,7 +187,6 @@ class Worker:
         self.running = True
         self.counters = {"restored_requests": 0, "restored_pages": 0, "bad_commands": 0, "ckpt_export_s": 0.0}
         self._last_ckpt_report = 0.0
-        self._stats_trimmed = False
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -454,14 +469,7 @@ class Worker:
             stats.update(self.engine.stats())
         stats.update({f"ckpt_{k}": v for k, v in self.store.stats().items() if isinstance(v, (int, float))})
         stats = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
-        if len(stats) > HB_MAX_STATS:
-            # a heartbeat over the schema's bound is dropped by the controller, which would then
-            # declare this healthy worker dead: publish fewer stats rather than none
-            if not self._stats_trimmed:
-                log.warning("%d stats exceed the heartbeat's %d; the rest are not published", len(stats), HB_MAX_STATS)
-                self._stats_trimmed = True
-            stats = dict(sorted(stats.items())[:HB_MAX_STATS])
-        self.hb.stats = stats
+        self.hb.stats = trim_stats(stats, HB_MAX_STATS - 1)  # the heartbeat thread adds loop_age_s
         now = time.monotonic()
         if now - self._last_ckpt_report > 0.2:
             self._last_ckpt_report = now
