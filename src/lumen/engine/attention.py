@@ -16,7 +16,7 @@ GQA without repeating K/V in the short group: the g = nh/nkv query heads of a KV
 into the query length ([nkv, g*Tq, hd] against [nkv, L, hd]), which every SDPA backend supports.
 On CUDA (Triton available, block_size >= 16) the short group instead runs `triton_attention`, which
 reads K/V through the block tables without gathering or padding. Long chunks use SDPA with a
-bottom-right-aligned causal bias (no materialised mask, so the fused kernels apply).
+bottom-right-aligned causal bias (on CUDA not materialised, so the fused kernels apply).
 """
 
 from __future__ import annotations
@@ -142,7 +142,16 @@ class PagedAttention:
         if ls.slots is None:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
         else:  # query i sits at position start + i: causal aligned to the bottom-right corner
-            # imported here: the module pulls in torch._dynamo, 1.5 s of every worker's 3 s import
-            from torch.nn.attention.bias import causal_lower_right
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=causal_lower_right(n, ks.shape[2]))
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_lower_right_causal(n, ks.shape[2], qs.device))
         return o[0].transpose(0, 1)
+
+
+def _lower_right_causal(n: int, kv_len: int, device: torch.device):
+    """Mask for n queries at the last n of kv_len positions. On CUDA torch's unmaterialised bias, so
+    the fused kernels apply (its module imports torch._dynamo, which CUDA workers load anyway for
+    torch.compile); on CPU a boolean matrix, which is what SDPA's CPU kernels use, without that
+    1.5 s import in every worker nor in the first continued prefill (often a restore's tail)."""
+    if device.type == "cuda":
+        from torch.nn.attention.bias import causal_lower_right
+        return causal_lower_right(n, kv_len)
+    return torch.ones(n, kv_len, dtype=torch.bool, device=device).tril(kv_len - n)
