@@ -58,16 +58,24 @@ def _prompts(args: argparse.Namespace, vocab: int) -> list[list[int]]:
 
 
 def make_target_and_draft(args: argparse.Namespace, device: str, dtype: torch.dtype) -> dict:
-    """Draw the target, pick the depth decay for a k-layer self-draft, write both (once)."""
+    """Draw the target, pick the depth decay for a k-layer self-draft, write both (once: a later call
+    with the same settings reuses them; lumen_repro.json, written last, marks a finished pair)."""
     cfg = PRESETS[args.preset]
     target_dir = lumen_home() / "models" / f"repro-{args.preset}"
     draft_dir = target_dir.with_name(target_dir.name + "-selfdraft")
     meta_path = target_dir / "lumen_repro.json"
-    if meta_path.is_file() and (draft_dir / "config.json").is_file():
-        print(f"target {target_dir} and draft already prepared", flush=True)
-        return json.loads(meta_path.read_text())
-    shutil.rmtree(target_dir, ignore_errors=True)
     k = args.draft_layers or max(1, round(cfg.num_layers / 8))
+    settings = {"preset": args.preset, "k": k, "goal": args.acceptance, "tolerance": args.tolerance,
+                "spec_k": args.spec_k, "prompts": args.prompts, "prompt_len": args.prompt_len,
+                "max_new": args.max_new, "seed": args.seed, "dtype": str(dtype)}
+    if meta_path.is_file() and not args.reselect:
+        info = json.loads(meta_path.read_text())
+        if info.get("settings") == settings:
+            print(f"target {target_dir} and its draft already prepared", flush=True)
+            return info
+    # never pair a new target with an old draft, even if this call fails half-way
+    shutil.rmtree(target_dir, ignore_errors=True)
+    shutil.rmtree(draft_dir, ignore_errors=True)
     t = time.perf_counter()
     target = random_model(cfg, device, dtype)
     draw_s = time.perf_counter() - t
@@ -76,24 +84,28 @@ def make_target_and_draft(args: argparse.Namespace, device: str, dtype: torch.dt
                                args.spec_k, tolerance=args.tolerance)
     select_s = time.perf_counter() - t
     chosen = next(row for row in search if row["decay"] == decay)
+    within = abs(chosen["acceptance"] - args.acceptance) <= args.tolerance
+    if not within:
+        print(f"WARNING: no decay brought the {k}-layer draft within {args.tolerance} of acceptance "
+              f"{args.acceptance}; using the closest, {chosen['acceptance']:.3f}", flush=True)
     t_target = decode_step_time(target)
     t_draft = decode_step_time(first_layers(target, k))
     write_s = _write(target, cfg, target_dir)
     del target
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    shutil.rmtree(draft_dir, ignore_errors=True)
     draft_dir.mkdir(parents=True)
     copy_layers(target_dir, draft_dir, list(range(k)), dtype=dtype, name=draft_dir.name)
     info = {
+        "settings": settings,
         "target": {"preset": args.preset, "dir": str(target_dir), "params": cfg.param_count(),
                    "depth_decay": decay, "draw_s": draw_s, "write_s": write_s,
                    "bytes": sum(f.stat().st_size for f in target_dir.glob("*.safetensors"))},
         "draft": {"dir": str(draft_dir), "k": k, "target_layers": cfg.num_layers, "goal": args.acceptance,
-                  "acceptance": chosen["acceptance"], "tokens_per_target_call": chosen["tokens_per_target_call"],
-                  "spec_k": args.spec_k, "prompts": args.prompts, "prompt_len": args.prompt_len,
-                  "max_new": args.max_new, "search": search, "select_s": select_s,
-                  "target_step_s": t_target, "draft_step_s": t_draft, "draft_over_target_cost": t_draft / t_target,
+                  "acceptance": chosen["acceptance"], "within_tolerance": within,
+                  "tokens_per_target_call": chosen["tokens_per_target_call"], "search": search,
+                  "select_s": select_s, "target_step_s": t_target, "draft_step_s": t_draft,
+                  "draft_over_target_cost": t_draft / t_target,
                   "bytes": sum(f.stat().st_size for f in draft_dir.glob("*.safetensors"))},
     }
     meta_path.write_text(json.dumps(info, indent=2))
@@ -198,6 +210,7 @@ def main() -> None:
     p.add_argument("--draft-layers", type=int, default=None,
                    help="self-draft depth k (default: 1/8 of the target's layers, as Qwen3-4B is to 32B)")
     p.add_argument("--tolerance", type=float, default=0.03, help="how close to --acceptance the decay search stops")
+    p.add_argument("--reselect", action="store_true", help="draw and write target and draft again even if prepared")
     p.add_argument("--reload", action="store_true", help="also time a cold reload of the target, both readers")
     p.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -6,7 +6,10 @@
 # Run from the repository root. Results (at most 8 files) go to $OUT; the bench's directory
 # (.gpu-runs/, git-ignored) persists while the machine is warm and can be carried to a fresh one.
 #
-#   STEPS="prepare engine ckpt bench" RELOAD=1 BUDGET=560 bash benchmarks/gpu_repro.sh
+#   STEPS="prepare engine ckpt" RELOAD=1 BUDGET=560 bash benchmarks/gpu_repro.sh   # block 1
+#   STEPS="prepare bench" BUDGET=560 bash benchmarks/gpu_repro.sh                   # blocks 2.. (--resume)
+# (prepare is a no-op where the machine already holds the prepared target; on a fresh machine it draws
+# the same seeded target again, and carrying .gpu-runs/ lets the bench resume)
 #   PRESET=tiny DEVICES=cpu DURATION=20 STEPS="prepare bench" bash benchmarks/gpu_repro.sh   # CPU dry run
 set -uo pipefail
 start=$(date +%s)
@@ -15,7 +18,8 @@ mkdir -p "$OUT"
 export LUMEN_HOME=${LUMEN_HOME:-$PWD/.gpu-home}
 export PYTHONUNBUFFERED=1
 # the device machine has torch but not lumen's other dependencies: install the carried wheels there
-if ! python3 -c "import zmq, msgpack, fastapi, uvicorn, prometheus_client" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+if ! PYTHONPATH=$PWD/src python3 -c "import lumen.runtime.server, lumen.runtime.worker, lumen.bench.cli" 2>/dev/null \
+    && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD/src
 else
@@ -42,7 +46,8 @@ for step in $STEPS; do
   echo "== $step ($(left) s left)"
   case $step in
   prepare)
-    python3 benchmarks/gpu_repro.py prepare --preset "$PRESET" ${RELOAD:+--reload} --out "$OUT/prepare.json" > "$OUT/prepare.log" 2>&1
+    timeout -k 20 "${PREPARE_TIMEOUT:-300}" python3 benchmarks/gpu_repro.py prepare --preset "$PRESET" ${RELOAD:+--reload} \
+      --out "$OUT/prepare.json" > "$OUT/prepare.log" 2>&1
     echo "prepare exit $?"; tail -3 "$OUT/prepare.log" ;;
   engine)
     # issue 2: engine figures (decode steps/s vs transformers, prefill vs the matmul roofline)
@@ -62,6 +67,7 @@ for step in $STEPS; do
     echo "profile exit $?"; tail -3 "$OUT/profile.log" ;;
   bench)
     target=$LUMEN_HOME/models/repro-$PRESET
+    if [ ! -f "$target/lumen_repro.json" ]; then echo "no prepared target: run the prepare step first"; continue; fi
     pol=(); for p in $POLICIES; do pol+=(--policy "$p"); done
     t=$(( $(left) - 45 ))
     if [ "$t" -lt 60 ]; then echo "no time left for the bench"; continue; fi

@@ -93,7 +93,7 @@ def pick_decay(target: Decoder, k: int, goal: float, prompts: list[list[int]], m
         return s.acceptance
 
     lo, hi = 0.0, 1.0  # acceptance(lo) is high (only layer 0 counts), acceptance(hi) the plain model's
-    if measure(hi) < goal:
+    if measure(hi) < goal - tolerance:
         for _ in range(max_tries - 1):
             mid = (lo + hi) / 2
             a = measure(mid)
