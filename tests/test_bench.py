@@ -87,6 +87,33 @@ def test_parse_fault():
     assert str(plan[0]) == "t=10s:worker=1:SIGKILL"
 
 
+def test_busiest_worker_is_chosen_when_the_failure_is_injected():
+    # the plan names no worker; at injection time the serving worker with the most requests dies
+    assert parse_fault("t=25s:worker=busiest") == FaultSpec(25.0, "busiest", signal.SIGKILL, None)
+    assert [str(f) for f in parse_fail_plan(["t=5s:worker=busiest", "t=5s:worker=1"])] == [
+        "t=5s:worker=1:SIGKILL", "t=5s:worker=busiest:SIGKILL"]
+    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    loads = [(2, 0), (1, 4), (5, 0)]  # worker 1 and 2 tie at 5 requests; 2 is not serving
+    workers = [{"id": i, "pid": p.pid, "host": "127.0.0.1", "state": "serving" if i != 2 else "switching",
+                "load": {"num_running": r, "num_waiting": w}} for i, (p, (r, w)) in enumerate(zip(procs, loads, strict=True))]
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json={"workers": workers}))
+
+    async def go():
+        async with httpx.AsyncClient(transport=transport, base_url="http://cluster") as http:
+            ev = FaultEvent("t=0s:worker=busiest:SIGKILL", 0.0, worker=-1)
+            await inject(http, parse_fault("t=0s:worker=busiest"), ev, lambda: 0.0)
+            return ev
+
+    try:
+        ev = asyncio.run(go())
+        assert ev.worker == 1 and ev.pid == procs[1].pid and ev.verified
+        assert procs[1].wait(5) == -signal.SIGKILL and procs[0].poll() is None and procs[2].poll() is None
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 @pytest.mark.parametrize(
     "bad",
     ["worker=1", "t=3s", "t=x:worker=1", "t=3s:worker=a", "t=3s:worker=1:SIGTERM",

@@ -5,6 +5,9 @@ Plan syntax (one failure per ``--fail``; several allowed)::
     t=30s:worker=1               SIGKILL worker 1, 30 s after the replay starts
     t=30s:worker=1:SIGKILL       the same, explicit
     t=12.5:worker=0:SIGSTOP:cont_after=5s   hang worker 0 (SIGSTOP), resume it (SIGCONT) 5 s later
+    t=25s:worker=busiest         SIGKILL the serving worker with the most requests at that moment
+                                 (running + waiting; lowest id on a tie), so the failure interrupts
+                                 work even at a low load
 
 Times accept ``s``, ``ms`` and ``m`` suffixes (bare numbers are seconds). Only SIGKILL and
 SIGSTOP are allowed: they are the two failures the cluster must survive (a crash and a hang);
@@ -37,6 +40,7 @@ __all__ = [
     "inject",
     "run_plan",
     "LOCAL_HOSTS",
+    "BUSIEST",
 ]
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -48,10 +52,13 @@ class FaultInjectionError(RuntimeError):
     pass
 
 
+BUSIEST = "busiest"
+
+
 @dataclass(frozen=True)
 class FaultSpec:
     at_s: float  # seconds after the replay starts
-    worker: int
+    worker: int | str  # a worker id, or BUSIEST (resolved when the failure is injected)
     sig: signal.Signals = signal.SIGKILL
     cont_after_s: float | None = None  # SIGSTOP only: send SIGCONT this long after
 
@@ -102,9 +109,12 @@ def parse_fault(text: str) -> FaultSpec:
             if key == "t":
                 at = _duration(value, "time")
             elif key == "worker":
-                if not value.strip().isdigit():
-                    raise ValueError(f"bad worker {value!r} in {text!r}: expected a worker id (0, 1, ...)")
-                worker = int(value)
+                if value.strip().lower() == BUSIEST:
+                    worker = BUSIEST
+                elif value.strip().isdigit():
+                    worker = int(value)
+                else:
+                    raise ValueError(f"bad worker {value!r} in {text!r}: expected a worker id (0, 1, ...) or busiest")
             elif key in ("cont_after", "cont"):
                 cont = _duration(value, "cont_after")
             elif key in ("signal", "sig"):
@@ -129,7 +139,21 @@ def _signal(name: str, text: str) -> signal.Signals:
 
 def parse_fail_plan(entries: Sequence[str]) -> list[FaultSpec]:
     """Parse every ``--fail`` entry; sorted by time."""
-    return sorted((parse_fault(e) for e in entries), key=lambda f: (f.at_s, f.worker))
+    return sorted((parse_fault(e) for e in entries), key=_order)
+
+
+def _order(f: FaultSpec) -> tuple:
+    return f.at_s, str(f.worker)
+
+
+def _busiest(workers: list[dict]) -> dict | None:
+    """The serving worker with the most requests (running + waiting), lowest id on a tie."""
+    def load(w: dict) -> float:
+        counts = w.get("load") if isinstance(w.get("load"), dict) else {}
+        return sum(v for v in (counts.get("num_running"), counts.get("num_waiting")) if isinstance(v, (int, float)))
+
+    serving = [w for w in workers if isinstance(w, dict) and w.get("state") == "serving" and isinstance(w.get("id"), int)]
+    return min(serving, key=lambda w: (-load(w), w["id"]), default=None)
 
 
 async def cluster_workers(http: httpx.AsyncClient) -> list[dict]:
@@ -166,23 +190,30 @@ def _pid_gone(pid: int) -> bool:
 async def inject(http: httpx.AsyncClient, spec: FaultSpec, event: FaultEvent, now) -> None:
     """Signal the worker of ``spec`` now. Raises FaultInjectionError when that is impossible."""
     workers = await cluster_workers(http)
-    w = next((w for w in workers if isinstance(w, dict) and w.get("id") == spec.worker), None)
+    if spec.worker == BUSIEST:
+        w = _busiest(workers)
+        if w is None:
+            raise FaultInjectionError(f"{spec}: no serving worker to fail")
+        event.notes.append(f"busiest: worker {w['id']} with load {w.get('load')}")
+    else:
+        w = next((w for w in workers if isinstance(w, dict) and w.get("id") == spec.worker), None)
     if w is None:
         ids = sorted(w.get("id") for w in workers if isinstance(w, dict))
         raise FaultInjectionError(f"{spec}: no worker {spec.worker} in the cluster (workers: {ids})")
+    event.worker = w["id"]
     host = str(w.get("host", ""))
     if host not in LOCAL_HOSTS:
         raise FaultInjectionError(
-            f"{spec}: worker {spec.worker} runs on host {host!r}; lumen bench can only signal local workers"
+            f"{spec}: worker {event.worker} runs on host {host!r}; lumen bench can only signal local workers"
         )
     pid = w.get("pid")
     if not isinstance(pid, int) or pid <= 1 or pid == os.getpid():
-        raise FaultInjectionError(f"{spec}: worker {spec.worker} reports no usable pid ({pid!r})")
+        raise FaultInjectionError(f"{spec}: worker {event.worker} reports no usable pid ({pid!r})")
     event.pid, event.worker_state = pid, str(w.get("state"))
     try:
         os.kill(pid, spec.sig)
     except ProcessLookupError:
-        raise FaultInjectionError(f"{spec}: worker {spec.worker} pid {pid} does not exist") from None
+        raise FaultInjectionError(f"{spec}: worker {event.worker} pid {pid} does not exist") from None
     except PermissionError:
         raise FaultInjectionError(f"{spec}: not permitted to signal pid {pid}") from None
     event.injected_s = now()
@@ -207,8 +238,9 @@ async def run_plan(url: str, plan: Sequence[FaultSpec], t0: float, timeout_s: fl
     def now() -> float:
         return time.monotonic() - t0
 
-    plan = sorted(plan, key=lambda f: (f.at_s, f.worker))
-    events = [FaultEvent(str(s), s.at_s, worker=s.worker, signal=s.sig.name) for s in plan]
+    plan = sorted(plan, key=_order)
+    events = [FaultEvent(str(s), s.at_s, worker=s.worker if isinstance(s.worker, int) else -1, signal=s.sig.name)
+              for s in plan]
     conts: list[asyncio.Task] = []
 
     async def cont_later(spec: FaultSpec, ev: FaultEvent) -> None:

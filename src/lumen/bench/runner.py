@@ -178,7 +178,7 @@ def _validate(cfg: BenchConfig) -> list[FaultSpec]:
     if not plan:
         raise ValueError("the failure plan is empty; pass --fail t=30s:worker=1:SIGKILL (or similar)")
     for f in plan:
-        if f.worker >= cfg.workers and not cfg.url:
+        if isinstance(f.worker, int) and f.worker >= cfg.workers and not cfg.url:
             raise ValueError(f"failure {f} names worker {f.worker} but the cluster has {cfg.workers} workers")
     return plan
 
@@ -260,7 +260,8 @@ async def _replay_with_faults(
             faults.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await faults
-            events = [FaultEvent(str(f), f.at_s, worker=f.worker, signal=f.sig.name) for f in plan]
+            events = [FaultEvent(str(f), f.at_s, worker=f.worker if isinstance(f.worker, int) else -1,
+                                 signal=f.sig.name) for f in plan]
             for ev in events:
                 ev.notes.append("not injected: the workload ended first")
             return records, events
