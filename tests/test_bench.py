@@ -96,17 +96,24 @@ def test_busiest_worker_is_chosen_when_the_failure_is_injected():
     loads = [(2, 0), (1, 4), (5, 0)]  # worker 1 and 2 tie at 5 requests; 2 is not serving
     workers = [{"id": i, "pid": p.pid, "host": "127.0.0.1", "state": "serving" if i != 2 else "switching",
                 "load": {"num_running": r, "num_waiting": w}} for i, (p, (r, w)) in enumerate(zip(procs, loads, strict=True))]
-    transport = httpx.MockTransport(lambda request: httpx.Response(200, json={"workers": workers}))
+    polls = []
+
+    def cluster(request):  # idle for the first three polls: the injector waits for work
+        polls.append(1)
+        idle = [dict(w, load={"num_running": 0, "num_waiting": 0}) for w in workers]
+        return httpx.Response(200, json={"workers": idle if len(polls) <= 3 else workers})
+
+    transport = httpx.MockTransport(cluster)
 
     async def go():
         async with httpx.AsyncClient(transport=transport, base_url="http://cluster") as http:
             ev = FaultEvent("t=0s:worker=busiest:SIGKILL", 0.0, worker=-1)
-            await inject(http, parse_fault("t=0s:worker=busiest"), ev, lambda: 0.0)
+            await inject(http, parse_fault("t=0s:worker=busiest"), ev, time.monotonic)
             return ev
 
     try:
         ev = asyncio.run(go())
-        assert ev.worker == 1 and ev.pid == procs[1].pid and ev.verified
+        assert len(polls) == 4 and ev.worker == 1 and ev.pid == procs[1].pid and ev.verified
         assert procs[1].wait(5) == -signal.SIGKILL and procs[0].poll() is None and procs[2].poll() is None
     finally:
         for p in procs:

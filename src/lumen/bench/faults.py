@@ -6,8 +6,9 @@ Plan syntax (one failure per ``--fail``; several allowed)::
     t=30s:worker=1:SIGKILL       the same, explicit
     t=12.5:worker=0:SIGSTOP:cont_after=5s   hang worker 0 (SIGSTOP), resume it (SIGCONT) 5 s later
     t=25s:worker=busiest         SIGKILL the serving worker with the most requests at that moment
-                                 (running + waiting; lowest id on a tie), so the failure interrupts
-                                 work even at a low load
+                                 (running + waiting; lowest id on a tie); if none has any, it waits
+                                 up to 10 s for one that does, so the failure interrupts work even
+                                 at a low load
 
 Times accept ``s``, ``ms`` and ``m`` suffixes (bare numbers are seconds). Only SIGKILL and
 SIGSTOP are allowed: they are the two failures the cluster must survive (a crash and a hang);
@@ -53,6 +54,7 @@ class FaultInjectionError(RuntimeError):
 
 
 BUSIEST = "busiest"
+BUSIEST_WAIT_S = 10.0  # how long worker=busiest waits for a worker with requests before failing an idle one
 
 
 @dataclass(frozen=True)
@@ -146,14 +148,15 @@ def _order(f: FaultSpec) -> tuple:
     return f.at_s, str(f.worker)
 
 
+def _load(w: dict) -> float:
+    counts = w.get("load") if isinstance(w.get("load"), dict) else {}
+    return sum(v for v in (counts.get("num_running"), counts.get("num_waiting")) if isinstance(v, (int, float)))
+
+
 def _busiest(workers: list[dict]) -> dict | None:
     """The serving worker with the most requests (running + waiting), lowest id on a tie."""
-    def load(w: dict) -> float:
-        counts = w.get("load") if isinstance(w.get("load"), dict) else {}
-        return sum(v for v in (counts.get("num_running"), counts.get("num_waiting")) if isinstance(v, (int, float)))
-
     serving = [w for w in workers if isinstance(w, dict) and w.get("state") == "serving" and isinstance(w.get("id"), int)]
-    return min(serving, key=lambda w: (-load(w), w["id"]), default=None)
+    return min(serving, key=lambda w: (-_load(w), w["id"]), default=None)
 
 
 async def cluster_workers(http: httpx.AsyncClient) -> list[dict]:
@@ -191,10 +194,15 @@ async def inject(http: httpx.AsyncClient, spec: FaultSpec, event: FaultEvent, no
     """Signal the worker of ``spec`` now. Raises FaultInjectionError when that is impossible."""
     workers = await cluster_workers(http)
     if spec.worker == BUSIEST:
-        w = _busiest(workers)
+        # an idle cluster has no busiest worker: wait (bounded) for one to hold requests
+        waited, deadline = now(), now() + BUSIEST_WAIT_S
+        while (w := _busiest(workers)) is not None and _load(w) == 0 and now() < deadline:
+            await asyncio.sleep(0.05)
+            workers = await cluster_workers(http)
         if w is None:
             raise FaultInjectionError(f"{spec}: no serving worker to fail")
-        event.notes.append(f"busiest: worker {w['id']} with load {w.get('load')}")
+        event.notes.append(f"busiest: worker {w['id']} with load {w.get('load')} after waiting "
+                           f"{now() - waited:.2f} s for work")
     else:
         w = next((w for w in workers if isinstance(w, dict) and w.get("id") == spec.worker), None)
     if w is None:
