@@ -151,13 +151,16 @@ class Cluster:
 
 @contextmanager
 def run_cluster(model: str, workers: int = 2, policy: str = "stop-restart", extra: list[str] | None = None,
-                name: str = "tiny", env: dict | None = None, ready_timeout: float = 180):
+                name: str = "tiny", env: dict | None = None, ready_timeout: float = 180, log_path=None):
     port = free_port()
     extra = list(extra or [])  # CPU clusters default to 10 missed heartbeats (1 s) before a verdict
     cmd = [sys.executable, "-m", "lumen", "serve", "--model", model, "--workers", str(workers), "--policy",
            policy, "--port", str(port), "--served-model-name", name, *extra]
     full_env = dict(os.environ, **(env or {}))
-    proc = subprocess.Popen(cmd, env=full_env, start_new_session=True)
+    # log_path: the cluster's stderr (gateway, controller, launcher, workers) to a file, for tests
+    # that read it after the cluster has stopped
+    log = open(log_path, "w") if log_path else None  # noqa: SIM115 -- closed in the finally below
+    proc = subprocess.Popen(cmd, env=full_env, start_new_session=True, stderr=log)
     url = f"http://127.0.0.1:{port}"
     cluster = Cluster(proc, url)
     try:
@@ -187,6 +190,8 @@ def run_cluster(model: str, workers: int = 2, policy: str = "stop-restart", extr
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         cluster.client.close()
+        if log is not None:
+            log.close()
         # no orphan processes, ever: every worker pid this cluster had is gone
         deadline = time.monotonic() + 5
         while worker_pids_alive(cluster.seen_pids) and time.monotonic() < deadline:

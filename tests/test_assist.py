@@ -251,6 +251,24 @@ def test_kill_recovering_worker_while_assisting(tiny_dir):
         assert w2["epoch"] > w["epoch"]
 
 
+def test_cluster_stopped_while_a_worker_assists_shuts_down_cleanly(tiny_dir, tmp_path):
+    # The cluster is stopped while a restarted worker is still ASSISTING (its target load held 30 s).
+    # Seen in a CPU bench on 2026-11-28: the worker then went on to switch to a target it had not
+    # loaded (KeyError) and died with SIGABRT; it must just exit.
+    log = tmp_path / "cluster.log"
+    with run_cluster(tiny_dir, workers=2, policy="lumen", env={"LUMEN_FAULT_SLOW_RELOAD_S": "30"},
+                     extra=["--deterministic", "--draft-model", tiny_dir], log_path=log) as c:
+        t, box = _long_stream(c, 1500)
+        recovering = 1 - c.executor_of()
+        c.kill(recovering)
+        _wait_state(c, recovering, "assisting")
+    t.join(60)
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    exits = [line for line in text.splitlines() if f"worker {recovering} (epoch 2" in line and "exited with" in line]
+    assert exits and exits[-1].endswith("exited with 0"), exits
+
+
 def test_kill_partner_while_assisting_and_no_shared_partner(tiny_dir):
     with run_cluster(tiny_dir, workers=3, policy="lumen", env=SLOW,
                      extra=["--deterministic", "--draft-model", tiny_dir]) as c:

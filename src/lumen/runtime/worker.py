@@ -222,9 +222,12 @@ class Worker:
         loaded: dict = {}
 
         def load_target():
-            loaded["state"] = self._read_target()
-            _injected_slow_disk()
-            loaded["disk_to_host_s"] = time.monotonic() - t0
+            try:
+                _injected_slow_disk()  # first: as on a slow disk, the weights exist only once read
+                loaded["state"] = self._read_target()
+                loaded["disk_to_host_s"] = time.monotonic() - t0
+            except BaseException as e:  # raised again on the main thread below
+                loaded["error"] = e
 
         loader = threading.Thread(target=load_target, daemon=True, name="target-loader")
         loader.start()
@@ -236,6 +239,13 @@ class Worker:
             # the CPU from the partner on a small machine
             self._poll(timeout_ms=0 if drafted else 5)
             drafted = self.drafter.round() if self.drafter is not None else False
+        if not self.running:
+            # told to stop while assisting (the cluster is shutting down): nothing to switch to. Let
+            # a read in progress end rather than exit under it (a native abort at interpreter exit)
+            loader.join(timeout=2.0)
+            return
+        if "error" in loaded:
+            raise RuntimeError("loading the target weights failed") from loaded["error"]
         t1 = time.monotonic()
         stats = self.drafter.stats() if self.drafter else {}
         self.drafter = None  # release the draft before the target lands on the device
