@@ -9,17 +9,16 @@ mode, whatever the holders' arrival times, preemptions, finishes and aborts.
 
 from __future__ import annotations
 
-import functools
 import random
 
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from model_util import peaked_tiny_model
 
 from lumen.engine import Engine, EngineConfig, KVPage, SamplingParams
 from lumen.engine.kv_pages import page_tags
 from lumen.model import PRESETS
-from lumen.model.loader import random_model
 
 torch.set_num_threads(1)
 CFG = PRESETS["tiny"]
@@ -27,9 +26,8 @@ HYP = settings(max_examples=15, deadline=None, suppress_health_check=[HealthChec
                derandomize=True)
 
 
-@functools.cache
 def model():
-    return random_model(CFG, dtype=torch.float64, seed=7, std=0.3)
+    return peaked_tiny_model()
 
 
 def engine(**kw) -> Engine:
