@@ -209,8 +209,6 @@ class Worker:
         self._set_state(WorkerState.SWITCHING)
         t0 = time.monotonic()
         host = self._read_target()
-        if self.epoch > 1:
-            _injected_slow_disk()
         self._serve(host, disk_to_host_s=time.monotonic() - t0)
 
     def _load_progressively(self) -> None:
@@ -223,7 +221,6 @@ class Worker:
 
         def load_target():
             try:
-                _injected_slow_disk()  # first: as on a slow disk, the weights exist only once read
                 loaded["state"] = self._read_target()
                 loaded["disk_to_host_s"] = time.monotonic() - t0
             except BaseException as e:  # raised again on the main thread below
@@ -254,6 +251,8 @@ class Worker:
         self._serve(loaded["state"])
 
     def _read_target(self) -> dict:
+        if self.epoch > 1:
+            _injected_slow_disk()  # before the read: as on a slow disk, the weights exist only once read
         # pinned for a GPU: host -> device copies at full bandwidth
         return read_weights_to_host(self.model_dir, dtype=self.dtype, pin=self.device.startswith("cuda"))
 
