@@ -136,3 +136,27 @@ def test_cuda_triton_paged_kernel_matches_reference(dtype):
             ref = (torch.softmax((q[i].float().unsqueeze(1) @ k.transpose(1, 2)) * hd ** -0.5, -1) @ v).squeeze(1)
             tol = 1e-4 if dtype == torch.float32 else 3e-2
             torch.testing.assert_close(out[i].float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_rms_norm_is_one_fused_kernel_and_matches_fp32_math(dtype):
+    from lumen.model.decoder import FUSED_RMS_NORM, RMSNorm
+
+    if FUSED_RMS_NORM is None:
+        pytest.skip("this torch has no fused RMSNorm kernel (torch.compile'd norms are used instead)")
+    torch.manual_seed(0)
+    norm = RMSNorm(128, 1e-6).to("cuda", dtype)
+    norm.weight.data.normal_(1.0, 0.2)
+    x = torch.randn(5, 8, 128, device="cuda", dtype=dtype)
+    with torch.inference_mode():
+        fused = norm(x)
+        xf = x.float()
+        ref = (norm.weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding step of 8 bits of mantissa
+    torch.testing.assert_close(fused.float(), ref, rtol=tol, atol=tol)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.inference_mode():
+            norm(x)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 1, [e.name for e in kernels]

@@ -33,7 +33,8 @@ class ForwardItem:
 
 
 def compiled_norms(model) -> list[tuple[torch.nn.Module, object]]:
-    """(module, compiled forward) for the decoder's RMSNorms, or [] if torch.compile is unavailable.
+    """(module, compiled forward) for the decoder's RMSNorms, or [] where torch has the fused RMSNorm
+    kernel (torch >= 2.8: RMSNorm.forward uses it on CUDA) or torch.compile is unavailable.
 
     Used only while capturing decode CUDA graphs: eagerly an RMSNorm is ~8 tiny kernels and a decode
     step runs 4 per layer, which at batch 1 costs as much as reading the weights. Outside graphs the
@@ -45,7 +46,10 @@ def compiled_norms(model) -> list[tuple[torch.nn.Module, object]]:
     """
     from types import SimpleNamespace
 
-    from lumen.model.decoder import RMSNorm
+    from lumen.model.decoder import FUSED_RMS_NORM, RMSNorm
+
+    if FUSED_RMS_NORM is not None:
+        return []  # RMSNorm.forward is one fused kernel on CUDA: nothing to compile
 
     def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return RMSNorm.forward(SimpleNamespace(weight=weight, eps=eps), x)
