@@ -123,7 +123,9 @@ def test_assisted_requests_keep_their_output_and_gain_tokens_per_step(deep_targe
         tokens_per_verify_step = (stats["spec_drafts"] + stats["spec_accepted_tokens"]) / stats["spec_drafts"]
         assert tokens_per_verify_step > 1.0
         phases = _worker(c, recovering)["phases_s"]
-        assert {"draft_load_s", "assist_s", "disk_to_host_s", "host_to_device_s"} <= set(phases)
+        assert {"draft_load_s", "draft_disk_to_host_s", "draft_host_to_device_s", "assist_s", "disk_to_host_s",
+                "host_to_device_s", "weights_to_device_s", "engine_init_s"} <= set(phases)
+        assert phases["weights_to_device_s"] + phases["engine_init_s"] <= phases["host_to_device_s"]
         metrics = c.client.get("/metrics").text
         assert "vllm:spec_decode_num_accepted_tokens_total" in metrics
         assert "lumen:recovery_phase_seconds_bucket" in metrics

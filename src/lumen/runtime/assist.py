@@ -122,6 +122,7 @@ class Drafter:
         self.worker, self.k = worker, k
         self.max_ahead = max(max_ahead, k)
         loaded = load_model(draft_spec, device=worker.device, dtype=worker.dtype, progress=False)
+        self.load_phases = {f"draft_{k}": v for k, v in loaded.phases.items()}
         self.config = loaded.config
         block = worker.args.block_size
         num_blocks = max(256, (worker.args.num_blocks or 0) // 2, 4 * (self.config.max_position // block + 1))

@@ -228,7 +228,7 @@ class Worker:
 
         loader = threading.Thread(target=load_target, daemon=True, name="target-loader")
         loader.start()
-        self._set_state(WorkerState.LOADING_DRAFT, draft_load_s=t_draft, draft_ready=1)
+        self._set_state(WorkerState.LOADING_DRAFT, draft_load_s=t_draft, draft_ready=1, **self.drafter.load_phases)
         drafted = False
         while loader.is_alive() and self.running:
             # wait (woken at once by a message) unless the last round drafted: with every guess K
@@ -259,23 +259,27 @@ class Worker:
     def _serve(self, host_state: dict, **phases) -> None:
         """Both load paths end here, still SWITCHING: host -> device, warm-up, then SERVING."""
         t = time.monotonic()
-        self._build_engine(host_state)
-        phases["host_to_device_s"] = time.monotonic() - t
+        phases.update(self._build_engine(host_state))
+        phases["host_to_device_s"] = time.monotonic() - t  # both parts below: the weights, then the engine
         self._set_state(WorkerState.SERVING, **phases, **warm_up(self.engine))
 
     @property
     def model_dir(self):
         return resolve_model_dir(self.args.model)
 
-    def _build_engine(self, host_state: dict) -> None:
+    def _build_engine(self, host_state: dict) -> dict[str, float]:
+        """The engine on the device from host weights; returns the seconds of its two parts."""
+        t = time.monotonic()
         config = read_config(self.model_dir) if host_state else None
         model = build_model_from_host(config, host_state, self.device, self.dtype)
+        t_weights = time.monotonic() - t
         cfg = EngineConfig(block_size=self.args.block_size, num_blocks=self.args.num_blocks,
                            max_batch=self.args.max_batch, chunk_tokens=self.args.chunk_tokens,
                            deterministic=self.args.deterministic, device=self.device, dtype=self.dtype)
         self.engine = Engine(model, cfg)
         mc = self.engine.model_config
         self.page_shape = (mc.num_layers, 2, self.args.block_size, mc.num_kv_heads, mc.head_dim)
+        return {"weights_to_device_s": t_weights, "engine_init_s": time.monotonic() - t - t_weights}
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> None:
