@@ -39,6 +39,11 @@ class EngineConfig:
     draft: Any = None  # a LoadedModel (or Decoder) used as co-located draft: proposes for every decode
     num_draft_tokens: int = 4
     draft_num_blocks: int | None = None  # None: as many blocks as the target pool
+    # KV page export staging ring (model_runner.EXPORT_*), allocated with the engine: up to export_slots
+    # slots of export_slot_pages pages, within export_ring_bytes. 0 slots: this engine never exports.
+    export_slots: int = 8
+    export_slot_pages: int = 16
+    export_ring_bytes: int = 256 << 20
 
 
 @dataclass
@@ -93,7 +98,9 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, cfg.block_size)
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, max_batch=cfg.max_batch,
                                   cuda_graphs=cfg.cuda_graphs and not cfg.deterministic,
-                                  compile_norms=cfg.compile and not cfg.deterministic)
+                                  compile_norms=cfg.compile and not cfg.deterministic,
+                                  export_slots=cfg.export_slots, export_slot_pages=cfg.export_slot_pages,
+                                  export_ring_bytes=cfg.export_ring_bytes)
         self.scheduler = Scheduler(self.block_manager, cfg.max_batch, self.chunk_tokens, on_admit=self._on_admit)
         self.sampler = Sampler()
         self.draft = None
@@ -107,6 +114,8 @@ class Engine:
         # with the sequences, so a caller that never exports (no checkpointing) costs a set add per
         # page boundary and nothing grows.
         self._pages_due: dict[str, None] = {}
+        # restores whose host -> device copies may still run: req -> (event, source pages kept referenced)
+        self._restores: dict[str, tuple[Any, list[KVPage]]] = {}
         self._rng = random.Random(cfg.seed)
         self._arrivals = 0
         self._eos = frozenset(self.model_config.eos_token_ids)
@@ -115,7 +124,8 @@ class Engine:
         self._ema_decode_s = 0.0  # EMA of wall time of decode-only steps
         self._counters = dict(steps=0, prefill_tokens=0, decode_tokens=0, restored_pages=0, restored_tokens=0,
                               rejected_pages=0, exported_pages=0, finished=0, aborted=0, spec_drafts=0,
-                              spec_draft_tokens=0, spec_accepted_tokens=0, spec_stale=0)
+                              spec_draft_tokens=0, spec_accepted_tokens=0, spec_stale=0,
+                              export_deferred=0)  # exports that left pages of a request for a later step
 
     # ------------------------------------------------------------------ sizing
     def _auto_num_blocks(self, draft_model) -> int:
@@ -214,7 +224,7 @@ class Engine:
             prev = chain_tag(prev, seq.token_ids[i * bs:end])
             if p.tag != prev:
                 break
-            good.append(KVPage(p.req_id, i, end, p.tag, data.reshape(shape)))
+            good.append(KVPage(p.req_id, i, end, p.tag, data.reshape(shape), lease=p.lease))  # a view: same slot
         self._counters["rejected_pages"] += n_given - len(good)
         return good
 
@@ -223,13 +233,32 @@ class Engine:
             return
         pages, seq.restored_pages = seq.restored_pages, []
         n = len(pages)
-        self.runner.write_blocks(seq.block_table[:n], torch.stack([p.data for p in pages]))
+        event = self.runner.write_blocks(seq.block_table[:n], [p.data for p in pages])
+        if event is not None:  # CUDA: asynchronous copies straight from the pages' (pinned) memory
+            for rid in [r for r, (ev, _) in self._restores.items() if ev.query()]:
+                del self._restores[rid]
+            self._restores[seq.req_id] = (event, pages)
         # Keep >= 1 token to run: its logits produce the next token (a fully restored, page-aligned
         # context rewrites its last slot with the same values).
         seq.num_computed_tokens = min(n * self.block_size, len(seq) - 1)
         seq.num_exported_pages = max(seq.num_exported_pages, n)  # the caller already holds these
         self._counters["restored_pages"] += n
         self._counters["restored_tokens"] += seq.num_computed_tokens
+
+    def restore_pending(self, req_id: str) -> bool:
+        """Whether the engine may still read the pages `req_id` was added with: not admitted yet, or
+        their host -> device copies not finished. Their memory (the checkpoint store's slots) must not
+        be reused until this is False."""
+        seq = self._seqs.get(req_id)
+        if seq is not None and seq.restored_pages:
+            return True
+        entry = self._restores.get(req_id)
+        if entry is None:
+            return False
+        if entry[0].query():
+            del self._restores[req_id]
+            return False
+        return True
 
     def abort(self, req_id: str) -> bool:
         seq = self._seqs.pop(req_id, None)
@@ -387,7 +416,8 @@ class Engine:
         candidates for `export_pages`. O(requests that filled a page), not O(running requests): the
         per-step cost of checkpointing on the engine thread. A request left out of the export (no
         holder yet) is reported again by `rewind_page_export` (which the worker calls when a holder
-        is set) or when it fills its next page."""
+        is set) or when it fills its next page; one whose pages did not all fit in the export ring
+        is reported again at once."""
         if not self._pages_due:
             return []
         due = list(self._pages_due)
@@ -397,9 +427,16 @@ class Engine:
     def export_pages(self, req_ids) -> list[KVPage]:
         """Pages of the given requests that became full (all their tokens committed and computed)
         since they were last exported, as host copies: one `read_blocks` for all of them (on CUDA one
-        gather and one asynchronous copy; `page.wait()` before reading). Requests that are not
-        running are skipped."""
+        gather per ring slot and asynchronous copies; `page.wait()` before reading). Requests that
+        are not running are skipped.
+
+        At most the export ring's free capacity goes out per call, in the order of `req_ids` and of
+        page index: a request whose pages do not all fit keeps the rest pending (from the first one
+        not exported, so nothing is skipped or sent twice) and `pages_due` reports it again. A
+        request that ends meanwhile drops its pending pages, as it drops those it never filled.
+        Each page holds its ring slot (KVPage.lease) until it and every view of it are gone."""
         bs = self.block_size
+        room = self.runner.export_capacity()
         todo: list[tuple[Sequence, int, int]] = []
         blocks: list[int] = []
         for rid in req_ids:
@@ -409,23 +446,32 @@ class Engine:
             full, first = seq.num_computed_tokens // bs, seq.num_exported_pages
             if full <= first:
                 continue
-            todo.append((seq, first, full))
-            blocks.extend(seq.block_table[first:full])
-            seq.num_exported_pages = full
+            last = first + min(full - first, room - len(blocks))
+            if last < full:
+                self._pages_due[rid] = None  # the rest waits for ring slots
+                self._counters["export_deferred"] += 1
+            if last <= first:
+                continue
+            todo.append((seq, first, last))
+            blocks.extend(seq.block_table[first:last])
+            seq.num_exported_pages = last
         if not todo:
             return []
         data, event = self.runner.read_blocks(blocks)
+        leases = getattr(data, "leases", None)
         pages: list[KVPage] = []
         k = 0
-        for seq, first, full in todo:
-            for i in range(first, full):
-                pages.append(KVPage(seq.req_id, i, (i + 1) * bs, seq.page_tag(i, bs), data[k], event))
+        for seq, first, last in todo:
+            for i in range(first, last):
+                pages.append(KVPage(seq.req_id, i, (i + 1) * bs, seq.page_tag(i, bs), data[k], event,
+                                    leases[k] if leases else None))
                 k += 1
         self._counters["exported_pages"] += len(pages)
         return pages
 
     def new_completed_pages(self, req_id: str) -> list[KVPage]:
-        """Pages of req_id that became full since the last call (`export_pages` of one request)."""
+        """Pages of req_id that became full since the last call (`export_pages` of one request: those
+        that do not fit in the export ring now come on a later call)."""
         return self.export_pages((req_id,))
 
     # ------------------------------------------------------------------ stats

@@ -63,6 +63,12 @@ class KVPage:
     data: [num_layers, 2 (k, v), block_size, num_kv_heads, head_dim] in the engine's KV dtype
     (or the same bytes as uint8). On CUDA it is a pinned buffer filled by an asynchronous copy:
     call `wait()` (or check `ready()`) before reading it.
+
+    lease: for an exported page, the hold on its slot of the engine's staging ring (`data` is a
+    view of that slot). The slot is reused only once no page and no buffer handed to ZeroMQ
+    references the lease any more: a consumer that keeps the bytes beyond the page object (a
+    zero-copy send) keeps `lease` referenced as long (see PageSender); one that keeps only
+    `data` must copy it first.
     """
 
     req_id: str
@@ -71,6 +77,7 @@ class KVPage:
     tag: bytes  # chain tag over token ids [0, end_pos)
     data: torch.Tensor
     event: Any = field(default=None, repr=False, compare=False)  # torch.cuda.Event or None
+    lease: Any = field(default=None, repr=False, compare=False)  # export_ring.SlotLease or None
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()

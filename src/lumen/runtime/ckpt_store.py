@@ -11,21 +11,35 @@ previous state is untouched. At recovery the gateway recomputes the tags from it
 history and :meth:`CheckpointStore.valid_prefix` counts the leading pages whose stored tag
 equals the expected one; everything after the first gap or mismatch is recomputed.
 
-Memory: pages live in fixed-size slots of a few large uint8 tensors ("chunks", allocated on
-demand, pinned when CUDA is available) instead of one allocation per page: pinned allocation
-is slow and torch's pinned allocator rounds each block up to a power of two, so per-page
-pinned tensors could overshoot the budget by up to 2x. Chunks hold whole pages within a power
-of two bytes, so physical memory stays within the budget plus one spare page (so a re-sent
-page is copied in completely before the old copy is freed) plus under a page of rounding per
-chunk. A restore is one host->device copy per page straight out of its slot.
+Memory: pages live in fixed-size slots of a few large uint8 tensors ("chunks", pinned when CUDA
+is available) instead of one allocation per page: pinned allocation is slow and torch's pinned
+allocator rounds each block up to a power of two, so per-page pinned tensors could overshoot the
+budget by up to 2x. Chunks hold whole pages within a power of two bytes, so physical memory stays
+within the budget plus one spare page (so a re-sent page is copied in completely before the old
+copy is freed) plus under a page of rounding per chunk. A restore is one host->device copy per page
+straight out of its slot (pinned: an asynchronous DMA; the worker releases the request only once
+the engine's copies have completed).
+
+Allocation up front: :meth:`CheckpointStore.allocate` creates every slot the budget can need
+(budget // page + 1) before the worker serves -- the worker runs it in a background thread from its
+start, overlapping the weight load, and reports SERVING only when it is done -- so storing a page
+never allocates while serving. Growing the pinned memory while serving (the receiver thread pinned
+a 64 MiB chunk whenever the store ran out, tens of ms each, serialised with every other pinned
+allocation and CUDA call of the process) was one of the causes of heartbeat stalls of 0.3-0.4 s on
+2x H200 (2026-11-28). Startup cost: cudaHostAlloc pins a few GB/s, so the GPU experiment's 16 GB
+per worker takes several seconds (~250 chunks of 64 MiB), hidden behind the weight read when that is
+as long (a restart reads the weights again, so it pays this again too); the default 2 GB, well
+under a second. Unpinned (CPU hosts, tests) the same chunks are ordinary memory, which the kernel
+backs only when first written. A page that arrives before the allocation is done (a holder is only
+chosen among serving workers, so rarely) takes a slot that exists or grows the store by one chunk
+itself, as a store without :meth:`allocate` always does (tests).
 
 Locking: the engine thread reads stats and makes reservations every loop turn while the receiver
 thread stores pages, so the store lock is never held across anything slow. A page is checked and
 given a slot under the lock, copied into the slot without it (numpy's copy releases the GIL too),
 and installed under the lock after checking again that its request still holds the reservation;
-growing the slot memory (a pinned allocation, tens of ms per 64 MiB chunk on a GPU host) also
-happens outside it. Copies are serialised among themselves (one page in flight), which keeps the
-physical bound above: budget plus one spare slot.
+growing the slot memory also happens outside it. Copies are serialised among themselves (one page
+in flight), which keeps the physical bound above: budget plus one spare slot.
 """
 
 from __future__ import annotations
@@ -285,14 +299,42 @@ class CheckpointStore:
     def _slot_np(self, slot: int) -> np.ndarray:
         return self._chunks_np[slot // self._slots_per_chunk][slot % self._slots_per_chunk]
 
+    def allocate(self, page_nbytes: int | None = None) -> int:
+        """Create every slot the budget can need (budget // page + 1), so that storing a page never
+        allocates afterwards; returns the bytes allocated in total. ``page_nbytes`` fixes the page
+        size (it must match one already fixed). Chunk by chunk, each under the put lock only: pages
+        may be stored meanwhile, into the slots that exist already."""
+        with self._lock:
+            if page_nbytes is not None:
+                if page_nbytes <= 0 or (self.page_nbytes is not None and self.page_nbytes != page_nbytes):
+                    raise ValueError(f"page size {page_nbytes} (store: {self.page_nbytes})")
+                self.page_nbytes = page_nbytes
+            if self.page_nbytes is None:
+                raise ValueError("allocate needs the page size")
+        while True:
+            with self._put_lock:
+                if not self._grow():
+                    break
+        with self._lock:
+            return sum(c.numel() for c in self._chunks)
+
     def _grow_and_take(self) -> int:
-        """A slot from a new chunk. Called with the put lock held (so by one thread at a time) and
-        the store lock not held: pinning a chunk is slow, and the engine thread must not wait for it."""
-        page = self.page_nbytes
-        assert page is not None
+        """A slot from a new chunk (a store that was not allocated up front). Called with the put lock
+        held and the store lock not held: pinning a chunk is slow, and the engine thread must not wait."""
         with self._lock:
             if self._free:  # a release freed one meanwhile
                 return self._free.pop()
+        if not self._grow():
+            raise RuntimeError("checkpoint store out of slots despite accounting")  # invariant broken
+        with self._lock:
+            return self._free.pop()
+
+    def _grow(self) -> bool:
+        """Add one chunk of slots; False once every slot the budget allows exists. Put lock held (only
+        one thread adds chunks), store lock not held across the allocation."""
+        page = self.page_nbytes
+        assert page is not None
+        with self._lock:
             if not self._slots_per_chunk:
                 # whole pages within the largest power of two <= max(CHUNK_BYTES, page): a pinned
                 # allocator that rounds up to a power of two then wastes less than one page
@@ -303,16 +345,17 @@ class CheckpointStore:
             total_slots = self.budget // page + 1
             have = sum(c.shape[0] for c in self._chunks)
             n = min(self._slots_per_chunk, total_slots - have)
-            if n <= 0 or (self._chunks and self._chunks[-1].shape[0] < self._slots_per_chunk):
-                raise RuntimeError("checkpoint store out of slots despite accounting")  # invariant broken
+            if n <= 0:
+                return False
+            if self._chunks and self._chunks[-1].shape[0] < self._slots_per_chunk:
+                raise RuntimeError("checkpoint store: a chunk after a partial one")  # invariant broken
         # the last chunk may be partial; no chunk follows it, so slot // slots_per_chunk holds
         chunk = torch.empty((n, page), dtype=torch.uint8, pin_memory=self.pin)
         with self._lock:
-            base = have  # only this thread adds chunks (put lock)
             self._chunks.append(chunk)
             self._chunks_np.append(chunk.numpy())
-            self._free.extend(range(base + n - 1, base, -1))
-            return base
+            self._free.extend(range(have + n - 1, have - 1, -1))  # lowest slot handed out first
+        return True
 
     # ------------------------------------------------------------------ introspection
     @property

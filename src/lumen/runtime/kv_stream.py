@@ -15,6 +15,9 @@ with the engine for real.
   later restore to a shorter prefix, never to wrong output -- only when the queue is over its page or
   byte bound (the queued pages hold host memory, pinned on a GPU) or the holder does not drain in time
   (slow or dead: the sender then stops waiting for it for a second, so other holders go on).
+  A page's bytes live in a slot of the engine's export ring (KVPage.lease), and ZeroMQ sends them
+  without copying (copy=False: it keeps a reference to the buffer until the message has left, or
+  was dropped); the lease is tied to that buffer, so the slot is reused only after ZeroMQ let go.
 - `PageReceiver` (holder): binds the worker's KV socket; verifies and stores pages in the
   CheckpointStore (which has its own lock). The controller sends RESERVE to the holder and HOLDER to
   the executor at the same time, and the executor exports a request's first pages as soon as HOLDER
@@ -33,6 +36,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 
 import torch
@@ -44,6 +48,10 @@ from .protocol import SCHEMA
 from .transport import Codec, PullEndpoint, PushPool
 
 log = logging.getLogger("lumen.kv_stream")
+
+
+def _keep(*_refs) -> None:
+    """weakref.finalize callback: its arguments (a page's ring lease) live as long as the referent."""
 
 
 class PageSender(threading.Thread):
@@ -129,13 +137,18 @@ class PageSender(threading.Thread):
                         self.stalled += 1  # holder slow or gone: that page stays invalid
                         continue
                     body = {"req": page.req_id, "index": page.index, "end": page.end_pos, "tag": page.tag}
-                    if push.send(addr, "PAGE", body, [page.data.contiguous().view(torch.uint8).numpy()]):
+                    frame = page.data.contiguous().view(torch.uint8).numpy()
+                    if page.lease is not None:  # the ring slot stays taken while ZeroMQ holds the frame
+                        weakref.finalize(frame, _keep, page.lease)
+                    if push.send(addr, "PAGE", body, [frame]):
                         self.sent += 1
                     else:
                         self.failed += 1
                 finally:
                     with self._bytes_lock:
                         self._queued_bytes -= n
+                    # drop this page's references now, not when the next item comes (its ring slot)
+                    item = page = frame = None
         finally:
             push.close()
 

@@ -187,6 +187,9 @@ class Worker:
         self.running = True
         self.counters = {"restored_requests": 0, "restored_pages": 0, "bad_commands": 0, "ckpt_export_s": 0.0}
         self._last_ckpt_report = 0.0
+        self._restoring: set[str] = set()  # restored requests whose store pages the engine may still read
+        self._store_alloc: threading.Thread | None = None
+        self._store_alloc_out: dict = {}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -195,13 +198,44 @@ class Worker:
         self.kv_rx.start()
         self.ctrl.send("HELLO", {"worker": self.id, "pid": os.getpid(), "data_addr": self.data.address,
                                  "kv_addr": self.kv_rx.address, "device": self.device, "host": self.args.host})
+        if self.features.checkpointing is not None:
+            self._allocate_store()
         speculative_restart = self.features.speculation and self.epoch > 1 and self.args.draft_model
         if speculative_restart:
             self._load_progressively()
         else:
             self._load_plain()
 
+    def _allocate_store(self) -> None:
+        """All of the checkpoint store's memory, now, in the background: it overlaps the weight load,
+        and storing a page never allocates (pinned) memory while serving (see ckpt_store)."""
+        page, out = self._page_nbytes(), self._store_alloc_out
+
+        def allocate():
+            t0 = time.monotonic()
+            try:
+                self.store.allocate(page)
+                out["ckpt_alloc_s"] = time.monotonic() - t0
+            except BaseException as e:  # raised again on the main thread, before SERVING
+                out["error"] = e
+
+        self._store_alloc = threading.Thread(target=allocate, daemon=True, name="ckpt-alloc")
+        self._store_alloc.start()
+
+    def _store_ready(self) -> dict:
+        """Wait for the store allocation; its seconds and how long SERVING waited for it."""
+        if self._store_alloc is None:
+            return {}
+        t0 = time.monotonic()
+        self._store_alloc.join()
+        self._store_alloc = None
+        if "error" in self._store_alloc_out:
+            raise RuntimeError("allocating the checkpoint store failed") from self._store_alloc_out["error"]
+        return {"ckpt_alloc_s": self._store_alloc_out["ckpt_alloc_s"], "ckpt_alloc_wait_s": time.monotonic() - t0}
+
     def _set_state(self, state: WorkerState, **info) -> None:
+        if state is WorkerState.SERVING:  # a holder must have all of its store memory (placement: SERVING only)
+            info = {**self._store_ready(), **info}
         self.state = state
         self.ctrl.send("STATE", {"state": state.value, "info": info})
 
@@ -275,7 +309,9 @@ class Worker:
         t_weights = time.monotonic() - t
         cfg = EngineConfig(block_size=self.args.block_size, num_blocks=self.args.num_blocks,
                            max_batch=self.args.max_batch, chunk_tokens=self.args.chunk_tokens,
-                           deterministic=self.args.deterministic, device=self.device, dtype=self.dtype)
+                           deterministic=self.args.deterministic, device=self.device, dtype=self.dtype,
+                           # no checkpointing, no page export: no staging ring (256 MiB pinned on a GPU)
+                           export_slots=EngineConfig.export_slots if self.features.checkpointing else 0)
         self.engine = Engine(model, cfg)
         mc = self.engine.model_config
         self.page_shape = (mc.num_layers, 2, self.args.block_size, mc.num_kv_heads, mc.head_dim)
@@ -298,6 +334,8 @@ class Worker:
                 if self.verifier is not None:
                     self.verifier.after_step(self.engine, outputs)
             self._stream_pages()
+            if self._restoring:
+                self._release_restored()
             self._publish_stats()
 
     def _poll(self, timeout_ms: int) -> None:
@@ -365,12 +403,22 @@ class Worker:
             self.counters["restored_requests"] += 1
             self.counters["restored_pages"] += len(pages)
         try:
-            # the engine copies restored pages into its own blocks; only then are the store's slots freed
             self.engine.add_request(rid, context[:n_prompt], params, generated_ids=context[n_prompt:],
                                     restored_pages=pages)
         except ValueError as exc:
             self._finish_error(rid, str(exc))
         finally:
+            # the engine copies the pages into its blocks when it admits the request (on CUDA
+            # asynchronously, straight from the store's slots): only then may the slots be reused
+            if pages and self.engine.restore_pending(rid):
+                self._restoring.add(rid)
+            else:
+                self.store.release(rid)
+
+    def _release_restored(self) -> None:
+        """Free the store's copy of restored requests that the engine has finished reading."""
+        for rid in [r for r in self._restoring if not self.engine.restore_pending(r)]:
+            self._restoring.discard(rid)
             self.store.release(rid)
 
     def _restorable_pages(self, rid: str, tags: list[bytes]) -> list[KVPage]:
@@ -417,10 +465,12 @@ class Worker:
         """Hand newly completed pages of protected requests to the sender thread.
 
         Only requests that filled a page since the last turn are looked at (`Engine.pages_due`), and
-        all their pages leave in one export; the engine copies them device -> host asynchronously and
-        the sender waits for the copy, MACs and sends each page on its own thread, so the engine step
-        never waits on the copy, the MAC or the network. (Scanning every protected request instead
-        cost 0.35 us per request per step on the 2-core box.)
+        their pages leave in one export, as many as the engine's export ring has free slots for (the
+        rest stay pending in the engine, in order, and go on a later turn); the engine copies them
+        device -> host asynchronously and the sender waits for the copy, MACs and sends each page on
+        its own thread, so the engine step never waits on the copy, the MAC or the network, and no
+        host memory is allocated for it. (Scanning every protected request instead cost 0.35 us per
+        request per step on the 2-core box.)
         """
         if self.engine is None:
             return
