@@ -35,6 +35,9 @@ FAIL_AT=${FAIL_AT:-10s}
 REPEATS=${REPEATS:-3}
 TARGET_LOAD=${TARGET_LOAD:-0.8}
 NUM_BLOCKS=${NUM_BLOCKS:-2000}
+# each store is page-locked in full at worker start (no pinned allocation while serving): 6 GB holds
+# ~32 full-length requests of the 8B shape (189 MB each), where run 1's holders held ~4-8 at a time
+CKPT_GB=${CKPT_GB:-6}
 POLICIES=${POLICIES:-"stop-restart fixed-ckpt lumen"}  # ablations: a later call with POLICIES="lumen-no-spec spec-only" REPEATS=1
 RUNS=${RUNS:-$PWD/.gpu-runs/repro-$PRESET}
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
@@ -72,7 +75,7 @@ for step in $STEPS; do
     t=$(( $(left) - 45 ))
     if [ "$t" -lt 60 ]; then echo "no time left for the bench"; continue; fi
     timeout -k 30 "$t" python3 -m lumen bench --model "$target" --workers "$WORKERS" --devices "$DEVICES" "${pol[@]}" \
-      --serve-args "--draft-model $target-selfdraft --num-blocks $NUM_BLOCKS --cold-restart --ckpt-budget-gb 16 --max-model-len 2048" \
+      --serve-args "--draft-model $target-selfdraft --num-blocks $NUM_BLOCKS --cold-restart --ckpt-budget-gb $CKPT_GB --max-model-len 2048" \
       --qps auto --target-load "$TARGET_LOAD" --calibration-requests 64 --duration "$DURATION" \
       --lengths splitwise-conv --max-prompt 1024 --max-output 256 --fail "t=$FAIL_AT:worker=1:SIGKILL" \
       --repeats "$REPEATS" --window auto --startup-timeout 300 --resume --out "$RUNS" --quiet > "$OUT/bench.log" 2>&1
