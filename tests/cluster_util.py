@@ -153,7 +153,7 @@ class Cluster:
 def run_cluster(model: str, workers: int = 2, policy: str = "stop-restart", extra: list[str] | None = None,
                 name: str = "tiny", env: dict | None = None, ready_timeout: float = 180, log_path=None):
     port = free_port()
-    extra = list(extra or [])  # CPU clusters default to 10 missed heartbeats (1 s) before a verdict
+    extra = list(extra or [])  # clusters default to 10 missed heartbeats (1 s) before a verdict
     cmd = [sys.executable, "-m", "lumen", "serve", "--model", model, "--workers", str(workers), "--policy",
            policy, "--port", str(port), "--served-model-name", name, *extra]
     full_env = dict(os.environ, **(env or {}))

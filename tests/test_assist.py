@@ -148,7 +148,7 @@ def test_default_model_assisted_by_its_draft_gains_tokens_per_step():
     # partner's own counters: its verify steps, and all its steps, commit more than one token each
     # on average. (Exact outputs under assistance: the deterministic tests above.) The stream is
     # dropped once the window is measured (the gateway aborts the request), to keep the test short.
-    # --hb-misses 100 (10 s; default 1 s on CPU): on the 2-core box shared with other jobs (load
+    # --hb-misses 100 (10 s; default 1 s): on the 2-core box shared with other jobs (load
     # average 5-10) the assisting worker -- drafting, loading its target and heartbeating on three
     # threads -- was seen silent for 1.08 s (default budget) and for 3.02 s (a 3 s budget), declared
     # dead ~1.5 s into the window, which ended before any proposal. A false verdict on a starved box

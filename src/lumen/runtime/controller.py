@@ -166,7 +166,7 @@ class Controller:
         c = self.cfg
         argv = ["--worker-id", str(w.id), "--epoch", str(w.epoch), "--controller", self.router.address,
                 "--model", c.model, "--device", c.device_for(w.id), "--policy", self.policy.value,
-                "--host", c.host, "--hb-interval", str(c.hb_interval_s),
+                "--host", c.host, "--hb-interval", str(c.hb_interval_s), "--hb-misses", str(c.hb_misses),
                 "--ckpt-budget-bytes", str(c.ckpt_budget_bytes), "--block-size", str(c.block_size),
                 "--max-batch", str(c.max_batch), "--chunk-tokens", str(c.chunk_tokens),
                 "--spec-k", str(c.spec_k)]
@@ -624,6 +624,8 @@ class Controller:
         M.KV_USAGE.set(sum(usages) / len(usages) if usages else 0.0)
         M.CKPT_RESERVED.set(sum(w.ckpt_reserved for w in self.workers.values()))
         M.CKPT_STORED.set(sum(_num(w.stats, "ckpt_stored_bytes") for w in self.workers.values()))
+        for w in self.workers.values():
+            M.HB_LATE_MAX.labels(worker=str(w.id)).set(_num(w.stats, "hb_late_max_ms") / 1000)
         # messages dropped by the transport (bad MAC, replay, malformed, ...): the controller's own socket,
         # and each worker's sockets as its last heartbeat reported them
         for reason, n in self.codec.stats.items():

@@ -48,6 +48,10 @@ SPEC_ACCEPTANCE = Gauge("lumen:assist_acceptance_rate", "Accepted / proposed dra
 RECOVERY_PHASE = Histogram("lumen:recovery_phase_seconds", "Duration of each phase of a worker's recovery "
                            "(draft_load, assist, disk_to_host, host_to_device, warmup)", ["phase"],
                            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80), registry=REGISTRY)
+HB_LATE_MAX = Gauge("lumen:heartbeat_late_max_seconds", "Largest lateness of a worker's heartbeat (gap between "
+                    "beats minus the interval) over the last 30 s, as its latest heartbeat reports it; a serving "
+                    "worker is declared dead once interval + lateness passes the deadline (0 before the first beat)",
+                    ["worker"], registry=REGISTRY)
 TRANSPORT_DROPS = Gauge("lumen:transport_dropped_messages", "Internal messages dropped by the transport (bad MAC, "
                         "replay, stale epoch, malformed, oversize, unknown type, schema), per process and reason; a "
                         "worker's count restarts with each incarnation", ["process", "reason"], registry=REGISTRY)

@@ -55,9 +55,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
                    help="largest accepted HTTP request body; larger ones get 413 (default: 4 MiB)")
     p.add_argument("--hb-interval", type=float, default=0.1, help="heartbeat interval, seconds")
-    p.add_argument("--hb-misses", type=int, default=None,
-                   help="missed heartbeats before a worker is declared dead (default: 3 on GPU; 10 on CPU, where "
-                        "workers share a few cores with the gateway and a 300 ms scheduling stall is no failure)")
+    p.add_argument("--hb-misses", type=int, default=10,
+                   help="missed heartbeats before a serving worker is declared dead (default 10: 1 s at 0.1 s; "
+                        "a hang waits this long, a crash or kill is seen at once; 3 declared healthy GPU workers "
+                        "dead under load, and CPU workers share a few cores with the gateway)")
     p.add_argument("--fence-grace", type=float, default=0.0,
                    help="seconds a hung (fenced) worker may linger before it is killed")
     p.add_argument("--deterministic", action="store_true", help="float64 on CPU: bit-stable greedy outputs")
@@ -87,6 +88,8 @@ def _devices(arg: str | None) -> list[str]:
 def build_config(args: argparse.Namespace) -> tuple[ClusterConfig, Tokenizer | None, int]:
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
+    if args.hb_misses < 1 or args.hb_interval <= 0:
+        raise ValueError("--hb-misses must be at least 1 and --hb-interval positive")
     parse_policy(args.policy)
     model_dir = resolve_model_dir(args.model)
     mcfg = read_config(model_dir)
@@ -107,7 +110,7 @@ def build_config(args: argparse.Namespace) -> tuple[ClusterConfig, Tokenizer | N
         model=str(model_dir), served_model_name=args.served_model_name or (
             "default" if args.model == "default" else model_dir.name),
         num_workers=args.workers, devices=devices, policy=args.policy, host=args.host,
-        hb_interval_s=args.hb_interval, hb_misses=args.hb_misses or (3 if on_gpu else 10),
+        hb_interval_s=args.hb_interval, hb_misses=args.hb_misses,
         fence_grace_s=args.fence_grace,
         block_size=args.block_size, num_blocks=args.num_blocks, max_batch=args.max_batch,
         chunk_tokens=args.chunk_tokens or (1024 if on_gpu else 256), deterministic=args.deterministic,

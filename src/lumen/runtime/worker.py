@@ -11,8 +11,11 @@ engine step never delays the heartbeat and the replay guard sees one ordered str
 from __future__ import annotations
 
 import argparse
+import collections
+import faulthandler
 import functools
 import logging
+import math
 import os
 import signal
 import sys
@@ -52,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--policy", default="stop-restart")
     p.add_argument("--host", default="127.0.0.1", help="interface for this worker's data socket")
     p.add_argument("--hb-interval", type=float, default=0.1)
+    p.add_argument("--hb-misses", type=int, default=10, help="the controller's deadline in beats (sets the watchdog)")
     p.add_argument("--ckpt-budget-bytes", type=int, default=2 << 30)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int)
@@ -131,29 +135,114 @@ def trim_stats(stats: dict, limit: int) -> dict:
     return {k: stats[k] for k in keys[:limit]}
 
 
+HB_WATCHDOG_ENV = "LUMEN_HB_WATCHDOG"  # "0": no stack dump when the heartbeat thread stalls
+HB_LATE_WINDOW_S = 30.0  # hb_late_max_ms is the max over this window (outlives a 15 s Prometheus scrape)
+HB_DUMP_EVERY_S = 10.0  # at most one watchdog stack dump per this many seconds
+HB_OWN_STATS = ("loop_age_s", "hb_late_max_ms")  # what the heartbeat thread adds to the published stats
+
+
+def _thread_names() -> str:
+    # as faulthandler names threads ("Thread 0x00007f..."), which it cannot label itself
+    return ", ".join(f"0x{t.ident:016x} {t.name}" for t in threading.enumerate() if t.ident)
+
+
 class Heartbeat(threading.Thread):
+    """Beats every `interval` on its own socket; the controller declares a serving worker dead after
+    `deadline` (interval x misses) without a beat. Two always-on diagnostics of a stall of this
+    thread (another thread holding the GIL, a lock, a blocked send):
+
+    - `hb_late_max_ms` in the stats: the largest lateness (gap between beats minus the interval)
+      over the last HB_LATE_WINDOW_S. A sliding max, not the max since the previous beat: the
+      controller keeps only the latest heartbeat, which /lumen/cluster readers and Prometheus scrapes
+      (seconds apart) would almost never see.
+    - a watchdog: faulthandler.dump_traceback_later, re-armed at every beat (~50 us), writes every
+      thread's Python stack to stderr (the cluster log) once this thread has not beaten for
+      deadline/2. Its timer is a C thread that needs no GIL, so it fires while Python is stuck and
+      shows which thread sat in which call. Armed only while the engine loop runs (only serving
+      workers are held to the deadline), at most one dump per HB_DUMP_EVERY_S, cancelled by stop()
+      so that an exit dumps nothing. faulthandler has one such timer per process: nothing else in
+      the worker may use it.
+    """
+
     def __init__(self, ctx: zmq.Context, secret: bytes, worker_id: int, epoch: int, controller: str,
-                 interval: float):
+                 interval: float, deadline: float | None = None, watchdog: bool | None = None,
+                 dump_file=None):
         super().__init__(daemon=True, name="heartbeat")
         self.codec = Codec(secret, f"w{worker_id}.hb", epoch, schema=SCHEMA)
         self.sock = DealerEndpoint(ctx, self.codec, controller)
         self.interval = interval
+        self.deadline = deadline or 10 * interval
+        if watchdog is None:
+            watchdog = os.environ.get(HB_WATCHDOG_ENV, "1").strip() != "0"
+        self.watchdog_s = self.deadline / 2 if watchdog else None
         self.stats: dict = {}
         self.loop_at: float | None = None  # last turn of the worker's main loop (None while loading)
         self._halt = threading.Event()
+        self._late: collections.deque[tuple[float, float]] = collections.deque()  # (at, late), late decreasing
+        self._dump_file = dump_file or sys.stderr
+        self._wd_lock = threading.Lock()  # no timer may be armed after stop()
+        self._armed_at: float | None = None
+        self._dumped_at = -math.inf
+        self._announced = False
 
     def run(self) -> None:
         parent = os.getppid()
-        while not self._halt.wait(self.interval):
-            if os.getppid() != parent:  # the gateway is gone: do not linger as an orphan
-                os.kill(os.getpid(), signal.SIGKILL)
-            stats = self.stats
-            if self.loop_at is not None:
-                stats = dict(stats, loop_age_s=round(time.monotonic() - self.loop_at, 3))
-            self.sock.send("HB", {"stats": stats})
+        last = time.monotonic()
+        try:
+            while not self._halt.wait(self.interval):
+                now = time.monotonic()
+                late, last = now - last - self.interval, now
+                if os.getppid() != parent:  # the gateway is gone: do not linger as an orphan
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if self.watchdog_s is not None:
+                    self._rearm(now, late)
+                stats = dict(self.stats, hb_late_max_ms=round(self._late_max(now, late) * 1000, 1))
+                if self.loop_at is not None:
+                    stats["loop_age_s"] = round(now - self.loop_at, 3)
+                self.sock.send("HB", {"stats": stats})
+        finally:
+            with self._wd_lock:
+                self._disarm()
+
+    def _late_max(self, now: float, late: float) -> float:
+        q = self._late  # monotonic queue: O(1) amortized per beat
+        while q and q[-1][1] <= late:
+            q.pop()
+        q.append((now, late))
+        while q[0][0] < now - HB_LATE_WINDOW_S:
+            q.popleft()
+        return max(0.0, q[0][1])
+
+    def _rearm(self, now: float, late: float) -> None:
+        with self._wd_lock:
+            if self._halt.is_set():
+                return
+            if self._armed_at is not None and now - self._armed_at >= self.watchdog_s:
+                # the timer ran out before this beat: its dump is in the log (without a worker id)
+                self._dumped_at = self._armed_at + self.watchdog_s
+                log.warning("heartbeat %.0f ms late (deadline %.2f s): the watchdog dumped every thread's "
+                            "stack to stderr (no other dump for %.0f s); threads of pid %d: %s", late * 1000,
+                            self.deadline, HB_DUMP_EVERY_S, os.getpid(), _thread_names())
+            if self.loop_at is None or now - self._dumped_at < HB_DUMP_EVERY_S:
+                self._disarm()
+                return
+            if not self._announced:
+                self._announced = True
+                log.info("heartbeat watchdog: no beat for %.2f s dumps every thread's stack to stderr (%s=0 "
+                         "turns it off); threads of pid %d: %s", self.watchdog_s, HB_WATCHDOG_ENV,
+                         os.getpid(), _thread_names())
+            faulthandler.dump_traceback_later(self.watchdog_s, file=self._dump_file)
+            self._armed_at = time.monotonic()
+
+    def _disarm(self) -> None:  # under _wd_lock
+        if self._armed_at is not None:
+            faulthandler.cancel_dump_traceback_later()
+            self._armed_at = None
 
     def stop(self) -> None:
-        self._halt.set()
+        with self._wd_lock:
+            self._halt.set()
+            self._disarm()
 
 
 class Worker:
@@ -167,7 +256,8 @@ class Worker:
         self.ctrl = DealerEndpoint(self.ctx, self.codec, args.controller)
         self.data = PullEndpoint(self.ctx, self.codec, host=args.host)
         self.push = PushPool(self.ctx, self.codec)
-        self.hb = Heartbeat(self.ctx, secret, self.id, self.epoch, args.controller, args.hb_interval)
+        self.hb = Heartbeat(self.ctx, secret, self.id, self.epoch, args.controller, args.hb_interval,
+                            deadline=args.hb_interval * args.hb_misses)
         self.features = features(args.policy)
         self.store = CheckpointStore(args.ckpt_budget_bytes)
         self.kv_tx = PageSender(self.ctx, secret, self.id, self.epoch)
@@ -532,7 +622,7 @@ class Worker:
             stats.update(self.engine.stats())
         stats.update({f"ckpt_{k}": v for k, v in self.store.stats().items() if isinstance(v, (int, float))})
         stats = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
-        self.hb.stats = trim_stats(stats, HB_MAX_STATS - 1)  # the heartbeat thread adds loop_age_s
+        self.hb.stats = trim_stats(stats, HB_MAX_STATS - len(HB_OWN_STATS))  # the heartbeat thread adds these
         now = time.monotonic()
         if now - self._last_ckpt_report > 0.2:
             self._last_ckpt_report = now

@@ -31,7 +31,9 @@ class SimConfig:
     disk_gbps: float = 2.0              # SSD read per worker, GB/s
     net_gbps: float = 10.0              # per-worker NIC for checkpoint streaming, Gbit/s
     ckpt_budget_gb: float = 160.0       # host memory per worker for others' checkpoints
-    detect_s: float = 0.3               # failure -> declared dead (3 missed 100 ms heartbeats)
+    detect_s: float = 0.3               # failure -> declared dead, for a crash/kill (the live system sees
+                                        # one through its process sentinel; only a hang waits for the
+                                        # heartbeat deadline, 1 s by default)
     restart_s: float = 2.0              # declared dead -> new process up (CUDA init etc.)
     warmup_s: float = 1.0               # after weights are on device (graph capture, warm-up)
     draft_cached: bool = False          # draft weights already in host memory (no disk read)
