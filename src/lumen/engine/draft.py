@@ -31,7 +31,8 @@ class DraftProposer:
         self.chunk_tokens = chunk_tokens
         self.max_len = model.config.max_position
         self.bm = BlockManager(num_blocks, block_size)
-        self.runner = ModelRunner(model, num_blocks, block_size, max_batch=max_batch, cuda_graphs=cuda_graphs)
+        self.runner = ModelRunner(model, num_blocks, block_size, max_batch=max_batch, cuda_graphs=cuda_graphs,
+                                  export_slots=0)  # a draft never exports pages: no staging ring
         self.states: dict[str, _DraftSeq] = {}
 
     def release(self, req_id: str) -> None:
