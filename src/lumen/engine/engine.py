@@ -15,7 +15,7 @@ import torch
 
 from .block_manager import BlockManager, cdiv
 from .kv_pages import KVPage, chain_tag
-from .model_runner import ForwardItem, ModelRunner
+from .model_runner import EXPORT_RING_BYTES, EXPORT_SLOT_PAGES, EXPORT_SLOTS, ForwardItem, ModelRunner
 from .params import SamplingParams
 from .sampler import Sampler
 from .scheduler import ScheduledSeq, Scheduler
@@ -41,9 +41,9 @@ class EngineConfig:
     draft_num_blocks: int | None = None  # None: as many blocks as the target pool
     # KV page export staging ring (model_runner.EXPORT_*), allocated with the engine: up to export_slots
     # slots of export_slot_pages pages, within export_ring_bytes. 0 slots: this engine never exports.
-    export_slots: int = 8
-    export_slot_pages: int = 16
-    export_ring_bytes: int = 256 << 20
+    export_slots: int = EXPORT_SLOTS
+    export_slot_pages: int = EXPORT_SLOT_PAGES
+    export_ring_bytes: int = EXPORT_RING_BYTES
 
 
 @dataclass
@@ -458,13 +458,12 @@ class Engine:
         if not todo:
             return []
         data, event = self.runner.read_blocks(blocks)
-        leases = getattr(data, "leases", None)
+        leases = data.leases
         pages: list[KVPage] = []
         k = 0
         for seq, first, last in todo:
             for i in range(first, last):
-                pages.append(KVPage(seq.req_id, i, (i + 1) * bs, seq.page_tag(i, bs), data[k], event,
-                                    leases[k] if leases else None))
+                pages.append(KVPage(seq.req_id, i, (i + 1) * bs, seq.page_tag(i, bs), data[k], event, leases[k]))
                 k += 1
         self._counters["exported_pages"] += len(pages)
         return pages

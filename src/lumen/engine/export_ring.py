@@ -57,12 +57,7 @@ class ExportRing:
         self._free: deque[int] = deque(range(num_slots))  # oldest returned first: likeliest copied
         # re-entrant: a SlotLease may be collected by this very thread while it holds the lock
         self._lock = threading.RLock()
-        self.exports = 0  # exports that took slots
         self.slots_taken = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self.pages.numel() * self.pages.element_size() + self.index.numel() * 8
 
     def _ready(self, slot: int) -> bool:
         ev = self._events[slot]
@@ -98,7 +93,6 @@ class ExportRing:
                 raise RuntimeError(f"export ring: {n_pages} pages do not fit ({len(got)} slots ready)")
             for s in got:
                 self._free.remove(s)
-            self.exports += 1
             self.slots_taken += need
         return [(s, SlotLease(self, s)) for s in got]
 

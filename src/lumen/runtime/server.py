@@ -55,7 +55,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
                    help="largest accepted HTTP request body; larger ones get 413 (default: 4 MiB)")
     p.add_argument("--hb-interval", type=float, default=0.1, help="heartbeat interval, seconds")
-    p.add_argument("--hb-misses", type=int, default=10,
+    p.add_argument("--hb-misses", type=int, default=ClusterConfig.hb_misses,
                    help="missed heartbeats before a serving worker is declared dead (default 10: 1 s at 0.1 s; "
                         "a hang waits this long, a crash or kill is seen at once; 3 declared healthy GPU workers "
                         "dead under load, and CPU workers share a few cores with the gateway)")

@@ -32,6 +32,7 @@ from ..model.loader import build_model_from_host, read_config, read_weights_to_h
 from ..policy import WorkerState, features
 from .assist import Drafter, Verifier
 from .ckpt_store import CheckpointStore
+from .config import ClusterConfig
 from .kv_stream import PageReceiver, PageSender
 from .model_dirs import resolve_model_dir
 from .protocol import HB_DECISION_KEYS, HB_MAX_STATS, MAX_CKPT_REPORT, SCHEMA
@@ -55,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--policy", default="stop-restart")
     p.add_argument("--host", default="127.0.0.1", help="interface for this worker's data socket")
     p.add_argument("--hb-interval", type=float, default=0.1)
-    p.add_argument("--hb-misses", type=int, default=10, help="the controller's deadline in beats (sets the watchdog)")
+    p.add_argument("--hb-misses", type=int, default=ClusterConfig.hb_misses, help="the controller's deadline in beats (sets the watchdog)")
     p.add_argument("--ckpt-budget-bytes", type=int, default=2 << 30)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int)
@@ -171,7 +172,7 @@ class Heartbeat(threading.Thread):
         self.codec = Codec(secret, f"w{worker_id}.hb", epoch, schema=SCHEMA)
         self.sock = DealerEndpoint(ctx, self.codec, controller)
         self.interval = interval
-        self.deadline = deadline or 10 * interval
+        self.deadline = deadline or ClusterConfig.hb_misses * interval
         if watchdog is None:
             watchdog = os.environ.get(HB_WATCHDOG_ENV, "1").strip() != "0"
         self.watchdog_s = self.deadline / 2 if watchdog else None
