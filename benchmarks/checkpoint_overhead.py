@@ -36,10 +36,12 @@ import httpx
 from lumen.bench.client import ClientConfig, replay
 from lumen.bench.cluster import ClusterProcess, free_port, serve_command, wait_ready
 from lumen.metrics import tpot, ttft
+from lumen.runtime.ckpt_store import REJECT_REASONS
 from lumen.workload import make_workload
 
-PAGE_STATS = ("exported_pages", "pages_sent", "pages_refused", "pages_stalled", "ckpt_pages_accepted",
-              "ckpt_rejected_pages", "ckpt_export_s", "steps")
+PAGE_STATS = ("exported_pages", "export_deferred", "pages_sent", "pages_refused", "pages_stalled",
+              "pages_forgotten", "ckpt_pages_accepted", "ckpt_rejected_pages", "kv_early_held",
+              *(f"ckpt_rejected_{r}" for r in REJECT_REASONS), "ckpt_export_s", "steps")
 
 
 def step_summary(step_dir: Path, t0: float, t1: float) -> dict:

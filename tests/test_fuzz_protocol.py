@@ -41,7 +41,7 @@ pytestmark = pytest.mark.cluster
 EXAMPLES = int(os.environ.get("LUMEN_FUZZ_PROTOCOL_EXAMPLES", "400"))
 SEED = int(os.environ.get("LUMEN_FUZZ_SEED", "20261128"))
 PROMPT = list(range(100, 130))
-TYPES = ["HELLO", "HB", "STATE", "OUT", "CKPT", "ADD", "ABORT", "HOLDER", "RESERVE", "RELEASE", "ASSIST",
+TYPES = ["HELLO", "HB", "STATE", "OUT", "CKPT", "RESERVED", "ADD", "ABORT", "HOLDER", "RESERVE", "RELEASE", "ASSIST",
          "SHUTDOWN", "PAGE", "MIRROR", "PROPOSE"]
 LIMITS = Limits()
 _unique = itertools.count()

@@ -100,6 +100,29 @@ def test_a_holder_that_does_not_drain_is_given_up_without_stalling_the_others(ct
             tx.join(5)
 
 
+def test_a_forgotten_holder_ends_the_wait_at_once_and_its_pages_are_not_sent(ctx):
+    """The wait for a holder is long (a busy holder pauses for hundreds of ms and a dropped page costs
+    the rest of its request's prefix), so a holder the controller declared dead must end it: the
+    forget, queued behind the stuck pages, takes effect at once."""
+    with PullEndpoint(ctx, Codec(SECRET, "w2.kvrx", 1, schema=SCHEMA)) as alive:
+        tx = PageSender(ctx, SECRET, 0, 1, wait_ms=600_000)
+        tx.start()
+        try:
+            dead = "127.0.0.1:9"  # nothing listens: its socket fills up and never drains
+            for i in range(200):
+                tx.submit(dead, page(i))
+            wait_until(lambda: tx.waited_s > 0 or tx.queue.qsize() < 200 - 64, 10, "the sender waits on the dead holder")
+            tx.forget(dead)
+            tx.submit(alive.address, page(0, "other"))
+            m = alive.recv(timeout_ms=10_000)
+            assert m is not None and m.body["req"] == "other"
+            wait_until(lambda: tx.sent + tx.refused == 201, 10, "every page handled")
+            assert tx.forgotten == 201 - tx.sent > 0 and tx.stalled == 0 and tx.queued_bytes == 0
+        finally:
+            tx.stop()
+            tx.join(5)
+
+
 def test_the_queue_is_bounded_in_bytes_and_pages(ctx):
     gate = _Gate()
     tx = PageSender(ctx, SECRET, 0, 1, max_queued=10, max_queued_bytes=4 * NBYTES)

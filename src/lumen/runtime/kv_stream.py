@@ -11,10 +11,15 @@ with the engine for real.
   mark (a burst: a prefill that completes 32 pages, several at once), the thread waits for room (up to
   `wait_ms`) instead of dropping the page: a dropped page ends the holder's valid prefix there, so it
   costs every later page of that request. (Dropping at once, a burst of 200 pages of 1.8 MB lost 72
-  of them on the 2-core box.) Pages are dropped -- and stay invalid at the holder, which degrades a
-  later restore to a shorter prefix, never to wrong output -- only when the queue is over its page or
-  byte bound (the queued pages hold host memory, pinned on a GPU) or the holder does not drain in time
-  (slow or dead: the sender then stops waiting for it for a second, so other holders go on).
+  of them on the 2-core box.) Waiting is cheap: the pages sit in the engine's export ring, and while
+  they do the engine defers further exports, so the engine never blocks and no memory grows. Pages are
+  dropped -- and stay invalid at the holder, which degrades a later restore to a shorter prefix, never
+  to wrong output -- only when the queue is over its page or byte bound, when the holder is forgotten
+  (the controller declared it dead or moved its requests: the wait ends at once), or when it does not
+  drain for `wait_ms` (2 s, longer than a worker takes to be declared dead; the sender then stops
+  waiting for it for a second, so other holders go on). A shorter wait (250 ms) dropped half the
+  pages on an H200, where a holder busy with a CUDA graph capture or a long prefill pauses its
+  receiver for a few hundred ms.
   A page's bytes live in a slot of the engine's export ring (KVPage.lease), and ZeroMQ sends them
   without copying (copy=False: it keeps a reference to the buffer until the message has left, or
   was dropped); the lease is tied to that buffer, so the slot is reused only after ZeroMQ let go.
@@ -58,7 +63,7 @@ class PageSender(threading.Thread):
     STALL_S = 1.0  # after a holder did not drain within wait_ms, do not wait for it again this long
 
     def __init__(self, ctx: zmq.Context, secret: bytes, worker_id: int, epoch: int, max_queued: int = 4096,
-                 max_queued_bytes: int = 512 << 20, wait_ms: int = 250):
+                 max_queued_bytes: int = 512 << 20, wait_ms: int = 2000):
         super().__init__(daemon=True, name="kv-sender")
         self.codec = Codec(secret, f"w{worker_id}.kv", epoch, schema=SCHEMA)
         self.ctx = ctx
@@ -75,11 +80,15 @@ class PageSender(threading.Thread):
         self.stalled = 0  # the holder did not drain in time
         self.failed = 0  # the send itself failed (fault injection)
         self.waited_s = 0.0  # time spent waiting for a holder to drain
+        self.forgotten = 0  # pages to a holder that was forgotten before they left
+        # holders forgotten whose forget item the sender has not reached yet (engine thread adds,
+        # sender thread removes; set operations are atomic under the GIL): waits on them end at once
+        self._gone: set[str] = set()
 
     @property
     def refused(self) -> int:
         """Pages that were not sent (each one stays invalid at its holder)."""
-        return self.dropped + self.stalled + self.failed
+        return self.dropped + self.stalled + self.failed + self.forgotten
 
     @property
     def queued_bytes(self) -> int:
@@ -103,21 +112,28 @@ class PageSender(threading.Thread):
     def forget(self, addr: str) -> None:
         """Close the socket to a holder that is gone (in queue order, on the sender's thread, which
         owns the socket); if the queue is full the pool's LRU bound still applies."""
+        self._gone.add(addr)
         try:
             self.queue.put_nowait((addr, None, 0))
         except queue.Full:
-            pass
+            self._gone.discard(addr)
 
     def _room(self, push: PushPool, addr: str, stalled_until: dict[str, float]) -> bool:
         """Whether a page can be queued on the holder's socket now, waiting for room up to wait_ms
         (not at all for a holder that recently did not drain)."""
         now = time.monotonic()
-        wait = 0 if stalled_until.get(addr, 0.0) > now else self.wait_ms
-        if push.wait_writable(addr, wait):
-            stalled_until.pop(addr, None)
-            return True
+        deadline = now + (0 if stalled_until.get(addr, 0.0) > now else self.wait_ms / 1e3)
+        while True:  # in slices: a holder forgotten meanwhile ends the wait
+            left_ms = int(max(0.0, deadline - time.monotonic()) * 1e3)
+            if push.wait_writable(addr, min(left_ms, 50)):
+                stalled_until.pop(addr, None)
+                self.waited_s += time.monotonic() - now
+                return True
+            if left_ms <= 50 or addr in self._gone:
+                break
         self.waited_s += time.monotonic() - now
-        stalled_until[addr] = time.monotonic() + self.STALL_S
+        if addr not in self._gone:
+            stalled_until[addr] = time.monotonic() + self.STALL_S
         return False
 
     def run(self) -> None:
@@ -130,11 +146,18 @@ class PageSender(threading.Thread):
                 if page is None:
                     push.forget(addr)
                     stalled_until.pop(addr, None)
+                    self._gone.discard(addr)
                     continue
                 try:
+                    if addr in self._gone:
+                        self.forgotten += 1
+                        continue
                     page.wait()
                     if not self._room(push, addr, stalled_until):
-                        self.stalled += 1  # holder slow or gone: that page stays invalid
+                        if addr in self._gone:
+                            self.forgotten += 1
+                        else:
+                            self.stalled += 1  # holder slow or gone: that page stays invalid
                         continue
                     body = {"req": page.req_id, "index": page.index, "end": page.end_pos, "tag": page.tag}
                     frame = page.data.contiguous().view(torch.uint8).numpy()

@@ -7,6 +7,7 @@ Control plane (controller ROUTER <-> worker DEALER):
     STATE   lifecycle: loading phases done, serving, assisting, ...
     OUT     tokens produced by the last engine step(s): [[req, n_tokens, finish], ...] + ids frame
     CKPT    holder's report of valid checkpoint pages per request
+    RESERVED  holder's answer to RESERVE (ok or refused); the executor is told its holder only after ok
   controller -> worker (every body carries `to_ep`: a worker ignores commands for another epoch)
     ADD     run a request (new, resumed by recompute, or restored from this worker's ckpt store)
     ABORT   stop a request
@@ -50,6 +51,7 @@ def build_schema() -> Schema:
     # items: [req_id, number of new tokens in the ids frame, finish reason or ""]
     s.register("OUT", {"items": (list, MAX_BATCH, (list, (3, 3)))}, frames=1)
     s.register("CKPT", {"valid": (dict, MAX_CKPT_REPORT)}, frames=0)
+    s.register("RESERVED", {"req": (str, MAX_ID), "gen": (int, U31), "ok": (int, (0, 1))}, frames=0)
     # controller -> worker
     # frames: context token ids (int32), then the expected page tags (16 bytes each, concatenated)
     s.register("ADD", {"to_ep": (int, U31), "req": (str, MAX_ID), "n_prompt": (int, (1, MAX_TOKENS)),
@@ -58,7 +60,7 @@ def build_schema() -> Schema:
     s.register("HOLDER", {"to_ep": (int, U31), "req": (str, MAX_ID), "holder": (int, (-1, 2**31 - 1)),
                           "addr": (str, 256), "since": (int, (0, MAX_TOKENS))}, frames=0)
     s.register("RESERVE", {"to_ep": (int, U31), "req": (str, MAX_ID), "bytes": (int, (0, 2**48)),
-                           "owner": (int, U31)}, frames=0)
+                           "owner": (int, U31), "gen": (int, U31)}, frames=0)
     s.register("RELEASE", {"to_ep": (int, U31), "req": (str, MAX_ID)}, frames=0)
     s.register("ASSIST", {"to_ep": (int, U31), "role": (str, 16), "peer": (int, (-1, 2**31 - 1)),
                           "addr": (str, 256), "k": (int, (1, 16))}, frames=0)

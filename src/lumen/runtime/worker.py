@@ -461,8 +461,10 @@ class Worker:
             elif t == "HOLDER":
                 self._set_holder(body["req"], body["holder"], body["addr"], body["since"])
             elif t == "RESERVE":
-                if not self.store.reserve(body["req"], body["bytes"], body["owner"]):
+                ok = self.store.reserve(body["req"], body["bytes"], body["owner"])
+                if not ok:
                     log.warning("checkpoint budget exhausted: request %s unprotected here", body["req"])
+                self.ctrl.send("RESERVED", {"req": body["req"], "gen": body["gen"], "ok": int(ok)})
             elif t == "RELEASE":
                 self.store.release(body["req"])
             elif t == "ASSIST":
@@ -621,7 +623,11 @@ class Worker:
         stats.update({f"drop_{k}": v + self.kv_rx.codec.stats.get(k, 0) for k, v in self.codec.stats.items()})
         if self.engine is not None:
             stats.update(self.engine.stats())
-        stats.update({f"ckpt_{k}": v for k, v in self.store.stats().items() if isinstance(v, (int, float))})
+        store = self.store.stats()
+        stats.update({f"ckpt_{k}": v for k, v in store.items() if isinstance(v, (int, float))})
+        # why a holder refused pages, only the reasons seen (a restore shorter than the stream says why)
+        stats.update({f"ckpt_rejected_{k}": v for k, v in store["rejected"].items() if v})
+        stats.update(pages_forgotten=tx.forgotten, kv_early_held=self.kv_rx.early_held)
         stats = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
         self.hb.stats = trim_stats(stats, HB_MAX_STATS - len(HB_OWN_STATS))  # the heartbeat thread adds these
         now = time.monotonic()
