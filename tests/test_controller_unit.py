@@ -1,9 +1,13 @@
-"""The controller tells an executor its holder only once the holder has confirmed the reservation.
+"""Controller decisions driven through its own methods, with the messages recorded instead of sent.
+
+The executor learns its holder only once the holder has confirmed the reservation.
 
 Sent together (RESERVE to the holder, HOLDER to the executor), a fast executor's first burst of pages
 reached the holder before the RESERVE, which the holder's engine thread reads between two steps: on
 an H200 (2026-12-03) the holders refused most pages as unreserved and restores found 50 of 1,208
-pages. These drive the Controller's own methods with the messages recorded instead of sent.
+pages.
+
+A restarting worker gets its draft (mechanism 3) only where its GPU is its own.
 """
 
 from __future__ import annotations
@@ -105,3 +109,25 @@ def test_when_a_holder_dies_its_executors_stop_streaming_at_once_and_restart_aft
     c._on_reserved(c.workers[new], "a", c.sent[1][2]["gen"], ok=True)
     assert c.sent[-1][:2] == (0, "HOLDER") and c.sent[-1][2]["holder"] == new
 
+
+class _Router:
+    address = "tcp://127.0.0.1:1"
+
+
+@pytest.mark.parametrize("devices, draft", [(["cuda:0", "cuda:1", "cuda:2"], True), (["cuda:0"], False),
+                                            (["cuda"], False), (["cpu"], True)])
+def test_a_restarting_worker_gets_its_draft_only_on_a_gpu_of_its_own(devices, draft):
+    cfg = ClusterConfig(model="preset:tiny", served_model_name="t", num_workers=3, policy="lumen",
+                        devices=devices, draft_model="d")
+    c = Controller(cfg, _NoLauncher(), bytes(32))
+    try:
+        c.router = _Router()
+        for w in c.workers.values():
+            w.state, w.alive, w.fenced, w.epoch = WorkerState.SERVING, True, False, 1
+        w = c.workers[1]
+        w.state, w.epoch = WorkerState.DOWN, 2  # as _spawn leaves it for a restart
+        assert ("--draft-model" in c._worker_argv(w)) == draft
+        w.epoch = 1  # a first start never drafts; its argv carries the draft either way
+        assert "--draft-model" in c._worker_argv(w)
+    finally:
+        c.ctx.term()

@@ -24,6 +24,7 @@ from lumen.policy import (
     dispatch_interrupted,
     features,
     legal_events,
+    may_assist,
     next_state,
     pair_recovering,
     parse_policy,
@@ -37,8 +38,8 @@ GB = 10**9
 
 
 def wv(i, state=S.SERVING, alive=True, waiting=0, running=0, q=0.0, reserved=0, budget=100 * GB,
-       h2d=26e9, node=None, partner=None, epoch=0):
-    return WorkerView(i, state, epoch, alive, waiting, running, q, reserved, budget, h2d, node, partner)
+       h2d=26e9, node=None, partner=None, epoch=0, gpu=None):
+    return WorkerView(i, state, epoch, alive, waiting, running, q, reserved, budget, h2d, node, partner, gpu)
 
 
 def rv(i, holder, prefix=0, total=1000, executor=0, s=GB, holder_epoch=None):
@@ -194,6 +195,15 @@ def test_pick_partner_highest_wait_unpaired():
     assert pick_partner(view, 0) == 2
     assert pair_recovering(view, [6, 0]) == {0: 2, 6: 3}
     assert pick_partner(ClusterView((wv(0, state=S.LOADING_DRAFT), wv(1, partner=7))), 0) is None
+
+
+def test_a_restarting_worker_assists_only_on_a_gpu_of_its_own():
+    down = wv(1, state=S.DOWN, gpu="cuda:1")
+    assert may_assist(ClusterView((wv(0, gpu="cuda:0"), down, wv(2, gpu="cuda:2"))), 1)
+    assert not may_assist(ClusterView((wv(0, gpu="cuda:1"), down)), 1)  # its GPU serves worker 0 too
+    assert may_assist(ClusterView((wv(0, gpu="cuda:1", alive=False), down)), 1)  # ... unless 0 is gone
+    assert may_assist(ClusterView((wv(0, gpu="cuda:1", node="a"), wv(1, state=S.DOWN, gpu="cuda:1", node="b"))), 1)
+    assert may_assist(ClusterView((wv(0), wv(1, state=S.DOWN))), 1)  # CPU workers: no GPU to share
 
 
 # ---------------------------------------------------------------- hypothesis properties

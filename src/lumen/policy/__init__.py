@@ -19,7 +19,7 @@ current in place and pass `table.view(lam)` instead (the simulator does; see vie
 
 from .dispatch import dispatch_interrupted, route_new
 from .names import POLICY_NAMES, Policy, PolicyFeatures, features, parse_policy
-from .pairing import pair_recovering, pick_partner
+from .pairing import may_assist, pair_recovering, pick_partner
 from .placement import checkpoint_reservation, place_checkpoint
 from .states import IllegalTransition, WorkerEvent, WorkerState, legal_events, next_state
 from .view import Assignment, ClusterTable, ClusterView, Columns, NoServingWorker, RequestView, WorkerView
@@ -28,5 +28,5 @@ __all__ = [
     "Assignment", "ClusterTable", "ClusterView", "Columns", "IllegalTransition", "NoServingWorker", "POLICY_NAMES", "Policy",
     "PolicyFeatures", "RequestView", "WorkerEvent", "WorkerState", "WorkerView",
     "checkpoint_reservation", "dispatch_interrupted", "features", "legal_events", "next_state",
-    "pair_recovering", "parse_policy", "pick_partner", "place_checkpoint", "route_new",
+    "may_assist", "pair_recovering", "parse_policy", "pick_partner", "place_checkpoint", "route_new",
 ]

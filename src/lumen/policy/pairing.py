@@ -32,6 +32,19 @@ def pick_partner(view: ClusterView, recovering_id: int) -> int | None:
     return None if i is None else int(c.ids[i])
 
 
+def may_assist(view: ClusterView, recovering_id: int) -> bool:
+    """Whether a restarting worker loads a draft and assists (mechanism 3) at all: only where its GPU
+    is its own. The paper's restarted worker has an idle GPU while its target loads; on a GPU shared
+    with serving workers the draft's steps take GPU time from them, and its read delays the reload
+    (lumen behind lumen-no-spec on 2x and 1x H200 with workers sharing GPUs, 2026-11-28 and 12-03).
+    Workers without an `accelerator` (CPU, or unknown) count as owning theirs."""
+    me = next((w for w in view.workers if w.id == recovering_id), None)
+    if me is None or me.accelerator is None:
+        return True
+    return not any(w.id != me.id and w.alive and w.accelerator == me.accelerator and w.node == me.node
+                   for w in view.workers)
+
+
 def pair_recovering(view: ClusterView, recovering_ids: Sequence[int]) -> dict[int, int | None]:
     """Pairs several recovering workers at once (simultaneous failures), in ascending id order,
     each taking the best partner the previous ones left: `pick_partner` applied in sequence."""

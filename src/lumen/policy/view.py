@@ -45,6 +45,7 @@ class WorkerView:
     h2d_bytes_per_s: float          # B_h2d of this worker (restore bandwidth)
     node: str | int | None = None   # physical host; None = unknown
     partner: int | None = None      # assisted-recovery partner (either side), None if unpaired
+    accelerator: str | None = None  # the GPU it runs on, where workers of one node may share one
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", WorkerState(self.state))

@@ -29,6 +29,7 @@ from ..policy import (
     checkpoint_reservation,
     dispatch_interrupted,
     features,
+    may_assist,
     parse_policy,
     pick_partner,
     place_checkpoint,
@@ -177,7 +178,11 @@ class Controller:
         if c.deterministic:
             argv.append("--deterministic")
         if c.draft_model:
-            argv += ["--draft-model", c.draft_model]
+            if w.epoch <= 1 or may_assist(self.view(), w.id):
+                argv += ["--draft-model", c.draft_model]
+            elif self.features.speculation:
+                log.info("worker %d reloads without its draft: %s serves other workers too", w.id,
+                         c.device_for(w.id))
         if c.dtype:
             argv += ["--dtype", c.dtype]
         return argv
@@ -331,8 +336,14 @@ class Controller:
                 id=w.id, state=w.state, epoch=w.epoch, alive=w.alive, waiting=waiting, running=running,
                 q_wait_s=_num(w.stats, "q_wait_s"), ckpt_reserved_bytes=w.ckpt_reserved,
                 ckpt_budget_bytes=self.cfg.ckpt_budget_bytes, h2d_bytes_per_s=self.cfg.h2d_bytes_per_s,
-                node=w.node or self.cfg.node_of(w.id), partner=w.partner))
+                node=w.node or self.cfg.node_of(w.id), partner=w.partner, accelerator=self._accelerator(w.id)))
         return ClusterView(tuple(workers), lam=self.cfg.lam)
+
+    def _accelerator(self, worker_id: int) -> str | None:
+        device = self.cfg.device_for(worker_id)
+        if not device.startswith("cuda"):
+            return None  # CPU workers each use their own threads
+        return device if ":" in device else device + ":0"
 
     def in_flight(self) -> int:
         return sum(1 for r in self.requests.values() if not r.done)
