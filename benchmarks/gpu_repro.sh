@@ -61,7 +61,7 @@ for step in $STEPS; do
     # issue 4: checkpoint streaming overhead, failure-free, two workers on the first GPU
     timeout -k 20 "${CKPT_TIMEOUT:-200}" python3 benchmarks/checkpoint_overhead.py --model preset:qwen3-1.7b \
       --workers 2 --devices "${DEVICES%%,*}" --qps 4 --requests 100 --max-prompt 512 --max-output 256 \
-      --repeats 1 --serve-args "--num-blocks 3000" --out "$OUT/ckpt_gpu.json" > "$OUT/ckpt.log" 2>&1
+      --repeats "${CKPT_REPEATS:-1}" --serve-args "--num-blocks 3000" --out "$OUT/ckpt_gpu.json" > "$OUT/ckpt.log" 2>&1
     echo "checkpoint overhead exit $?"; tail -4 "$OUT/ckpt.log" ;;
   profile)
     # issue 7 on GPU: the engine's step times over a grid of batch shapes, for `lumen simulate --profile`

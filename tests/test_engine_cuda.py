@@ -201,6 +201,9 @@ def test_cuda_export_ring_burst_and_restore_allocate_no_pinned_memory():
             break
     del inflight, pages
     assert got == list(range(12)) and max(sizes) == 8 and 0 in sizes[:3]  # deferred, in order, once
+    # checked per phase: on an H200 (2026-12-03) one cudaHostAlloc happened somewhere in this test
+    if before is not None:
+        assert host_allocs()["num_host_alloc"] == before, "pinned memory allocated by the exports"
     tags = page_tags(p, 8)
     restored = [KVPage("r", i, 8 * (i + 1), tags[i], store[i]) for i in range(12)]
     b.add_request("r", p, sp, generated_ids=gen, restored_pages=restored)
@@ -212,4 +215,4 @@ def test_cuda_export_ring_burst_and_restore_allocate_no_pinned_memory():
     assert not b.restore_pending("r") and b.stats()["restored_pages"] == 12
     assert gen + rest == ref
     if before is not None:
-        assert host_allocs()["num_host_alloc"] == before, "pinned memory allocated while serving"
+        assert host_allocs()["num_host_alloc"] == before, "pinned memory allocated by the restore or its steps"
