@@ -35,7 +35,7 @@ import torch
 
 from lumen.engine import Engine, EngineConfig, SamplingParams
 from lumen.engine.model_runner import ForwardItem
-from lumen.model import load_model
+from lumen.model import fused_qk, load_model
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -395,6 +395,36 @@ def _hf_state(loaded) -> dict:
     return to_hf_state(loaded.config, loaded.model.state_dict())
 
 
+def measure_lumen(loaded, roofline: dict, args, batches, prompt_len, steps, chunk, bw, wbytes) -> dict:
+    cfg = loaded.config
+    eng = Engine(loaded, EngineConfig(device="cuda", max_batch=max(batches), chunk_tokens=chunk,
+                                      gpu_memory_utilization=args.gpu_mem))
+    out = dict(decode=[], prefill=None, kv_blocks=eng.block_manager.num_blocks)
+    kv_tok = cfg.kv_bytes_per_token(torch.bfloat16)
+    for b in batches:
+        r = lumen_decode_rate(eng, b, prompt_len, steps, cfg.vocab_size)
+        r["fraction_of_roofline"] = r["steps_per_s"] / roofline["decode_steps_per_s"]
+        # At larger batches the KV read per step matters too: weights + every sequence's context.
+        ctx = prompt_len + steps // 2 + 8
+        r["roofline_with_kv_steps_per_s"] = bw / (wbytes + b * ctx * kv_tok)
+        r["fraction_of_roofline_with_kv"] = r["steps_per_s"] / r["roofline_with_kv_steps_per_s"]
+        out["decode"].append(r)
+        log(f"lumen decode (fused qk {loaded.model.fused_qk}) {r}")
+    r = lumen_prefill_rate(eng, chunk, 2 if args.smoke else 4, cfg.vocab_size)
+    r["fraction_of_peak"] = r["tokens_per_s"] / roofline["prefill_tokens_per_s"]
+    out["prefill"] = r
+    log(f"lumen prefill (one long prompt in chunks) {r}")
+    r = lumen_prefill_rate(eng, chunk, 1, cfg.vocab_size)  # one chunk from position 0, like transformers'
+    r["fraction_of_peak"] = r["tokens_per_s"] / roofline["prefill_tokens_per_s"]
+    out["prefill_single_chunk"] = r
+    log(f"lumen prefill (single chunk) {r}")
+    out["stats"] = {k: v for k, v in eng.stats().items() if isinstance(v, int | float)}
+    del eng
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
 def run_gpu(args) -> dict:
     dev = torch.device("cuda")
     spec = "preset:tiny" if args.smoke else args.model or "preset:qwen3-8b"
@@ -413,30 +443,17 @@ def run_gpu(args) -> dict:
     params = sum(p.numel() for p in loaded.model.parameters())
     res["roofline"] = dict(copy_bandwidth_GBps=bw / 1e9, weight_GB=wbytes / 1e9, decode_steps_per_s=bw / wbytes,
                            matmul_TFLOPs=peak / 1e12, prefill_tokens_per_s=peak / (2 * params))
-    eng = Engine(loaded, EngineConfig(device="cuda", max_batch=max(batches), chunk_tokens=chunk,
-                                      gpu_memory_utilization=args.gpu_mem))
-    res["kv_blocks"] = eng.block_manager.num_blocks
-    res["lumen"] = dict(decode=[], prefill=None)
-    kv_tok = cfg.kv_bytes_per_token(torch.bfloat16)
-    for b in batches:
-        r = lumen_decode_rate(eng, b, prompt_len, steps, cfg.vocab_size)
-        r["fraction_of_roofline"] = r["steps_per_s"] / res["roofline"]["decode_steps_per_s"]
-        # At larger batches the KV read per step matters too: weights + every sequence's context.
-        ctx = prompt_len + steps // 2 + 8
-        r["roofline_with_kv_steps_per_s"] = bw / (wbytes + b * ctx * kv_tok)
-        r["fraction_of_roofline_with_kv"] = r["steps_per_s"] / r["roofline_with_kv_steps_per_s"]
-        res["lumen"]["decode"].append(r)
-        log(f"lumen decode {r}")
-    r = lumen_prefill_rate(eng, chunk, 2 if args.smoke else 4, cfg.vocab_size)
-    r["fraction_of_peak"] = r["tokens_per_s"] / res["roofline"]["prefill_tokens_per_s"]
-    res["lumen"]["prefill"] = r
-    log(f"lumen prefill (one long prompt in chunks) {r}")
-    r = lumen_prefill_rate(eng, chunk, 1, cfg.vocab_size)  # one chunk from position 0, like transformers'
-    r["fraction_of_peak"] = r["tokens_per_s"] / res["roofline"]["prefill_tokens_per_s"]
-    res["lumen"]["prefill_single_chunk"] = r
-    log(f"lumen prefill (single chunk) {r}")
-    res["lumen"]["stats"] = {k: v for k, v in eng.stats().items() if isinstance(v, int | float)}
-    del eng, loaded
+    # the fused QK-norm + RoPE kernel beside the default path, in the same run (each on a fresh engine:
+    # CUDA graphs keep the forward they captured)
+    default = loaded.model.fused_qk
+    variants = [("lumen", default)] + ([("lumen_fused_qk" if not default else "lumen_eager_qk", not default)]
+                                       if fused_qk.triton is not None else [])
+    for name, fused in variants:
+        loaded.model.fused_qk = fused
+        res[name] = measure_lumen(loaded, res["roofline"], args, batches, prompt_len, steps, chunk, bw, wbytes)
+        res[name]["fused_qk"] = fused
+    loaded.model.fused_qk = default
+    del loaded
     gc.collect()
     torch.cuda.empty_cache()
     if args.no_hf:

@@ -11,13 +11,19 @@ loader maps Hugging Face names (q_proj/k_proj/v_proj, gate_proj/up_proj) onto th
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused_qk
 from .config import ModelConfig
+
+# Not the default until measured on a GPU (written 2026-12-03 on a machine without one, checked there
+# with Triton's interpreter): LUMEN_FUSED_QK=1 turns it on, for the engine benchmark to compare.
+FUSED_QK_DEFAULT = os.environ.get("LUMEN_FUSED_QK", "0") == "1"
 
 
 class AttentionBackend(Protocol):
@@ -92,6 +98,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+class Rope:
+    """One forward's rotary embedding: the positions and, for the eager path, their cos/sin rows
+    (gathered once per forward); on CUDA with Triton, the fp32 tables for the fused kernel instead."""
+
+    def __init__(self, rotary: Rotary, positions: torch.Tensor, dtype: torch.dtype, fused: bool) -> None:
+        self.fused = fused
+        self.positions = positions
+        if fused:
+            self.cos, self.sin = rotary.table(positions.device, dtype)
+        else:
+            self.cos, self.sin = rotary(positions, dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -106,15 +125,21 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, attn: AttentionBackend) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.nh, self.hd)
-        k = k.view(t, self.nkv, self.hd)
-        v = v.view(t, self.nkv, self.hd)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size:].view(t, self.nkv, self.hd)
+        if rope.fused:
+            norm = self.q_norm is not None
+            q, k = fused_qk.qk_norm_rope(qkv, rope.positions, rope.cos, rope.sin, self.nh, self.nkv, self.hd,
+                                         self.q_norm.weight if norm else None,
+                                         self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0)
+        else:
+            q = qkv[:, :self.q_size].view(t, self.nh, self.hd)
+            k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, self.nkv, self.hd)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
         o = attn(self.layer_idx, q, k, v)
         return self.o_proj(o.reshape(t, self.q_size))
 
@@ -139,8 +164,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+    def forward(self, x: torch.Tensor, rope: Rope, attn: AttentionBackend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -157,12 +182,13 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position)
+        self.fused_qk = FUSED_QK_DEFAULT  # QK-norm + RoPE as one Triton kernel where it can run
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
+        rope = Rope(self.rotary, positions, x.dtype, self.fused_qk and fused_qk.available(x, self.config.head_dim))
         for layer in self.layers:
-            x = layer(x, cos, sin, attn)
+            x = layer(x, rope, attn)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
