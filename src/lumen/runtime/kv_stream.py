@@ -123,13 +123,14 @@ class PageSender(threading.Thread):
         (not at all for a holder that recently did not drain)."""
         now = time.monotonic()
         deadline = now + (0 if stalled_until.get(addr, 0.0) > now else self.wait_ms / 1e3)
-        while True:  # in slices: a holder forgotten meanwhile ends the wait
+        while True:  # in slices: a holder forgotten meanwhile ends the wait (a page it can still take goes)
+            gone = addr in self._gone
             left_ms = int(max(0.0, deadline - time.monotonic()) * 1e3)
-            if push.wait_writable(addr, min(left_ms, 50)):
+            if push.wait_writable(addr, 0 if gone else min(left_ms, 50)):
                 stalled_until.pop(addr, None)
                 self.waited_s += time.monotonic() - now
                 return True
-            if left_ms <= 50 or addr in self._gone:
+            if gone or left_ms <= 50:
                 break
         self.waited_s += time.monotonic() - now
         if addr not in self._gone:
@@ -149,9 +150,6 @@ class PageSender(threading.Thread):
                     self._gone.discard(addr)
                     continue
                 try:
-                    if addr in self._gone:
-                        self.forgotten += 1
-                        continue
                     page.wait()
                     if not self._room(push, addr, stalled_until):
                         if addr in self._gone:
