@@ -37,6 +37,7 @@ from lumen.bench import (
     run_plan,
     wait_ready,
 )
+from lumen.bench import runner as runner_mod
 from lumen.bench.cli import DEMO_DEFAULTS, add_parser, config_from_args
 from lumen.bench.faults import FaultEvent, inject
 from lumen.metrics import NO_FAILURE, ttft
@@ -303,6 +304,18 @@ def test_run_bench_against_fake_server(tmp_path):
     assert left == [], left
 
 
+def test_a_runs_end_state_keeps_each_workers_checkpoint_and_restore_counters():
+    cluster = {"policy": "lumen", "unprotected_requests": 2, "requests": [{"id": "r"}],
+               "workers": [{"id": 0, "epoch": 2, "phases_s": {"warmup_s": 1.0}, "pid": 7,
+                            "stats": {"ckpt_rejected_unreserved": 3, "pages_sent": 9, "restored_pages": 4,
+                                      "num_running": 5}}]}
+    assert runner_mod._cluster_end(cluster) == {
+        "policy": "lumen", "unprotected_requests": 2,
+        "workers": [{"id": 0, "epoch": 2, "phases_s": {"warmup_s": 1.0},
+                     "stats": {"ckpt_rejected_unreserved": 3, "pages_sent": 9, "restored_pages": 4}}]}
+    assert runner_mod._cluster_end(None) is None and runner_mod._epochs(cluster) == {0: 2}
+
+
 def test_run_bench_calibrates_qps(tmp_path):
     cfg = BenchConfig(
         policies=["lumen"], qps=None, duration=2.0, lengths="fixed:16:8", repeats=1, window=None,
@@ -335,6 +348,8 @@ def test_run_bench_resume_reuses_finished_runs(tmp_path):
     stamps = {p.name: p.stat().st_mtime_ns for p in records.iterdir()}
     assert set(stamps) == {f"{NO_FAILURE}-seed0.jsonl", f"{NO_FAILURE}-seed0.run.json",
                            "lumen-seed0.jsonl", "lumen-seed0.run.json"}
+    end = json.loads(records.joinpath("lumen-seed0.run.json").read_text())["cluster_end"]
+    assert end["policy"] == "lumen" and [w["id"] for w in end["workers"]] == [0, 1, 2, 3]
     second = run_bench(cfg(["lumen", "stop-restart"], 2, resume=True))
     assert [(s.policy, s.seed) for s in second.summaries] == [
         (NO_FAILURE, 0), ("lumen", 0), ("stop-restart", 0), (NO_FAILURE, 1), ("lumen", 1), ("stop-restart", 1)

@@ -311,10 +311,12 @@ def _save_records(path: Path, records: Sequence[RequestRecord]) -> None:
             f.write(json.dumps(d) + "\n")
 
 
-def _save_run_meta(out: Path, label: str, seed: int, events: Sequence[FaultEvent], unplanned: int | None) -> None:
+def _save_run_meta(out: Path, label: str, seed: int, events: Sequence[FaultEvent], unplanned: int | None,
+                   cluster_end: dict | None = None) -> None:
     # Written last: its presence marks the run as finished for --resume.
     path = out / "records" / f"{label}-seed{seed}.run.json"
-    path.write_text(json.dumps({"events": [e.to_dict() for e in events], "unplanned_restarts": unplanned}))
+    path.write_text(json.dumps({"events": [e.to_dict() for e in events], "unplanned_restarts": unplanned,
+                                "cluster_end": cluster_end}))
 
 
 def _load_run(out: Path, label: str, seed: int) -> RunResult | None:
@@ -331,13 +333,35 @@ def _load_run(out: Path, label: str, seed: int) -> RunResult | None:
 _STATE_FILE = "bench-state.json"
 
 
-async def _epochs(url: str) -> dict[int, int] | None:
-    with contextlib.suppress(httpx.HTTPError, ValueError, AttributeError, TypeError):
+async def _cluster(url: str) -> dict | None:
+    with contextlib.suppress(httpx.HTTPError, ValueError):
         async with httpx.AsyncClient(base_url=url, timeout=10.0) as http:
             r = await http.get("/lumen/cluster")
-            if r.status_code == 200:
-                return {int(w["id"]): int(w["epoch"]) for w in r.json()["workers"]}
+            if r.status_code == 200 and isinstance(r.json(), dict):
+                return r.json()
     return None
+
+
+def _epochs(cluster: dict | None) -> dict[int, int] | None:
+    with contextlib.suppress(KeyError, ValueError, AttributeError, TypeError):
+        return {int(w["id"]): int(w["epoch"]) for w in cluster["workers"]}
+    return None
+
+
+# What a run's end state keeps of each worker (the rest of /lumen/cluster is per request): how much
+# was checkpointed, refused and restored, so a run's recovery can be explained after the machine is gone
+_END_STATS = ("ckpt_", "pages_", "restored_", "exported_pages", "export_deferred", "kv_early_held", "spec_",
+              "hb_late_max_ms", "preemptions")
+
+
+def _cluster_end(cluster: dict | None) -> dict | None:
+    if not isinstance(cluster, dict) or not isinstance(cluster.get("workers"), list):
+        return None
+    workers = [{"id": w.get("id"), "epoch": w.get("epoch"), "phases_s": w.get("phases_s"),
+                "stats": {k: v for k, v in (w.get("stats") or {}).items() if k.startswith(_END_STATS)}}
+               for w in cluster["workers"] if isinstance(w, dict)]
+    return {"workers": workers, **{k: v for k, v in cluster.items()
+                                   if k in ("policy", "unprotected_requests", "transport_drops")}}
 
 
 def _unplanned(before: dict[int, int] | None, after: dict[int, int] | None, events: Sequence[FaultEvent]) -> int | None:
@@ -444,9 +468,10 @@ class _Bench:
             specs = await self.specs_for(seed, cfg.url)
             await _check_fits(cfg.url, specs)
             on_done = progress.start_run(f"{label} seed {seed}", len(specs))
-            before = await _epochs(cfg.url)
+            before = _epochs(await _cluster(cfg.url))
             records, events = await _replay_with_faults(cfg.url, specs, plan, cfg, seed, on_done)
-            unplanned = _unplanned(before, await _epochs(cfg.url), events)
+            end = await _cluster(cfg.url)
+            unplanned = _unplanned(before, _epochs(end), events)
         else:
             port = cfg.port or free_port(cfg.host)
             if cfg.serve_cmd:
@@ -469,14 +494,15 @@ class _Bench:
                 specs = await self.specs_for(seed, url)
                 await _check_fits(url, specs)
                 on_done = progress.start_run(f"{label} seed {seed}", len(specs))
-                before = await _epochs(url)
+                before = _epochs(await _cluster(url))
                 records, events = await _replay_with_faults(url, specs, plan, cfg, seed, on_done)
-                unplanned = _unplanned(before, await _epochs(url), events)
+                end = await _cluster(url)
+                unplanned = _unplanned(before, _epochs(end), events)
             finally:
                 # Stopping blocks for up to the grace period; keep the event loop out of it.
                 await asyncio.to_thread(cluster.stop)
         _save_records(out / "records" / f"{label}-seed{seed}.jsonl", records)
-        _save_run_meta(out, label, seed, events, unplanned)
+        _save_run_meta(out, label, seed, events, unplanned, _cluster_end(end))
         for ev in events:
             if ev.injected_s is None:
                 progress.log(f"[yellow]warning: {ev.spec}: {'; '.join(ev.notes) or ev.error}")
