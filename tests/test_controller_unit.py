@@ -131,3 +131,35 @@ def test_a_restarting_worker_gets_its_draft_only_on_a_gpu_of_its_own(devices, dr
         assert "--draft-model" in c._worker_argv(w)
     finally:
         c.ctx.term()
+
+
+def test_an_old_incarnation_is_fenced_even_when_the_transport_drops_its_messages():
+    """Once worker 1's new incarnation (epoch 2) has spoken, the transport's replay guard drops the old
+    one's (epoch 1) messages before the controller sees them; the controller must still tell that
+    old incarnation to exit (a SIGSTOPped worker that resumes after its replacement started)."""
+    import asyncio
+
+    from lumen.runtime.transport import Codec
+
+    killed = []
+
+    class _Killer(_NoLauncher):
+        async def kill(self, worker_id, epoch=None, sig=None):
+            killed.append((worker_id, epoch))
+
+    secret = bytes(range(32))
+    cfg = ClusterConfig(model="preset:tiny", served_model_name="t", num_workers=2, policy="stop-restart")
+
+    async def scenario():
+        c = Controller(cfg, _Killer(), secret)
+        try:
+            c.workers[1].epoch = 2
+            new, old = Codec(secret, "w1.hb", 2), Codec(secret, "w1.hb", 1)
+            assert c.codec.decode(new.encode("HB", {"stats": {}})) is not None
+            assert c.codec.decode(old.encode("HB", {"stats": {}})) is None  # dropped: older epoch
+            await asyncio.sleep(0)  # the kill task runs
+            assert killed == [(1, 1)] and c.stale_messages == 1
+        finally:
+            c.ctx.term()
+
+    asyncio.run(scenario())

@@ -113,6 +113,7 @@ class Controller:
         self.launcher = launcher
         self.secret = secret
         self.codec = Codec(secret, "controller", 0, schema=SCHEMA)
+        self.codec.on_stale_epoch = self._stale
         self.ctx = zmq.asyncio.Context()
         self.router: AsyncRouterEndpoint | None = None
         self.workers: dict[int, WorkerRecord] = {i: WorkerRecord(i) for i in range(cfg.num_workers)}
@@ -241,13 +242,21 @@ class Controller:
             return None
         w = self.workers.get(int(name[1:]))
         if w is None or msg.epoch != w.epoch or w.fenced:
-            self.stale_messages += 1
-            M.STALE_MESSAGES.inc()
-            if w is not None and msg.epoch < w.epoch:
-                # fencing (DESIGN.md invariant 6): an old incarnation that resumed is told to exit
-                asyncio.get_running_loop().create_task(self.launcher.kill(w.id, msg.epoch))
+            self._stale(msg.src, msg.epoch)
             return None
         return w
+
+    def _stale(self, src: str, epoch: int) -> None:
+        """A message from an incarnation that is not the current one: counted, and an older
+        incarnation that resumed is told to exit (fencing, DESIGN.md invariant 6). Also called for
+        messages the transport itself dropped as from an older epoch than it has seen from `src`: once
+        the new incarnation has spoken, the old one's messages never reach `_sender`."""
+        self.stale_messages += 1
+        M.STALE_MESSAGES.inc()
+        name = src.split(".", 1)[0]
+        w = self.workers.get(int(name[1:])) if name.startswith("w") and name[1:].isdigit() else None
+        if w is not None and epoch < w.epoch:
+            asyncio.get_running_loop().create_task(self.launcher.kill(w.id, epoch))
 
     def _handle(self, identity: bytes, msg: Message) -> None:
         w = self._sender(msg)

@@ -49,7 +49,7 @@ import stat
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -325,6 +325,9 @@ class Codec:
         self.stats: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self.accepted = 0
         self._logged: set[str] = set()
+        # called with (src, epoch) for an authenticated message dropped as from an older incarnation,
+        # so the receiver can fence it (the controller kills it) though the message itself is not delivered
+        self.on_stale_epoch: Callable[[str, int], None] | None = None
 
     # -- sending
     def _mac(self, header: memoryview | bytes, frames: Sequence[memoryview]) -> bytes:
@@ -424,6 +427,8 @@ class Codec:
         reason = guard.check(src, ep, seq)
         if reason is not None:
             self._drop(reason, f"{src}@{ep} seq {seq}")
+            if reason == "stale_epoch" and self.on_stale_epoch is not None:
+                self.on_stale_epoch(src, ep)
             return None
         if t not in self.schema:
             self._drop("unknown_type", repr(t)[:64])
