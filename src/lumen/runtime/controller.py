@@ -113,7 +113,7 @@ class Controller:
         self.launcher = launcher
         self.secret = secret
         self.codec = Codec(secret, "controller", 0, schema=SCHEMA)
-        self.codec.on_stale_epoch = self._stale
+        self.codec.on_stale_epoch = self._fence_older
         self.ctx = zmq.asyncio.Context()
         self.router: AsyncRouterEndpoint | None = None
         self.workers: dict[int, WorkerRecord] = {i: WorkerRecord(i) for i in range(cfg.num_workers)}
@@ -247,12 +247,16 @@ class Controller:
         return w
 
     def _stale(self, src: str, epoch: int) -> None:
-        """A message from an incarnation that is not the current one: counted, and an older
-        incarnation that resumed is told to exit (fencing, DESIGN.md invariant 6). Also called for
-        messages the transport itself dropped as from an older epoch than it has seen from `src`: once
-        the new incarnation has spoken, the old one's messages never reach `_sender`."""
+        """A message from an incarnation that is not the current one: counted, and fenced."""
         self.stale_messages += 1
         M.STALE_MESSAGES.inc()
+        self._fence_older(src, epoch)
+
+    def _fence_older(self, src: str, epoch: int) -> None:
+        """An older incarnation that resumed is told to exit (fencing, DESIGN.md invariant 6). Also for
+        messages the transport itself dropped as from an older epoch than it has seen from `src` (counted
+        there, as transport drops): once the new incarnation has spoken, the old one's messages never
+        reach `_sender`."""
         name = src.split(".", 1)[0]
         w = self.workers.get(int(name[1:])) if name.startswith("w") and name[1:].isdigit() else None
         if w is not None and epoch < w.epoch:
