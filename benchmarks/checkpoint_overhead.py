@@ -40,7 +40,7 @@ from lumen.runtime.ckpt_store import REJECT_REASONS
 from lumen.workload import make_workload
 
 PAGE_STATS = ("exported_pages", "export_deferred", "pages_sent", "pages_refused", "pages_stalled",
-              "pages_forgotten", "ckpt_pages_accepted", "ckpt_rejected_pages", "kv_early_held",
+              "pages_forgotten", "pages_obsolete", "ckpt_pages_accepted", "ckpt_rejected_pages", "kv_early_held",
               *(f"ckpt_rejected_{r}" for r in REJECT_REASONS), "ckpt_export_s", "steps")
 
 

@@ -155,6 +155,35 @@ def test_pages_reach_the_holders_store_intact(ctx):
         assert all(bytes(d.numpy()) == bytes([i]) * NBYTES for i, _, d in store.get_pages("r", 20))
 
 
+def test_pages_of_a_request_that_finished_or_moved_while_queued_are_skipped_not_sent(ctx):
+    """Pages queued behind a burst can outlive their request (the holder releases its reservation
+    at the finish) or its holder (re-protection): sending them would only be refused there as
+    unreserved (an H200, 2026-12-04: most of a run's pages). The sender asks just before each page."""
+    store = CheckpointStore(100 * NBYTES)
+    store.reserve("live", 10 * NBYTES, 0)
+    streams = {"live", "done"}
+    rx = PageReceiver(ctx, SECRET, 1, 1, "127.0.0.1", store, lambda: NBYTES)
+    tx = PageSender(ctx, SECRET, 0, 1, wanted=lambda rid, addr: rid in streams and addr == rx.address)
+    rx.start()
+    tx.start()
+    try:
+        gate = _Gate()
+        tx.submit(rx.address, page(0, "live", gate))  # holds the sender while the rest queue behind it
+        for i in range(3):
+            tx.submit(rx.address, page(i, "done"))
+        tx.submit(rx.address, page(1, "live"))
+        streams.discard("done")  # finished while its pages waited
+        gate.go.set()
+        wait_until(lambda: store.stats()["pages"] == 2, 10, "the live request's pages stored")
+        assert tx.obsolete == 3 and tx.sent == 2 and tx.refused == 0
+        assert store.rejected["unreserved"] == 0
+    finally:
+        tx.stop()
+        rx.stop()
+        tx.join(5)
+        rx.join(5)
+
+
 def test_pages_that_arrive_before_their_reservation_are_held_until_it_comes(ctx):
     """The executor exports as soon as it learns the holder; the holder may read its RESERVE later.
     Those first pages are held, then stored; a request never reserved has its pages refused."""

@@ -43,6 +43,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 
 import torch
 import zmq
@@ -63,7 +64,8 @@ class PageSender(threading.Thread):
     STALL_S = 1.0  # after a holder did not drain within wait_ms, do not wait for it again this long
 
     def __init__(self, ctx: zmq.Context, secret: bytes, worker_id: int, epoch: int, max_queued: int = 4096,
-                 max_queued_bytes: int = 512 << 20, wait_ms: int = 2000):
+                 max_queued_bytes: int = 512 << 20, wait_ms: int = 2000,
+                 wanted: Callable[[str, str], bool] | None = None):
         super().__init__(daemon=True, name="kv-sender")
         self.codec = Codec(secret, f"w{worker_id}.kv", epoch, schema=SCHEMA)
         self.ctx = ctx
@@ -71,6 +73,10 @@ class PageSender(threading.Thread):
         self.queue: queue.Queue[tuple[str, KVPage | None, int] | None] = queue.Queue(max_queued)
         self.max_queued_bytes = max_queued_bytes
         self.wait_ms = wait_ms
+        # wanted(req, addr): whether that request still streams to that holder, asked just before a
+        # page leaves. A page that waited behind a burst while its request finished (the holder
+        # has released it) or moved to another holder would only be refused there: skip it.
+        self.wanted = wanted
         self.pool: PushPool | None = None
         self._queued_bytes = 0
         self._bytes_lock = threading.Lock()
@@ -81,6 +87,7 @@ class PageSender(threading.Thread):
         self.failed = 0  # the send itself failed (fault injection)
         self.waited_s = 0.0  # time spent waiting for a holder to drain
         self.forgotten = 0  # pages to a holder that was forgotten before they left
+        self.obsolete = 0  # pages whose request finished or moved before they left (not wanted)
         # holders forgotten whose forget item the sender has not reached yet (engine thread adds,
         # sender thread removes; set operations are atomic under the GIL): waits on them end at once
         self._gone: set[str] = set()
@@ -150,6 +157,9 @@ class PageSender(threading.Thread):
                     self._gone.discard(addr)
                     continue
                 try:
+                    if self.wanted is not None and not self.wanted(page.req_id, addr):
+                        self.obsolete += 1
+                        continue
                     page.wait()
                     if not self._room(push, addr, stalled_until):
                         if addr in self._gone:

@@ -261,7 +261,7 @@ class Worker:
                             deadline=args.hb_interval * args.hb_misses)
         self.features = features(args.policy)
         self.store = CheckpointStore(args.ckpt_budget_bytes)
-        self.kv_tx = PageSender(self.ctx, secret, self.id, self.epoch)
+        self.kv_tx = PageSender(self.ctx, secret, self.id, self.epoch, wanted=self._page_wanted)
         self.kv_rx = PageReceiver(self.ctx, secret, self.id, self.epoch, args.host, self.store, self._page_nbytes)
         self.engine: Engine | None = None
         self.step_log = StepLog.from_env(self.id, self.epoch)  # LUMEN_STEP_LOG: per-step profile rows
@@ -554,6 +554,11 @@ class Worker:
         if old is not None and old[1] != addr and all(a != old[1] for _, a in self.holders.values()):
             self.kv_tx.forget(old[1])
 
+    def _page_wanted(self, rid: str, addr: str) -> bool:
+        """Whether rid still streams to the holder at addr (the sender thread asks; one dict read)."""
+        holder = self.holders.get(rid)
+        return holder is not None and holder[1] == addr
+
     def _stream_pages(self) -> None:
         """Hand newly completed pages of protected requests to the sender thread.
 
@@ -627,7 +632,7 @@ class Worker:
         stats.update({f"ckpt_{k}": v for k, v in store.items() if isinstance(v, (int, float))})
         # why a holder refused pages, only the reasons seen (a restore shorter than the stream says why)
         stats.update({f"ckpt_rejected_{k}": v for k, v in store["rejected"].items() if v})
-        stats.update(pages_forgotten=tx.forgotten, kv_early_held=self.kv_rx.early_held)
+        stats.update(pages_forgotten=tx.forgotten, pages_obsolete=tx.obsolete, kv_early_held=self.kv_rx.early_held)
         stats = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
         self.hb.stats = trim_stats(stats, HB_MAX_STATS - len(HB_OWN_STATS))  # the heartbeat thread adds these
         now = time.monotonic()
@@ -651,6 +656,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=os.environ.get("LUMEN_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s [worker {args.worker_id}.{args.epoch}] %(levelname)s %(message)s")
+    # The engine thread holds the GIL for most of a GPU step (Python between kernel launches), and
+    # the page sender / receiver threads need it back after every MAC, copy and socket call: with
+    # Python's default 5 ms switch interval each handoff waited up to 5 ms, capping checkpoint
+    # streaming at ~50 pages/s (1.8 MB pages; H200, 2026-12-04: most pages reached their holder
+    # after the request had finished). benchmarks/gil_switch.py (2-core box, a pure-Python thread as
+    # the engine): 49 pages/s at 5 ms, 188 at 1 ms, 140 with no busy thread at all.
+    sys.setswitchinterval(float(os.environ.get("LUMEN_GIL_SWITCH_MS", "1")) / 1e3)
     if args.device == "cpu":
         # several workers share a few cores: one thread each keeps them from thrashing
         torch.set_num_threads(int(os.environ.get("LUMEN_WORKER_THREADS", "1")))
