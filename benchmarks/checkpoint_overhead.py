@@ -41,7 +41,9 @@ from lumen.workload import make_workload
 
 PAGE_STATS = ("exported_pages", "export_deferred", "pages_sent", "pages_refused", "pages_stalled",
               "pages_forgotten", "pages_obsolete", "ckpt_pages_accepted", "ckpt_rejected_pages", "kv_early_held",
-              *(f"ckpt_rejected_{r}" for r in REJECT_REASONS), "ckpt_export_s", "steps")
+              *(f"ckpt_rejected_{r}" for r in REJECT_REASONS), "ckpt_export_s", "steps",
+              "kv_tx_queued_s", "kv_tx_copy_wait_s", "kv_wait_s", "kv_tx_send_s", "kv_rx_pages",
+              "kv_rx_busy_s")
 
 
 def step_summary(step_dir: Path, t0: float, t1: float) -> dict:
@@ -103,6 +105,9 @@ async def one_run(args, policy: str, seed: int, log_dir: Path) -> dict:
     page_stats = {k: total(info, k) - total(before, k) for k in PAGE_STATS}
     page_stats["unprotected_requests"] = info.get("unprotected_requests", 0) - before.get("unprotected_requests", 0)
     steps = page_stats.pop("steps")
+    # the longest a page waited in a sender's queue, over the whole life of the workers (warm-up included)
+    page_stats["kv_tx_queued_max_s"] = max((float(w["stats"].get("kv_tx_queued_max_s", 0) or 0)
+                                            for w in info["workers"]), default=0.0)
     page_stats["ckpt_export_ms_per_step"] = 1e3 * page_stats["ckpt_export_s"] / steps if steps else None
     pages = int(page_stats["pages_sent"])
     page_bytes = max((int(w["stats"].get("ckpt_page_nbytes", 0)) for w in info["workers"]), default=0)

@@ -44,6 +44,10 @@ left() { echo $(( BUDGET - ($(date +%s) - start) )); }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 free -g >> "$OUT/gpu.txt"; nproc >> "$OUT/gpu.txt"
+# CURVE throughput of the pyzmq in use: wheels before 27.3 encrypt at ~60 MB/s, which capped checkpoint
+# streaming on the H200 (2026-12-04); a few seconds, so every block records it
+timeout 60 python3 benchmarks/transport_curve.py --seconds 0.5 --rounds 1 > "$OUT/curve.txt" 2>&1
+head -2 "$OUT/curve.txt"
 
 for step in $STEPS; do
   echo "== $step ($(left) s left)"

@@ -69,8 +69,8 @@ class PageSender(threading.Thread):
         super().__init__(daemon=True, name="kv-sender")
         self.codec = Codec(secret, f"w{worker_id}.kv", epoch, schema=SCHEMA)
         self.ctx = ctx
-        # items: (address, page or None to forget the address, page bytes); None stops the thread
-        self.queue: queue.Queue[tuple[str, KVPage | None, int] | None] = queue.Queue(max_queued)
+        # items: (address, page or None to forget the address, page bytes, time queued); None stops it
+        self.queue: queue.Queue[tuple[str, KVPage | None, int, float] | None] = queue.Queue(max_queued)
         self.max_queued_bytes = max_queued_bytes
         self.wait_ms = wait_ms
         # wanted(req, addr): whether that request still streams to that holder, asked just before a
@@ -88,6 +88,9 @@ class PageSender(threading.Thread):
         self.waited_s = 0.0  # time spent waiting for a holder to drain
         self.forgotten = 0  # pages to a holder that was forgotten before they left
         self.obsolete = 0  # pages whose request finished or moved before they left (not wanted)
+        # where a page's time goes on this side (seconds, summed over pages; the max of the first):
+        # queued behind others, waiting for its device -> host copy, MAC + hand-off to ZeroMQ
+        self.queued_s = self.queued_max_s = self.copy_wait_s = self.send_s = 0.0
         # holders forgotten whose forget item the sender has not reached yet (engine thread adds,
         # sender thread removes; set operations are atomic under the GIL): waits on them end at once
         self._gone: set[str] = set()
@@ -110,7 +113,7 @@ class PageSender(threading.Thread):
                 return
             self._queued_bytes += n
         try:
-            self.queue.put_nowait((addr, page, n))
+            self.queue.put_nowait((addr, page, n, time.monotonic()))
         except queue.Full:
             with self._bytes_lock:
                 self._queued_bytes -= n
@@ -121,7 +124,7 @@ class PageSender(threading.Thread):
         owns the socket); if the queue is full the pool's LRU bound still applies."""
         self._gone.add(addr)
         try:
-            self.queue.put_nowait((addr, None, 0))
+            self.queue.put_nowait((addr, None, 0, 0.0))
         except queue.Full:
             self._gone.discard(addr)
 
@@ -150,7 +153,7 @@ class PageSender(threading.Thread):
         stalled_until: dict[str, float] = {}
         try:
             while (item := self.queue.get()) is not None:
-                addr, page, n = item
+                addr, page, n, queued_at = item
                 if page is None:
                     push.forget(addr)
                     stalled_until.pop(addr, None)
@@ -160,7 +163,13 @@ class PageSender(threading.Thread):
                     if self.wanted is not None and not self.wanted(page.req_id, addr):
                         self.obsolete += 1
                         continue
+                    t0 = time.monotonic()
+                    queued = t0 - queued_at
+                    self.queued_s += queued
+                    self.queued_max_s = max(self.queued_max_s, queued)
                     page.wait()
+                    t1 = time.monotonic()
+                    self.copy_wait_s += t1 - t0
                     if not self._room(push, addr, stalled_until):
                         if addr in self._gone:
                             self.forgotten += 1
@@ -171,10 +180,12 @@ class PageSender(threading.Thread):
                     frame = page.data.contiguous().view(torch.uint8).numpy()
                     if page.lease is not None:  # the ring slot stays taken while ZeroMQ holds the frame
                         weakref.finalize(frame, _keep, page.lease)
+                    t2 = time.monotonic()
                     if push.send(addr, "PAGE", body, [frame]):
                         self.sent += 1
                     else:
                         self.failed += 1
+                    self.send_s += time.monotonic() - t2
                 finally:
                     with self._bytes_lock:
                         self._queued_bytes -= n
@@ -200,6 +211,8 @@ class PageReceiver(threading.Thread):
         # pages that came before their reservation: (deadline, req, index, end, tag, frame), arrival order
         self._early: deque[tuple] = deque()
         self.early_held = 0  # pages stored only because they were held until their reservation came
+        self.pages_in = 0
+        self.busy_s = 0.0  # from a page's arrival to its store (MAC check, decode, copy): this side's share
         self._halt = threading.Event()
 
     def _put(self, req, index, end, tag, frame) -> bool:
@@ -229,9 +242,13 @@ class PageReceiver(threading.Thread):
     def run(self) -> None:
         try:
             while not self._halt.is_set():
-                msg = self.endpoint.recv(timeout_ms=5 if self._early else 100)
-                if msg is not None and msg.type == "PAGE":
-                    self._on_page(msg.body, msg.frames[0])
+                if self.endpoint.socket.poll(5 if self._early else 100, zmq.POLLIN):
+                    t0 = time.monotonic()
+                    msg = self.endpoint.recv(timeout_ms=0)
+                    if msg is not None and msg.type == "PAGE":
+                        self._on_page(msg.body, msg.frames[0])
+                        self.pages_in += 1
+                    self.busy_s += time.monotonic() - t0
                 if self._early:
                     self._flush_early()
         finally:

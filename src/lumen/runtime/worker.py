@@ -633,6 +633,10 @@ class Worker:
         # why a holder refused pages, only the reasons seen (a restore shorter than the stream says why)
         stats.update({f"ckpt_rejected_{k}": v for k, v in store["rejected"].items() if v})
         stats.update(pages_forgotten=tx.forgotten, pages_obsolete=tx.obsolete, kv_early_held=self.kv_rx.early_held)
+        # where a page's time goes (seconds summed over pages): which side of the stream is the bottleneck
+        stats.update(kv_tx_queued_s=round(tx.queued_s, 3), kv_tx_queued_max_s=round(tx.queued_max_s, 3),
+                     kv_tx_copy_wait_s=round(tx.copy_wait_s, 3), kv_tx_send_s=round(tx.send_s, 3),
+                     kv_rx_pages=self.kv_rx.pages_in, kv_rx_busy_s=round(self.kv_rx.busy_s, 3))
         stats = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
         self.hb.stats = trim_stats(stats, HB_MAX_STATS - len(HB_OWN_STATS))  # the heartbeat thread adds these
         now = time.monotonic()
@@ -656,13 +660,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=os.environ.get("LUMEN_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s [worker {args.worker_id}.{args.epoch}] %(levelname)s %(message)s")
-    # The engine thread holds the GIL for most of a GPU step (Python between kernel launches), and
-    # the page sender / receiver threads need it back after every MAC, copy and socket call: with
-    # Python's default 5 ms switch interval each handoff waited up to 5 ms, capping checkpoint
-    # streaming at ~50 pages/s (1.8 MB pages; H200, 2026-12-04: most pages reached their holder
-    # after the request had finished). benchmarks/gil_switch.py (2-core box, a pure-Python thread as
-    # the engine): 49 pages/s at 5 ms, 188 at 1 ms, 140 with no busy thread at all.
-    sys.setswitchinterval(float(os.environ.get("LUMEN_GIL_SWITCH_MS", "1")) / 1e3)
     if args.device == "cpu":
         # several workers share a few cores: one thread each keeps them from thrashing
         torch.set_num_threads(int(os.environ.get("LUMEN_WORKER_THREADS", "1")))
