@@ -85,6 +85,8 @@ for step in $STEPS; do
       --repeats "$REPEATS" --window auto --startup-timeout 300 --resume --out "$RUNS" --quiet > "$OUT/bench.log" 2>&1
     echo "bench exit $? (124: stopped at the block's end; --resume goes on next call)"
     tail -25 "$OUT/bench.log"
+    # before any latency figure: did the holders accept the pages, and what did the restores find
+    python3 benchmarks/runs_pages.py "$RUNS" --out "$OUT/pages.txt"
     tar czf "$OUT/bench-runs.tgz" -C "$(dirname "$RUNS")" "$(basename "$RUNS")" ;;
   esac
 done

@@ -350,7 +350,7 @@ def _epochs(cluster: dict | None) -> dict[int, int] | None:
 
 # What a run's end state keeps of each worker (the rest of /lumen/cluster is per request): how much
 # was checkpointed, refused and restored, so a run's recovery can be explained after the machine is gone
-_END_STATS = ("ckpt_", "pages_", "restored_", "exported_pages", "export_deferred", "kv_early_held", "spec_",
+_END_STATS = ("ckpt_", "pages_", "restored_", "exported_pages", "export_deferred", "kv_", "spec_",
               "hb_late_max_ms", "preemptions")
 
 
