@@ -16,8 +16,8 @@ import re
 import sys
 from pathlib import Path
 
-COUNTERS = ("pages_sent", "ckpt_pages_accepted", "ckpt_rejected_unreserved", "pages_stalled", "pages_obsolete",
-            "export_deferred", "restored_pages")
+COUNTERS = ("pages_sent", "ckpt_pages_accepted", "ckpt_rejected_pages", "ckpt_rejected_unreserved", "pages_stalled",
+            "pages_obsolete", "export_deferred", "restored_pages")
 RESTORING = re.compile(r"restoring (\d+) of (\d+) pages")
 
 
@@ -30,10 +30,9 @@ def summarize(run_json: Path, log: Path | None) -> dict:
         stats = w.get("stats") or {}
         for k in COUNTERS:
             row[k] += int(stats.get(k, 0) or 0)
-        rejected = sum(int(v or 0) for k, v in stats.items() if k.startswith("ckpt_rejected_") and k != "ckpt_rejected_pages")
-        row["refused_other"] = row.get("refused_other", 0) + rejected - int(stats.get("ckpt_rejected_unreserved", 0) or 0)
         queued_max = max(queued_max, float(stats.get("kv_tx_queued_max_s", 0) or 0))
     row["queued_max_s"] = round(queued_max, 3)
+    row["refused_other"] = row["ckpt_rejected_pages"] - row["ckpt_rejected_unreserved"]  # all reasons, less one
     found = total = dead = 0
     if log is not None and log.exists():
         text = log.read_text(errors="replace")
@@ -58,7 +57,7 @@ def main() -> int:
         label = f.name[: -len(".run.json")]
         row = summarize(f, a.runs / "logs" / f"{label}.log")
         sent = row["pages_sent"]
-        received = row["ckpt_pages_accepted"] + row["ckpt_rejected_unreserved"] + row["refused_other"]
+        received = row["ckpt_pages_accepted"] + row["ckpt_rejected_pages"]
         share = f"{row['ckpt_pages_accepted'] / received:.0%}" if received else "-"
         lines.append(f"{label:24s} sent {sent:6d} accepted {row['ckpt_pages_accepted']:6d} ({share:>4s} of received) "
                      f"unreserved {row['ckpt_rejected_unreserved']:5d} other refusals {row['refused_other']:4d} "

@@ -28,10 +28,10 @@ NBYTES = 4096
 
 
 @contextlib.contextmanager
-def streaming(ctx, store: CheckpointStore, **receiver_args):
+def streaming(ctx, store: CheckpointStore, wanted=None, **receiver_args):
     """A holder's PageReceiver and an executor's PageSender, running; both stopped afterwards."""
     rx = PageReceiver(ctx, SECRET, 1, 1, "127.0.0.1", store, lambda: NBYTES, **receiver_args)
-    tx = PageSender(ctx, SECRET, 0, 1)
+    tx = PageSender(ctx, SECRET, 0, 1, wanted=wanted)
     rx.start()
     tx.start()
     try:
@@ -162,11 +162,7 @@ def test_pages_of_a_request_that_finished_or_moved_while_queued_are_skipped_not_
     store = CheckpointStore(100 * NBYTES)
     store.reserve("live", 10 * NBYTES, 0)
     streams = {"live", "done"}
-    rx = PageReceiver(ctx, SECRET, 1, 1, "127.0.0.1", store, lambda: NBYTES)
-    tx = PageSender(ctx, SECRET, 0, 1, wanted=lambda rid, addr: rid in streams and addr == rx.address)
-    rx.start()
-    tx.start()
-    try:
+    with streaming(ctx, store, wanted=lambda rid, addr: rid in streams) as (rx, tx):
         gate = _Gate()
         tx.submit(rx.address, page(0, "live", gate))  # holds the sender while the rest queue behind it
         for i in range(3):
@@ -177,11 +173,6 @@ def test_pages_of_a_request_that_finished_or_moved_while_queued_are_skipped_not_
         wait_until(lambda: store.stats()["pages"] == 2, 10, "the live request's pages stored")
         assert tx.obsolete == 3 and tx.sent == 2 and tx.refused == 0
         assert store.rejected["unreserved"] == 0
-    finally:
-        tx.stop()
-        rx.stop()
-        tx.join(5)
-        rx.join(5)
 
 
 def test_pages_that_arrive_before_their_reservation_are_held_until_it_comes(ctx):

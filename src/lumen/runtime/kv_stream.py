@@ -17,10 +17,10 @@ with the engine for real.
   to wrong output -- only when the queue is over its page or byte bound, when the holder is forgotten
   (the controller declared it dead or moved its requests: the wait ends at once), or when it does not
   drain for `wait_ms` (2 s, longer than a worker takes to be declared dead; the sender then stops
-  waiting for it for a second, so other holders go on). A page whose request no longer streams to
-  that holder when its turn comes (finished, moved) is skipped, not sent: the holder would refuse it. A shorter wait (250 ms) dropped half the
+  waiting for it for a second, so other holders go on). A shorter wait (250 ms) dropped half the
   pages on an H200, where a holder busy with a CUDA graph capture or a long prefill pauses its
-  receiver for a few hundred ms.
+  receiver for a few hundred ms. A page whose request no longer streams to that holder when its
+  turn comes (finished, moved) is skipped, not sent: the holder would refuse it.
   A page's bytes live in a slot of the engine's export ring (KVPage.lease), and ZeroMQ sends them
   without copying (copy=False: it keeps a reference to the buffer until the message has left, or
   was dropped); the lease is tied to that buffer, so the slot is reused only after ZeroMQ let go.
