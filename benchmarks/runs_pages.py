@@ -36,6 +36,10 @@ def summarize(run_json: Path, log: Path | None) -> dict:
     found = total = dead = 0
     if log is not None and log.exists():
         text = log.read_text(errors="replace")
+        # a run cut at a block's end and re-run by --resume appends to the same log: read the last attempt
+        # (each starts with the cluster's command line, "$ ...")
+        last = text.rfind("\n$ ")
+        text = text[last + 1:] if last >= 0 else text
         for m in RESTORING.finditer(text):
             found, total = found + int(m.group(1)), total + int(m.group(2))
         dead = text.count("declared dead")

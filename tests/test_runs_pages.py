@@ -21,7 +21,10 @@ def test_the_summary_counts_what_holders_accepted_and_what_restores_found(tmp_pa
     ]
     (tmp_path / "records" / "lumen-seed0.run.json").write_text(json.dumps({"cluster_end": {"workers": workers}}))
     (tmp_path / "logs" / "lumen-seed0.log").write_text(
-        "x WARNING worker 1 epoch 1 declared dead: process exited (-9)\n"
+        # an attempt cut at a block's end, then the re-run that --resume appended: only the last one counts
+        "$ python -m lumen serve ...\nx WARNING worker 1 epoch 1 declared dead: process exited (-9)\n"
+        "y INFO request z: restoring 9 of 9 pages\n"
+        "$ python -m lumen serve ...\nx WARNING worker 1 epoch 1 declared dead: process exited (-9)\n"
         "y INFO request a: restoring 4 of 10 pages\ny INFO request b: restoring 0 of 6 pages\n")
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "runs_pages.py"), str(tmp_path),
                           "--out", str(tmp_path / "pages.txt")], capture_output=True, text=True, check=True).stdout
