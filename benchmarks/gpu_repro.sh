@@ -10,6 +10,7 @@
 #   STEPS="prepare bench" BUDGET=560 bash benchmarks/gpu_repro.sh                   # blocks 2.. (--resume)
 # (prepare is a no-op where the machine already holds the prepared target; on a fresh machine it draws
 # the same seeded target again, and carrying .gpu-runs/ lets the bench resume)
+#   MPS=1 STEPS="prepare bench" BUDGET=560 bash benchmarks/gpu_repro.sh   # workers sharing a GPU: fixed SM shares
 #   PRESET=tiny DEVICES=cpu DURATION=20 STEPS="prepare bench" bash benchmarks/gpu_repro.sh   # CPU dry run
 set -uo pipefail
 start=$(date +%s)
@@ -39,8 +40,34 @@ NUM_BLOCKS=${NUM_BLOCKS:-2000}
 # ~32 full-length requests of the 8B shape (189 MB each), where run 1's holders held ~4-8 at a time
 CKPT_GB=${CKPT_GB:-6}
 POLICIES=${POLICIES:-"stop-restart fixed-ckpt lumen"}  # ablations: a later call with POLICIES="lumen-no-spec spec-only" REPEATS=1
-RUNS=${RUNS:-$PWD/.gpu-runs/repro-$PRESET}
+# MPS=1: where workers share a GPU, the bench runs them under CUDA MPS with a fixed share of the SMs each
+# (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 x GPUs / workers; MPS=N sets N percent). Without it, a killed
+# worker's GPU time goes to the survivors: on one H200 (run 4, 2026-12-04) TTFT *fell* 10-30% below
+# the no-failure run after the kill under every policy, so the failure cost no capacity to recover.
+# HBM bandwidth stays shared under MPS: the partition is of compute, not complete.
+MPS=${MPS:-0}
+# the daemon and every client (the bench's workers inherit it) meet on this pipe directory
+[ "$MPS" != 0 ] && export CUDA_MPS_PIPE_DIRECTORY=/tmp/lumen-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/lumen-mps/log
+# runs under MPS are another experiment (another capacity, another calibrated rate): their own directory
+RUNS=${RUNS:-$PWD/.gpu-runs/repro-$PRESET$([ "$MPS" != 0 ] && echo -mps)}
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+
+mps_start() {  # prints the per-worker SM percentage once an MPS client has run under it; fails otherwise
+  command -v nvidia-cuda-mps-control >/dev/null || { echo "no nvidia-cuda-mps-control" >&2; return 1; }
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d || return 1
+  local pct=$MPS
+  if [ "$pct" = 1 ]; then
+    pct=$(( 100 * $(tr ',' '\n' <<< "$DEVICES" | grep -c .) / WORKERS )); [ "$pct" -gt 100 ] && pct=100
+  fi
+  # a CUDA client under the share must work before any worker depends on it
+  if ! CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$pct timeout 60 python3 -c \
+      "import torch; assert torch.ones(1, device='cuda').sum().item() == 1" >&2; then
+    mps_stop; return 1
+  fi
+  echo "$pct"
+}
+mps_stop() { echo quit | nvidia-cuda-mps-control 2>/dev/null; sleep 1; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 free -g >> "$OUT/gpu.txt"; nproc >> "$OUT/gpu.txt"
@@ -76,14 +103,22 @@ for step in $STEPS; do
     target=$LUMEN_HOME/models/repro-$PRESET
     if [ ! -f "$target/lumen_repro.json" ]; then echo "no prepared target: run the prepare step first"; continue; fi
     pol=(); for p in $POLICIES; do pol+=(--policy "$p"); done
+    share=""
+    if [ "$MPS" != 0 ]; then
+      share=$(mps_start) || share=""
+      echo "mps: ${share:+on, $share% of the SMs per worker}${share:-unavailable}" | tee -a "$OUT/gpu.txt"
+      # never mix time-shared runs into an MPS run directory
+      [ -z "$share" ] && { echo "MPS was asked for and is unavailable: no bench"; continue; }
+    fi
     t=$(( $(left) - 45 ))
     if [ "$t" -lt 60 ]; then echo "no time left for the bench"; continue; fi
-    timeout -k 30 "$t" python3 -m lumen bench --model "$target" --workers "$WORKERS" --devices "$DEVICES" "${pol[@]}" \
+    ${share:+env CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$share} timeout -k 30 "$t" python3 -m lumen bench --model "$target" --workers "$WORKERS" --devices "$DEVICES" "${pol[@]}" \
       --serve-args "--draft-model $target-selfdraft --num-blocks $NUM_BLOCKS --cold-restart --ckpt-budget-gb $CKPT_GB --max-model-len 2048" \
       --qps auto --target-load "$TARGET_LOAD" --calibration-requests 64 --duration "$DURATION" \
       --lengths splitwise-conv --max-prompt 1024 --max-output 256 --fail "t=$FAIL_AT:worker=1:SIGKILL" \
       --repeats "$REPEATS" --window auto --startup-timeout 300 --resume --out "$RUNS" --quiet > "$OUT/bench.log" 2>&1
     echo "bench exit $? (124: stopped at the block's end; --resume goes on next call)"
+    [ -n "$share" ] && mps_stop
     tail -25 "$OUT/bench.log"
     # before any latency figure: did the holders accept the pages, and what did the restores find
     python3 benchmarks/runs_pages.py "$RUNS" --out "$OUT/pages.txt"
