@@ -3,7 +3,7 @@
 # engine benchmark (issue 2), the checkpoint overhead re-measure (issue 4) and a step-time profile
 # of the target for the simulator (issue 7), then
 # `lumen bench --resume` for as long as the block allows.
-# Run from the repository root. Results (at most 8 files) go to $OUT; the bench's directory
+# Run from the repository root. Results go to $OUT (more than 8 files: packed into block.tgz); the bench's directory
 # (.gpu-runs/, git-ignored) persists while the machine is warm and can be carried to a fresh one.
 #
 #   STEPS="prepare engine ckpt" RELOAD=1 BUDGET=560 bash benchmarks/gpu_repro.sh   # block 1
@@ -122,7 +122,13 @@ for step in $STEPS; do
     tail -25 "$OUT/bench.log"
     # before any latency figure: did the holders accept the pages, and what did the restores find
     python3 benchmarks/runs_pages.py "$RUNS" --out "$OUT/pages.txt"
+    # did the failure cost capacity at all: latency before the kill, until the worker is back, after
+    python3 benchmarks/phase_latency.py "$RUNS" --out "$OUT/phases.txt"
     tar czf "$OUT/bench-runs.tgz" -C "$(dirname "$RUNS")" "$(basename "$RUNS")" ;;
   esac
 done
+# the device tool returns at most 8 files: beyond that, everything but the key ones goes into one archive
+if [ "$(ls "$OUT" | wc -l)" -gt 8 ]; then
+  (cd "$OUT" && tar czf block.tgz --remove-files $(ls | grep -v -x -e bench-runs.tgz -e pages.txt -e phases.txt -e curve.txt))
+fi
 echo "== done in $(( $(date +%s) - start )) s"
