@@ -14,6 +14,7 @@ from lumen.engine import Engine, EngineConfig, KVPage, SamplingParams
 from lumen.engine.kv_pages import page_tags
 from lumen.model import PRESETS, DenseKV
 from lumen.model.loader import random_model
+from lumen.runtime.worker import warm_up
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CFG = PRESETS["tiny"]
@@ -174,14 +175,20 @@ def test_cuda_export_ring_burst_and_restore_allocate_no_pinned_memory():
     ref = _reference(m, p, 30)
     sp = SamplingParams(max_tokens=30, ignore_eos=True)
     cfg = dict(device="cuda", num_blocks=64, block_size=8, export_slots=2, export_slot_pages=4)
-    a, b = Engine(m, EngineConfig(**cfg)), Engine(m, EngineConfig(**cfg))
+    # b, the restoring engine, chunks at 64 tokens so that the worker's warm-up runs all its prefill paths
+    a, b = Engine(m, EngineConfig(**cfg)), Engine(m, EngineConfig(**cfg, chunk_tokens=64))
     ring = a.runner.ring
     assert ring.num_slots == 2 and ring.pages.is_pinned() and ring.index.is_pinned()
     a.add_request("r", p, sp)
     gen = [t for o in a.step() for t in o.token_ids]
     seq = a._seqs["r"]
     assert seq.num_computed_tokens // 8 == 12
-    b.add_request("warm", p, sp)  # b's lazy one-time work (graph captures, compiles) before counting
+    # b's lazy one-time work (graph captures, compiles, first calls of each attention path) before
+    # counting, as a restarted worker does it before it serves; the first step of the restore (a short
+    # continued prefill) allocated once on an H200 (2026-12-03, 2026-12-04) without the warm-up's
+    # continued chunks
+    warm_up(b)
+    b.add_request("warm", p, sp)
     _run(b)
     store = torch.empty((12, *ring.pages.shape[2:]), dtype=ring.pages.dtype, pin_memory=True)
     host_allocs = getattr(torch.cuda, "host_memory_stats", None)

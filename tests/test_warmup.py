@@ -19,7 +19,13 @@ from cluster_util import make_tiny_model_dir, run_cluster, wait_until
 from lumen.engine import Engine, EngineConfig, SamplingParams
 from lumen.model import ModelConfig
 from lumen.model.loader import random_model
-from lumen.runtime.worker import CPU_WARMUP_TOKENS, WARMUP_DECODE_STEPS, WARMUP_ENV, warm_up
+from lumen.runtime.worker import (
+    CPU_WARMUP_TOKENS,
+    SHORT_CONTINUED_WARMUP_TOKENS,
+    WARMUP_DECODE_STEPS,
+    WARMUP_ENV,
+    warm_up,
+)
 
 CFG = ModelConfig(arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5, max_position=512,
@@ -71,6 +77,31 @@ def test_warm_up_fits_small_pools_and_can_be_turned_off(monkeypatch):
     assert warm_up(_engine()) == {}
     monkeypatch.setenv(WARMUP_ENV, "16")
     assert warm_up(_engine())["warmup_prefill_tokens"] == 16
+
+
+def test_the_cuda_warm_up_runs_every_prefill_path_a_restore_can_take(monkeypatch):
+    """The CUDA default (two chunks plus SHORT_CONTINUED_WARMUP_TOKENS) prefills in three steps: a
+    first chunk, a long continued chunk (causal bias over a longer context) and a short continued
+    one (the batched path a restored request's tail takes), each with one-time costs on CUDA.
+    Checked on CPU through the same paths."""
+    import lumen.engine.attention as attention
+    from lumen.engine.model_runner import SHORT_MAX, ModelRunner
+
+    biases, short_rows = [], []
+    real_bias, real_short = attention._lower_right_causal, ModelRunner._short_group
+    monkeypatch.setattr(attention, "_lower_right_causal",
+                        lambda n, kv, dev: biases.append((n, kv)) or real_bias(n, kv, dev))
+    monkeypatch.setattr(ModelRunner, "_short_group", lambda self, items, group, tok_of: short_rows.append(
+        max(len(items[i].tokens) for i in group)) or real_short(self, items, group, tok_of))
+    eng = _engine(chunk=64)
+    n = 2 * 64 + SHORT_CONTINUED_WARMUP_TOKENS
+    info = warm_up(eng, prefill_tokens=n)
+    assert info["warmup_prefill_tokens"] == n and info["warmup_steps"] == 3 + WARMUP_DECODE_STEPS
+    assert biases == [(64, 128)] * CFG.num_layers  # the long continued chunk, one step
+    assert 1 < SHORT_CONTINUED_WARMUP_TOKENS <= SHORT_MAX
+    assert short_rows[0] == SHORT_CONTINUED_WARMUP_TOKENS and set(short_rows[1:]) == {1}  # then the decodes
+    st = eng.stats()
+    assert all(st[k] == 0 for k in COUNTERS) and st["free_blocks"] == st["num_blocks"]
 
 
 @pytest.fixture(scope="module")

@@ -70,19 +70,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 WARMUP_ENV = "LUMEN_WORKER_WARMUP_TOKENS"  # prefill tokens of the warm-up (0: none)
 CPU_WARMUP_TOKENS = 32  # CPU default: the path runs, cheaply (a full chunk measured no benefit there)
 WARMUP_DECODE_STEPS = 4
+# CUDA: the warm-up prefills two chunks and then this many tokens, so it runs each attention path a
+# prefill can take: a first chunk, a long continued chunk (whose first call imports torch._dynamo for
+# the causal bias, ~1.5 s) and a short continued one (a restore's tail, a speculative verify)
+SHORT_CONTINUED_WARMUP_TOKENS = 8
 WARMUP_REQ = "\x00warmup"  # not a gateway request id (those are printable)
 
 
 def warm_up(engine: Engine, prefill_tokens: int | None = None, decode_steps: int = WARMUP_DECODE_STEPS) -> dict:
     """Run one dummy request through the engine's real step path -- a prefill of `prefill_tokens`
     (default: LUMEN_WORKER_WARMUP_TOKENS, else on CUDA the engine's chunk budget, the largest step it
-    will run, and on CPU CPU_WARMUP_TOKENS) and `decode_steps` decode steps -- then reset the
-    engine's stats, so that nothing of it shows in counters, step-time EMAs, step logs or block
-    placement.
+    will run, twice, plus SHORT_CONTINUED_WARMUP_TOKENS, and on CPU CPU_WARMUP_TOKENS)
+    and `decode_steps` decode steps -- then reset the engine's stats, so that nothing of it shows in
+    counters, step-time EMAs, step logs or block placement.
 
     Why: one-time costs of a fresh engine (CUDA graphs captured and kernels compiled lazily, allocator
-    growth for the largest activations, first-call set-up) are paid before the worker reports SERVING,
-    not by its first requests. (On the 2-core CPU box they measured small: a fresh engine's first
+    growth for the largest activations, first-call set-up of a continued prefill, which a restored
+    request's tail is) are paid before the worker reports SERVING, not by its first requests. (On the 2-core CPU box they measured small: a fresh engine's first
     32- and 256-token prefills took the same CPU time as later ones, within ~10%; the warm-up costs
     1.3-2.7 s per restart there at a full chunk, hence the small CPU default. LUMEN_WORKER_WARMUP_TOKENS=0
     turns it off.) Returns the phase info to report
@@ -92,11 +96,11 @@ def warm_up(engine: Engine, prefill_tokens: int | None = None, decode_steps: int
         if env:
             prefill_tokens = int(env)
         else:
-            prefill_tokens = engine.chunk_tokens if engine.device.type == "cuda" else CPU_WARMUP_TOKENS
+            prefill_tokens = (2 * engine.chunk_tokens + SHORT_CONTINUED_WARMUP_TOKENS
+                              if engine.device.type == "cuda" else CPU_WARMUP_TOKENS)
     bm = engine.block_manager
     # fit the context (and the KV pool) with room for the decode steps
-    n = min(prefill_tokens, engine.chunk_tokens, engine.max_model_len - decode_steps - 2,
-            bm.num_blocks * bm.block_size - decode_steps - 2)
+    n = min(prefill_tokens, engine.max_model_len - decode_steps - 2, bm.num_blocks * bm.block_size - decode_steps - 2)
     if n < 1:
         return {}
     t0 = time.monotonic()
