@@ -21,10 +21,12 @@ from lumen.model import ModelConfig
 from lumen.model.loader import random_model
 from lumen.runtime.worker import (
     CPU_WARMUP_TOKENS,
+    LONG_CONTINUED_WARMUP_TOKENS,
     SHORT_CONTINUED_WARMUP_TOKENS,
     WARMUP_DECODE_STEPS,
     WARMUP_ENV,
     warm_up,
+    warmup_prompt_lengths,
 )
 
 CFG = ModelConfig(arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -80,10 +82,10 @@ def test_warm_up_fits_small_pools_and_can_be_turned_off(monkeypatch):
 
 
 def test_the_cuda_warm_up_runs_every_prefill_path_a_restore_can_take(monkeypatch):
-    """The CUDA default (two chunks plus SHORT_CONTINUED_WARMUP_TOKENS) prefills in three steps: a
-    first chunk, a long continued chunk (causal bias over a longer context) and a short continued
-    one (the batched path a restored request's tail takes), each with one-time costs on CUDA.
-    Checked on CPU through the same paths."""
+    """The CUDA default is two prompts: a chunk plus a long tail, then a chunk plus a short tail. They
+    run a first chunk, a long continued chunk (causal bias over a longer context) and a short
+    continued one (the batched path a restored request's tail takes), each with one-time costs on
+    CUDA. Checked on CPU through the same paths, with the CUDA lengths."""
     import lumen.engine.attention as attention
     from lumen.engine.model_runner import SHORT_MAX, ModelRunner
 
@@ -93,13 +95,19 @@ def test_the_cuda_warm_up_runs_every_prefill_path_a_restore_can_take(monkeypatch
                         lambda n, kv, dev: biases.append((n, kv)) or real_bias(n, kv, dev))
     monkeypatch.setattr(ModelRunner, "_short_group", lambda self, items, group, tok_of: short_rows.append(
         max(len(items[i].tokens) for i in group)) or real_short(self, items, group, tok_of))
-    eng = _engine(chunk=64)
-    n = 2 * 64 + SHORT_CONTINUED_WARMUP_TOKENS
-    info = warm_up(eng, prefill_tokens=n)
-    assert info["warmup_prefill_tokens"] == n and info["warmup_steps"] == 3 + WARMUP_DECODE_STEPS
-    assert biases == [(64, 128)] * CFG.num_layers  # the long continued chunk, one step
-    assert 1 < SHORT_CONTINUED_WARMUP_TOKENS <= SHORT_MAX
-    assert short_rows[0] == SHORT_CONTINUED_WARMUP_TOKENS and set(short_rows[1:]) == {1}  # then the decodes
+    eng = _engine(chunk=64, num_blocks=80)
+    cuda_lengths = [64 + LONG_CONTINUED_WARMUP_TOKENS, 64 + SHORT_CONTINUED_WARMUP_TOKENS]
+    eng.device = torch.device("cuda")  # only what warmup_prompt_lengths reads
+    assert warmup_prompt_lengths(eng) == cuda_lengths
+    eng.device = torch.device("cpu")
+    assert warmup_prompt_lengths(eng) == [CPU_WARMUP_TOKENS]
+    info = warm_up(eng, prefill_tokens=cuda_lengths)
+    assert info["warmup_prefill_tokens"] == sum(cuda_lengths)
+    assert info["warmup_steps"] == 2 * (2 + WARMUP_DECODE_STEPS)
+    assert LONG_CONTINUED_WARMUP_TOKENS > SHORT_MAX >= SHORT_CONTINUED_WARMUP_TOKENS > 1
+    assert biases == [(LONG_CONTINUED_WARMUP_TOKENS, 64 + LONG_CONTINUED_WARMUP_TOKENS)] * CFG.num_layers
+    assert SHORT_CONTINUED_WARMUP_TOKENS in short_rows  # the short continued chunk; the rest are decodes
+    assert set(short_rows) == {1, SHORT_CONTINUED_WARMUP_TOKENS}
     st = eng.stats()
     assert all(st[k] == 0 for k in COUNTERS) and st["free_blocks"] == st["num_blocks"]
 

@@ -27,6 +27,7 @@ import zmq
 
 from ..engine import Engine, EngineConfig, KVPage, SamplingParams
 from ..engine.kv_pages import TAG_BYTES
+from ..engine.model_runner import SHORT_MAX
 from ..engine.profile import StepLog
 from ..model.loader import build_model_from_host, read_config, read_weights_to_host
 from ..policy import WorkerState, features
@@ -70,51 +71,61 @@ def parse_args(argv=None) -> argparse.Namespace:
 WARMUP_ENV = "LUMEN_WORKER_WARMUP_TOKENS"  # prefill tokens of the warm-up (0: none)
 CPU_WARMUP_TOKENS = 32  # CPU default: the path runs, cheaply (a full chunk measured no benefit there)
 WARMUP_DECODE_STEPS = 4
-# CUDA: the warm-up prefills two chunks and then this many tokens, so it runs each attention path a
-# prefill can take: a first chunk, a long continued chunk (whose first call imports torch._dynamo for
-# the causal bias, ~1.5 s) and a short continued one (a restore's tail, a speculative verify)
+# CUDA: two prompts of a chunk plus a tail, so the warm-up runs each attention path a prefill can take:
+# a first chunk, a long continued chunk (its first call imports torch._dynamo for the causal bias,
+# ~1.5 s on the CPU box) and a short continued one (the batched path of a restore's tail)
 SHORT_CONTINUED_WARMUP_TOKENS = 8
+LONG_CONTINUED_WARMUP_TOKENS = SHORT_MAX + 8
 WARMUP_REQ = "\x00warmup"  # not a gateway request id (those are printable)
 
 
-def warm_up(engine: Engine, prefill_tokens: int | None = None, decode_steps: int = WARMUP_DECODE_STEPS) -> dict:
-    """Run one dummy request through the engine's real step path -- a prefill of `prefill_tokens`
-    (default: LUMEN_WORKER_WARMUP_TOKENS, else on CUDA the engine's chunk budget, the largest step it
-    will run, twice, plus SHORT_CONTINUED_WARMUP_TOKENS, and on CPU CPU_WARMUP_TOKENS)
-    and `decode_steps` decode steps -- then reset the engine's stats, so that nothing of it shows in
-    counters, step-time EMAs, step logs or block placement.
+def warmup_prompt_lengths(engine: Engine) -> list[int]:
+    """The warm-up's prompts: LUMEN_WORKER_WARMUP_TOKENS if set (one prompt; 0: none), else on CUDA
+    a chunk plus a long tail and a chunk plus a short tail, on CPU one of CPU_WARMUP_TOKENS."""
+    env = os.environ.get(WARMUP_ENV, "").strip()
+    if env:
+        return [int(env)]
+    if engine.device.type == "cuda":
+        return [engine.chunk_tokens + LONG_CONTINUED_WARMUP_TOKENS, engine.chunk_tokens + SHORT_CONTINUED_WARMUP_TOKENS]
+    return [CPU_WARMUP_TOKENS]
+
+
+def warm_up(engine: Engine, prefill_tokens: int | list[int] | None = None,
+            decode_steps: int = WARMUP_DECODE_STEPS) -> dict:
+    """Run dummy requests, one after another, through the engine's real step path -- prefills of
+    `prefill_tokens` (default: `warmup_prompt_lengths`), each followed by `decode_steps` decode
+    steps -- then reset the engine's stats, so that nothing of it shows in counters, step-time EMAs,
+    step logs or block placement.
 
     Why: one-time costs of a fresh engine (CUDA graphs captured and kernels compiled lazily, allocator
-    growth for the largest activations, first-call set-up of a continued prefill, which a restored
-    request's tail is) are paid before the worker reports SERVING, not by its first requests. (On the 2-core CPU box they measured small: a fresh engine's first
-    32- and 256-token prefills took the same CPU time as later ones, within ~10%; the warm-up costs
-    1.3-2.7 s per restart there at a full chunk, hence the small CPU default. LUMEN_WORKER_WARMUP_TOKENS=0
-    turns it off.) Returns the phase info to report
-    (warmup_s) and what ran."""
+    growth for the largest activations, first calls of each prefill path, a restored request's tail
+    among them) are paid before the worker reports SERVING, not by its first requests. (On the 2-core
+    CPU box they measured small: a fresh engine's first 32- and 256-token prefills took the same CPU
+    time as later ones, within ~10%; the warm-up costs 1.3-2.7 s per restart there at a full chunk,
+    hence the small CPU default.) Returns the phase info to report (warmup_s) and what ran."""
     if prefill_tokens is None:
-        env = os.environ.get(WARMUP_ENV, "").strip()
-        if env:
-            prefill_tokens = int(env)
-        else:
-            prefill_tokens = (2 * engine.chunk_tokens + SHORT_CONTINUED_WARMUP_TOKENS
-                              if engine.device.type == "cuda" else CPU_WARMUP_TOKENS)
+        prefill_tokens = warmup_prompt_lengths(engine)
+    lengths = [prefill_tokens] if isinstance(prefill_tokens, int) else list(prefill_tokens)
     bm = engine.block_manager
     # fit the context (and the KV pool) with room for the decode steps
-    n = min(prefill_tokens, engine.max_model_len - decode_steps - 2, bm.num_blocks * bm.block_size - decode_steps - 2)
-    if n < 1:
+    room = min(engine.max_model_len, bm.num_blocks * bm.block_size) - decode_steps - 2
+    lengths = [min(n, room) for n in lengths if n > 0 and room > 0]
+    if not lengths:
         return {}
     t0 = time.monotonic()
     vocab = engine.model_config.vocab_size
-    # a fixed seed: the engine's own seed stream (for requests without one) stays untouched
-    engine.add_request(WARMUP_REQ, [(7 + 31 * i) % vocab for i in range(n)],
-                       SamplingParams(max_tokens=1 + decode_steps, ignore_eos=True, seed=0))
     steps = 0
-    while engine.has_work() and steps < 4 * (decode_steps + n):  # bound: it cannot loop for ever
-        engine.step()
-        steps += 1
-    engine.abort(WARMUP_REQ)  # no-op once finished
+    for n in lengths:
+        # a fixed seed: the engine's own seed stream (for requests without one) stays untouched
+        engine.add_request(WARMUP_REQ, [(7 + 31 * i) % vocab for i in range(n)],
+                           SamplingParams(max_tokens=1 + decode_steps, ignore_eos=True, seed=0))
+        bound = steps + 4 * (decode_steps + n)  # it cannot loop for ever
+        while engine.has_work() and steps < bound:
+            engine.step()
+            steps += 1
+        engine.abort(WARMUP_REQ)  # no-op once finished
     engine.reset_stats()
-    return {"warmup_s": time.monotonic() - t0, "warmup_steps": steps, "warmup_prefill_tokens": n}
+    return {"warmup_s": time.monotonic() - t0, "warmup_steps": steps, "warmup_prefill_tokens": sum(lengths)}
 
 
 def _injected_slow_disk() -> None:
