@@ -44,7 +44,8 @@ POLICIES=${POLICIES:-"stop-restart fixed-ckpt lumen"}  # ablations: a later call
 # (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 x GPUs / workers; MPS=N sets N percent). Without it, a killed
 # worker's GPU time goes to the survivors: on one H200 (run 4, 2026-12-04) TTFT *fell* 10-30% below
 # the no-failure run after the kill under every policy, so the failure cost no capacity to recover.
-# HBM bandwidth stays shared under MPS: the partition is of compute, not complete.
+# HBM bandwidth stays shared under MPS: the partition is of compute, not complete. With the share
+# fixed, `lumen serve` lets a restarting worker on a shared GPU draft (its share idles while it reloads).
 MPS=${MPS:-0}
 # the daemon and every client (the bench's workers inherit it) meet on this pipe directory
 [ "$MPS" != 0 ] && export CUDA_MPS_PIPE_DIRECTORY=/tmp/lumen-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/lumen-mps/log

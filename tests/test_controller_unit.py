@@ -114,11 +114,14 @@ class _Router:
     address = "tcp://127.0.0.1:1"
 
 
-@pytest.mark.parametrize("devices, draft", [(["cuda:0", "cuda:1", "cuda:2"], True), (["cuda:0"], False),
-                                            (["cuda"], False), (["cpu"], True)])
-def test_a_restarting_worker_gets_its_draft_only_on_a_gpu_of_its_own(devices, draft):
+@pytest.mark.parametrize("devices, fixed_share, draft", [
+    (["cuda:0", "cuda:1", "cuda:2"], False, True), (["cuda:0"], False, False), (["cuda"], False, False),
+    (["cpu"], False, True),
+    (["cuda:0"], True, True),  # one GPU, but each worker owns a fixed share of its SMs (MPS)
+])
+def test_a_restarting_worker_gets_its_draft_only_on_a_gpu_of_its_own(devices, fixed_share, draft):
     cfg = ClusterConfig(model="preset:tiny", served_model_name="t", num_workers=3, policy="lumen",
-                        devices=devices, draft_model="d")
+                        devices=devices, draft_model="d", gpu_share_fixed=fixed_share)
     c = Controller(cfg, _NoLauncher(), bytes(32))
     try:
         c.router = _Router()
@@ -163,3 +166,12 @@ def test_an_old_incarnation_is_fenced_even_when_the_transport_drops_its_messages
             c.ctx.term()
 
     asyncio.run(scenario())
+
+
+def test_an_mps_active_thread_percentage_below_100_is_a_fixed_share():
+    from lumen.runtime.config import mps_share_fixed
+
+    assert mps_share_fixed({"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "25"})
+    assert not mps_share_fixed({"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "100"})
+    assert not mps_share_fixed({})
+    assert not mps_share_fixed({"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "lots"})

@@ -44,9 +44,21 @@ class ClusterConfig:
     # back-pressure
     max_pending: int = 1024
     nodes: list[str] | None = None          # node identity per worker (Ray); None = one node
+    # each worker owns a fixed share of its GPU's SMs (CUDA MPS, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE < 100):
+    # workers on one GPU then count as on accelerators of their own (a restarting one may draft)
+    gpu_share_fixed: bool = False
 
     def device_for(self, worker_id: int) -> str:
         return self.devices[worker_id % len(self.devices)]
 
     def node_of(self, worker_id: int) -> str | None:
         return self.nodes[worker_id] if self.nodes and worker_id < len(self.nodes) else None
+
+
+def mps_share_fixed(environ: dict[str, str]) -> bool:
+    """Whether CUDA processes started with this environment get a fixed share of the GPU's SMs: an
+    MPS active-thread percentage below 100 (MPS ignores it where no MPS daemon runs)."""
+    try:
+        return 0 < float(environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "100")) < 100
+    except ValueError:
+        return False

@@ -356,7 +356,8 @@ class Controller:
         device = self.cfg.device_for(worker_id)
         if not device.startswith("cuda"):
             return None  # CPU workers each use their own threads
-        return device if ":" in device else device + ":0"
+        device = device if ":" in device else device + ":0"
+        return f"{device}/share{worker_id}" if self.cfg.gpu_share_fixed else device
 
     def in_flight(self) -> int:
         return sum(1 for r in self.requests.values() if not r.done)

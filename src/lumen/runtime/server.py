@@ -15,7 +15,7 @@ import uvicorn
 from ..model.loader import read_config
 from ..model.tokenizer import Tokenizer
 from ..policy import POLICY_NAMES, parse_policy
-from .config import ClusterConfig
+from .config import ClusterConfig, mps_share_fixed
 from .controller import Controller
 from .gateway import Gateway, OpenAIErrorH11Protocol
 from .launcher import LocalLauncher
@@ -116,7 +116,7 @@ def build_config(args: argparse.Namespace) -> tuple[ClusterConfig, Tokenizer | N
         chunk_tokens=args.chunk_tokens or (1024 if on_gpu else 256), deterministic=args.deterministic,
         dtype=dtype_name, max_model_len=max_len, ckpt_budget_bytes=int(args.ckpt_budget_gb * (1 << 30)),
         kv_bytes_per_token=mcfg.kv_bytes_per_token(kv_dtype), draft_model=draft, spec_k=args.spec_k,
-        cold_restart=args.cold_restart,
+        cold_restart=args.cold_restart, gpu_share_fixed=on_gpu and mps_share_fixed(os.environ),
         max_pending=args.max_pending)
     return cfg, tokenizer, mcfg.vocab_size
 
