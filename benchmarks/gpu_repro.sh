@@ -56,6 +56,7 @@ left() { echo $(( BUDGET - ($(date +%s) - start) )); }
 mps_start() {  # prints the per-worker SM percentage once an MPS client has run under it; fails otherwise
   command -v nvidia-cuda-mps-control >/dev/null || { echo "no nvidia-cuda-mps-control" >&2; return 1; }
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  mps_stop  # a daemon left by a block cut at its limit on this (warm) machine
   nvidia-cuda-mps-control -d || return 1
   local pct=$MPS
   if [ "$pct" = 1 ]; then
