@@ -458,3 +458,21 @@ def test_cli_parses_bench_and_demo():
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--qps", "0"])
     assert parser.parse_args(["demo"]).bench_demo
+
+
+def test_the_outage_ends_when_the_killed_worker_serves_again():
+    """The injector's replay time plus the wall-clock gap from its signal to the worker's next SERVING
+    (the controller's `serving_at`); unknown where the worker never came back or nobody said."""
+    kill = FaultEvent("t=10s:worker=1:SIGKILL", 10.0, injected_s=10.2, injected_wall=5000.0, worker=1,
+                      signal="SIGKILL")
+    back = {"workers": [{"id": 0, "phases_s": {"serving_at": 4990.0}},
+                        {"id": 1, "phases_s": {"restart_at": 5000.1, "serving_at": 5020.0}}]}
+    assert runner_mod.outage_end([kill], back) == pytest.approx(30.2)
+    stale = {"workers": [{"id": 1, "phases_s": {"serving_at": 4990.0}}]}  # its first start: not back yet
+    assert runner_mod.outage_end([kill], stale) is None and runner_mod.outage_end([kill], None) is None
+    stop = dataclasses.replace(kill, signal="SIGSTOP")
+    assert runner_mod.outage_end([stop], back) is None and runner_mod.outage_end([], back) is None
+    # two kills: the outage lasts until the later return
+    kill0 = dataclasses.replace(kill, worker=0, injected_s=11.2, injected_wall=5001.0)
+    both = {"workers": [{"id": 0, "phases_s": {"serving_at": 5030.0}}, back["workers"][1]]}
+    assert runner_mod.outage_end([kill, kill0], both) == pytest.approx(40.2)

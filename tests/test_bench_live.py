@@ -49,5 +49,7 @@ def test_bench_kills_a_real_worker_and_measures_recovery(tiny_dir, tmp_path):
     assert doc["meta"]["fault_events"][0]["pid"] == ev.pid
     s = run.summary
     assert s.failure_times == [ev.injected_s] and s.n_requests == 48
+    # the killed worker's return, from the controller's serving_at, bounds the outage figures
+    assert ev.injected_s < s.outage_end_s < ev.injected_s + 120 and s.outage_ttft_vs_baseline > 0
     # no orphans: every worker this test started is gone
     assert set(lumen_worker_processes()) <= before

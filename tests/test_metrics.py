@@ -180,6 +180,21 @@ def test_interrupted_tpot_and_overall_means():
     assert s.failure_times == [2.0]
 
 
+def test_the_outage_compares_the_kill_to_the_return_with_the_same_arrivals_without_failure():
+    """Arrivals from the failure (t = 2 s) to the killed worker's return (t = 4 s) are windows 2-3
+    of 10 requests each (0.1 s apart): 2.0 s TTFT there against 1.0 s without failure."""
+    base = run([1.0] * 6)
+    fail = run([1.0, 1.0, 2.0, 2.0, 1.0, 1.0], tpot_s=0.1)
+    s = summarize_run(fail, base, window=W, failure_times=[2.0], outage_end=4.0)
+    assert s.outage_end_s == 4.0
+    assert s.outage_ttft_mean == pytest.approx(2.0) and s.baseline_outage_ttft_mean == pytest.approx(1.0)
+    assert s.outage_ttft_vs_baseline == pytest.approx(2.0) and s.outage_tpot_vs_baseline == pytest.approx(2.0)
+    # a failure that cost nothing reads 1; unknown return or no failure: undefined, not a guess
+    assert summarize_run(base, base, window=W, failure_times=[2.0], outage_end=4.0).outage_ttft_vs_baseline == 1.0
+    assert math.isnan(summarize_run(fail, base, window=W, failure_times=[2.0]).outage_ttft_vs_baseline)
+    assert math.isnan(summarize_run(fail, base, window=W, outage_end=4.0).outage_ttft_mean)
+
+
 @pytest.mark.parametrize("n", [2, 3, 5, 17])
 def test_ci95_matches_scipy(n):
     x = np.random.default_rng(n).normal(10.0, 3.0, size=n)

@@ -76,6 +76,7 @@ class FaultEvent:
     spec: str
     planned_s: float
     injected_s: float | None = None
+    injected_wall: float | None = None  # time.time() at the signal: maps the cluster's wall-clock phases
     worker: int = -1
     pid: int | None = None
     worker_state: str | None = None
@@ -224,7 +225,7 @@ async def inject(http: httpx.AsyncClient, spec: FaultSpec, event: FaultEvent, no
         raise FaultInjectionError(f"{spec}: worker {event.worker} pid {pid} does not exist") from None
     except PermissionError:
         raise FaultInjectionError(f"{spec}: not permitted to signal pid {pid}") from None
-    event.injected_s = now()
+    event.injected_s, event.injected_wall = now(), time.time()
     if spec.sig == signal.SIGKILL:
         for _ in range(50):
             if _pid_gone(pid):

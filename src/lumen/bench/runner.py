@@ -123,6 +123,8 @@ class RunResult:
     # Worker restarts the plan does not explain (e.g. a worker declared dead on missed
     # heartbeats). Non-zero means the run measured more failures than it injected.
     unplanned_restarts: int | None = None
+    # run clock: when the last worker the plan killed served again (None: unknown, or no kill)
+    outage_end_s: float | None = None
 
 
 @dataclass
@@ -312,11 +314,29 @@ def _save_records(path: Path, records: Sequence[RequestRecord]) -> None:
 
 
 def _save_run_meta(out: Path, label: str, seed: int, events: Sequence[FaultEvent], unplanned: int | None,
-                   cluster_end: dict | None = None) -> None:
+                   cluster_end: dict | None = None, outage_end: float | None = None) -> None:
     # Written last: its presence marks the run as finished for --resume.
     path = out / "records" / f"{label}-seed{seed}.run.json"
     path.write_text(json.dumps({"events": [e.to_dict() for e in events], "unplanned_restarts": unplanned,
-                                "cluster_end": cluster_end}))
+                                "cluster_end": cluster_end, "outage_end_s": outage_end}))
+
+
+def outage_end(events: Sequence[FaultEvent], cluster_end: dict | None) -> float | None:
+    """Run clock of the moment the last worker killed by the plan served again: the injection's
+    replay time plus the wall-clock gap from the signal to the worker's next SERVING (`serving_at`
+    in its phases, reported by the controller). None without a SIGKILL, or where a killed worker's
+    return is unknown (it never came back, or the cluster did not say)."""
+    workers = {w.get("id"): w.get("phases_s") or {} for w in (cluster_end or {}).get("workers") or []
+               if isinstance(w, dict)}
+    ends = []
+    for ev in events:
+        if ev.signal != "SIGKILL" or ev.injected_s is None or ev.injected_wall is None:
+            continue
+        back = workers.get(ev.worker, {}).get("serving_at")
+        if not isinstance(back, (int, float)) or back <= ev.injected_wall:
+            return None
+        ends.append(ev.injected_s + back - ev.injected_wall)
+    return max(ends) if ends else None
 
 
 def _load_run(out: Path, label: str, seed: int) -> RunResult | None:
@@ -327,7 +347,8 @@ def _load_run(out: Path, label: str, seed: int) -> RunResult | None:
     meta = json.loads(meta_path.read_text())
     records = [RequestRecord.from_dict(json.loads(line)) for line in rec_path.read_text().splitlines() if line]
     events = [FaultEvent(**e) for e in meta["events"]]
-    return RunResult(label, seed, records, events, unplanned_restarts=meta.get("unplanned_restarts"))
+    return RunResult(label, seed, records, events, unplanned_restarts=meta.get("unplanned_restarts"),
+                     outage_end_s=meta.get("outage_end_s"))
 
 
 _STATE_FILE = "bench-state.json"
@@ -502,7 +523,8 @@ class _Bench:
                 # Stopping blocks for up to the grace period; keep the event loop out of it.
                 await asyncio.to_thread(cluster.stop)
         _save_records(out / "records" / f"{label}-seed{seed}.jsonl", records)
-        _save_run_meta(out, label, seed, events, unplanned, _cluster_end(end))
+        back = outage_end(events, end)
+        _save_run_meta(out, label, seed, events, unplanned, _cluster_end(end), back)
         for ev in events:
             if ev.injected_s is None:
                 progress.log(f"[yellow]warning: {ev.spec}: {'; '.join(ev.notes) or ev.error}")
@@ -510,7 +532,7 @@ class _Bench:
             progress.log(f"[red]warning: {label} seed {seed}: {unplanned} worker restart(s) the failure plan does "
                          "not explain (workers declared dead on their own?) - this run measured extra failures")
         progress.end_run()
-        return RunResult(label, seed, records, events, unplanned_restarts=unplanned)
+        return RunResult(label, seed, records, events, unplanned_restarts=unplanned, outage_end_s=back)
 
 
 def _summarise(cfg: BenchConfig, run: RunResult, reference: RunResult) -> RunSummary:
@@ -525,6 +547,7 @@ def _summarise(cfg: BenchConfig, run: RunResult, reference: RunResult) -> RunSum
         seed=run.seed,
         failure_times=times,
         not_before=min(times) if (times and cfg.causal_start) else None,
+        outage_end=run.outage_end_s,
     )
 
 

@@ -19,6 +19,8 @@ _RUN_COLUMNS = (
     "affected_ttft_mean", "affected_ttft_p99", "affected_tpot_mean", "affected_tpot_p99",
     "interrupted_tpot_mean", "interrupted_tpot_p99", "ttft_mean", "ttft_p99", "tpot_mean", "tpot_p99",
     "e2e_mean", "baseline_ttft_mean", "baseline_tpot_mean", "duration_s", "output_tokens_per_s", "window",
+    "outage_end_s", "outage_ttft_mean", "outage_tpot_mean", "baseline_outage_ttft_mean", "baseline_outage_tpot_mean",
+    "outage_ttft_vs_baseline", "outage_tpot_vs_baseline",
 )  # fmt: skip
 
 
@@ -97,6 +99,8 @@ _TABLE = (
     ("aff. TPOT ms", "affected_tpot_mean", 1e3, 1),
     ("aff. TPOT P99", "affected_tpot_p99", 1e3, 1),
     ("intr. TPOT ms", "interrupted_tpot_mean", 1e3, 1),
+    # TTFT while the killed worker was gone, over the no-failure run's: <= 1 means it cost no capacity
+    ("outage TTFT ×", "outage_ttft_vs_baseline", 1.0, 2),
     ("errors", "n_errors", 1.0, 0),
 )
 

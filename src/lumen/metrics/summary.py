@@ -23,6 +23,11 @@ class RunSummary:
     ``affected_*``: over the requests of the failure-affected period (NaN when never degraded).
     ``interrupted_tpot_*``: over requests flagged ``interrupted`` that completed.
     ``ttft_mean`` etc.: over all requests of the run.
+    ``outage_*``: over the requests arriving between the first failure and ``outage_end_s``, when
+    the last killed worker served again; ``baseline_outage_*`` over the same arrivals of the
+    no-failure run, and ``outage_*_vs_baseline`` their ratio. Above 1 the failure cost capacity
+    while the worker was gone; at or below 1 it did not (workers sharing one GPU: the survivors get
+    the dead worker's share), and the recovery time then measures something else.
     """
 
     policy: str
@@ -54,6 +59,13 @@ class RunSummary:
     output_tokens_per_s: float
     window: int
     failure_times: list[float] = field(default_factory=list)
+    outage_end_s: float | None = None
+    outage_ttft_mean: float = math.nan
+    outage_tpot_mean: float = math.nan
+    baseline_outage_ttft_mean: float = math.nan
+    baseline_outage_tpot_mean: float = math.nan
+    outage_ttft_vs_baseline: float = math.nan
+    outage_tpot_vs_baseline: float = math.nan
     error_counts: dict[str, int] = field(default_factory=dict)
     # Per-window series for the timeline plot.
     window_mid_arrival: list[float] = field(default_factory=list)
@@ -90,10 +102,12 @@ def summarize_run(
     seed: int = 0,
     failure_times: Iterable[float] = (),
     not_before: float | None = None,
+    outage_end: float | None = None,
 ) -> RunSummary:
     """Summarise a run against the no-failure run of the same seeded workload.
 
-    ``window``/``threshold``/``settle``/``not_before`` go to :func:`recovery_period`.
+    ``window``/``threshold``/``settle``/``not_before`` go to :func:`recovery_period`; ``outage_end``
+    (run clock: when the last killed worker served again) bounds the ``outage_*`` figures.
     Passing the baseline as ``records`` too gives the no-failure row (recovery time 0).
     """
     period = recovery_period(records, baseline_records, window, threshold, settle, not_before)
@@ -106,6 +120,21 @@ def summarize_run(
     end = max((r.finish for r in records if r.finish is not None), default=start)
     duration = max(end - start, 0.0)
     out_tokens = sum(r.output_tokens for r in records)
+    failure_times = sorted(float(t) for t in failure_times)
+    outage = {}
+    if failure_times and outage_end is not None and outage_end > failure_times[0]:
+        lo = failure_times[0]
+
+        def during(rs: Sequence[RequestRecord]) -> list[RequestRecord]:
+            return [r for r in rs if lo <= r.arrival < outage_end]
+
+        run, base = during(records), during(baseline_records)
+        outage = dict(outage_end_s=float(outage_end),
+                      outage_ttft_mean=mean(ttft(r) for r in run), outage_tpot_mean=mean(tpot(r) for r in run),
+                      baseline_outage_ttft_mean=mean(ttft(r) for r in base),
+                      baseline_outage_tpot_mean=mean(tpot(r) for r in base))
+        outage["outage_ttft_vs_baseline"] = _ratio(outage["outage_ttft_mean"], outage["baseline_outage_ttft_mean"])
+        outage["outage_tpot_vs_baseline"] = _ratio(outage["outage_tpot_mean"], outage["baseline_outage_tpot_mean"])
     return RunSummary(
         policy=policy,
         seed=seed,
@@ -135,12 +164,17 @@ def summarize_run(
         duration_s=duration,
         output_tokens_per_s=out_tokens / duration if duration > 0 else math.nan,
         window=window,
-        failure_times=sorted(float(t) for t in failure_times),
+        failure_times=failure_times,
         error_counts=dict(sorted(errors.items())),
         window_mid_arrival=period.window_mid_arrival,
         window_mean_ttft=period.window_mean_ttft,
         baseline_window_mean_ttft=period.baseline_mean_ttft,
+        **outage,
     )
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
 
 
 def ci95(samples: Iterable[float]) -> tuple[float, float]:
@@ -189,6 +223,8 @@ METRICS: tuple[str, ...] = (
     "n_errors",
     "n_interrupted",
     "affected_requests",
+    "outage_ttft_vs_baseline",
+    "outage_tpot_vs_baseline",
 )
 
 

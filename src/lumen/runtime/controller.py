@@ -318,6 +318,7 @@ class Controller:
         log.info("worker %d epoch %d: %s -> %s %s", w.id, w.epoch, old.value, new.value,
                  {k: round(v, 3) for k, v in info.items() if isinstance(v, float)})
         if new == WorkerState.SERVING:
+            w.phase_s["serving_at"] = time.time()  # wall clock, as restart_at: a bench maps it onto its run
             if self.pending:
                 waiting, self.pending = self.pending, []
                 for _, r, dead_id in waiting:
