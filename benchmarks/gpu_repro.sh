@@ -42,7 +42,7 @@ CKPT_GB=${CKPT_GB:-6}
 POLICIES=${POLICIES:-"stop-restart fixed-ckpt lumen"}  # ablations: a later call with POLICIES="lumen-no-spec spec-only" REPEATS=1
 # MPS=1: where workers share a GPU, the bench runs them under CUDA MPS with a fixed share of the SMs each
 # (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 x GPUs / workers; MPS=N sets N percent). Without it, a killed
-# worker's GPU time goes to the survivors: on one H200 (run 4, 2026-12-04) TTFT *fell* 10-30% below
+# worker's GPU time goes to the survivors: on one H200 (run 4, 2026-12-04) TTFT *fell* 9-24% below
 # the no-failure run after the kill under every policy, so the failure cost no capacity to recover.
 # HBM bandwidth stays shared under MPS: the partition is of compute, not complete. With the share
 # fixed, `lumen serve` lets a restarting worker on a shared GPU draft (its share idles while it reloads).
@@ -56,8 +56,8 @@ left() { echo $(( BUDGET - ($(date +%s) - start) )); }
 mps_start() {  # prints the per-worker SM percentage once an MPS client has run under it; fails otherwise
   command -v nvidia-cuda-mps-control >/dev/null || { echo "no nvidia-cuda-mps-control" >&2; return 1; }
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  mps_stop  # a daemon left by a block cut at its limit on this (warm) machine
-  nvidia-cuda-mps-control -d || return 1
+  # stdout is the share this function returns: nothing else may reach it
+  nvidia-cuda-mps-control -d >/dev/null 2>&1 || return 1
   local pct=$MPS
   if [ "$pct" = 1 ]; then
     pct=$(( 100 * $(tr ',' '\n' <<< "$DEVICES" | grep -c .) / WORKERS )); [ "$pct" -gt 100 ] && pct=100
@@ -69,7 +69,9 @@ mps_start() {  # prints the per-worker SM percentage once an MPS client has run 
   fi
   echo "$pct"
 }
-mps_stop() { echo quit | nvidia-cuda-mps-control 2>/dev/null; sleep 1; }
+mps_stop() { echo quit | nvidia-cuda-mps-control >/dev/null 2>&1; sleep 1; }
+# a daemon left by a block cut at its limit on this (warm) machine would make every step an MPS client
+[ "$MPS" != 0 ] && command -v nvidia-cuda-mps-control >/dev/null && mps_stop
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 free -g >> "$OUT/gpu.txt"; nproc >> "$OUT/gpu.txt"
@@ -92,7 +94,8 @@ for step in $STEPS; do
     echo "engine benchmark exit $?"; tail -12 "$OUT/engine.log" ;;
   ckpt)
     # issue 4: checkpoint streaming overhead, failure-free, two workers on the first GPU
-    timeout -k 20 "${CKPT_TIMEOUT:-200}" python3 benchmarks/checkpoint_overhead.py --model preset:qwen3-1.7b \
+    # a priming cluster, then two per repeat, ~60 s each on the H200 with the 1.7B shape
+    timeout -k 20 "${CKPT_TIMEOUT:-$(( 70 + 130 * ${CKPT_REPEATS:-1} ))}" python3 benchmarks/checkpoint_overhead.py --model preset:qwen3-1.7b \
       --workers 2 --devices "${DEVICES%%,*}" --qps 4 --requests 100 --max-prompt 512 --max-output 256 \
       --repeats "${CKPT_REPEATS:-1}" --serve-args "--num-blocks 3000" --out "$OUT/ckpt_gpu.json" > "$OUT/ckpt.log" 2>&1
     echo "checkpoint overhead exit $?"; tail -4 "$OUT/ckpt.log" ;;
@@ -108,6 +111,7 @@ for step in $STEPS; do
     share=""
     if [ "$MPS" != 0 ]; then
       share=$(mps_start) || share=""
+      [[ $share =~ ^[0-9]+$ ]] || share=""
       echo "mps: ${share:+on, $share% of the SMs per worker}${share:-unavailable}" | tee -a "$OUT/gpu.txt"
       # never mix time-shared runs into an MPS run directory
       [ -z "$share" ] && { echo "MPS was asked for and is unavailable: no bench"; continue; }

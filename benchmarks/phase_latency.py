@@ -30,12 +30,18 @@ def _wall(line: str) -> float | None:
 
 
 def phase_bounds(run_json: Path, log: Path) -> tuple[float, float | None] | None:
-    """(kill, return) in the run's own clock (seconds since its first request), from the injected
-    event and the cluster log (the killed worker's next epoch going SERVING); None without a kill."""
-    events = [e for e in json.loads(run_json.read_text()).get("events") or [] if e.get("injected_s") is not None]
-    if not events or not log.exists():
+    """(kill, return) in the run's own clock (seconds since its first request): the bench's own
+    `outage_end_s` where the run has it (lumen bench since abb5879), else the first injected event
+    and the cluster log (the killed worker's next epoch going SERVING); None without a kill."""
+    meta = json.loads(run_json.read_text())
+    events = [e for e in meta.get("events") or [] if e.get("injected_s") is not None]
+    if not events:
         return None
-    kill_s = float(events[0]["injected_s"])
+    kill_s = min(float(e["injected_s"]) for e in events)
+    if isinstance(meta.get("outage_end_s"), (int, float)):
+        return kill_s, float(meta["outage_end_s"])
+    if not log.exists():
+        return None
     text = log.read_text(errors="replace")
     last = text.rfind("\n$ ")  # the last attempt only: a run re-done by --resume appends to its log
     lines = (text[last + 1:] if last >= 0 else text).splitlines()
@@ -88,6 +94,7 @@ def main() -> int:
             bounds[label] = b
             by_seed.setdefault(label.rsplit("-seed", 1)[1], []).append(b)
     lines = [f"{'run':24s} {'kill..back s':>13s} | TTFT ms: before  kill..back  after | TPOT ms: before  kill..back  after"]
+    borrowed = False
     for f in runs:
         label = f.name[: -len(".run.json")]
         b = bounds.get(label)
@@ -97,8 +104,11 @@ def main() -> int:
                 lines.append(f"{label:24s} (no kill and no failure run of this seed to cut at)")
                 continue
             b = (statistics.median(x[0] for x in seen), statistics.median(x[1] for x in seen))
-        ph = phase_means(a.runs / "records" / f"{label}.jsonl", b)
+            label, borrowed = label + " *", True
+        ph = phase_means(a.runs / "records" / f"{label.removesuffix(' *')}.jsonl", b)
         lines.append(f"{label:24s} {b[0]:5.1f}..{b[1]:5.1f} | {_cells(ph, 'ttft_ms')} | {_cells(ph, 'tpot_ms')}")
+    if borrowed:
+        lines.append("* cut at the median times of its seed's failure runs (no kill of its own, or its return unknown)")
     text = "\n".join(lines)
     print(text)
     if a.out:

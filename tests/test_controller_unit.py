@@ -175,3 +175,6 @@ def test_an_mps_active_thread_percentage_below_100_is_a_fixed_share():
     assert not mps_share_fixed({"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "100"})
     assert not mps_share_fixed({})
     assert not mps_share_fixed({"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "lots"})
+    # shares that add up to more than the GPU are no partition
+    assert mps_share_fixed({"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "25"}, workers_per_gpu=4)
+    assert not mps_share_fixed({"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"}, workers_per_gpu=4)

@@ -44,7 +44,14 @@ def test_phases_are_cut_at_the_kill_and_at_the_killed_workers_return(tmp_path):
     assert "10.0.. 30.0 |   200.0   500.0   100.0 |    30.0    50.0    20.0" in lumen
     calm_line = next(line for line in out.splitlines() if line.startswith("no-failure-seed0"))
     assert "10.0.. 30.0 |   200.0   200.0   200.0" in calm_line  # cut where its seed's failure run was
+    assert calm_line.startswith("no-failure-seed0 *") and "* cut at the median times" in out
     assert (tmp_path / "phases.txt").read_text() == out
+    # a run of lumen bench since abb5879 carries its own return time, which wins over the log
+    meta = json.loads((tmp_path / "records" / "lumen-seed0.run.json").read_text())
+    (tmp_path / "records" / "lumen-seed0.run.json").write_text(json.dumps({**meta, "outage_end_s": 28.0}))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "phase_latency.py"), str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "lumen-seed0               10.0.. 28.0 |   200.0   400.0   350.0" in out
 
 
 def test_an_empty_directory_is_an_error_not_a_traceback(tmp_path):

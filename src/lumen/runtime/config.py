@@ -55,10 +55,12 @@ class ClusterConfig:
         return self.nodes[worker_id] if self.nodes and worker_id < len(self.nodes) else None
 
 
-def mps_share_fixed(environ: dict[str, str]) -> bool:
-    """Whether CUDA processes started with this environment get a fixed share of the GPU's SMs: an
-    MPS active-thread percentage below 100 (MPS ignores it where no MPS daemon runs)."""
+def mps_share_fixed(environ: dict[str, str], workers_per_gpu: int = 1) -> bool:
+    """Whether CUDA processes started with this environment get fixed, disjoint shares of their GPU's
+    SMs: an MPS active-thread percentage P below 100 with P x workers_per_gpu <= 100. (MPS ignores P
+    where no MPS daemon runs; `benchmarks/gpu_repro.sh` sets it only once a daemon has served a client.)"""
     try:
-        return 0 < float(environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "100")) < 100
+        pct = float(environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "100"))
     except ValueError:
         return False
+    return 0 < pct < 100 and pct * max(workers_per_gpu, 1) <= 100

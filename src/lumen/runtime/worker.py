@@ -102,7 +102,9 @@ def warm_up(engine: Engine, prefill_tokens: int | list[int] | None = None,
     among them) are paid before the worker reports SERVING, not by its first requests. (On the 2-core
     CPU box they measured small: a fresh engine's first 32- and 256-token prefills took the same CPU
     time as later ones, within ~10%; the warm-up costs 1.3-2.7 s per restart there at a full chunk,
-    hence the small CPU default.) Returns the phase info to report (warmup_s) and what ran."""
+    hence the small CPU default.) Prompts are cut to what the KV pool and max_model_len leave; where
+    that is less than a chunk plus a tail, the continued paths do not run here (the first restore
+    pays them). Returns the phase info to report (warmup_s) and what ran."""
     if prefill_tokens is None:
         prefill_tokens = warmup_prompt_lengths(engine)
     lengths = [prefill_tokens] if isinstance(prefill_tokens, int) else list(prefill_tokens)
