@@ -12,13 +12,14 @@ kill and the return under every policy: the dead worker's GPU time went to the s
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import re
 import statistics
 import sys
 from pathlib import Path
+
+from bench_dir import last_attempt, main_over_runs
 
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 KILLED = re.compile(r"worker (\d+) \(epoch (\d+), pid \d+\) exited with -")
@@ -40,13 +41,11 @@ def phase_bounds(run_json: Path, log: Path) -> tuple[float, float | None] | None
     kill_s = min(float(e["injected_s"]) for e in events)
     if isinstance(meta.get("outage_end_s"), (int, float)):
         return kill_s, float(meta["outage_end_s"])
-    if not log.exists():
+    text = last_attempt(log)
+    if text is None:
         return None
-    text = log.read_text(errors="replace")
-    last = text.rfind("\n$ ")  # the last attempt only: a run re-done by --resume appends to its log
-    lines = (text[last + 1:] if last >= 0 else text).splitlines()
     kill_wall = back_wall = None
-    for line in lines:
+    for line in text.splitlines():
         m = KILLED.search(line)
         if m and kill_wall is None:
             worker, epoch, kill_wall = m.group(1), int(m.group(2)), _wall(line)
@@ -77,44 +76,30 @@ def _cells(phases: list[dict], key: str) -> str:
     return " ".join(f"{p[key]:7.1f}" if p[key] is not None else "      -" for p in phases)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", type=Path)
-    ap.add_argument("--out", type=Path)
-    a = ap.parse_args()
-    runs = sorted((a.runs / "records").glob("*.run.json"))
-    if not runs:
-        print(f"no runs under {a.runs}/records", file=sys.stderr)
-        return 2
+def report(runs_dir: Path, runs: list[tuple[str, Path]]) -> list[str]:
     bounds, by_seed = {}, {}
-    for f in runs:
-        label = f.name[: -len(".run.json")]
-        b = phase_bounds(f, a.runs / "logs" / f"{label}.log")
+    for label, f in runs:
+        b = phase_bounds(f, runs_dir / "logs" / f"{label}.log")
         if b is not None and b[1] is not None:
             bounds[label] = b
             by_seed.setdefault(label.rsplit("-seed", 1)[1], []).append(b)
     lines = [f"{'run':24s} {'kill..back s':>13s} | TTFT ms: before  kill..back  after | TPOT ms: before  kill..back  after"]
     borrowed = False
-    for f in runs:
-        label = f.name[: -len(".run.json")]
-        b = bounds.get(label)
+    for label, _ in runs:
+        b, mark = bounds.get(label), ""
         if b is None:  # a no-failure run (or a failure run whose worker never came back): its seed's cuts
             seen = by_seed.get(label.rsplit("-seed", 1)[1])
             if not seen:
                 lines.append(f"{label:24s} (no kill and no failure run of this seed to cut at)")
                 continue
             b = (statistics.median(x[0] for x in seen), statistics.median(x[1] for x in seen))
-            label, borrowed = label + " *", True
-        ph = phase_means(a.runs / "records" / f"{label.removesuffix(' *')}.jsonl", b)
-        lines.append(f"{label:24s} {b[0]:5.1f}..{b[1]:5.1f} | {_cells(ph, 'ttft_ms')} | {_cells(ph, 'tpot_ms')}")
+            mark, borrowed = " *", True
+        ph = phase_means(runs_dir / "records" / f"{label}.jsonl", b)
+        lines.append(f"{label + mark:24s} {b[0]:5.1f}..{b[1]:5.1f} | {_cells(ph, 'ttft_ms')} | {_cells(ph, 'tpot_ms')}")
     if borrowed:
         lines.append("* cut at the median times of its seed's failure runs (no kill of its own, or its return unknown)")
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        a.out.write_text(text + "\n")
-    return 0
+    return lines
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_over_runs(__doc__.split("\n\n")[0], report))

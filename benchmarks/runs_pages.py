@@ -10,18 +10,19 @@ gone, so the share is accepted over what the holders received (accepted + refuse
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from pathlib import Path
+
+from bench_dir import last_attempt, main_over_runs
 
 COUNTERS = ("pages_sent", "ckpt_pages_accepted", "ckpt_rejected_pages", "ckpt_rejected_unreserved", "pages_stalled",
             "pages_obsolete", "export_deferred", "restored_pages")
 RESTORING = re.compile(r"restoring (\d+) of (\d+) pages")
 
 
-def summarize(run_json: Path, log: Path | None) -> dict:
+def summarize(run_json: Path, log: Path) -> dict:
     meta = json.loads(run_json.read_text())
     workers = ((meta.get("cluster_end") or {}).get("workers")) or []
     row = {k: 0 for k in COUNTERS}
@@ -34,12 +35,8 @@ def summarize(run_json: Path, log: Path | None) -> dict:
     row["queued_max_s"] = round(queued_max, 3)
     row["refused_other"] = row["ckpt_rejected_pages"] - row["ckpt_rejected_unreserved"]  # all reasons, less one
     found = total = dead = 0
-    if log is not None and log.exists():
-        text = log.read_text(errors="replace")
-        # a run cut at a block's end and re-run by --resume appends to the same log: read the last attempt
-        # (each starts with the cluster's command line, "$ ...")
-        last = text.rfind("\n$ ")
-        text = text[last + 1:] if last >= 0 else text
+    text = last_attempt(log)
+    if text is not None:
         for m in RESTORING.finditer(text):
             found, total = found + int(m.group(1)), total + int(m.group(2))
         dead = text.count("declared dead")
@@ -47,19 +44,10 @@ def summarize(run_json: Path, log: Path | None) -> dict:
     return row
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", type=Path)
-    ap.add_argument("--out", type=Path)
-    a = ap.parse_args()
-    records = sorted((a.runs / "records").glob("*.run.json"))
-    if not records:
-        print(f"no runs under {a.runs}/records", file=sys.stderr)
-        return 2
+def report(runs_dir: Path, runs: list[tuple[str, Path]]) -> list[str]:
     lines = []
-    for f in records:
-        label = f.name[: -len(".run.json")]
-        row = summarize(f, a.runs / "logs" / f"{label}.log")
+    for label, f in runs:
+        row = summarize(f, runs_dir / "logs" / f"{label}.log")
         sent = row["pages_sent"]
         received = row["ckpt_pages_accepted"] + row["ckpt_rejected_pages"]
         share = f"{row['ckpt_pages_accepted'] / received:.0%}" if received else "-"
@@ -68,12 +56,8 @@ def main() -> int:
                      f"stalled {row['pages_stalled']:5d} obsolete {row['pages_obsolete']:5d} "
                      f"queue max {row['queued_max_s']:6.3f}s | restorable {row['restorable']}/{row['interrupted_pages']} "
                      f"restored {row['restored_pages']} | declared dead {row['declared_dead']}")
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        a.out.write_text(text + "\n")
-    return 0
+    return lines
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_over_runs(__doc__.split("\n\n")[0], report))
