@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 
@@ -116,7 +117,8 @@ def build_config(args: argparse.Namespace) -> tuple[ClusterConfig, Tokenizer | N
         chunk_tokens=args.chunk_tokens or (1024 if on_gpu else 256), deterministic=args.deterministic,
         dtype=dtype_name, max_model_len=max_len, ckpt_budget_bytes=int(args.ckpt_budget_gb * (1 << 30)),
         kv_bytes_per_token=mcfg.kv_bytes_per_token(kv_dtype), draft_model=draft, spec_k=args.spec_k,
-        cold_restart=args.cold_restart, gpu_share_fixed=on_gpu and mps_share_fixed(os.environ, -(-args.workers // len(devices))),
+        cold_restart=args.cold_restart,
+        gpu_share_fixed=on_gpu and mps_share_fixed(os.environ, workers_per_gpu=math.ceil(args.workers / len(devices))),
         max_pending=args.max_pending)
     return cfg, tokenizer, mcfg.vocab_size
 
