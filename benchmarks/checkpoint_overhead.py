@@ -16,6 +16,9 @@ To tell where an overhead comes from, each run also reports (`engine`, `pages`):
 - the engine's own step time over the measured requests (LUMEN_STEP_LOG, decode-only and prefill
   steps separately): a slower *step* under lumen means contention inside the step (GIL, GPU, copies
   on the step's stream); an unchanged step with a worse TPOT means time lost between steps;
+- that time between steps, measured: the gap from one step's end to the next one's start on a
+  worker with work (gaps under GAP_BUSY_S; longer ones are idle time), the worker loop's own cost
+  (outputs sent, pages exported, commands polled, GIL waits);
 - the engine-thread time the workers spent exporting pages (`ckpt_export_s`, per step);
 - the fate of the pages: exported by the engine, sent, refused by the sender (queue bound, holder
   not draining), accepted and rejected by the holders, and requests left unprotected.
@@ -50,11 +53,16 @@ PAGE_STATS = ("exported_pages", "export_deferred", "pages_sent", "pages_refused"
               "kv_rx_busy_s")
 
 
+GAP_BUSY_S = 0.02  # a longer pause between two steps is a worker without work, not loop overhead
+
+
 def step_summary(step_dir: Path, t0: float, t1: float) -> dict:
     """Mean engine step times (ms) of the steps that ended in [t0, t1] (Unix s), over every worker's
-    step log in step_dir: decode-only steps and steps with prefill tokens apart."""
-    dec, pre, batch = [], [], []
+    step log in step_dir: decode-only steps and steps with prefill tokens apart; and the mean gap
+    between consecutive steps of a busy worker (its loop's time outside the step)."""
+    dec, pre, batch, gaps = [], [], [], []
     for path in sorted(step_dir.glob("worker*.csv")):
+        prev_end = None
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
                 try:
@@ -63,7 +71,11 @@ def step_summary(step_dir: Path, t0: float, t1: float) -> dict:
                 except (KeyError, TypeError, ValueError):
                     continue
                 if not t0 <= t <= t1:
+                    prev_end = None
                     continue
+                if prev_end is not None and 0 <= t - dt - prev_end < GAP_BUSY_S:
+                    gaps.append(t - dt - prev_end)
+                prev_end = t
                 if prefill:
                     pre.append(dt)
                 else:
@@ -76,7 +88,9 @@ def step_summary(step_dir: Path, t0: float, t1: float) -> dict:
     return {"decode_steps": len(dec), "mean_decode_step_ms": mean_ms(dec),
             "median_decode_step_ms": 1e3 * statistics.median(dec) if dec else None,
             "mean_decode_batch": statistics.fmean(batch) if batch else None,
-            "prefill_steps": len(pre), "mean_prefill_step_ms": mean_ms(pre)}
+            "prefill_steps": len(pre), "mean_prefill_step_ms": mean_ms(pre),
+            "busy_gaps": len(gaps), "mean_step_gap_ms": mean_ms(gaps),
+            "p99_step_gap_ms": 1e3 * statistics.quantiles(gaps, n=100)[98] if len(gaps) >= 100 else None}
 
 
 PRIME_REQUESTS = 20
@@ -148,14 +162,17 @@ async def main_async(args) -> dict:
     for policy in ("stop-restart", "lumen"):
         rs = [r for r in runs if r["policy"] == policy]
         summary[policy] = {k: statistics.fmean(r[k] for r in rs) for k in ("mean_ttft_s", "mean_tpot_s")}
-        dec = [r["engine"]["mean_decode_step_ms"] for r in rs if r["engine"]["mean_decode_step_ms"] is not None]
-        summary[policy]["mean_decode_step_ms"] = statistics.fmean(dec) if dec else None
+        for key in ("mean_decode_step_ms", "mean_prefill_step_ms", "mean_step_gap_ms"):
+            xs = [r["engine"][key] for r in rs if r["engine"].get(key) is not None]
+            summary[policy][key] = statistics.fmean(xs) if xs else None
     lumen_runs = [r for r in runs if r["policy"] == "lumen"]
     # per repeat (same seed, adjacent in time): lumen over stop-restart, and the median over repeats
     per_repeat = [{k: b[k] / a[k] for k in ("mean_tpot_s", "mean_ttft_s")} for a, b in pairs]
     for (a, b), ratio in zip(pairs, per_repeat, strict=True):
         da, db = a["engine"]["mean_decode_step_ms"], b["engine"]["mean_decode_step_ms"]
         ratio["mean_decode_step"] = db / da if da and db else None
+        ga, gb = a["engine"].get("mean_step_gap_ms"), b["engine"].get("mean_step_gap_ms")
+        ratio["mean_step_gap"] = gb / ga if ga and gb else None
     sr_step = summary["stop-restart"]["mean_decode_step_ms"]
     return {
         "env": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),

@@ -6,6 +6,9 @@ float32 here (not bf16) so that greedy tokens can be compared with the dense ora
 from __future__ import annotations
 
 import random
+import sys
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +36,28 @@ def _reference(model, prompt: list[int], n: int) -> list[int]:
             out.append(int(model.logits(h[-1:]).argmax(-1)))
             h = model(torch.tensor(out[-1:], device="cuda"), torch.tensor([len(prompt) + i], device="cuda"), kv)
     return out
+
+
+def _first_host_alloc(fn):
+    """fn() and, where torch's pinned allocator made a new cudaHostAlloc during it, the first call
+    that returned after it with the Python frames above (else None): names the allocation that the
+    phase counts of the restore test below could only place in a step."""
+    stats = torch.cuda.host_memory_stats
+    start, found = stats()["num_host_alloc"], []
+
+    def hook(frame, event, arg):
+        if found or event not in ("c_return", "c_exception", "return") or stats()["num_host_alloc"] == start:
+            return
+        name = getattr(arg, "__qualname__", None) if event != "return" else frame.f_code.co_qualname
+        stack = traceback.extract_stack(frame, limit=8)
+        found.append(f"{name} <- " + " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(stack)))
+
+    sys.setprofile(hook)
+    try:
+        result = fn()
+    finally:
+        sys.setprofile(None)
+    return result, (found[0] if found else None)
 
 
 def _run(eng: Engine) -> dict[str, list[int]]:
@@ -217,9 +242,14 @@ def test_cuda_export_ring_burst_and_restore_allocate_no_pinned_memory():
     del restored
     # allocations counted after each phase: an H200 (2026-12-03, 2026-12-04) saw one here, unattributed
     allocs = [("add_request", host_allocs()["num_host_alloc"] - before if before is not None else 0)]
-    rest = []
+    rest, culprit = [], None
     while b.has_work():
-        rest += [t for o in b.step() for t in o.token_ids]
+        if before is not None:
+            outs, where = _first_host_alloc(b.step)
+            culprit = culprit or where
+        else:
+            outs = b.step()
+        rest += [t for o in outs for t in o.token_ids]
         if before is not None:
             allocs.append((f"step {len(allocs)}", host_allocs()["num_host_alloc"] - before))
     torch.cuda.synchronize()
@@ -227,4 +257,5 @@ def test_cuda_export_ring_burst_and_restore_allocate_no_pinned_memory():
     assert gen + rest == ref
     if before is not None:
         first = next(((name, n) for name, n in allocs if n > 0), None)
-        assert host_allocs()["num_host_alloc"] == before, f"pinned memory allocated by the restore; first in {first}"
+        assert host_allocs()["num_host_alloc"] == before, (
+            f"pinned memory allocated by the restore; first in {first}, after {culprit}")
