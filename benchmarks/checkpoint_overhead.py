@@ -10,7 +10,9 @@ fresh machine was 5-11% slower in each of three runs (2026-12-04), which read as
 overhead. Then the order alternates per repeat (stop-restart, lumen, lumen, stop-restart, ...) so that
 drift of the machine hits both alike. Reports
 mean TTFT and TPOT of each policy, the lumen/stop-restart ratio, and the checkpoint traffic lumen
-generated (pages and bytes sent to holders, per second of the run).
+generated (pages and bytes sent to holders, per second of the run). `--export-interval-ms X` adds a
+third arm in the same run: lumen exporting the pages gathered over X ms at once (`lumen serve
+--ckpt-export-interval-ms`), against the per-step export of the brief.
 
 To tell where an overhead comes from, each run also reports (`engine`, `pages`):
 - the engine's own step time over the measured requests (LUMEN_STEP_LOG, decode-only and prefill
@@ -97,10 +99,10 @@ PRIME_REQUESTS = 20
 
 
 async def one_run(args, policy: str, seed: int, log_dir: Path, requests: int | None = None,
-                  label: str | None = None) -> dict:
+                  label: str | None = None, extra: tuple[str, ...] = ()) -> dict:
     port = free_port()
     cmd = serve_command(args.model, args.workers, policy, port, devices=args.devices,
-                        extra=args.serve_args.split() if args.serve_args else ())
+                        extra=[*(args.serve_args.split() if args.serve_args else ()), *extra])
     url = f"http://127.0.0.1:{port}"
     label = label or f"{policy}-{seed}"
     step_dir = log_dir / f"steps-{label}"
@@ -147,45 +149,69 @@ async def main_async(args) -> dict:
     if args.prime:
         primed = await one_run(args, "stop-restart", args.seed, log_dir, requests=PRIME_REQUESTS, label="prime")
         print(json.dumps({"prime": {k: primed[k] for k in ("completed", "mean_ttft_s", "mean_tpot_s")}}), flush=True)
-    pairs = []
+    # arm: (label, policy, extra serve arguments); every arm serves each repeat's seed, in an order that
+    # rotates per repeat (with two arms: stop-restart first, then lumen first, ...)
+    arms = [("stop-restart", "stop-restart", ()), ("lumen", "lumen", ())]
+    if args.export_interval_ms:
+        arms.append((f"lumen-export-{args.export_interval_ms:g}ms", "lumen",
+                     ("--ckpt-export-interval-ms", str(args.export_interval_ms))))
+    by_repeat = []
     for rep in range(args.repeats):
-        order = ("stop-restart", "lumen") if rep % 2 == 0 else ("lumen", "stop-restart")
+        order = arms[rep % len(arms):] + arms[:rep % len(arms)]
         done = {}
-        for policy in order:
-            r = await one_run(args, policy, args.seed + rep, log_dir)
-            r["order"] = order.index(policy)
+        for i, (label, policy, extra) in enumerate(order):
+            r = await one_run(args, policy, args.seed + rep, log_dir, label=f"{label}-{args.seed + rep}", extra=extra)
+            r["arm"], r["order"] = label, i
             print(json.dumps(r), flush=True)
             runs.append(r)
-            done[policy] = r
-        pairs.append((done["stop-restart"], done["lumen"]))
+            done[label] = r
+        by_repeat.append(done)
     summary = {}
-    for policy in ("stop-restart", "lumen"):
-        rs = [r for r in runs if r["policy"] == policy]
-        summary[policy] = {k: statistics.fmean(r[k] for r in rs) for k in ("mean_ttft_s", "mean_tpot_s")}
+    for label, _, _ in arms:
+        rs = [r for r in runs if r["arm"] == label]
+        summary[label] = {k: statistics.fmean(r[k] for r in rs) for k in ("mean_ttft_s", "mean_tpot_s")}
         for key in ("mean_decode_step_ms", "mean_prefill_step_ms", "mean_step_gap_ms"):
             xs = [r["engine"][key] for r in rs if r["engine"].get(key) is not None]
-            summary[policy][key] = statistics.fmean(xs) if xs else None
-    lumen_runs = [r for r in runs if r["policy"] == "lumen"]
-    # per repeat (same seed, adjacent in time): lumen over stop-restart, and the median over repeats
-    per_repeat = [{k: b[k] / a[k] for k in ("mean_tpot_s", "mean_ttft_s")} for a, b in pairs]
-    for (a, b), ratio in zip(pairs, per_repeat, strict=True):
-        da, db = a["engine"]["mean_decode_step_ms"], b["engine"]["mean_decode_step_ms"]
-        ratio["mean_decode_step"] = db / da if da and db else None
-        ga, gb = a["engine"].get("mean_step_gap_ms"), b["engine"].get("mean_step_gap_ms")
-        ratio["mean_step_gap"] = gb / ga if ga and gb else None
-    sr_step = summary["stop-restart"]["mean_decode_step_ms"]
+            summary[label][key] = statistics.fmean(xs) if xs else None
+
+    def per_repeat(label: str) -> list[dict]:
+        """Per repeat (same seed, adjacent in time): the arm over stop-restart."""
+        out = []
+        for done in by_repeat:
+            a, b = done["stop-restart"], done[label]
+            ratio = {k: b[k] / a[k] for k in ("mean_tpot_s", "mean_ttft_s")}
+            for key, name in (("mean_decode_step_ms", "mean_decode_step"), ("mean_step_gap_ms", "mean_step_gap")):
+                va, vb = a["engine"].get(key), b["engine"].get(key)
+                ratio[name] = vb / va if va and vb else None
+            out.append(ratio)
+        return out
+
+    def over_sr(label: str, key: str) -> float | None:
+        a, b = summary["stop-restart"][key], summary[label][key]
+        return b / a if a and b else None
+
+    arm_ratios = {}
+    for label, _, _ in arms[1:]:
+        reps = per_repeat(label)
+        arm_ratios[label] = {"tpot": over_sr(label, "mean_tpot_s"), "ttft": over_sr(label, "mean_ttft_s"),
+                             "decode_step": over_sr(label, "mean_decode_step_ms"),
+                             "step_gap": over_sr(label, "mean_step_gap_ms"),
+                             "median_tpot_per_repeat": statistics.median(r["mean_tpot_s"] for r in reps),
+                             "per_repeat": reps,
+                             "ckpt_MBps": statistics.fmean(r["ckpt_bytes_sent"] / r["elapsed_s"]
+                                                           for r in runs if r["arm"] == label) / 1e6}
+    lumen = arm_ratios["lumen"]
     return {
         "env": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
                 "python": platform.python_version()},
         "args": vars(args), "runs": runs, "summary": summary,
-        "tpot_ratio_lumen_over_stop_restart": summary["lumen"]["mean_tpot_s"] / summary["stop-restart"]["mean_tpot_s"],
-        "ttft_ratio_lumen_over_stop_restart": summary["lumen"]["mean_ttft_s"] / summary["stop-restart"]["mean_ttft_s"],
-        "decode_step_ratio_lumen_over_stop_restart": (summary["lumen"]["mean_decode_step_ms"] / sr_step
-                                                      if sr_step and summary["lumen"]["mean_decode_step_ms"]
-                                                      else None),
-        "per_repeat_ratios": per_repeat,
-        "median_tpot_ratio": statistics.median(r["mean_tpot_s"] for r in per_repeat),
-        "ckpt_MBps": statistics.fmean(r["ckpt_bytes_sent"] / r["elapsed_s"] for r in lumen_runs) / 1e6,
+        "tpot_ratio_lumen_over_stop_restart": lumen["tpot"],
+        "ttft_ratio_lumen_over_stop_restart": lumen["ttft"],
+        "decode_step_ratio_lumen_over_stop_restart": lumen["decode_step"],
+        "per_repeat_ratios": lumen["per_repeat"],
+        "median_tpot_ratio": lumen["median_tpot_per_repeat"],
+        "ckpt_MBps": lumen["ckpt_MBps"],
+        "arm_ratios": arm_ratios,
     }
 
 
@@ -297,6 +323,8 @@ def main() -> None:
     ap.add_argument("--no-prime", dest="prime", action="store_false",
                     help=f"skip the unmeasured priming run ({PRIME_REQUESTS} requests) before the measured ones")
     ap.add_argument("--serve-args", default="", help="extra `lumen serve` arguments")
+    ap.add_argument("--export-interval-ms", type=float, default=0.0,
+                    help="also run lumen with `--ckpt-export-interval-ms` this long, as a third arm")
     ap.add_argument("--out", default=None)
     ap.add_argument("--engine-thread", action="store_true",
                     help="only measure what checkpointing costs a worker's engine thread (no cluster)")

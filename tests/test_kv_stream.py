@@ -251,3 +251,45 @@ def test_worker_streams_only_protected_requests_and_all_pages_once_a_holder_arri
     got = [(r, i) for _, r, i in w.kv_tx.pages]
     assert len(got) == len(set(got)) == eng.stats()["exported_pages"]
     assert w.counters["ckpt_export_s"] > 0
+
+
+def test_export_interval_gathers_due_pages_into_one_later_export(worker, monkeypatch):
+    """--ckpt-export-interval-ms: pages due over the interval leave together once it has passed,
+    each once and in order, as without the interval."""
+    w, eng = worker, worker.engine
+    clock = [100.0]
+    monkeypatch.setattr("lumen.runtime.worker.time.monotonic", lambda: clock[0])
+    w._export_interval_s = 0.05
+    exports = []
+    real_export = eng.export_pages
+    monkeypatch.setattr(eng, "export_pages", lambda rids: exports.append(list(rids)) or real_export(rids))
+    for rid in ("a", "b"):
+        eng.add_request(rid, list(range(2, 15)), SamplingParams(max_tokens=30, ignore_eos=True))
+        w._set_holder(rid, 1, "h" + rid, 0)
+    for _ in range(3):  # within the interval: pages fall due, none leaves
+        eng.step()
+        w._stream_pages()
+        clock[0] += 0.01
+    assert w.kv_tx.pages == [] and exports == [] and set(w._export_due) == {"a", "b"}
+    clock[0] += 0.03  # the interval has passed since the first page fell due: one export of both
+    w._stream_pages()
+    assert exports == [["a", "b"]] and not w._export_due
+    assert [(r, i) for _, r, i in w.kv_tx.pages if r == "a"] == [("a", i) for i in range(eng._seqs["a"].num_computed_tokens // 4)]
+    while eng.has_work():
+        eng.step()
+        clock[0] += 0.06
+        w._stream_pages()
+    got = [(r, i) for _, r, i in w.kv_tx.pages]
+    assert len(got) == len(set(got)) == eng.stats()["exported_pages"]
+    for rid in ("a", "b"):
+        assert [i for r, i in got if r == rid] == list(range(len([1 for r, _ in got if r == rid])))
+
+
+def test_serve_rejects_a_negative_export_interval():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "lumen", "serve", "--model", "unused", "--ckpt-export-interval-ms", "-1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--ckpt-export-interval-ms must be between 0 and 10000" in r.stderr
+    assert "Traceback" not in r.stderr

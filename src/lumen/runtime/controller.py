@@ -171,7 +171,8 @@ class Controller:
         argv = ["--worker-id", str(w.id), "--epoch", str(w.epoch), "--controller", self.router.address,
                 "--model", c.model, "--device", c.device_for(w.id), "--policy", self.policy.value,
                 "--host", c.host, "--hb-interval", str(c.hb_interval_s), "--hb-misses", str(c.hb_misses),
-                "--ckpt-budget-bytes", str(c.ckpt_budget_bytes), "--block-size", str(c.block_size),
+                "--ckpt-budget-bytes", str(c.ckpt_budget_bytes),
+                "--ckpt-export-interval-ms", str(c.ckpt_export_interval_ms), "--block-size", str(c.block_size),
                 "--max-batch", str(c.max_batch), "--chunk-tokens", str(c.chunk_tokens),
                 "--spec-k", str(c.spec_k)]
         if c.num_blocks:

@@ -47,6 +47,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="drop the model's weight files from the OS page cache before restarting a worker, so "
                         "its reload reads the disk as after a node reboot (benchmarks of reload-bound recovery)")
     p.add_argument("--ckpt-budget-gb", type=float, default=2.0, help="host memory for checkpoints, per worker")
+    p.add_argument("--ckpt-export-interval-ms", type=float, default=0.0,
+                   help="gather completed KV pages this long before exporting them together (0: after every "
+                        "engine step); fewer exports cost the engine thread less, the checkpoint lags by up to this")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=None, help="KV pages per worker (default: sized by the engine)")
@@ -91,6 +94,8 @@ def build_config(args: argparse.Namespace) -> tuple[ClusterConfig, Tokenizer | N
         raise ValueError("--workers must be at least 1")
     if args.hb_misses < 1 or args.hb_interval <= 0:
         raise ValueError("--hb-misses must be at least 1 and --hb-interval positive")
+    if not 0 <= args.ckpt_export_interval_ms <= 10_000:
+        raise ValueError("--ckpt-export-interval-ms must be between 0 and 10000")
     parse_policy(args.policy)
     model_dir = resolve_model_dir(args.model)
     mcfg = read_config(model_dir)
@@ -116,6 +121,7 @@ def build_config(args: argparse.Namespace) -> tuple[ClusterConfig, Tokenizer | N
         block_size=args.block_size, num_blocks=args.num_blocks, max_batch=args.max_batch,
         chunk_tokens=args.chunk_tokens or (1024 if on_gpu else 256), deterministic=args.deterministic,
         dtype=dtype_name, max_model_len=max_len, ckpt_budget_bytes=int(args.ckpt_budget_gb * (1 << 30)),
+        ckpt_export_interval_ms=args.ckpt_export_interval_ms,
         kv_bytes_per_token=mcfg.kv_bytes_per_token(kv_dtype), draft_model=draft, spec_k=args.spec_k,
         cold_restart=args.cold_restart,
         gpu_share_fixed=on_gpu and mps_share_fixed(os.environ, workers_per_gpu=math.ceil(args.workers / len(devices))),
