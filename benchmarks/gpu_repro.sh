@@ -49,8 +49,10 @@ POLICIES=${POLICIES:-"stop-restart fixed-ckpt lumen"}  # ablations: a later call
 MPS=${MPS:-0}
 # the daemon and every client (the bench's workers inherit it) meet on this pipe directory
 [ "$MPS" != 0 ] && export CUDA_MPS_PIPE_DIRECTORY=/tmp/lumen-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/lumen-mps/log
-# runs under MPS are another experiment (another capacity, another calibrated rate): their own directory
-RUNS=${RUNS:-$PWD/.gpu-runs/repro-$PRESET$([ "$MPS" != 0 ] && echo -mps)}
+# runs under MPS, or on more than one GPU, are another experiment (another capacity, another calibrated
+# rate): each its own directory (one GPU time-shared keeps the name of runs 2-4)
+NGPU=$(tr ',' '\n' <<< "$DEVICES" | grep -c cuda)
+RUNS=${RUNS:-$PWD/.gpu-runs/repro-$PRESET$([ "$NGPU" -gt 1 ] && echo "-${NGPU}gpu")$([ "$MPS" != 0 ] && echo -mps)}
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
 
 mps_start() {  # prints the per-worker SM percentage once an MPS client has run under it; fails otherwise

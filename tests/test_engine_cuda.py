@@ -39,18 +39,26 @@ def _reference(model, prompt: list[int], n: int) -> list[int]:
 
 
 def _first_host_alloc(fn):
-    """fn() and, where torch's pinned allocator made a new cudaHostAlloc during it, the first call
-    that returned after it with the Python frames above (else None): names the allocation that the
-    phase counts of the restore test below could only place in a step."""
+    """fn() and, where torch's pinned allocator made a new cudaHostAlloc during it, the two profile
+    events around it (the last one before, the first one after, with the Python frames above the
+    latter), else None: names the allocation that the phase counts of the restore test below could
+    only place in a step. (Calls through slots, such as tensor indexing, raise no event.)"""
     stats = torch.cuda.host_memory_stats
-    start, found = stats()["num_host_alloc"], []
+    start, found, last = stats()["num_host_alloc"], [], ["(start)"]
+
+    def describe(frame, event, arg) -> str:
+        name = getattr(arg, "__qualname__", repr(arg)) if event.startswith("c_") else frame.f_code.co_qualname
+        return f"{event} {name} at {Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
 
     def hook(frame, event, arg):
-        if found or event not in ("c_return", "c_exception", "return") or stats()["num_host_alloc"] == start:
+        if found:
             return
-        name = getattr(arg, "__qualname__", None) if event != "return" else frame.f_code.co_qualname
+        if stats()["num_host_alloc"] == start:
+            last[0] = describe(frame, event, arg)
+            return
         stack = traceback.extract_stack(frame, limit=8)
-        found.append(f"{name} <- " + " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(stack)))
+        found.append(f"between [{last[0]}] and [{describe(frame, event, arg)}] <- "
+                     + " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(stack)))
 
     sys.setprofile(hook)
     try:
