@@ -100,6 +100,39 @@ def measure(eng: Engine, rids: list[str], device: str, reps: int, steps: int) ->
     return out
 
 
+def profile_exports(eng: Engine, rids: list[str], device: str, n: int = 1, reps: int = 50) -> str:
+    """Where an export call's host time goes: torch's operator table (CPU time per aten op and CUDA
+    runtime call) and the Python functions by own time, over `reps` exports of `n` pages."""
+    import cProfile
+    import pstats
+    from pathlib import Path
+
+    def exports() -> None:
+        for r in range(reps):
+            seq = eng._seqs[rids[r % len(rids)]]
+            seq.num_exported_pages = seq.num_computed_tokens // eng.block_size - n
+            pages = eng.export_pages([seq.req_id])
+            for p in pages:
+                p.wait()
+            del pages
+
+    sync(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        exports()
+    ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    sync(device)
+    cp = cProfile.Profile()
+    cp.enable()
+    exports()
+    cp.disable()
+    rows = sorted(pstats.Stats(cp).stats.items(), key=lambda kv: -kv[1][2])[:30]
+    lines = [f"{1e6 * tt / reps:9.1f} {1e6 * ct / reps:9.1f} {nc / reps:6.1f}  {Path(f).name}:{line}({name})"
+             for (f, line, name), (_, nc, tt, ct, _) in rows]
+    head = "  own us  cum us  calls  (per export)"
+    return (f"== torch operators, {reps} exports of {n} page(s)\n{ops}\n== Python, by own time\n{head}\n"
+            + "\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="qwen3-1.7b")
@@ -108,6 +141,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default=None, help="also write where an export's host time goes to this file")
     args = ap.parse_args()
     cfg = PRESETS[args.preset]
     cuda = args.device.startswith("cuda")
@@ -141,6 +175,9 @@ def main() -> None:
             sys.setswitchinterval(interval)
     result["traffic_pages"] = traffic.pages
     result["quiet_again"] = measure(eng, rids, args.device, args.reps, args.steps)
+    if args.profile:
+        with open(args.profile, "w") as f:
+            f.write(profile_exports(eng, rids, args.device))
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
