@@ -7,8 +7,9 @@ Both policies serve the same requests (same seed, same arrival times) with no fa
 unmeasured priming run (stop-restart, a short workload) takes the machine's one-time costs: kernels
 compiled and cached on disk, weights in the page cache. On the H200 the first measured cluster of a
 fresh machine was 5-11% slower in each of three runs (2026-12-04), which read as a negative lumen
-overhead. Then the order alternates per repeat (stop-restart, lumen, lumen, stop-restart, ...) so that
-drift of the machine hits both alike. Reports
+overhead. Then the order alternates per repeat (stop-restart, lumen, then lumen, stop-restart, ...;
+with a third arm its order reversed every other repeat) so that, over an even number of repeats,
+drift of the machine hits every arm alike. Reports
 mean TTFT and TPOT of each policy, the lumen/stop-restart ratio, and the checkpoint traffic lumen
 generated (pages and bytes sent to holders, per second of the run). `--export-interval-ms X` adds a
 third arm in the same run: lumen exporting the pages gathered over X ms at once (`lumen serve
@@ -19,8 +20,9 @@ To tell where an overhead comes from, each run also reports (`engine`, `pages`):
   steps separately): a slower *step* under lumen means contention inside the step (GIL, GPU, copies
   on the step's stream); an unchanged step with a worse TPOT means time lost between steps;
 - that time between steps, measured: the gap from one step's end to the next one's start on a
-  worker with work (gaps under GAP_BUSY_S; longer ones are idle time), the worker loop's own cost
-  (outputs sent, pages exported, commands polled, GIL waits);
+  worker with work, the worker loop's own cost (outputs sent, pages exported, commands polled, GIL
+  waits). Gaps of GAP_BUSY_S or more count as idle time, not as loop cost: that cut is the idle
+  worker's poll timeout, so it also drops any stall that long (`long_gaps` counts them apart);
 - the engine-thread time the workers spent exporting pages (`ckpt_export_s`, per step);
 - the fate of the pages: exported by the engine, sent, refused by the sender (queue bound, holder
   not draining), accepted and rejected by the holders, and requests left unprotected.
@@ -62,7 +64,7 @@ def step_summary(step_dir: Path, t0: float, t1: float) -> dict:
     """Mean engine step times (ms) of the steps that ended in [t0, t1] (Unix s), over every worker's
     step log in step_dir: decode-only steps and steps with prefill tokens apart; and the mean gap
     between consecutive steps of a busy worker (its loop's time outside the step)."""
-    dec, pre, batch, gaps = [], [], [], []
+    dec, pre, batch, gaps, long_gaps = [], [], [], [], 0
     for path in sorted(step_dir.glob("worker*.csv")):
         prev_end = None
         with open(path, newline="") as f:
@@ -73,10 +75,12 @@ def step_summary(step_dir: Path, t0: float, t1: float) -> dict:
                 except (KeyError, TypeError, ValueError):
                     continue
                 if not t0 <= t <= t1:
-                    prev_end = None
                     continue
-                if prev_end is not None and 0 <= t - dt - prev_end < GAP_BUSY_S:
-                    gaps.append(t - dt - prev_end)
+                if prev_end is not None:
+                    if 0 <= t - dt - prev_end < GAP_BUSY_S:
+                        gaps.append(t - dt - prev_end)
+                    else:
+                        long_gaps += 1
                 prev_end = t
                 if prefill:
                     pre.append(dt)
@@ -91,7 +95,7 @@ def step_summary(step_dir: Path, t0: float, t1: float) -> dict:
             "median_decode_step_ms": 1e3 * statistics.median(dec) if dec else None,
             "mean_decode_batch": statistics.fmean(batch) if batch else None,
             "prefill_steps": len(pre), "mean_prefill_step_ms": mean_ms(pre),
-            "busy_gaps": len(gaps), "mean_step_gap_ms": mean_ms(gaps),
+            "busy_gaps": len(gaps), "long_gaps": long_gaps, "mean_step_gap_ms": mean_ms(gaps),
             "p99_step_gap_ms": 1e3 * statistics.quantiles(gaps, n=100)[98] if len(gaps) >= 100 else None}
 
 
@@ -149,15 +153,15 @@ async def main_async(args) -> dict:
     if args.prime:
         primed = await one_run(args, "stop-restart", args.seed, log_dir, requests=PRIME_REQUESTS, label="prime")
         print(json.dumps({"prime": {k: primed[k] for k in ("completed", "mean_ttft_s", "mean_tpot_s")}}), flush=True)
-    # arm: (label, policy, extra serve arguments); every arm serves each repeat's seed, in an order that
-    # rotates per repeat (with two arms: stop-restart first, then lumen first, ...)
+    # arm: (label, policy, extra serve arguments); every arm serves each repeat's seed, in an order
+    # reversed every other repeat: over an even number of repeats each arm's mean position is the same
     arms = [("stop-restart", "stop-restart", ()), ("lumen", "lumen", ())]
     if args.export_interval_ms:
         arms.append((f"lumen-export-{args.export_interval_ms:g}ms", "lumen",
                      ("--ckpt-export-interval-ms", str(args.export_interval_ms))))
     by_repeat = []
     for rep in range(args.repeats):
-        order = arms[rep % len(arms):] + arms[:rep % len(arms)]
+        order = arms if rep % 2 == 0 else arms[::-1]
         done = {}
         for i, (label, policy, extra) in enumerate(order):
             r = await one_run(args, policy, args.seed + rep, log_dir, label=f"{label}-{args.seed + rep}", extra=extra)
@@ -175,7 +179,7 @@ async def main_async(args) -> dict:
             summary[label][key] = statistics.fmean(xs) if xs else None
 
     def per_repeat(label: str) -> list[dict]:
-        """Per repeat (same seed, adjacent in time): the arm over stop-restart."""
+        """Per repeat (same seed, the same few minutes): the arm over stop-restart."""
         out = []
         for done in by_repeat:
             a, b = done["stop-restart"], done[label]
@@ -329,6 +333,10 @@ def main() -> None:
     ap.add_argument("--engine-thread", action="store_true",
                     help="only measure what checkpointing costs a worker's engine thread (no cluster)")
     args = ap.parse_args()
+    if not 0 <= args.export_interval_ms <= 10_000:
+        ap.error("--export-interval-ms must be between 0 and 10000")
+    if args.repeats % 2 and args.repeats > 1:
+        print(f"note: {args.repeats} repeats: the arms' order is balanced only over an even number", flush=True)
     if args.engine_thread:
         result = {"env": {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                           "load": os.getloadavg()[0]}, "engine_thread": engine_thread_costs()}

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from lumen.engine import Engine, EngineConfig, SamplingParams
+from lumen.engine.model_runner import EXPORT_SLOT_PAGES
 from lumen.model import PRESETS
 from lumen.model.loader import random_model
 
@@ -140,6 +141,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=80.0, help="pages/s per traffic thread (a worker's stream)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--slot-pages", type=int, default=EXPORT_SLOT_PAGES,
+                    help="pages per export-ring slot (the 2026-12-04 H200 figures: 8)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default=None, help="also write where an export's host time goes to this file")
     args = ap.parse_args()
@@ -148,9 +151,11 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     model = random_model(cfg, device=args.device, dtype=dtype, seed=0)
     eng = Engine(model, EngineConfig(device=args.device, num_blocks=1024, block_size=16, max_batch=8,
-                                     compile=False, export_slots=8, export_slot_pages=8,
-                                     export_ring_bytes=1 << 40))
+                                     compile=False, export_slots=-(-2 * max(SIZES) // args.slot_pages),
+                                     export_slot_pages=args.slot_pages, export_ring_bytes=1 << 40))
     prompt_len = 16 * (max(SIZES) + 1)
+    if prompt_len + 10 + 4 * args.steps + 100 > cfg.max_position:  # the requests must outlive the measures
+        ap.error(f"--steps {args.steps} is too many for {args.preset}'s {cfg.max_position} positions")
     rids = [f"r{i}" for i in range(4)]
     rng = np.random.default_rng(1)
     for rid in rids:

@@ -51,7 +51,7 @@ MPS=${MPS:-0}
 [ "$MPS" != 0 ] && export CUDA_MPS_PIPE_DIRECTORY=/tmp/lumen-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/lumen-mps/log
 # runs under MPS, or on more than one GPU, are another experiment (another capacity, another calibrated
 # rate): each its own directory (one GPU time-shared keeps the name of runs 2-4)
-NGPU=$(tr ',' '\n' <<< "$DEVICES" | grep -c cuda)
+NGPU=$(tr ',' '\n' <<< "$DEVICES" | grep cuda | sort -u | wc -l)
 RUNS=${RUNS:-$PWD/.gpu-runs/repro-$PRESET$([ "$NGPU" -gt 1 ] && echo "-${NGPU}gpu")$([ "$MPS" != 0 ] && echo -mps)}
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
 
@@ -98,7 +98,7 @@ for step in $STEPS; do
     # issue 4: checkpoint streaming overhead, failure-free, two workers on the first GPU
     # a priming cluster, then two per repeat (three with CKPT_EXPORT_MS: lumen exporting every that many
     # ms as well), ~50-60 s each on the H200 with the 1.7B shape
-    arms=$([ -n "${CKPT_EXPORT_MS:-}" ] && echo 3 || echo 2)
+    arms=$([ -n "${CKPT_EXPORT_MS:-}" ] && [ "$CKPT_EXPORT_MS" != 0 ] && echo 3 || echo 2)
     timeout -k 20 "${CKPT_TIMEOUT:-$(( 70 + 65 * arms * ${CKPT_REPEATS:-1} ))}" python3 benchmarks/checkpoint_overhead.py --model preset:qwen3-1.7b \
       --workers 2 --devices "${DEVICES%%,*}" --qps 4 --requests 100 --max-prompt 512 --max-output 256 \
       --repeats "${CKPT_REPEATS:-1}" --serve-args "--num-blocks 3000" ${CKPT_EXPORT_MS:+--export-interval-ms "$CKPT_EXPORT_MS"} \

@@ -32,12 +32,13 @@ def test_gaps_count_only_a_busy_workers_pauses_inside_the_window(tmp_path):
     # worker 0: steps of 4 ms with 1 ms between them, then an idle second, then one more step 1 ms on
     _write(tmp_path / "worker0-epoch1.csv",
            [(100.004, 0.004, 0), (100.009, 0.004, 0), (100.020, 0.010, 64), (101.5, 0.004, 0), (101.505, 0.004, 0)])
-    # worker 1: 3 ms gaps; its first step ends before the window and does not count, nor its gap
-    _write(tmp_path / "worker1-epoch1.csv", [(99.0, 0.004, 0), (100.007, 0.004, 0), (100.014, 0.004, 0)])
+    # worker 1: 3 ms gaps; its first step ends before the window and counts neither as a step nor
+    # for the gap to the next one (4 ms, under the cut)
+    _write(tmp_path / "worker1-epoch1.csv", [(99.999, 0.004, 0), (100.007, 0.004, 0), (100.014, 0.004, 0)])
     s = mod.step_summary(tmp_path, 100.0, 102.0)
     assert s["decode_steps"] == 6 and s["prefill_steps"] == 1
     assert s["mean_prefill_step_ms"] == pytest.approx(10.0)
     # gaps: worker 0 1, 1, 1 ms (the idle 1.48 s is not one); worker 1 3 ms
-    assert s["busy_gaps"] == 4
+    assert s["busy_gaps"] == 4 and s["long_gaps"] == 1  # worker 0's idle second
     assert s["mean_step_gap_ms"] == pytest.approx(1.5)
     assert s["p99_step_gap_ms"] is None  # fewer than 100 gaps

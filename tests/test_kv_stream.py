@@ -258,7 +258,7 @@ def test_export_interval_gathers_due_pages_into_one_later_export(worker, monkeyp
     each once and in order, as without the interval."""
     w, eng = worker, worker.engine
     clock = [100.0]
-    monkeypatch.setattr("lumen.runtime.worker.time.monotonic", lambda: clock[0])
+    w._clock = lambda: clock[0]
     w._export_interval_s = 0.05
     exports = []
     real_export = eng.export_pages
@@ -283,6 +283,28 @@ def test_export_interval_gathers_due_pages_into_one_later_export(worker, monkeyp
     assert len(got) == len(set(got)) == eng.stats()["exported_pages"]
     for rid in ("a", "b"):
         assert [i for r, i in got if r == rid] == list(range(len([1 for r, _ in got if r == rid])))
+
+
+def test_export_interval_sends_what_the_ring_could_not_take_on_the_next_turn(worker):
+    """Pages left over by a full export ring go on the next loop turns, not an interval later."""
+    w = worker
+    w.engine = eng = Engine(random_model(PRESETS["tiny"], "cpu", torch.float32),
+                            EngineConfig(num_blocks=64, block_size=4, chunk_tokens=64, export_slots=1,
+                                         export_slot_pages=2))
+    clock = [100.0]
+    w._clock = lambda: clock[0]
+    w._export_interval_s = 0.05
+    eng.add_request("a", list(range(2, 27)), SamplingParams(max_tokens=2, ignore_eos=True))
+    w._set_holder("a", 1, "h", 0)
+    eng.step()  # the prefill fills 6 pages; the ring takes 2 per export
+    w._stream_pages()
+    assert w.kv_tx.pages == []
+    clock[0] += 0.06
+    sent = []
+    for _ in range(3):  # no step, no time: 2 pages per turn, in order
+        w._stream_pages()
+        sent.append([i for _, _, i in w.kv_tx.pages])
+    assert sent == [[0, 1], [0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]
 
 
 def test_serve_rejects_a_negative_export_interval():

@@ -301,6 +301,7 @@ class Worker:
         self._export_due: dict[str, None] = {}
         self._export_due_since = 0.0
         self._export_interval_s = max(0.0, args.ckpt_export_interval_ms) / 1e3
+        self._clock = time.monotonic  # the interval's clock (tests replace it)
         self._restoring: set[str] = set()  # restored requests whose store pages the engine may still read
         self._store_alloc: threading.Thread | None = None
         self._store_alloc_out: dict = {}
@@ -417,6 +418,7 @@ class Worker:
 
     def _build_engine(self, host_state: dict) -> dict[str, float]:
         """The engine on the device from host weights; returns the seconds of its two parts."""
+        self._export_due = {}  # requests of an engine that is gone
         t = time.monotonic()
         config = read_config(self.model_dir) if host_state else None
         model = build_model_from_host(config, host_state, self.device, self.dtype)
@@ -596,13 +598,14 @@ class Worker:
         With --ckpt-export-interval-ms > 0 the due requests are gathered for that long and exported
         together: an export costs the engine thread ~0.2 ms per call plus ~0.015 ms per page on an
         H200 (benchmarks/export_cost.py, 2026-12-04), so fewer, larger exports cost less, at the
-        price of a checkpoint that lags by up to the interval.
+        price of a checkpoint that lags by up to the interval. Pages that did not fit in the export
+        ring keep their place: they go on the next turn, not a whole interval later.
         """
         if self.engine is None:
             return
         due = self.engine.pages_due()
         if self._export_interval_s:
-            now = time.monotonic()
+            now = self._clock()
             if due:
                 if not self._export_due:
                     self._export_due_since = now
@@ -620,6 +623,10 @@ class Worker:
                 self.kv_tx.submit(holders[page.req_id][1], page)
             # engine-thread time of checkpointing (stats: ckpt_export_s), to compare with step time
             self.counters["ckpt_export_s"] += time.perf_counter() - t0
+            if self._export_interval_s:
+                # requests whose pages did not all fit in the ring (no step ran since): due at once,
+                # as the per-step path retries them on the next turn
+                self._export_due = dict.fromkeys(self.engine.pages_due())
 
     # ------------------------------------------------------------------ data plane
     def _on_data(self, msg) -> None:
