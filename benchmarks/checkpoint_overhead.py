@@ -102,6 +102,12 @@ def step_summary(step_dir: Path, t0: float, t1: float) -> dict:
 PRIME_REQUESTS = 20
 
 
+def arm_order(arms: list, rep: int) -> list:
+    """The arms in repeat rep's order: as given on even repeats, reversed on odd ones, so that over an
+    even number of repeats every arm's mean position is the same (drift hits each alike)."""
+    return list(arms) if rep % 2 == 0 else list(arms)[::-1]
+
+
 async def one_run(args, policy: str, seed: int, log_dir: Path, requests: int | None = None,
                   label: str | None = None, extra: tuple[str, ...] = ()) -> dict:
     port = free_port()
@@ -161,7 +167,7 @@ async def main_async(args) -> dict:
                      ("--ckpt-export-interval-ms", str(args.export_interval_ms))))
     by_repeat = []
     for rep in range(args.repeats):
-        order = arms if rep % 2 == 0 else arms[::-1]
+        order = arm_order(arms, rep)
         done = {}
         for i, (label, policy, extra) in enumerate(order):
             r = await one_run(args, policy, args.seed + rep, log_dir, label=f"{label}-{args.seed + rep}", extra=extra)

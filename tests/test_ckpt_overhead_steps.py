@@ -42,3 +42,18 @@ def test_gaps_count_only_a_busy_workers_pauses_inside_the_window(tmp_path):
     assert s["busy_gaps"] == 4 and s["long_gaps"] == 1  # worker 0's idle second
     assert s["mean_step_gap_ms"] == pytest.approx(1.5)
     assert s["p99_step_gap_ms"] is None  # fewer than 100 gaps
+
+
+@pytest.mark.parametrize("n_arms", [2, 3, 4])
+def test_arm_order_balances_positions_over_even_repeats(n_arms):
+    mod = _module()
+    arms = [f"arm{i}" for i in range(n_arms)]
+    for repeats in (2, 4):
+        positions = {a: 0 for a in arms}
+        for rep in range(repeats):
+            order = mod.arm_order(arms, rep)
+            assert sorted(order) == arms
+            for i, a in enumerate(order):
+                positions[a] += i
+        assert len(set(positions.values())) == 1, positions
+    assert mod.arm_order(["stop-restart", "lumen"], 1) == ["lumen", "stop-restart"]
