@@ -424,6 +424,10 @@ class Engine:
         self._pages_due.clear()
         return due
 
+    def has_pages_due(self) -> bool:
+        """Whether `pages_due` would name any request (without forgetting them)."""
+        return bool(self._pages_due)
+
     def export_pages(self, req_ids) -> list[KVPage]:
         """Pages of the given requests that became full (all their tokens committed and computed)
         since they were last exported, as host copies: one `read_blocks` for all of them (on CUDA one

@@ -297,9 +297,8 @@ class Worker:
         self.running = True
         self.counters = {"restored_requests": 0, "restored_pages": 0, "bad_commands": 0, "ckpt_export_s": 0.0}
         self._last_ckpt_report = 0.0
-        # requests with pages due, gathered over --ckpt-export-interval-ms (insertion-ordered), and since when
-        self._export_due: dict[str, None] = {}
-        self._export_due_since = 0.0
+        # --ckpt-export-interval-ms: when the pages due in the engine go out (None: none due since the last export)
+        self._export_at: float | None = None
         self._export_interval_s = max(0.0, args.ckpt_export_interval_ms) / 1e3
         self._clock = time.monotonic  # the interval's clock (tests replace it)
         self._restoring: set[str] = set()  # restored requests whose store pages the engine may still read
@@ -418,7 +417,7 @@ class Worker:
 
     def _build_engine(self, host_state: dict) -> dict[str, float]:
         """The engine on the device from host weights; returns the seconds of its two parts."""
-        self._export_due = {}  # requests of an engine that is gone
+        self._export_at = None  # pages of an engine that is gone
         t = time.monotonic()
         config = read_config(self.model_dir) if host_state else None
         model = build_model_from_host(config, host_state, self.device, self.dtype)
@@ -603,16 +602,16 @@ class Worker:
         """
         if self.engine is None:
             return
-        due = self.engine.pages_due()
-        if self._export_interval_s:
+        if self._export_interval_s:  # the engine keeps the due requests meanwhile, in order
             now = self._clock()
-            if due:
-                if not self._export_due:
-                    self._export_due_since = now
-                self._export_due.update(dict.fromkeys(due))
-            if not self._export_due or now - self._export_due_since < self._export_interval_s:
+            if self._export_at is None:
+                if not self.engine.has_pages_due():
+                    return
+                self._export_at = now + self._export_interval_s
+            if now < self._export_at:
                 return
-            due, self._export_due = list(self._export_due), {}
+            self._export_at = None
+        due = self.engine.pages_due()
         if not due:
             return
         holders = self.holders
@@ -623,10 +622,10 @@ class Worker:
                 self.kv_tx.submit(holders[page.req_id][1], page)
             # engine-thread time of checkpointing (stats: ckpt_export_s), to compare with step time
             self.counters["ckpt_export_s"] += time.perf_counter() - t0
-            if self._export_interval_s:
-                # requests whose pages did not all fit in the ring (no step ran since): due at once,
-                # as the per-step path retries them on the next turn
-                self._export_due = dict.fromkeys(self.engine.pages_due())
+            if self._export_interval_s and self.engine.has_pages_due():
+                # pages that did not all fit in the ring (no step ran since): due at once, as the
+                # per-step path retries them on the next turn
+                self._export_at = now
 
     # ------------------------------------------------------------------ data plane
     def _on_data(self, msg) -> None:
