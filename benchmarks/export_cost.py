@@ -74,22 +74,27 @@ def sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
+def reexport(eng: Engine, rid: str, n: int, device: str | None = None) -> float:
+    """Export the last n full pages of rid again, wait for their copies and let them go; returns the
+    seconds of the export call alone (after syncing `device`, where given, so that it starts idle)."""
+    seq = eng._seqs[rid]
+    seq.num_exported_pages = seq.num_computed_tokens // eng.block_size - n
+    if device is not None:
+        sync(device)
+    t = time.perf_counter()
+    pages = eng.export_pages([rid])
+    spent = time.perf_counter() - t
+    assert len(pages) == n, (len(pages), n)
+    for p in pages:
+        p.wait()
+    return spent
+
+
 def measure(eng: Engine, rids: list[str], device: str, reps: int, steps: int) -> dict:
     """Export cost per call (us, median) for each size, then the mean decode step (ms)."""
     out = {}
     for n in SIZES:
-        times = []
-        for r in range(reps):
-            seq = eng._seqs[rids[r % len(rids)]]
-            seq.num_exported_pages = seq.num_computed_tokens // eng.block_size - n  # re-export n pages
-            sync(device)
-            t = time.perf_counter()
-            pages = eng.export_pages([seq.req_id])
-            times.append(time.perf_counter() - t)
-            assert len(pages) == n, (len(pages), n)
-            for p in pages:
-                p.wait()
-            del pages, p
+        times = [reexport(eng, rids[r % len(rids)], n, device) for r in range(reps)]
         out[f"export_{n}_us"] = 1e6 * statistics.median(times)
         out[f"export_{n}_us_per_page"] = out[f"export_{n}_us"] / n
     sync(device)
@@ -110,12 +115,7 @@ def profile_exports(eng: Engine, rids: list[str], device: str, n: int = 1, reps:
 
     def exports() -> None:
         for r in range(reps):
-            seq = eng._seqs[rids[r % len(rids)]]
-            seq.num_exported_pages = seq.num_computed_tokens // eng.block_size - n
-            pages = eng.export_pages([seq.req_id])
-            for p in pages:
-                p.wait()
-            del pages
+            reexport(eng, rids[r % len(rids)], n)
 
     sync(device)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
