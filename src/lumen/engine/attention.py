@@ -46,7 +46,10 @@ class ShortGroup:
     block_tables: torch.Tensor  # [B, nblk] int64 (padded with the null block)
     q_pos: torch.Tensor  # [B, Qmax] absolute position of each query (padded rows repeat the last)
     q_index: torch.Tensor | None = None  # [B, Qmax] token index within the group; None when Qmax == 1
-    valid: torch.Tensor | None = None  # [B, Qmax] bool; None when Qmax == 1
+    # rows of the flattened [B * Qmax] output that are real tokens, in order; None when Qmax == 1. An
+    # index, not a boolean mask: o[mask] asks the device for its count (a sync, and on CUDA a pinned
+    # host buffer, allocated the first time: the restore's one cudaHostAlloc on the H200, 2026-12-04)
+    valid_rows: torch.Tensor | None = None
     # Triton path: per token of the group, its row of block_tables and its context length (pos + 1).
     row_seq: torch.Tensor | None = None
     ctx: torch.Tensor | None = None
@@ -125,8 +128,8 @@ class PagedAttention:
         o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=sg.mask(kv_len, g))
         if sg.q_index is None:
             return o.reshape(b, self.nh, hd)
-        o = o.view(b, nkv, g, qmax, hd).permute(0, 3, 1, 2, 4).reshape(b, qmax, self.nh, hd)
-        return o[sg.valid]
+        o = o.view(b, nkv, g, qmax, hd).permute(0, 3, 1, 2, 4).reshape(b * qmax, self.nh, hd)
+        return o.index_select(0, sg.valid_rows)
 
     def _long(self, kf, vf, q, k, v, ls: LongSeq) -> torch.Tensor:
         n = ls.tok_end - ls.tok_start

@@ -214,13 +214,13 @@ class ModelRunner:
         tables = [items[i].block_table[:width] + [self.null_block] * (width - min(width, len(items[i].block_table)))
                   for i in group]
         base = tok_of[group[0]]
-        q_pos, q_index, valid = [], [], []
-        for i in group:
+        q_pos, q_index, valid_rows = [], [], []
+        for r, i in enumerate(group):
             it = items[i]
             n = len(it.tokens)
             q_pos.append([it.start + min(j, n - 1) for j in range(qmax)])
             q_index.append([tok_of[i] - base + min(j, n - 1) for j in range(qmax)])
-            valid.append([j < n for j in range(qmax)])
+            valid_rows.extend(range(r * qmax, r * qmax + n))
         end = tok_of[group[-1]] + len(items[group[-1]].tokens)
         dev = self.device
         sg = ShortGroup(base, end, torch.tensor(tables, dtype=torch.int64, device=dev),
@@ -233,7 +233,7 @@ class ModelRunner:
             sg.num_splits = self._splits(len(ctx), width)
         elif qmax > 1:
             sg.q_index = torch.tensor(q_index, dtype=torch.int64, device=dev)
-            sg.valid = torch.tensor(valid, dtype=torch.bool, device=dev)
+            sg.valid_rows = torch.tensor(valid_rows, dtype=torch.int64, device=dev)
         return sg
 
     def _splits(self, rows: int, width: int) -> int:
