@@ -248,7 +248,8 @@ def test_cuda_export_ring_burst_and_restore_allocate_no_pinned_memory():
     restored = [KVPage("r", i, 8 * (i + 1), tags[i], store[i]) for i in range(12)]
     b.add_request("r", p, sp, generated_ids=gen, restored_pages=restored)
     del restored
-    # allocations counted after each phase: an H200 (2026-12-03, 2026-12-04) saw one here, unattributed
+    # allocations counted after each phase: an H200 (2026-12-03, 2026-12-04) saw one in step 1, which the
+    # hook below traced to a boolean-mask index in attention (now an index tensor: 9/9 pass, 2026-12-04)
     allocs = [("add_request", host_allocs()["num_host_alloc"] - before if before is not None else 0)]
     rest, culprit = [], None
     while b.has_work():
