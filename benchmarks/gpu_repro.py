@@ -45,7 +45,7 @@ def _write(model: Decoder, cfg, out: Path) -> float:
     t = time.perf_counter()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, cfg, tmp)
+    save_model(model, cfg, tmp, split_shared=True)  # its self-draft links the shared shard
     os.sync()
     tmp.rename(out)
     return time.perf_counter() - t
@@ -67,7 +67,9 @@ def make_target_and_draft(args: argparse.Namespace, device: str, dtype: torch.dt
     k = args.draft_layers or max(1, round(cfg.num_layers / 8))
     settings = {"preset": args.preset, "k": k, "goal": args.acceptance, "tolerance": args.tolerance,
                 "spec_k": args.spec_k, "prompts": args.prompts, "prompt_len": args.prompt_len,
-                "max_new": args.max_new, "seed": args.seed, "dtype": str(dtype)}
+                "max_new": args.max_new, "seed": args.seed, "dtype": str(dtype),
+                # the draft links the target's embedding/norm/head shard (read once on a restart)
+                "draft_shares_target": True}
     if meta_path.is_file() and not args.reselect:
         info = json.loads(meta_path.read_text())
         if info.get("settings") == settings:
@@ -95,7 +97,7 @@ def make_target_and_draft(args: argparse.Namespace, device: str, dtype: torch.dt
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     draft_dir.mkdir(parents=True)
-    copy_layers(target_dir, draft_dir, list(range(k)), dtype=dtype, name=draft_dir.name)
+    copy_layers(target_dir, draft_dir, list(range(k)), dtype=dtype, name=draft_dir.name, share_with_target=True)
     info = {
         "settings": settings,
         "target": {"preset": args.preset, "dir": str(target_dir), "params": cfg.param_count(),
@@ -106,7 +108,9 @@ def make_target_and_draft(args: argparse.Namespace, device: str, dtype: torch.dt
                   "tokens_per_target_call": chosen["tokens_per_target_call"], "search": search,
                   "select_s": select_s, "target_step_s": t_target, "draft_step_s": t_draft,
                   "draft_over_target_cost": t_draft / t_target,
-                  "bytes": sum(f.stat().st_size for f in draft_dir.glob("*.safetensors"))},
+                  "bytes": sum(f.stat().st_size for f in draft_dir.glob("*.safetensors")),
+                  # what a restarted worker reads for the draft beyond the target's own bytes
+                  "own_bytes": sum(f.stat().st_size for f in draft_dir.glob("*.safetensors") if not f.is_symlink())},
     }
     meta_path.write_text(json.dumps(info, indent=2))
     print(f"target {target_dir}: decay {decay:.4f}; draft k={k}: acceptance {chosen['acceptance']:.3f}, "
@@ -185,7 +189,8 @@ def prepare(args: argparse.Namespace) -> dict:
                     "torch": torch.__version__}
     result.update(make_target_and_draft(args, device, dtype))
     target_dir = Path(result["target"]["dir"])
-    result["disk_direct_read_GBps"] = direct_read_gbps(target_dir / "model.safetensors")
+    result["disk_direct_read_GBps"] = direct_read_gbps(max(target_dir.glob("*.safetensors"),
+                                                         key=lambda f: f.stat().st_size))
     if args.reload:
         result["reload"] = reload_rates(target_dir, device, dtype)
         print(f"reload: {result['reload']}", flush=True)

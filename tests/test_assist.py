@@ -71,7 +71,7 @@ def deep_target_and_exact_draft(tmp_path_factory):
     target = tmp_path_factory.mktemp("deep")
     save_model(model, cfg, target, tokenizer_dir=default_paths()[0])
     draft = tmp_path_factory.mktemp("exact-draft")
-    copy_layers(target, draft, [0, 1])
+    copy_layers(target, draft, [0, 1], share_with_target=True)  # read once by a restarted worker
     return str(target), str(draft)
 
 
@@ -127,6 +127,8 @@ def test_assisted_requests_keep_their_output_and_gain_tokens_per_step(deep_targe
         assert {"draft_load_s", "draft_disk_to_host_s", "draft_host_to_device_s", "assist_s", "disk_to_host_s",
                 "host_to_device_s", "weights_to_device_s", "engine_init_s"} <= set(phases)
         assert phases["weights_to_device_s"] + phases["engine_init_s"] <= phases["host_to_device_s"]
+        # the self-draft's embedding and head are a link to the target's: read once, for both
+        assert phases["target_reused_bytes"] == phases["draft_shared_bytes"] > 0
         metrics = c.client.get("/metrics").text
         assert "vllm:spec_decode_num_accepted_tokens_total" in metrics
         assert "lumen:recovery_phase_seconds_bucket" in metrics

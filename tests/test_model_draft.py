@@ -2,6 +2,7 @@
 of the target whose linears the loader packs as fp16 on CPU."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -44,6 +45,51 @@ def test_copy_layers_keeps_selected_layers(tmp_path):
             assert n1 == n2 and torch.equal(p1, p2.to(torch.bfloat16).float())
     with pytest.raises(ValueError):
         copy_layers(src, tmp_path / "d", [2, 1])
+
+
+def test_a_self_draft_linked_to_its_target_is_read_once_for_both(tmp_path, monkeypatch):
+    """share_with_target: the draft's embedding/norm/head shard is a link to the target's, the draft
+    loads as the target's first layers, and the target read that follows takes that shard from the
+    draft's read (mechanism 3 reads it once) -- unless the file changed since."""
+    from lumen.model import loader
+    from lumen.model.draft import LAYERS_SHARD, SHARED_SHARD
+    from lumen.model.selfdraft import first_layers
+
+    cfg = PRESETS["tiny-llama"]
+    target_dir = save_model(random_model(cfg, seed=5), cfg, tmp_path / "t")
+    draft_dir = tmp_path / "d"
+    draft_dir.mkdir()
+    copy_layers(target_dir, draft_dir, [0, 1], share_with_target=True)
+    assert sorted(p.name for p in target_dir.glob("*.safetensors")) == [LAYERS_SHARD, SHARED_SHARD]
+    assert (draft_dir / SHARED_SHARD).is_symlink()
+    assert (draft_dir / SHARED_SHARD).resolve() == (target_dir / SHARED_SHARD).resolve()
+
+    reads = []
+    real_read = loader.read_safetensors
+    monkeypatch.setattr(loader, "read_safetensors", lambda f, **kw: reads.append(f.name) or real_read(f, **kw))
+    shared = loader.SharedReads()
+    draft = load_model(draft_dir, progress=False, shared_reads=shared)
+    target = load_model(target_dir, progress=False)
+    want = first_layers(target.model, 2)
+    assert draft.config.num_layers == 2
+    for (n1, p1), (n2, p2) in zip(draft.model.state_dict().items(), want.state_dict().items(), strict=True):
+        assert n1 == n2 and torch.equal(p1, p2)
+    assert len(shared.files) == 1 and shared.nbytes() > 0 and sorted(reads) == [LAYERS_SHARD, LAYERS_SHARD, SHARED_SHARD, SHARED_SHARD]
+
+    reads.clear()
+    host = loader.read_weights_to_host(target_dir, shared_reads=shared)
+    assert reads == [LAYERS_SHARD] and shared.reused_bytes == shared.nbytes()  # from the draft's read
+    plain = loader.read_weights_to_host(target_dir)
+    assert host.keys() == plain.keys() and all(torch.equal(host[k], plain[k]) for k in plain)
+
+    st = (target_dir / SHARED_SHARD).stat()
+    os.utime(target_dir / SHARED_SHARD, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    reads.clear()
+    loader.read_weights_to_host(target_dir, shared_reads=shared)
+    assert sorted(reads) == [LAYERS_SHARD, SHARED_SHARD]  # changed on disk since: read again
+
+    with pytest.raises(ValueError, match="not BF16"):  # a linked shard cannot change dtype
+        copy_layers(target_dir, tmp_path / "d", [0], dtype=torch.bfloat16, share_with_target=True)
 
 
 def test_build_is_atomic_and_marker_checks_recipe(tmp_path):

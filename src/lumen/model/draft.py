@@ -12,6 +12,7 @@ and holds exactly the values the fp16 linears will use.
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .loader import INDEX, LAYERS_SHARD, SHARED_SHARD, is_layer_tensor, write_shards, write_split
 from .quant import QUANT_KEY, SCHEMES
 
 # 3: fp16 copy + "lumen_quantization" (was: bf16 copy without layer 5)
@@ -31,29 +33,78 @@ def load_recipe() -> dict:
     return json.loads(resources.files("lumen.model").joinpath("data", RECIPE_FILE).read_text())
 
 
+def _weight_map(model_dir: Path) -> dict[str, str]:
+    """tensor name -> file name of an HF directory (one file or an index of shards)."""
+    index = model_dir / INDEX
+    if index.is_file():
+        return json.loads(index.read_text())["weight_map"]
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        return dict.fromkeys(f.keys(), "model.safetensors")
+
+
+def split_shared_shard(model_dir: Path) -> None:
+    """Rewrite a one-file HF directory as two shards, SHARED_SHARD (every tensor outside the layers)
+    and LAYERS_SHARD, with an index: a self-draft can then link the first instead of copying it.
+    A directory that has SHARED_SHARD already is left as it is."""
+    if (model_dir / SHARED_SHARD).is_file():
+        return
+    src = model_dir / "model.safetensors"
+    with safe_open(str(src), framework="pt") as f:
+        write_split(model_dir, {key: f.get_tensor(key) for key in f.keys()})
+    src.unlink()
+
+
 def copy_layers(target_dir: Path, out: Path, layers: list[int], dtype: torch.dtype = torch.float32,
-                name: str | None = None, quantization: str | None = None) -> None:
+                name: str | None = None, quantization: str | None = None, share_with_target: bool = False) -> None:
     """Write a copy of an HF Llama/Qwen3 dir keeping only `layers` (renumbered 0..) + embeddings,
     final norm and head, with tensors cast to `dtype`; tokenizer files are copied along.
-    `quantization`: recorded in config.json for the loader to apply (lumen.model.quant)."""
+    `quantization`: recorded in config.json for the loader to apply (lumen.model.quant).
+
+    `share_with_target` (a self-draft: the target's first layers): the embedding, norm and head are
+    not copied but linked, the draft's SHARED_SHARD being a relative symlink to the target's (the
+    target is split into two shards first if it is one file). A worker that loads the draft and
+    then the target, as a restarted one does (mechanism 3), reads those bytes once
+    (`lumen.model.loader.read_weights_to_host`, `shared_reads`). They must be the target's own
+    values: `dtype` must be the target's and there is no quantization."""
     if quantization is not None and quantization not in SCHEMES:
         raise ValueError(f"unknown quantization {quantization!r}; known: {', '.join(SCHEMES)}")
     cfg = json.loads((target_dir / "config.json").read_text())
     n = int(cfg["num_hidden_layers"])
     if not layers or sorted(set(layers)) != list(layers) or layers[-1] >= n or layers[0] < 0:
         raise ValueError(f"layers must be increasing indices below {n}, got {layers}")
+    if share_with_target:
+        if quantization is not None:
+            raise ValueError("a draft that shares the target's tensors cannot be quantized")
+        split_shared_shard(target_dir)
     remap = {f"model.layers.{src}.": f"model.layers.{dst}." for dst, src in enumerate(layers)}
-    state = {}
-    with safe_open(str(target_dir / "model.safetensors"), framework="pt") as f:
-        for key in f.keys():
-            if key.startswith("model.layers."):
-                prefix = ".".join(key.split(".")[:3]) + "."
-                if prefix not in remap:
-                    continue
-                state[remap[prefix] + key[len(prefix):]] = f.get_tensor(key).to(dtype)
-            else:
-                state[key] = f.get_tensor(key).to(dtype)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    state, shared_dtypes = {}, set()
+    by_file: dict[str, list[str]] = {}
+    for key, fname in _weight_map(target_dir).items():
+        by_file.setdefault(fname, []).append(key)
+    for fname, keys in sorted(by_file.items()):
+        with safe_open(str(target_dir / fname), framework="pt") as f:
+            for key in keys:
+                if is_layer_tensor(key):
+                    prefix = ".".join(key.split(".")[:3]) + "."
+                    if prefix in remap:
+                        state[remap[prefix] + key[len(prefix):]] = f.get_tensor(key).to(dtype)
+                elif share_with_target:
+                    shared_dtypes.add(f.get_slice(key).get_dtype())
+                else:
+                    state[key] = f.get_tensor(key).to(dtype)
+    if share_with_target:
+        want = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
+        if shared_dtypes != {want}:
+            raise ValueError(f"the target's shared tensors are {sorted(shared_dtypes)}, not {want}: "
+                             "a linked shard would not hold the draft's dtype")
+        (out / SHARED_SHARD).unlink(missing_ok=True)
+        (out / SHARED_SHARD).symlink_to(Path(os.path.relpath(target_dir / SHARED_SHARD, out)))
+        write_shards(out, {LAYERS_SHARD: state})
+        index = json.loads((out / INDEX).read_text())
+        index["weight_map"].update(dict.fromkeys(by_file[SHARED_SHARD], SHARED_SHARD))
+        (out / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+    else:
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg["num_hidden_layers"] = len(layers)
     cfg["_name_or_path"] = name or out.name
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")

@@ -81,11 +81,35 @@ def _progress(total: int, desc: str, enabled: bool) -> Iterator:
         yield lambda _name: bar.advance(task)
 
 
+@dataclass
+class SharedReads:
+    """Safetensors files one load read for two models (see `read_weights_to_host`): the file's
+    identity -> its tensors, and the bytes a later read took from here instead of the disk."""
+
+    files: dict[tuple[str, int, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+    reused_bytes: int = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for got in self.files.values() for t in got.values())
+
+
+def _file_identity(f: Path) -> tuple[str, int, int]:
+    """The file behind f (links followed) and its size and mtime: equal only for the same bytes
+    on disk, unchanged since they were read."""
+    st = f.stat()
+    return str(f.resolve()), st.st_size, st.st_mtime_ns
+
+
 def read_weights_to_host(path: str | Path, dtype: torch.dtype = torch.float32, pin: bool = False,
-                         progress: bool = False, config: ModelConfig | None = None) -> HostState:
+                         progress: bool = False, config: ModelConfig | None = None,
+                         shared_reads: SharedReads | None = None) -> HostState:
     """Disk -> host phase: read the safetensors of an HF directory; Decoder name -> host tensor.
 
-    Always reads the files (no in-process cache): recovery reloads must pay the real disk cost.
+    Reads the files (no cache across loads): recovery reloads must pay the real disk cost. The one
+    exception is `shared_reads`, the files one load read for two models: a self-draft's shard that
+    is a link to its target's shard (`lumen.model.draft.copy_layers(share_with_target=True)`) is
+    recorded there when the draft is read, and the target read that follows in the same recovery
+    takes those tensors instead of reading the same file again (same resolved file, size and mtime).
     With `pin` (a CUDA destination) the files are read into page-locked buffers and fused
     parameters stay as their parts (a tuple), assembled on the device by `build_model_from_host`
     with no host-side copy; otherwise they are assembled into `dtype` host tensors here.
@@ -94,7 +118,15 @@ def read_weights_to_host(path: str | Path, dtype: torch.dtype = torch.float32, p
     cfg = config or read_config(path)
     tensors: dict[str, torch.Tensor] = {}
     for f in _weight_files(path):
-        tensors.update(read_safetensors(f, pin=pin))
+        key = _file_identity(f) if shared_reads is not None else None
+        got = shared_reads.files.get(key) if key is not None else None
+        if got is None:
+            got = read_safetensors(f, pin=pin)
+            if key is not None and Path(key[0]).parent != path.resolve():  # a link out of this dir
+                shared_reads.files[key] = got
+        else:
+            shared_reads.reused_bytes += sum(t.numel() * t.element_size() for t in got.values())
+        tensors.update(got)
 
     def get(name: str) -> torch.Tensor:
         if name not in tensors:
@@ -183,8 +215,9 @@ def random_model(config: ModelConfig, device: str | torch.device = "cpu", dtype:
 # ---------------------------------------------------------------- public entry points
 
 def load_model(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               progress: bool = True) -> LoadedModel:
-    """spec: an HF directory, "preset:NAME", "default" or "default-draft"."""
+               progress: bool = True, shared_reads: SharedReads | None = None) -> LoadedModel:
+    """spec: an HF directory, "preset:NAME", "default" or "default-draft". `shared_reads`: see
+    `read_weights_to_host`."""
     spec_s = str(spec)
     if spec_s.startswith("preset:"):
         name = spec_s.split(":", 1)[1]
@@ -207,7 +240,7 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu", dtype: torc
     t0 = time.perf_counter()
     # page-locked for a CUDA destination: pageable host -> device copies run several times slower
     host = read_weights_to_host(path, dtype=dtype, progress=progress, config=cfg,
-                                pin=torch.device(device).type == "cuda")
+                                pin=torch.device(device).type == "cuda", shared_reads=shared_reads)
     t1 = time.perf_counter()
     model = build_model_from_host(cfg, host, device, dtype)
     del host  # the quantized linears below replace these tensors: let them go
@@ -222,14 +255,43 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "chat_template.jinja", "generation_config.json")
 
 
+SHARED_SHARD = "model-shared.safetensors"  # the tensors outside the layers (embedding, norm, head)
+LAYERS_SHARD = "model-layers.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def is_layer_tensor(hf_name: str) -> bool:
+    return hf_name.startswith("model.layers.")
+
+
+def write_shards(directory: Path, shards: dict[str, dict[str, torch.Tensor]]) -> None:
+    """file name -> its tensors (HF names), written with the index that maps them."""
+    for fname, state in shards.items():
+        save_file(state, str(directory / fname), metadata={"format": "pt"})
+    weight_map = {key: fname for fname, state in shards.items() for key in state}
+    (directory / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1) + "\n")
+
+
+def write_split(directory: Path, hf_state: dict[str, torch.Tensor]) -> None:
+    """hf_state as two shards, SHARED_SHARD and LAYERS_SHARD: a self-draft can link the first
+    (lumen.model.draft.copy_layers(share_with_target=True))."""
+    write_shards(directory, {SHARED_SHARD: {k: v for k, v in hf_state.items() if not is_layer_tensor(k)},
+                             LAYERS_SHARD: {k: v for k, v in hf_state.items() if is_layer_tensor(k)}})
+
+
 def save_model(model: Decoder, config: ModelConfig, directory: str | Path,
-               tokenizer_dir: str | Path | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write an HF-compatible directory: config.json + model.safetensors (+ tokenizer files copied)."""
+               tokenizer_dir: str | Path | None = None, dtype: torch.dtype | None = None,
+               split_shared: bool = False) -> Path:
+    """Write an HF-compatible directory: config.json + model.safetensors (+ tokenizer files copied);
+    with `split_shared`, the weights as `write_split` shards instead of one file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype or v.dtype) for k, v in model.state_dict().items()}
     hf = to_hf_state(config, state)
-    save_file(hf, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    if split_shared:
+        write_split(directory, hf)
+    else:
+        save_file(hf, str(directory / "model.safetensors"), metadata={"format": "pt"})
     d = config.to_hf()
     d["torch_dtype"] = str(next(iter(hf.values())).dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(d, indent=2) + "\n")

@@ -19,7 +19,7 @@ import torch
 from ..engine import SamplingParams
 from ..engine.draft import DraftProposer
 from ..engine.sequence import Sequence
-from ..model.loader import load_model
+from ..model.loader import SharedReads, load_model
 from .transport import frame_ints, ints_frame
 
 if TYPE_CHECKING:
@@ -121,8 +121,13 @@ class Drafter:
     def __init__(self, worker: Worker, draft_spec: str, k: int, max_ahead: int = 12):
         self.worker, self.k = worker, k
         self.max_ahead = max(max_ahead, k)
-        loaded = load_model(draft_spec, device=worker.device, dtype=worker.dtype, progress=False)
+        # the draft's files that are links to the target's (a self-draft's embedding and head): the
+        # target read that follows takes them from here instead of reading them again
+        self.shared_reads = SharedReads()
+        loaded = load_model(draft_spec, device=worker.device, dtype=worker.dtype, progress=False,
+                            shared_reads=self.shared_reads)
         self.load_phases = {f"draft_{k}": v for k, v in loaded.phases.items()}
+        self.load_phases["draft_shared_bytes"] = self.shared_reads.nbytes()
         self.config = loaded.config
         block = worker.args.block_size
         num_blocks = max(256, (worker.args.num_blocks or 0) // 2, 4 * (self.config.max_position // block + 1))

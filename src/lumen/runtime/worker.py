@@ -29,7 +29,7 @@ from ..engine import Engine, EngineConfig, KVPage, SamplingParams
 from ..engine.kv_pages import TAG_BYTES
 from ..engine.model_runner import SHORT_MAX
 from ..engine.profile import StepLog
-from ..model.loader import build_model_from_host, read_config, read_weights_to_host
+from ..model.loader import SharedReads, build_model_from_host, read_config, read_weights_to_host
 from ..policy import WorkerState, features
 from .assist import Drafter, Verifier
 from .ckpt_store import CheckpointStore
@@ -366,10 +366,11 @@ class Worker:
         self.drafter = Drafter(self, self.args.draft_model, k=self.args.spec_k)
         t_draft = time.monotonic() - t0
         loaded: dict = {}
+        shared_reads = self.drafter.shared_reads
 
         def load_target():
             try:
-                loaded["state"] = self._read_target()
+                loaded["state"] = self._read_target(shared_reads)
                 loaded["disk_to_host_s"] = time.monotonic() - t0
             except BaseException as e:  # raised again on the main thread below
                 loaded["error"] = e
@@ -395,14 +396,17 @@ class Worker:
         stats = self.drafter.stats() if self.drafter else {}
         self.drafter = None  # release the draft before the target lands on the device
         self._set_state(WorkerState.SWITCHING, draft_load_s=t_draft, assist_s=t1 - t0,
-                        disk_to_host_s=loaded.get("disk_to_host_s", 0.0), **stats)
+                        disk_to_host_s=loaded.get("disk_to_host_s", 0.0),
+                        target_reused_bytes=shared_reads.reused_bytes, **stats)
         self._serve(loaded["state"])
 
-    def _read_target(self) -> dict:
+    def _read_target(self, shared_reads: SharedReads | None = None) -> dict:
+        """The target's weights on the host (pinned for a GPU: host -> device copies at full
+        bandwidth); files the draft just read for this same load (`shared_reads`) are not read twice."""
         if self.epoch > 1:
             _injected_slow_disk()  # before the read: as on a slow disk, the weights exist only once read
-        # pinned for a GPU: host -> device copies at full bandwidth
-        return read_weights_to_host(self.model_dir, dtype=self.dtype, pin=self.device.startswith("cuda"))
+        return read_weights_to_host(self.model_dir, dtype=self.dtype, pin=self.device.startswith("cuda"),
+                                    shared_reads=shared_reads)
 
     def _serve(self, host_state: dict, **phases) -> None:
         """Both load paths end here, still SWITCHING: host -> device, warm-up, then SERVING."""
