@@ -77,19 +77,64 @@ def test_a_self_draft_linked_to_its_target_is_read_once_for_both(tmp_path, monke
     assert len(shared.files) == 1 and shared.nbytes() > 0 and sorted(reads) == [LAYERS_SHARD, LAYERS_SHARD, SHARED_SHARD, SHARED_SHARD]
 
     reads.clear()
+    held = shared.nbytes()
     host = loader.read_weights_to_host(target_dir, shared_reads=shared)
-    assert reads == [LAYERS_SHARD] and shared.reused_bytes == shared.nbytes()  # from the draft's read
+    assert reads == [LAYERS_SHARD] and shared.reused_bytes == held  # from the draft's read
+    assert shared.files == {}  # given once: nothing more is held
     plain = loader.read_weights_to_host(target_dir)
     assert host.keys() == plain.keys() and all(torch.equal(host[k], plain[k]) for k in plain)
 
+    shared = loader.SharedReads()
+    load_model(draft_dir, progress=False, shared_reads=shared)
     st = (target_dir / SHARED_SHARD).stat()
-    os.utime(target_dir / SHARED_SHARD, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    os.utime(target_dir / SHARED_SHARD, ns=(st.st_atime_ns, st.st_mtime_ns))  # same times, new ctime
     reads.clear()
     loader.read_weights_to_host(target_dir, shared_reads=shared)
-    assert sorted(reads) == [LAYERS_SHARD, SHARED_SHARD]  # changed on disk since: read again
+    assert sorted(reads) == [LAYERS_SHARD, SHARED_SHARD]  # touched on disk since: read again
 
     with pytest.raises(ValueError, match="not BF16"):  # a linked shard cannot change dtype
         copy_layers(target_dir, tmp_path / "d", [0], dtype=torch.bfloat16, share_with_target=True)
+
+
+def test_linked_self_draft_layouts_and_refusals(tmp_path):
+    """The link holds through a symlinked directory; a refused copy leaves the target as it was;
+    a directory re-used for the other layout loads the new weights; a target sharded another way
+    is refused; a split cut short before removing the one file is finished."""
+    from lumen.model.draft import SHARED_SHARD, split_shared_shard
+
+    cfg = PRESETS["tiny"]  # untied: the head is in the shared shard too
+    target_dir = save_model(random_model(cfg, seed=6), cfg, tmp_path / "real" / "t")
+    with pytest.raises(ValueError, match="not BF16"):
+        copy_layers(target_dir, tmp_path, [0], dtype=torch.bfloat16, share_with_target=True)
+    assert [p.name for p in target_dir.glob("*.safetensors")] == ["model.safetensors"]  # untouched
+
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    (tmp_path / "via").symlink_to(tmp_path / "deep" / "er")  # not as deep as it looks
+    draft_dir = tmp_path / "via" / "d"
+    draft_dir.mkdir()
+    copy_layers(target_dir, draft_dir, [1], share_with_target=True)
+    target = load_model(target_dir, progress=False).model
+    layer1 = dict(target.layers[1].named_parameters())
+
+    def draft_layer0():
+        return dict(load_model(draft_dir, progress=False).model.layers[0].named_parameters())
+
+    assert all(torch.equal(p, layer1[n]) for n, p in draft_layer0().items())
+    copy_layers(target_dir, draft_dir, [0])  # the same directory, one file now
+    layer0 = dict(target.layers[0].named_parameters())
+    assert all(torch.equal(p, layer0[n]) for n, p in draft_layer0().items())
+
+    save_model(random_model(cfg, seed=6), cfg, target_dir, split_shared=True)  # leave a stray one file
+    torch.save({}, target_dir / "model.safetensors")
+    split_shared_shard(target_dir)
+    assert not (target_dir / "model.safetensors").exists()
+
+    index = json.loads((target_dir / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = "model-layers.safetensors"
+    (target_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="not as write_split does"):
+        copy_layers(target_dir, tmp_path / "real", [0], share_with_target=True)
+    assert (target_dir / SHARED_SHARD).is_file()
 
 
 def test_build_is_atomic_and_marker_checks_recipe(tmp_path):

@@ -42,16 +42,30 @@ def _weight_map(model_dir: Path) -> dict[str, str]:
         return dict.fromkeys(f.keys(), "model.safetensors")
 
 
+_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _is_split(model_dir: Path, weight_map: dict[str, str]) -> bool:
+    """Whether the directory's index puts every tensor outside the layers, and only those, in
+    SHARED_SHARD (raises for an index that does not: a sharded checkpoint of another layout)."""
+    if not (model_dir / INDEX).is_file():
+        return False
+    shared = {k for k, f in weight_map.items() if f == SHARED_SHARD}
+    if shared != {k for k in weight_map if not is_layer_tensor(k)}:
+        raise ValueError(f"{model_dir}: sharded, but not as write_split does (every tensor outside the "
+                         f"layers, and only those, in {SHARED_SHARD}): its draft cannot link them")
+    return True
+
+
 def split_shared_shard(model_dir: Path) -> None:
-    """Rewrite a one-file HF directory as two shards, SHARED_SHARD (every tensor outside the layers)
-    and LAYERS_SHARD, with an index: a self-draft can then link the first instead of copying it.
-    A directory that has SHARED_SHARD already is left as it is."""
-    if (model_dir / SHARED_SHARD).is_file():
+    """Rewrite a one-file HF directory as `write_split` shards with an index (each written aside and
+    renamed in, the index last, the one file removed after): a self-draft can then link the shared
+    shard. A directory split already is left as it is."""
+    if _is_split(model_dir, _weight_map(model_dir)):
+        (model_dir / "model.safetensors").unlink(missing_ok=True)  # left by a split cut short
         return
-    src = model_dir / "model.safetensors"
-    with safe_open(str(src), framework="pt") as f:
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
         write_split(model_dir, {key: f.get_tensor(key) for key in f.keys()})
-    src.unlink()
 
 
 def copy_layers(target_dir: Path, out: Path, layers: list[int], dtype: torch.dtype = torch.float32,
@@ -62,24 +76,38 @@ def copy_layers(target_dir: Path, out: Path, layers: list[int], dtype: torch.dty
 
     `share_with_target` (a self-draft: the target's first layers): the embedding, norm and head are
     not copied but linked, the draft's SHARED_SHARD being a relative symlink to the target's (the
-    target is split into two shards first if it is one file). A worker that loads the draft and
-    then the target, as a restarted one does (mechanism 3), reads those bytes once
-    (`lumen.model.loader.read_weights_to_host`, `shared_reads`). They must be the target's own
-    values: `dtype` must be the target's and there is no quantization."""
+    target, if it is one file, is split into `write_split` shards first: it must be writable). A
+    worker that loads the draft and then the target, as a restarted one does (mechanism 3), reads
+    those bytes once (`lumen.model.loader.read_weights_to_host`, `shared_reads`). They must be the
+    target's own values: `dtype` must be the target's and there is no quantization."""
     if quantization is not None and quantization not in SCHEMES:
         raise ValueError(f"unknown quantization {quantization!r}; known: {', '.join(SCHEMES)}")
     cfg = json.loads((target_dir / "config.json").read_text())
     n = int(cfg["num_hidden_layers"])
     if not layers or sorted(set(layers)) != list(layers) or layers[-1] >= n or layers[0] < 0:
         raise ValueError(f"layers must be increasing indices below {n}, got {layers}")
-    if share_with_target:
+    weight_map = _weight_map(target_dir)
+    if share_with_target:  # everything checked before the target is touched
         if quantization is not None:
             raise ValueError("a draft that shares the target's tensors cannot be quantized")
+        if dtype not in _SAFETENSORS_DTYPE:
+            raise ValueError(f"a shared draft is stored as float32, bfloat16 or float16, not {dtype}")
+        want, found = _SAFETENSORS_DTYPE[dtype], set()
+        if not _is_split(target_dir, weight_map) and "model.safetensors" not in set(weight_map.values()):
+            raise ValueError(f"{target_dir}: neither one file nor split by write_split")
+        for fname in set(weight_map.values()):
+            with safe_open(str(target_dir / fname), framework="pt") as f:
+                found |= {f.get_slice(k).get_dtype() for k, g in weight_map.items() if g == fname
+                          and not is_layer_tensor(k)}
+        if found != {want}:
+            raise ValueError(f"the target's shared tensors are {sorted(found)}, not {want}: "
+                             "a linked shard would not hold the draft's dtype")
         split_shared_shard(target_dir)
+        weight_map = _weight_map(target_dir)
     remap = {f"model.layers.{src}.": f"model.layers.{dst}." for dst, src in enumerate(layers)}
-    state, shared_dtypes = {}, set()
+    state = {}
     by_file: dict[str, list[str]] = {}
-    for key, fname in _weight_map(target_dir).items():
+    for key, fname in weight_map.items():
         by_file.setdefault(fname, []).append(key)
     for fname, keys in sorted(by_file.items()):
         with safe_open(str(target_dir / fname), framework="pt") as f:
@@ -88,22 +116,17 @@ def copy_layers(target_dir: Path, out: Path, layers: list[int], dtype: torch.dty
                     prefix = ".".join(key.split(".")[:3]) + "."
                     if prefix in remap:
                         state[remap[prefix] + key[len(prefix):]] = f.get_tensor(key).to(dtype)
-                elif share_with_target:
-                    shared_dtypes.add(f.get_slice(key).get_dtype())
-                else:
+                elif not share_with_target:
                     state[key] = f.get_tensor(key).to(dtype)
     if share_with_target:
-        want = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
-        if shared_dtypes != {want}:
-            raise ValueError(f"the target's shared tensors are {sorted(shared_dtypes)}, not {want}: "
-                             "a linked shard would not hold the draft's dtype")
-        (out / SHARED_SHARD).unlink(missing_ok=True)
-        (out / SHARED_SHARD).symlink_to(Path(os.path.relpath(target_dir / SHARED_SHARD, out)))
-        write_shards(out, {LAYERS_SHARD: state})
-        index = json.loads((out / INDEX).read_text())
-        index["weight_map"].update(dict.fromkeys(by_file[SHARED_SHARD], SHARED_SHARD))
-        (out / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+        link = out / SHARED_SHARD
+        link.unlink(missing_ok=True)
+        # relative, from the real locations: a path through a symlinked directory must not dangle
+        link.symlink_to(os.path.relpath((target_dir / SHARED_SHARD).resolve(), out.resolve()))
+        write_shards(out, {LAYERS_SHARD: state}, linked=dict.fromkeys(by_file[SHARED_SHARD], SHARED_SHARD))
     else:
+        for stale in (INDEX, SHARED_SHARD, LAYERS_SHARD):  # an index would win over the new file
+            (out / stale).unlink(missing_ok=True)
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg["num_hidden_layers"] = len(layers)
     cfg["_name_or_path"] = name or out.name

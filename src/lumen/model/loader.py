@@ -26,6 +26,15 @@ HostState = dict[str, "torch.Tensor | tuple[torch.Tensor, ...]"]
 
 PRESET_SEED = 1234
 
+# a model written as two shards (write_split), so that a self-draft can link the first
+SHARED_SHARD = "model-shared.safetensors"  # the tensors outside the layers (embedding, norm, head)
+LAYERS_SHARD = "model-layers.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def is_layer_tensor(hf_name: str) -> bool:
+    return hf_name.startswith("model.layers.")
+
 
 @dataclass
 class LoadedModel:
@@ -53,7 +62,7 @@ def read_config(path: str | Path) -> ModelConfig:
 
 
 def _weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
+    index = path / INDEX
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         files = [path / n for n in names]
@@ -84,20 +93,21 @@ def _progress(total: int, desc: str, enabled: bool) -> Iterator:
 @dataclass
 class SharedReads:
     """Safetensors files one load read for two models (see `read_weights_to_host`): the file's
-    identity -> its tensors, and the bytes a later read took from here instead of the disk."""
+    identity -> its tensors (until a later read takes them), and the bytes such reads took from
+    here instead of the disk."""
 
-    files: dict[tuple[str, int, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+    files: dict[tuple, dict[str, torch.Tensor]] = field(default_factory=dict)
     reused_bytes: int = 0
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for got in self.files.values() for t in got.values())
 
 
-def _file_identity(f: Path) -> tuple[str, int, int]:
-    """The file behind f (links followed) and its size and mtime: equal only for the same bytes
-    on disk, unchanged since they were read."""
+def _file_identity(f: Path) -> tuple:
+    """The file behind f (links followed): path, device, inode, size, mtime and ctime (which no
+    tool sets back), equal only for the same file unchanged since it was read."""
     st = f.stat()
-    return str(f.resolve()), st.st_size, st.st_mtime_ns
+    return str(f.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def read_weights_to_host(path: str | Path, dtype: torch.dtype = torch.float32, pin: bool = False,
@@ -118,8 +128,9 @@ def read_weights_to_host(path: str | Path, dtype: torch.dtype = torch.float32, p
     cfg = config or read_config(path)
     tensors: dict[str, torch.Tensor] = {}
     for f in _weight_files(path):
-        key = _file_identity(f) if shared_reads is not None else None
-        got = shared_reads.files.get(key) if key is not None else None
+        # only a linked shared shard (a self-draft's) is kept, and given once: no more is held
+        key = _file_identity(f) if shared_reads is not None and f.name == SHARED_SHARD else None
+        got = shared_reads.files.pop(key, None) if key is not None else None
         if got is None:
             got = read_safetensors(f, pin=pin)
             if key is not None and Path(key[0]).parent != path.resolve():  # a link out of this dir
@@ -255,21 +266,26 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "chat_template.jinja", "generation_config.json")
 
 
-SHARED_SHARD = "model-shared.safetensors"  # the tensors outside the layers (embedding, norm, head)
-LAYERS_SHARD = "model-layers.safetensors"
-INDEX = "model.safetensors.index.json"
+def _replace(path: Path, write) -> None:
+    """write(tmp) then rename over path: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.chmod(0o644)  # save_file creates 0600; a model directory is read by other users too
+    tmp.replace(path)
 
 
-def is_layer_tensor(hf_name: str) -> bool:
-    return hf_name.startswith("model.layers.")
-
-
-def write_shards(directory: Path, shards: dict[str, dict[str, torch.Tensor]]) -> None:
-    """file name -> its tensors (HF names), written with the index that maps them."""
+def write_shards(directory: Path, shards: dict[str, dict[str, torch.Tensor]],
+                 linked: dict[str, str] | None = None) -> None:
+    """file name -> its tensors (HF names), then the index mapping them (and `linked`: names held
+    by files written otherwise, a symlink). Each file is written aside and renamed into place, the
+    index last, and a one-file model.safetensors goes after: at every moment the directory loads
+    as the old model or the new one."""
     for fname, state in shards.items():
-        save_file(state, str(directory / fname), metadata={"format": "pt"})
-    weight_map = {key: fname for fname, state in shards.items() for key in state}
-    (directory / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1) + "\n")
+        _replace(directory / fname, lambda tmp, state=state: save_file(state, str(tmp), metadata={"format": "pt"}))
+    weight_map = {key: fname for fname, state in shards.items() for key in state} | (linked or {})
+    _replace(directory / INDEX, lambda tmp: tmp.write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1) + "\n"))
+    (directory / "model.safetensors").unlink(missing_ok=True)
 
 
 def write_split(directory: Path, hf_state: dict[str, torch.Tensor]) -> None:
@@ -291,6 +307,8 @@ def save_model(model: Decoder, config: ModelConfig, directory: str | Path,
     if split_shared:
         write_split(directory, hf)
     else:
+        for stale in (INDEX, SHARED_SHARD, LAYERS_SHARD):  # an index would win over the new file
+            (directory / stale).unlink(missing_ok=True)
         save_file(hf, str(directory / "model.safetensors"), metadata={"format": "pt"})
     d = config.to_hf()
     d["torch_dtype"] = str(next(iter(hf.values())).dtype).removeprefix("torch.")
