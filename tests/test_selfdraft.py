@@ -91,6 +91,9 @@ def test_gpu_repro_prepare_writes_a_decayed_target_and_its_draft_on_cpu(tmp_path
     drafted = load_model(draft, progress=False).model
     assert drafted.config.num_layers == 1
     assert torch.equal(drafted.layers[0].self_attn.qkv_proj.weight, reloaded.layers[0].self_attn.qkv_proj.weight)
+    # its embedding, norm and head are the target's shard, linked: a restarted worker reads them once
+    assert (draft / "model-shared.safetensors").resolve() == (target / "model-shared.safetensors").resolve()
+    assert 0 < result["draft"]["own_bytes"] < result["draft"]["bytes"]
     # prepared once: a second prepare with the same settings reuses both, other settings redo both
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
     assert json.loads(out.read_text())["target"] == result["target"]
