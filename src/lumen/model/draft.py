@@ -18,9 +18,17 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .loader import INDEX, LAYERS_SHARD, SHARED_SHARD, is_layer_tensor, write_shards, write_split
+from .loader import (
+    INDEX,
+    LAYERS_SHARD,
+    SHARED_SHARD,
+    is_layer_tensor,
+    read_weight_index,
+    write_one_file,
+    write_shards,
+    write_split,
+)
 from .quant import QUANT_KEY, SCHEMES
 
 # 3: fp16 copy + "lumen_quantization" (was: bf16 copy without layer 5)
@@ -35,9 +43,9 @@ def load_recipe() -> dict:
 
 def _weight_map(model_dir: Path) -> dict[str, str]:
     """tensor name -> file name of an HF directory (one file or an index of shards)."""
-    index = model_dir / INDEX
-    if index.is_file():
-        return json.loads(index.read_text())["weight_map"]
+    weight_map = read_weight_index(model_dir)
+    if weight_map is not None:
+        return weight_map
     with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
         return dict.fromkeys(f.keys(), "model.safetensors")
 
@@ -125,9 +133,7 @@ def copy_layers(target_dir: Path, out: Path, layers: list[int], dtype: torch.dty
         link.symlink_to(os.path.relpath((target_dir / SHARED_SHARD).resolve(), out.resolve()))
         write_shards(out, {LAYERS_SHARD: state}, linked=dict.fromkeys(by_file[SHARED_SHARD], SHARED_SHARD))
     else:
-        for stale in (INDEX, SHARED_SHARD, LAYERS_SHARD):  # an index would win over the new file
-            (out / stale).unlink(missing_ok=True)
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        write_one_file(out, state)
     cfg["num_hidden_layers"] = len(layers)
     cfg["_name_or_path"] = name or out.name
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")

@@ -61,11 +61,16 @@ def read_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_hf(d, name=path.name)
 
 
-def _weight_files(path: Path) -> list[Path]:
+def read_weight_index(path: Path) -> dict[str, str] | None:
+    """tensor name -> shard file name from a sharded directory's index; None without an index."""
     index = path / INDEX
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [path / n for n in names]
+    return json.loads(index.read_text())["weight_map"] if index.is_file() else None
+
+
+def _weight_files(path: Path) -> list[Path]:
+    weight_map = read_weight_index(path)
+    if weight_map is not None:
+        files = [path / n for n in sorted(set(weight_map.values()))]
     else:
         files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -100,7 +105,11 @@ class SharedReads:
     reused_bytes: int = 0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for got in self.files.values() for t in got.values())
+        return sum(_nbytes(got) for got in self.files.values())
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _file_identity(f: Path) -> tuple:
@@ -119,7 +128,8 @@ def read_weights_to_host(path: str | Path, dtype: torch.dtype = torch.float32, p
     exception is `shared_reads`, the files one load read for two models: a self-draft's shard that
     is a link to its target's shard (`lumen.model.draft.copy_layers(share_with_target=True)`) is
     recorded there when the draft is read, and the target read that follows in the same recovery
-    takes those tensors instead of reading the same file again (same resolved file, size and mtime).
+    takes those tensors instead of reading the same file again (the same file, unchanged: see
+    `_file_identity`).
     With `pin` (a CUDA destination) the files are read into page-locked buffers and fused
     parameters stay as their parts (a tuple), assembled on the device by `build_model_from_host`
     with no host-side copy; otherwise they are assembled into `dtype` host tensors here.
@@ -136,7 +146,7 @@ def read_weights_to_host(path: str | Path, dtype: torch.dtype = torch.float32, p
             if key is not None and Path(key[0]).parent != path.resolve():  # a link out of this dir
                 shared_reads.files[key] = got
         else:
-            shared_reads.reused_bytes += sum(t.numel() * t.element_size() for t in got.values())
+            shared_reads.reused_bytes += _nbytes(got)
         tensors.update(got)
 
     def get(name: str) -> torch.Tensor:
@@ -288,6 +298,14 @@ def write_shards(directory: Path, shards: dict[str, dict[str, torch.Tensor]],
     (directory / "model.safetensors").unlink(missing_ok=True)
 
 
+def write_one_file(directory: Path, hf_state: dict[str, torch.Tensor]) -> None:
+    """hf_state as model.safetensors; a `write_shards` layout there before is removed first (its
+    index would win over the new file)."""
+    for stale in (INDEX, SHARED_SHARD, LAYERS_SHARD):
+        (directory / stale).unlink(missing_ok=True)
+    save_file(hf_state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
 def write_split(directory: Path, hf_state: dict[str, torch.Tensor]) -> None:
     """hf_state as two shards, SHARED_SHARD and LAYERS_SHARD: a self-draft can link the first
     (lumen.model.draft.copy_layers(share_with_target=True))."""
@@ -304,12 +322,7 @@ def save_model(model: Decoder, config: ModelConfig, directory: str | Path,
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype or v.dtype) for k, v in model.state_dict().items()}
     hf = to_hf_state(config, state)
-    if split_shared:
-        write_split(directory, hf)
-    else:
-        for stale in (INDEX, SHARED_SHARD, LAYERS_SHARD):  # an index would win over the new file
-            (directory / stale).unlink(missing_ok=True)
-        save_file(hf, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (write_split if split_shared else write_one_file)(directory, hf)
     d = config.to_hf()
     d["torch_dtype"] = str(next(iter(hf.values())).dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(d, indent=2) + "\n")
