@@ -23,6 +23,10 @@ To tell where an overhead comes from, each run also reports (`engine`, `pages`):
   worker with work, the worker loop's own cost (outputs sent, pages exported, commands polled, GIL
   waits). Gaps of GAP_BUSY_S or more count as idle time, not as loop cost: that cut is the idle
   worker's poll timeout, so it also drops any stall that long (`long_gaps` counts them apart);
+- the worker loop's busy turns split into their parts (`loop`: commands polled, the step, outputs
+  sent, pages exported, stats published; microseconds per turn), and the share of the run each
+  worker's loop thread and page threads spent on a CPU: a part that grows under lumen without doing
+  more work, with page threads on a CPU, points at the GIL;
 - the engine-thread time the workers spent exporting pages (`ckpt_export_s`, per step);
 - the fate of the pages: exported by the engine, sent, refused by the sender (queue bound, holder
   not draining), accepted and rejected by the holders, and requests left unprotected.
@@ -48,6 +52,7 @@ from lumen.bench.client import ClientConfig, replay
 from lumen.bench.cluster import ClusterProcess, free_port, serve_command, wait_ready
 from lumen.metrics import tpot, ttft
 from lumen.runtime.ckpt_store import REJECT_REASONS
+from lumen.runtime.worker import LOOP_PARTS
 from lumen.workload import make_workload
 
 PAGE_STATS = ("exported_pages", "export_deferred", "pages_sent", "pages_refused", "pages_stalled",
@@ -55,6 +60,22 @@ PAGE_STATS = ("exported_pages", "export_deferred", "pages_sent", "pages_refused"
               *(f"ckpt_rejected_{r}" for r in REJECT_REASONS), "ckpt_export_s", "steps",
               "kv_tx_queued_s", "kv_tx_copy_wait_s", "kv_wait_s", "kv_tx_send_s", "kv_rx_pages",
               "kv_rx_busy_s")
+
+
+# the worker loop's busy turns by part, and CPU time of its threads (stats of every worker, summed)
+LOOP_STATS = ("loop_turns", *(f"loop_{part}_s" for part in LOOP_PARTS), "cpu_loop_s", "cpu_kv_tx_s", "cpu_kv_rx_s")
+
+
+def loop_summary(stats: dict, elapsed_s: float, workers: int) -> dict:
+    """Per busy turn of the worker loop, microseconds in each part (poll, step, outputs, export,
+    stats); and per worker, the share of the run's wall time its threads were on a CPU."""
+    turns = stats["loop_turns"]
+    out = {f"{part}_us_per_turn": 1e6 * stats[f"loop_{part}_s"] / turns if turns else None for part in LOOP_PARTS}
+    out["outside_step_us_per_turn"] = (1e6 * sum(stats[f"loop_{p}_s"] for p in LOOP_PARTS if p != "step") / turns
+                                       if turns else None)
+    for key in ("cpu_loop_s", "cpu_kv_tx_s", "cpu_kv_rx_s"):
+        out[key.replace("_s", "_share")] = stats[key] / (elapsed_s * workers) if elapsed_s else None
+    return out
 
 
 GAP_BUSY_S = 0.02  # a longer pause between two steps is a worker without work, not loop overhead
@@ -138,6 +159,7 @@ async def one_run(args, policy: str, seed: int, log_dir: Path, requests: int | N
         return sum(float(w["stats"].get(key, 0) or 0) for w in cluster["workers"])
 
     page_stats = {k: total(info, k) - total(before, k) for k in PAGE_STATS}
+    loop_stats = {k: total(info, k) - total(before, k) for k in LOOP_STATS}
     page_stats["unprotected_requests"] = info.get("unprotected_requests", 0) - before.get("unprotected_requests", 0)
     steps = page_stats.pop("steps")
     # the longest a page waited in a sender's queue, over the whole life of the workers (warm-up included)
@@ -150,7 +172,8 @@ async def one_run(args, policy: str, seed: int, log_dir: Path, requests: int | N
     return {"policy": policy, "seed": seed, "completed": len(ok), "errors": len(records) - len(ok),
             "mean_ttft_s": statistics.fmean(ttft(r) for r in ok), "mean_tpot_s": statistics.fmean(tpots),
             "ckpt_pages_sent": pages, "ckpt_bytes_sent": pages * page_bytes, "elapsed_s": elapsed,
-            "engine": step_summary(step_dir, w0, w1), "pages": page_stats}
+            "engine": step_summary(step_dir, w0, w1), "pages": page_stats,
+            "loop": loop_summary(loop_stats, elapsed, args.workers)}
 
 
 async def main_async(args) -> dict:
@@ -183,6 +206,8 @@ async def main_async(args) -> dict:
         for key in ("mean_decode_step_ms", "mean_prefill_step_ms", "mean_step_gap_ms"):
             xs = [r["engine"][key] for r in rs if r["engine"].get(key) is not None]
             summary[label][key] = statistics.fmean(xs) if xs else None
+        summary[label]["loop"] = {k: statistics.fmean(r["loop"][k] for r in rs) if all(r["loop"][k] is not None for r in rs)
+                                  else None for k in rs[0]["loop"]}
 
     def per_repeat(label: str) -> list[dict]:
         """Per repeat (same seed, the same few minutes): the arm over stop-restart."""

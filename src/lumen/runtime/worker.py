@@ -158,6 +158,20 @@ def trim_stats(stats: dict, limit: int) -> dict:
 HB_WATCHDOG_ENV = "LUMEN_HB_WATCHDOG"  # "0": no stack dump when the heartbeat thread stalls
 HB_LATE_WINDOW_S = 30.0  # hb_late_max_ms is the max over this window (outlives a 15 s Prometheus scrape)
 HB_DUMP_EVERY_S = 10.0  # at most one watchdog stack dump per this many seconds
+STATS_EVERY_S = 0.01  # the published stats are at most this old when a heartbeat reads them
+LOOP_PARTS = ("poll", "step", "outputs", "export", "stats")  # Worker.loop_s after its turn count
+
+
+def _thread_cpu_s(thread: threading.Thread) -> float:
+    """CPU seconds a running thread of this process has used (0 once it ended: its id is stale)."""
+    if not thread.is_alive() or thread.ident is None:
+        return 0.0
+    try:
+        return round(time.clock_gettime(time.pthread_getcpuclockid(thread.ident)), 3)
+    except OSError:
+        return 0.0
+
+
 HB_OWN_STATS = ("loop_age_s", "hb_late_max_ms")  # what the heartbeat thread adds to the published stats
 
 
@@ -297,11 +311,15 @@ class Worker:
         self.running = True
         self.counters = {"restored_requests": 0, "restored_pages": 0, "bad_commands": 0, "ckpt_export_s": 0.0}
         self._last_ckpt_report = 0.0
+        self._stats_at = -STATS_EVERY_S
         # --ckpt-export-interval-ms: when the pages due in the engine go out (None: none due since the last export)
         self._export_at: float | None = None
         self._export_interval_s = max(0.0, args.ckpt_export_interval_ms) / 1e3
         self._clock = time.monotonic  # the interval's clock (tests replace it)
         self._restoring: set[str] = set()  # restored requests whose store pages the engine may still read
+        # busy turns of the engine loop and their seconds by part: commands polled, the step, its
+        # outputs sent, pages exported, stats published (what the time between steps is made of)
+        self.loop_s = [0, 0.0, 0.0, 0.0, 0.0, 0.0]
         self._store_alloc: threading.Thread | None = None
         self._store_alloc_out: dict = {}
 
@@ -439,23 +457,38 @@ class Worker:
     # ------------------------------------------------------------------ main loop
     def run(self) -> None:
         poller_timeout = 20
+        clock, spent = time.perf_counter, self.loop_s
         while self.running:
+            t0 = clock()
             self.hb.loop_at = time.monotonic()
             busy = self.engine is not None and self.engine.has_work()
             self._poll(timeout_ms=0 if busy else poller_timeout)
-            if self.engine is not None and self.engine.has_work():
+            t1 = t2 = t3 = clock()
+            stepped = self.engine is not None and self.engine.has_work()
+            if stepped:
                 if self.verifier is not None:
                     self.verifier.before_step(self.engine)
                 outputs = self.engine.step()
+                t2 = clock()
                 if self.step_log is not None:
                     self.step_log.record(self.engine)
                 self._send_outputs(outputs)
                 if self.verifier is not None:
                     self.verifier.after_step(self.engine, outputs)
+                t3 = clock()
             self._stream_pages()
+            t4 = clock()
             if self._restoring:
                 self._release_restored()
             self._publish_stats()
+            if stepped:  # where a busy turn's time goes (stats: loop_<part>_s); a few clock reads
+                t5 = clock()
+                spent[0] += 1
+                spent[1] += t1 - t0
+                spent[2] += t2 - t1
+                spent[3] += t3 - t2
+                spent[4] += t4 - t3
+                spent[5] += t5 - t4
 
     def _poll(self, timeout_ms: int) -> None:
         if self._poller is None:  # built once: this runs on every turn of the engine loop
@@ -666,6 +699,12 @@ class Worker:
 
     # ------------------------------------------------------------------ stats
     def _publish_stats(self) -> None:
+        """The stats the heartbeat carries (every hb interval, 100 ms by default): rebuilt at most
+        every STATS_EVERY_S, not on every turn of the loop (~30 us a time on the 2-core box)."""
+        now = time.monotonic()
+        if now - self._stats_at < STATS_EVERY_S:
+            return
+        self._stats_at = now
         tx = self.kv_tx
         stats = dict(self.counters, pages_sent=tx.sent, pages_refused=tx.refused, pages_stalled=tx.stalled,
                      kv_wait_s=round(tx.waited_s, 3), data_peers=self.push.num_peers,
@@ -684,9 +723,14 @@ class Worker:
         stats.update(kv_tx_queued_s=round(tx.queued_s, 3), kv_tx_queued_max_s=round(tx.queued_max_s, 3),
                      kv_tx_copy_wait_s=round(tx.copy_wait_s, 3), kv_tx_send_s=round(tx.send_s, 3),
                      kv_rx_pages=self.kv_rx.pages_in, kv_rx_busy_s=round(self.kv_rx.busy_s, 3))
+        turns, *seconds = self.loop_s
+        stats.update(loop_turns=turns, **{f"loop_{part}_s": round(t, 4) for part, t in zip(LOOP_PARTS, seconds, strict=True)})
+        # CPU time of the engine loop and of the page threads: theirs bounds what they can take from
+        # the loop through the GIL (their MACs and copies run without it)
+        stats.update(cpu_loop_s=round(time.thread_time(), 3), cpu_kv_tx_s=_thread_cpu_s(tx),
+                     cpu_kv_rx_s=_thread_cpu_s(self.kv_rx))
         stats = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
         self.hb.stats = trim_stats(stats, HB_MAX_STATS - len(HB_OWN_STATS))  # the heartbeat thread adds these
-        now = time.monotonic()
         if now - self._last_ckpt_report > 0.2:
             self._last_ckpt_report = now
             valid = {rid: self.store.contiguous_pages(rid) for rid in self.store.requests()[:MAX_CKPT_REPORT]}
