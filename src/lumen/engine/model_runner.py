@@ -128,14 +128,23 @@ class ModelRunner:
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._graph_pool = None
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # The stream every step runs on: the device's current one now (its default stream; nothing
+        # in lumen sets another around a step, and graph replays launch on it). Looked up once: on an
+        # H200, torch.cuda.current_stream() and the `with torch.cuda.stream()` context were ~70 of an
+        # export's ~256 us of engine-thread time (benchmarks/export_cost.py --profile, 2026-12-04).
+        self._main_stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        self._pool_by_block = self.kv_pool.permute(2, 0, 1, 3, 4, 5)  # [blocks, L, 2, B, nkv, hd], a view
         # Page export staging, allocated here, once: no host allocation while serving (export_slots=0:
         # no export, no ring). Pinned on CUDA, so device -> host copies are asynchronous DMAs.
         self.ring: ExportRing | None = None
+        self._ring_index_dev: torch.Tensor | None = None  # the ring's index rows, on the device
         if export_slots > 0:
             page_shape = self.kv_pool.shape[:2] + self.kv_pool.shape[3:]
             slots = ring_size(self.block_bytes, export_slot_pages, export_slots, export_ring_bytes)
             self.ring = ExportRing(page_shape, self.dtype, slots, export_slot_pages,
                                    pin=self.device.type == "cuda")
+            if self.device.type == "cuda":
+                self._ring_index_dev = torch.empty_like(self.ring.index, device=self.device)
 
     @property
     def block_bytes(self) -> int:
@@ -321,13 +330,14 @@ class ModelRunner:
 
         CPU: one copy per block into the ring (about 5x cheaper than an index gather followed by a
         permuted copy for 1.8 MB pages: 49 vs 268 us for one page, 7 vs 66 ms for 32 on the 2-core box).
-        CUDA, per ring slot: the block ids go to the device from the slot's pinned index row (not a
-        tensor built from the list: that allocates pinned memory with the GIL held), and one kernel
-        gathers the blocks on the *current* stream into a device staging buffer: ordered before any
-        later step that could rewrite them (a finished request's blocks are reused), so no step ever
-        waits for the export. The device -> pinned host copies run on a side stream that waits only
-        for the gathers; the returned event marks their end (the page sender waits for it, on its own
-        thread) and guards the slots' reuse. Nothing here blocks the host.
+        CUDA, per ring slot: the block ids go from the slot's pinned index row into the slot's row of
+        a device index (not a tensor built from the list: that allocates pinned memory with the GIL
+        held), and one kernel gathers the blocks on the steps' stream into a device staging buffer:
+        ordered before any later step that could rewrite them (a finished request's blocks are
+        reused), so no step ever waits for the export. The device -> pinned host copies run on a side
+        stream that waits only for the gathers; the returned event marks their end (the page sender
+        waits for it, on its own thread) and guards the slots' reuse, index rows included. Nothing
+        here blocks the host.
         """
         pages = StagedPages()
         if not blocks:
@@ -345,24 +355,26 @@ class ModelRunner:
                 for k, b in enumerate(part):
                     ring.pages[slot, k].copy_(pool[:, :, b])
         else:
-            cur = torch.cuda.current_stream(self.device)
-            src = self.kv_pool.permute(2, 0, 1, 3, 4, 5)
+            main, side, index_dev = self._main_stream, self._copy_stream, self._ring_index_dev
             staged = []
             for slot, _, part in parts:
                 ring.index_np[slot, :len(part)] = part
-                idx = ring.index[slot, :len(part)].to(self.device, non_blocking=True)
-                staged.append(torch.index_select(src, 0, idx))  # [n, L, 2, B, nkv, hd]
+                idx = index_dev[slot, :len(part)]
+                idx.copy_(ring.index[slot, :len(part)], non_blocking=True)
+                staged.append(torch.index_select(self._pool_by_block, 0, idx))  # [n, L, 2, B, nkv, hd]
             gathered = torch.cuda.Event()
-            gathered.record(cur)
-            s = self._copy_stream
-            s.wait_event(gathered)
-            with torch.cuda.stream(s):
+            gathered.record(main)
+            side.wait_event(gathered)
+            torch.cuda.set_stream(side)  # the copies below are enqueued on the side stream
+            try:
                 for (slot, _, part), st in zip(parts, staged, strict=True):
                     ring.pages[slot, :len(part)].copy_(st, non_blocking=True)
                 done = torch.cuda.Event()
-                done.record(s)
+                done.record(side)
+            finally:
+                torch.cuda.set_stream(main)
             for st in staged:
-                st.record_stream(s)  # allocated on `cur`, read on `s`: not reused before the copy ran
+                st.record_stream(side)  # allocated on `main`, read on `side`: not reused before the copy ran
             ring.set_event([slot for slot, _, _ in parts], done)
         for slot, lease, part in parts:
             for k in range(len(part)):
