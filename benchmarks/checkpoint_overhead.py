@@ -11,9 +11,9 @@ overhead. Then the order alternates per repeat (stop-restart, lumen, then lumen,
 with a third arm its order reversed every other repeat) so that, over an even number of repeats,
 drift of the machine hits every arm alike. Reports
 mean TTFT and TPOT of each policy, the lumen/stop-restart ratio, and the checkpoint traffic lumen
-generated (pages and bytes sent to holders, per second of the run). `--export-interval-ms X` adds a
-third arm in the same run: lumen exporting the pages gathered over X ms at once (`lumen serve
---ckpt-export-interval-ms`), against the per-step export of the brief.
+generated (pages and bytes sent to holders, per second of the run). The lumen arm exports as `lumen
+serve` does by default (at most every 100 ms); `--export-interval-ms X` adds a third arm in the same
+run, lumen with `--ckpt-export-interval-ms X` (0: after every step, the brief's rule).
 
 To tell where an overhead comes from, each run also reports (`engine`, `pages`):
 - the engine's own step time over the measured requests (LUMEN_STEP_LOG, decode-only and prefill
@@ -185,9 +185,10 @@ async def main_async(args) -> dict:
     # arm: (label, policy, extra serve arguments); every arm serves each repeat's seed, in an order
     # reversed every other repeat: over an even number of repeats each arm's mean position is the same
     arms = [("stop-restart", "stop-restart", ()), ("lumen", "lumen", ())]
-    if args.export_interval_ms:
-        arms.append((f"lumen-export-{args.export_interval_ms:g}ms", "lumen",
-                     ("--ckpt-export-interval-ms", str(args.export_interval_ms))))
+    if args.export_interval_ms is not None:
+        x = args.export_interval_ms
+        arms.append((f"lumen-export-{x:g}ms" if x else "lumen-every-step", "lumen",
+                     ("--ckpt-export-interval-ms", str(x))))
     by_repeat = []
     for rep in range(args.repeats):
         order = arm_order(arms, rep)
@@ -284,7 +285,7 @@ def engine_thread_costs(repeats: int = 5) -> dict:
 
     def worker(model, **cfg) -> tuple[Worker, object]:
         w = Worker(parse_args(["--worker-id", "0", "--epoch", "1", "--controller", "127.0.0.1:1",
-                               "--model", "unused"]))
+                               "--model", "unused", "--ckpt-export-interval-ms", "0"]))  # every turn
         w.engine = Engine(model, EngineConfig(**cfg))
         real, w.kv_tx = w.kv_tx, Count()
         return w, real
@@ -358,13 +359,13 @@ def main() -> None:
     ap.add_argument("--no-prime", dest="prime", action="store_false",
                     help=f"skip the unmeasured priming run ({PRIME_REQUESTS} requests) before the measured ones")
     ap.add_argument("--serve-args", default="", help="extra `lumen serve` arguments")
-    ap.add_argument("--export-interval-ms", type=float, default=0.0,
-                    help="also run lumen with `--ckpt-export-interval-ms` this long, as a third arm")
+    ap.add_argument("--export-interval-ms", type=float, default=None,
+                    help="also run lumen with `--ckpt-export-interval-ms` this long (0: every step), as a third arm")
     ap.add_argument("--out", default=None)
     ap.add_argument("--engine-thread", action="store_true",
                     help="only measure what checkpointing costs a worker's engine thread (no cluster)")
     args = ap.parse_args()
-    if not 0 <= args.export_interval_ms <= 10_000:
+    if args.export_interval_ms is not None and not 0 <= args.export_interval_ms <= 10_000:
         ap.error("--export-interval-ms must be between 0 and 10000")
     if args.repeats % 2 and args.repeats > 1:
         print(f"note: {args.repeats} repeats: the arms' order is balanced only over an even number", flush=True)

@@ -96,9 +96,9 @@ for step in $STEPS; do
     echo "engine benchmark exit $?"; tail -12 "$OUT/engine.log" ;;
   ckpt)
     # issue 4: checkpoint streaming overhead, failure-free, two workers on the first GPU
-    # a priming cluster, then two per repeat (three with CKPT_EXPORT_MS: lumen exporting every that many
-    # ms as well), ~50-60 s each on the H200 with the 1.7B shape
-    arms=$([ -n "${CKPT_EXPORT_MS:-}" ] && [ "$CKPT_EXPORT_MS" != 0 ] && echo 3 || echo 2)
+    # a priming cluster, then two per repeat (three with CKPT_EXPORT_MS: lumen with that export interval
+    # as well; 0: after every step), ~50-60 s each on the H200 with the 1.7B shape
+    arms=$([ -n "${CKPT_EXPORT_MS:-}" ] && echo 3 || echo 2)
     timeout -k 20 "${CKPT_TIMEOUT:-$(( 70 + 65 * arms * ${CKPT_REPEATS:-1} ))}" python3 benchmarks/checkpoint_overhead.py --model preset:qwen3-1.7b \
       --workers 2 --devices "${DEVICES%%,*}" --qps 4 --requests 100 --max-prompt 512 --max-output 256 \
       --repeats "${CKPT_REPEATS:-1}" --serve-args "--num-blocks 3000" ${CKPT_EXPORT_MS:+--export-interval-ms "$CKPT_EXPORT_MS"} \

@@ -220,7 +220,7 @@ class _Collect:
 def worker(monkeypatch):
     monkeypatch.setenv(SECRET_ENV, secret_to_hex(SECRET))
     w = Worker(parse_args(["--worker-id", "0", "--epoch", "1", "--controller", "127.0.0.1:1", "--model", "unused",
-                           "--block-size", "4"]))
+                           "--block-size", "4", "--ckpt-export-interval-ms", "0"]))  # after every step
     w.engine = Engine(random_model(PRESETS["tiny"], "cpu", torch.float32),
                       EngineConfig(num_blocks=64, block_size=4, chunk_tokens=64))
     real_tx, w.kv_tx = w.kv_tx, _Collect()
@@ -253,9 +253,9 @@ def test_worker_streams_only_protected_requests_and_all_pages_once_a_holder_arri
     assert w.counters["ckpt_export_s"] > 0
 
 
-def test_export_interval_gathers_due_pages_into_one_later_export(worker, monkeypatch):
-    """--ckpt-export-interval-ms: pages due over the interval leave together once it has passed,
-    each once and in order, as without the interval."""
+def test_export_interval_spaces_exports_and_gathers_the_pages_due_between(worker, monkeypatch):
+    """--ckpt-export-interval-ms: the first pages leave at once; pages due within the interval after
+    an export wait and leave together once it has passed, each once and in order, as without it."""
     w, eng = worker, worker.engine
     clock = [100.0]
     w._clock = lambda: clock[0]
@@ -266,14 +266,18 @@ def test_export_interval_gathers_due_pages_into_one_later_export(worker, monkeyp
     for rid in ("a", "b"):
         eng.add_request(rid, list(range(2, 15)), SamplingParams(max_tokens=30, ignore_eos=True))
         w._set_holder(rid, 1, "h" + rid, 0)
-    for _ in range(3):  # within the interval: pages fall due, none leaves
-        eng.step()
-        w._stream_pages()
-        clock[0] += 0.01
-    assert w.kv_tx.pages == [] and exports == [] and eng.has_pages_due()
-    clock[0] += 0.03  # the interval has passed since the first page fell due: one export of both
+    eng.step()  # the prefills complete 3 pages each: they leave at once
     w._stream_pages()
-    assert exports == [["a", "b"]] and not eng.has_pages_due()
+    assert exports == [["a", "b"]] and len(w.kv_tx.pages) == 6
+    for _ in range(3):  # within the interval: pages fall due, none leaves
+        clock[0] += 0.01
+        for _ in range(2):
+            eng.step()
+        w._stream_pages()
+    assert len(exports) == 1 and len(w.kv_tx.pages) == 6 and eng.has_pages_due()
+    clock[0] += 0.02  # the interval has passed since the export: one export of both
+    w._stream_pages()
+    assert exports[1:] == [["a", "b"]] and not eng.has_pages_due()
     assert [(r, i) for _, r, i in w.kv_tx.pages if r == "a"] == [("a", i) for i in range(eng._seqs["a"].num_computed_tokens // 4)]
     while eng.has_work():
         eng.step()
@@ -297,9 +301,6 @@ def test_export_interval_sends_what_the_ring_could_not_take_on_the_next_turn(wor
     eng.add_request("a", list(range(2, 27)), SamplingParams(max_tokens=2, ignore_eos=True))
     w._set_holder("a", 1, "h", 0)
     eng.step()  # the prefill fills 6 pages; the ring takes 2 per export
-    w._stream_pages()
-    assert w.kv_tx.pages == []
-    clock[0] += 0.06
     sent = []
     for _ in range(3):  # no step, no time: 2 pages per turn, in order
         w._stream_pages()

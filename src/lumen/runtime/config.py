@@ -34,7 +34,8 @@ class ClusterConfig:
     max_model_len: int = 2048
     # checkpointing
     ckpt_budget_bytes: int = 2 << 30
-    ckpt_export_interval_ms: float = 0.0     # 0: export completed pages after every engine step
+    # at most one page export per this many ms (0: after every engine step); see Worker._stream_pages
+    ckpt_export_interval_ms: float = 100.0
     kv_bytes_per_token: int = 0             # filled from the model config
     h2d_bytes_per_s: float = 10e9           # B_h2d used by placement; measured on GPU workers
     lam: float = 1.0

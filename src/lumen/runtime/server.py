@@ -47,9 +47,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="drop the model's weight files from the OS page cache before restarting a worker, so "
                         "its reload reads the disk as after a node reboot (benchmarks of reload-bound recovery)")
     p.add_argument("--ckpt-budget-gb", type=float, default=2.0, help="host memory for checkpoints, per worker")
-    p.add_argument("--ckpt-export-interval-ms", type=float, default=0.0,
-                   help="gather completed KV pages this long before exporting them together (0: after every "
-                        "engine step); fewer exports cost the engine thread less, the checkpoint lags by up to this")
+    p.add_argument("--ckpt-export-interval-ms", type=float, default=ClusterConfig.ckpt_export_interval_ms,
+                   help="export completed KV pages at most this often (0: after every engine step); fewer "
+                        "exports cost the engine thread less, the checkpoint lags by up to this")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=None, help="KV pages per worker (default: sized by the engine)")

@@ -59,8 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hb-interval", type=float, default=0.1)
     p.add_argument("--hb-misses", type=int, default=ClusterConfig.hb_misses, help="the controller's deadline in beats (sets the watchdog)")
     p.add_argument("--ckpt-budget-bytes", type=int, default=2 << 30)
-    p.add_argument("--ckpt-export-interval-ms", type=float, default=0.0,
-                   help="gather completed pages for this long before one export (0: after every step)")
+    p.add_argument("--ckpt-export-interval-ms", type=float, default=ClusterConfig.ckpt_export_interval_ms,
+                   help="export completed pages at most this often (0: after every step)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int)
     p.add_argument("--max-batch", type=int, default=512)
@@ -312,8 +312,8 @@ class Worker:
         self.counters = {"restored_requests": 0, "restored_pages": 0, "bad_commands": 0, "ckpt_export_s": 0.0}
         self._last_ckpt_report = 0.0
         self._stats_at = -STATS_EVERY_S
-        # --ckpt-export-interval-ms: when the pages due in the engine go out (None: none due since the last export)
-        self._export_at: float | None = None
+        # --ckpt-export-interval-ms: the earliest time the next export may run
+        self._next_export_at = 0.0
         self._export_interval_s = max(0.0, args.ckpt_export_interval_ms) / 1e3
         self._clock = time.monotonic  # the interval's clock (tests replace it)
         self._restoring: set[str] = set()  # restored requests whose store pages the engine may still read
@@ -439,7 +439,7 @@ class Worker:
 
     def _build_engine(self, host_state: dict) -> dict[str, float]:
         """The engine on the device from host weights; returns the seconds of its two parts."""
-        self._export_at = None  # pages of an engine that is gone
+        self._next_export_at = 0.0  # a new engine's first pages leave at once
         t = time.monotonic()
         config = read_config(self.model_dir) if host_state else None
         model = build_model_from_host(config, host_state, self.device, self.dtype)
@@ -631,23 +631,21 @@ class Worker:
         host memory is allocated for it. (Scanning every protected request instead cost 0.35 us per
         request per step on the 2-core box.)
 
-        With --ckpt-export-interval-ms > 0 the due requests are gathered for that long and exported
-        together: an export costs the engine thread ~0.2 ms per call plus ~0.015 ms per page on an
-        H200 (benchmarks/export_cost.py, 2026-12-04), so fewer, larger exports cost less, at the
-        price of a checkpoint that lags by up to the interval. Pages that did not fit in the export
-        ring keep their place: they go on the next turn, not a whole interval later.
+        --ckpt-export-interval-ms (default 100) spaces the exports at least that far apart: pages
+        due sooner after the last export wait and leave together, so a request's first page leaves at
+        once and a steady stream costs at most one export per interval. An export costs the engine
+        thread ~0.1-0.2 ms per call plus ~0.015 ms per page on an H200 (benchmarks/export_cost.py):
+        after every step (0) that was 1.2-2.3% of TPOT between steps at Qwen3-1.7B, at most 100 ms
+        apart 0.4-1.0% (docs/benchmarks.md, 2026-12-04), at the price of a checkpoint up to one interval
+        behind (at most a page or two of recompute after a failure). Pages that did not fit in the
+        export ring keep their place: they go on the next turn, not an interval later.
         """
         if self.engine is None:
             return
         if self._export_interval_s:  # the engine keeps the due requests meanwhile, in order
             now = self._clock()
-            if self._export_at is None:
-                if not self.engine.has_pages_due():
-                    return
-                self._export_at = now + self._export_interval_s
-            if now < self._export_at:
+            if now < self._next_export_at:
                 return
-            self._export_at = None
         due = self.engine.pages_due()
         if not due:
             return
@@ -659,10 +657,10 @@ class Worker:
                 self.kv_tx.submit(holders[page.req_id][1], page)
             # engine-thread time of checkpointing (stats: ckpt_export_s), to compare with step time
             self.counters["ckpt_export_s"] += time.perf_counter() - t0
-            if self._export_interval_s and self.engine.has_pages_due():
-                # pages that did not all fit in the ring (no step ran since): due at once, as the
-                # per-step path retries them on the next turn
-                self._export_at = now
+            if self._export_interval_s:
+                # pages that did not all fit in the ring (no step ran since) go on the next turn, as
+                # the per-step path retries them; otherwise the next export waits the interval
+                self._next_export_at = now if self.engine.has_pages_due() else now + self._export_interval_s
 
     # ------------------------------------------------------------------ data plane
     def _on_data(self, msg) -> None:
