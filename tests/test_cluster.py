@@ -60,6 +60,18 @@ def test_metrics_and_cluster_endpoints(cluster):
     assert {w["state"] for w in state["workers"]} == {"serving"} and state["policy"] == "stop-restart"
     # each worker's heartbeat reports its own lateness (the stall diagnostics)
     assert all(0 <= w["stats"]["hb_late_max_ms"] < 1000 * state["hb_deadline_s"] for w in state["workers"])
+    # and where its busy loop turns went: the request's steps were counted, each part is time spent
+    deadline = time.monotonic() + 5
+    while sum(w["stats"].get("loop_turns", 0) for w in state["workers"]) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        state = cluster.state()
+    parts = ("poll", "step", "outputs", "export", "stats")
+    assert sum(w["stats"]["loop_turns"] for w in state["workers"]) >= 4  # a prefill and 3 decode steps at least
+    for w in state["workers"]:
+        st = w["stats"]
+        assert all(st[f"loop_{p}_s"] >= 0 for p in parts) and st["cpu_loop_s"] > 0 and st["cpu_kv_rx_s"] >= 0
+        if st["loop_turns"]:
+            assert st["loop_step_s"] > 0
 
 
 @pytest.mark.parametrize("body,status", [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 
 import pytest
 import torch
@@ -316,3 +317,43 @@ def test_serve_rejects_a_negative_export_interval():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--ckpt-export-interval-ms must be between 0 and 10000" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_thread_cpu_time_counts_a_running_thread_and_nothing_once_it_ended():
+    from lumen.runtime.worker import _thread_cpu_s
+
+    go = threading.Event()
+
+    def spin():
+        t = time.thread_time()
+        while time.thread_time() - t < 0.05:
+            pass
+        go.wait(5)
+
+    th = threading.Thread(target=spin)
+    th.start()
+    deadline = time.monotonic() + 5
+    while _thread_cpu_s(th) < 0.05 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert 0.05 <= _thread_cpu_s(th) < 5
+    go.set()
+    th.join()
+    assert _thread_cpu_s(th) == 0.0
+
+
+def test_stats_are_rebuilt_at_most_every_few_ms_and_carry_the_loop_parts(monkeypatch):
+    from lumen.runtime.worker import LOOP_PARTS, STATS_EVERY_S
+
+    monkeypatch.setenv(SECRET_ENV, secret_to_hex(SECRET))
+    w = Worker(parse_args(["--worker-id", "0", "--epoch", "1", "--controller", "127.0.0.1:1", "--model", "unused"]))
+    with contextlib.closing(w):
+        w.loop_s[:] = [3, 0.1, 0.2, 0.3, 0.4, 0.5]
+        w._publish_stats()
+        first = w.hb.stats
+        assert first["loop_turns"] == 3 and [first[f"loop_{p}_s"] for p in LOOP_PARTS] == [0.1, 0.2, 0.3, 0.4, 0.5]
+        w.loop_s[0] = 4
+        w._publish_stats()  # within STATS_EVERY_S: not rebuilt
+        assert w.hb.stats is first
+        w._stats_at -= STATS_EVERY_S
+        w._publish_stats()
+        assert w.hb.stats["loop_turns"] == 4
