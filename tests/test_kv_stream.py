@@ -276,7 +276,7 @@ def test_export_interval_spaces_exports_and_gathers_the_pages_due_between(worker
             eng.step()
         w._stream_pages()
     assert len(exports) == 1 and len(w.kv_tx.pages) == 6 and eng.has_pages_due()
-    clock[0] += 0.02  # the interval has passed since the export: one export of both
+    clock[0] += 0.03  # the interval has passed since the export: one export of both
     w._stream_pages()
     assert exports[1:] == [["a", "b"]] and not eng.has_pages_due()
     assert [(r, i) for _, r, i in w.kv_tx.pages if r == "a"] == [("a", i) for i in range(eng._seqs["a"].num_computed_tokens // 4)]
@@ -320,11 +320,13 @@ def test_serve_rejects_a_negative_export_interval():
 
 
 def test_thread_cpu_time_counts_a_running_thread_and_nothing_once_it_ended():
+    from lumen.runtime.kv_stream import thread_cpu_clock
     from lumen.runtime.worker import _thread_cpu_s
 
     go = threading.Event()
 
     def spin():
+        threading.current_thread().cpu_clock = thread_cpu_clock()  # as the page threads do
         t = time.thread_time()
         while time.thread_time() - t < 0.05:
             pass
@@ -352,8 +354,9 @@ def test_stats_are_rebuilt_at_most_every_few_ms_and_carry_the_loop_parts(monkeyp
         first = w.hb.stats
         assert first["loop_turns"] == 3 and [first[f"loop_{p}_s"] for p in LOOP_PARTS] == [0.1, 0.2, 0.3, 0.4, 0.5]
         w.loop_s[0] = 4
-        w._publish_stats()  # within STATS_EVERY_S: not rebuilt
+        w._stats_at = time.monotonic()  # just rebuilt: not again within STATS_EVERY_S
+        w._publish_stats()
         assert w.hb.stats is first
-        w._stats_at -= STATS_EVERY_S
+        w._stats_at = time.monotonic() - STATS_EVERY_S
         w._publish_stats()
         assert w.hb.stats["loop_turns"] == 4

@@ -337,7 +337,7 @@ class ModelRunner:
         reused), so no step ever waits for the export. The device -> pinned host copies run on a side
         stream that waits only for the gathers; the returned event marks their end (the page sender
         waits for it, on its own thread) and guards the slots' reuse, index rows included. Nothing
-        here blocks the host.
+        here blocks the host. Returns with the steps' stream current.
         """
         pages = StagedPages()
         if not blocks:
@@ -356,6 +356,7 @@ class ModelRunner:
                     ring.pages[slot, k].copy_(pool[:, :, b])
         else:
             main, side, index_dev = self._main_stream, self._copy_stream, self._ring_index_dev
+            torch.cuda.set_stream(main)  # the gathers and their event on the steps' stream, whoever calls
             staged = []
             for slot, _, part in parts:
                 ring.index_np[slot, :len(part)] = part

@@ -57,6 +57,15 @@ from .transport import Codec, PullEndpoint, PushPool
 log = logging.getLogger("lumen.kv_stream")
 
 
+def thread_cpu_clock() -> int | None:
+    """The calling thread's CPU-time clock id (None where the platform has none). A page thread stores
+    its own at start, so that the worker reading it later never touches the id of an ended thread."""
+    try:
+        return time.pthread_getcpuclockid(threading.get_ident())
+    except (AttributeError, OSError):
+        return None
+
+
 def _keep(*_refs) -> None:
     """weakref.finalize callback: its arguments (a page's ring lease) live as long as the referent."""
 
@@ -149,6 +158,7 @@ class PageSender(threading.Thread):
         return False
 
     def run(self) -> None:
+        self.cpu_clock = thread_cpu_clock()  # the worker's stats read this thread's CPU time
         push = PushPool(self.ctx, self.codec)  # created here: a socket belongs to one thread
         self.pool = push  # tests read its peers
         stalled_until: dict[str, float] = {}
@@ -241,6 +251,7 @@ class PageReceiver(threading.Thread):
         self._early = keep
 
     def run(self) -> None:
+        self.cpu_clock = thread_cpu_clock()
         try:
             while not self._halt.is_set():
                 if self.endpoint.socket.poll(5 if self._early else 100, zmq.POLLIN):

@@ -30,7 +30,7 @@ from .transport import Schema
 MAX_ID = 128          # request ids are ours (short) but bound them anyway
 MAX_BATCH = 4096      # items per OUT / CKPT / MIRROR / PROPOSE message
 MAX_TOKENS = 1 << 20  # tokens of one request's context
-HB_MAX_STATS = 128  # keys per heartbeat; a worker publishes ~55 (engine, store, transport, assist counters)
+HB_MAX_STATS = 128  # keys per heartbeat; a worker publishes ~77 (engine, store, transport, loop, assist counters)
 # what the controller decides with (routing load, stall detection, spec metrics): never trimmed
 HB_DECISION_KEYS = ("num_waiting", "num_running", "q_wait_s", "kv_usage", "loop_age_s", "spec_drafts",
                     "spec_draft_tokens", "spec_accepted_tokens", "spec_acceptance", "ckpt_stored_bytes")

@@ -158,16 +158,20 @@ def trim_stats(stats: dict, limit: int) -> dict:
 HB_WATCHDOG_ENV = "LUMEN_HB_WATCHDOG"  # "0": no stack dump when the heartbeat thread stalls
 HB_LATE_WINDOW_S = 30.0  # hb_late_max_ms is the max over this window (outlives a 15 s Prometheus scrape)
 HB_DUMP_EVERY_S = 10.0  # at most one watchdog stack dump per this many seconds
-STATS_EVERY_S = 0.01  # the published stats are at most this old when a heartbeat reads them
-LOOP_PARTS = ("poll", "step", "outputs", "export", "stats")  # Worker.loop_s after its turn count
+STATS_EVERY_S = 0.01  # stats are rebuilt at the end of a loop turn at most this often (heartbeats: 0.1 s)
+# Worker.loop_s after its turn count: poll (commands, when the turn began busy), step (with the
+# verifier's hook), outputs (step log, OUT, verifier), export (_stream_pages), stats (with restores released)
+LOOP_PARTS = ("poll", "step", "outputs", "export", "stats")
 
 
 def _thread_cpu_s(thread: threading.Thread) -> float:
-    """CPU seconds a running thread of this process has used (0 once it ended: its id is stale)."""
-    if not thread.is_alive() or thread.ident is None:
+    """CPU seconds a thread of this process has used, from the clock id it stored (0 without one, or
+    once it ended; the kernel refuses a stale id that slips past the check)."""
+    clock_id = getattr(thread, "cpu_clock", None)
+    if clock_id is None or not thread.is_alive():
         return 0.0
     try:
-        return round(time.clock_gettime(time.pthread_getcpuclockid(thread.ident)), 3)
+        return round(time.clock_gettime(clock_id), 3)
     except OSError:
         return 0.0
 
@@ -464,6 +468,8 @@ class Worker:
             busy = self.engine is not None and self.engine.has_work()
             self._poll(timeout_ms=0 if busy else poller_timeout)
             t1 = t2 = t3 = clock()
+            if not busy:
+                t0 = t1  # an idle wait for work is not loop cost
             stepped = self.engine is not None and self.engine.has_work()
             if stepped:
                 if self.verifier is not None:
@@ -623,7 +629,7 @@ class Worker:
     def _stream_pages(self) -> None:
         """Hand newly completed pages of protected requests to the sender thread.
 
-        Only requests that filled a page since the last turn are looked at (`Engine.pages_due`), and
+        Only requests that filled a page since the last export are looked at (`Engine.pages_due`), and
         their pages leave in one export, as many as the engine's export ring has free slots for (the
         rest stay pending in the engine, in order, and go on a later turn); the engine copies them
         device -> host asynchronously and the sender waits for the copy, MACs and sends each page on

@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--h2d-gbps", type=float, default=26.0, help="host<->device GB/s per GPU")
     g.add_argument("--disk-gbps", type=float, default=2.0, help="SSD read GB/s per worker")
     g.add_argument("--net-gbps", type=float, default=10.0, help="checkpoint streaming Gbit/s per worker")
+    g.add_argument("--ckpt-export-interval-ms", type=float, default=100.0,
+                   help="decode pages leave at most this often, as in `lumen serve` (0: as soon as full)")
     g.add_argument("--ckpt-budget-gb", type=float, default=160.0)
     g.add_argument("--detect-s", type=float, default=0.3)
     g.add_argument("--restart-s", type=float, default=2.0)
@@ -92,7 +94,7 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
     return SimConfig(workers=a.workers, model=a.model, device=a.device, tp=a.tp, draft=a.draft,
                      alpha=a.alpha, k=a.k, chunk_tokens=a.chunk_tokens, max_batch=a.max_batch,
                      page_tokens=a.page_tokens, h2d_gbps=a.h2d_gbps, disk_gbps=a.disk_gbps,
-                     net_gbps=a.net_gbps, ckpt_budget_gb=a.ckpt_budget_gb, detect_s=a.detect_s,
+                     net_gbps=a.net_gbps, ckpt_export_interval_ms=a.ckpt_export_interval_ms, ckpt_budget_gb=a.ckpt_budget_gb, detect_s=a.detect_s,
                      restart_s=a.restart_s, lam=a.lam, draft_cached=a.draft_cached,
                      kv_tokens=a.kv_tokens, nodes=a.nodes, cost=cost)
 

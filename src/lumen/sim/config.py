@@ -30,6 +30,7 @@ class SimConfig:
     h2d_gbps: float = 26.0              # host <-> device per GPU, GB/s (restore, weight copy)
     disk_gbps: float = 2.0              # SSD read per worker, GB/s
     net_gbps: float = 10.0              # per-worker NIC for checkpoint streaming, Gbit/s
+    ckpt_export_interval_ms: float = 100.0  # exports at most this often (lumen serve's default)
     ckpt_budget_gb: float = 160.0       # host memory per worker for others' checkpoints
     detect_s: float = 0.3               # failure -> declared dead, for a crash/kill (the live system sees
                                         # one through its process sentinel; only a hang waits for the

@@ -27,7 +27,8 @@ Model of one worker (the live engine's scheduler, iteration level):
 Checkpoint streaming: when a request's prefill completes, `P.place_checkpoint` picks a holder
 and reserves s_r there (released when the request finishes, is interrupted, or its holder dies).
 The executor's NIC (`net_gbps`) is a FIFO: the prompt's full pages go first (the valid prefix
-grows linearly while they transfer), then decode pages as they fill. At a failure, the valid
+grows linearly while they transfer), then decode pages as they fill, after half an export interval
+on average (`ckpt_export_interval_ms`: the live worker exports at most that often). At a failure, the valid
 prefix of a request is the pages fully transferred by the failure time. Streaming is off the
 critical path (no step-time cost), as in the paper's measurement.
 
@@ -188,6 +189,8 @@ class Simulator:
         self.kvb = cfg.shape.kv_bytes_per_token
         self.page = cfg.page_tokens
         self.net_bw = cfg.net_gbps * 1e9 / 8.0
+        # a decode page waits for the next export: half an interval on average, exports spaced by it
+        self.export_wait_s = cfg.ckpt_export_interval_ms / 2e3
         kv_cap = cfg.kv_capacity_tokens()
         self.workers = [SimWorker(i, cfg, kv_cap) for i in range(cfg.workers)]
         # co-located interference (CPU workers sharing one host's cores and memory bandwidth): a
@@ -604,9 +607,9 @@ class Simulator:
         if t < r.ck_t1:
             pages = int((t - r.ck_t0) * self.net_bw / (page * self.kvb))
             return min(pages * page, r.ck_burst)
-        # decode pages: a page is valid once it is full and has crossed the link behind any
-        # backlog; in tokens, that lag is the page's transfer time over the step time.
-        lag_s = page * self.kvb / self.net_bw + max(0.0, w.link_free_at - t)
+        # decode pages: a page is valid once it is full, has waited for its export and has crossed
+        # the link behind any backlog; in tokens, that lag is the time over the step time.
+        lag_s = self.export_wait_s + page * self.kvb / self.net_bw + max(0.0, w.link_free_at - t)
         lag_tok = math.ceil(lag_s / w.last_dt) if w.last_dt > 0 else 0
         valid = max(r.ck_burst, (kv_now - lag_tok) // page * page)
         return max(0, min(valid, kv_now // page * page))
