@@ -30,6 +30,7 @@ from .loader import (
     write_split,
 )
 from .quant import QUANT_KEY, SCHEMES
+from .safetensors_io import DTYPE_NAMES
 
 # 3: fp16 copy + "lumen_quantization" (was: bf16 copy without layer 5)
 DRAFT_FORMAT_VERSION = 3
@@ -50,7 +51,12 @@ def _weight_map(model_dir: Path) -> dict[str, str]:
         return dict.fromkeys(f.keys(), "model.safetensors")
 
 
-_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+def _by_file(weight_map: dict[str, str]) -> dict[str, list[str]]:
+    """file name -> the tensor names it holds."""
+    by_file: dict[str, list[str]] = {}
+    for key, fname in weight_map.items():
+        by_file.setdefault(fname, []).append(key)
+    return by_file
 
 
 def _is_split(model_dir: Path, weight_map: dict[str, str]) -> bool:
@@ -98,15 +104,14 @@ def copy_layers(target_dir: Path, out: Path, layers: list[int], dtype: torch.dty
     if share_with_target:  # everything checked before the target is touched
         if quantization is not None:
             raise ValueError("a draft that shares the target's tensors cannot be quantized")
-        if dtype not in _SAFETENSORS_DTYPE:
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"a shared draft is stored as float32, bfloat16 or float16, not {dtype}")
-        want, found = _SAFETENSORS_DTYPE[dtype], set()
+        want, found = DTYPE_NAMES[dtype], set()
         if not _is_split(target_dir, weight_map) and "model.safetensors" not in set(weight_map.values()):
             raise ValueError(f"{target_dir}: neither one file nor split by write_split")
-        for fname in set(weight_map.values()):
+        for fname, keys in _by_file(weight_map).items():
             with safe_open(str(target_dir / fname), framework="pt") as f:
-                found |= {f.get_slice(k).get_dtype() for k, g in weight_map.items() if g == fname
-                          and not is_layer_tensor(k)}
+                found |= {f.get_slice(k).get_dtype() for k in keys if not is_layer_tensor(k)}
         if found != {want}:
             raise ValueError(f"the target's shared tensors are {sorted(found)}, not {want}: "
                              "a linked shard would not hold the draft's dtype")
@@ -114,9 +119,7 @@ def copy_layers(target_dir: Path, out: Path, layers: list[int], dtype: torch.dty
         weight_map = _weight_map(target_dir)
     remap = {f"model.layers.{src}.": f"model.layers.{dst}." for dst, src in enumerate(layers)}
     state = {}
-    by_file: dict[str, list[str]] = {}
-    for key, fname in weight_map.items():
-        by_file.setdefault(fname, []).append(key)
+    by_file = _by_file(weight_map)
     for fname, keys in sorted(by_file.items()):
         with safe_open(str(target_dir / fname), framework="pt") as f:
             for key in keys:

@@ -32,6 +32,7 @@ READ_THREADS = 4
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}  # torch dtype -> its name in a header
 
 
 def read_header(path: str | Path) -> tuple[dict, int]:
