@@ -476,3 +476,55 @@ def test_the_outage_ends_when_the_killed_worker_serves_again():
     kill0 = dataclasses.replace(kill, worker=0, injected_s=11.2, injected_wall=5001.0)
     both = {"workers": [{"id": 0, "phases_s": {"serving_at": 5030.0}}, back["workers"][1]]}
     assert runner_mod.outage_end([kill, kill0], both) == pytest.approx(40.2)
+
+
+def test_the_bench_flags_seeds_whose_failure_cost_no_capacity(tmp_path):
+    """Stored runs, reported with --report-only (no cluster): in seed 0 stop-restart's requests that
+    arrived while the killed worker was gone were as fast as without the failure (the survivors
+    absorbed its share, as workers sharing one device do), in seed 1 three times slower. The bench
+    warns after the table, names seed 0, and records it in results.json and runs.csv (DESIGN.md §5)."""
+    import io
+
+    from lumen.metrics import RequestRecord
+    from lumen.metrics.report import report_console
+
+    out = tmp_path / "out"
+    kill = FaultEvent("t=1s:worker=1:SIGKILL", 1.0, injected_s=1.0, injected_wall=1000.0, worker=1,
+                      signal="SIGKILL", verified=True)
+
+    def records(slow_in_outage: float) -> list[RequestRecord]:
+        recs = []
+        for i in range(60):
+            a = i * 0.1
+            t = 0.1 * (slow_in_outage if 1.0 <= a < 3.0 else 1.0)
+            recs.append(RequestRecord(i, a, a + t, a + t + 0.7, 16, 8))
+        return recs
+
+    for seed, slow in ((0, 1.0), (1, 3.0)):
+        for label, recs, events in ((NO_FAILURE, records(1.0), []), ("stop-restart", records(slow), [kill]),
+                                    ("lumen", records(1.0 + (slow - 1.0) / 4), [kill])):
+            runner_mod._save_records(out / "records" / f"{label}-seed{seed}.jsonl", recs)
+            runner_mod._save_run_meta(out, label, seed, events, 0, None, 3.0 if events else None)
+    cfg = BenchConfig(policies=["stop-restart", "lumen"], qps=10.0, requests=60, repeats=2, window=10,
+                      fail=["t=1s:worker=1:SIGKILL"], out=str(out), report_only=True, serve_cmd=["false"],
+                      quiet=True)
+    console = report_console(file=io.StringIO())
+    res = run_bench(cfg, console)
+    text = console.file.getvalue()
+    assert "outage TTFT ×" in text and "…" not in text  # the table is whole in a non-terminal
+    warning = next(line for line in text.splitlines() if line.startswith("WARNING"))
+    assert "the failure cost no capacity in seed 0 (outage TTFT × stop-restart 1.00)" in warning
+    assert "seed 1" not in text.split("WARNING", 1)[1].split("results in", 1)[0]
+    assert text.index("WARNING") > text.index("outage TTFT ×")  # after the table
+    assert res.capacity["no_capacity_loss_seeds"] == [0]
+    assert [(s.policy, s.seed, s.capacity_lost) for s in res.summaries] == [
+        (NO_FAILURE, 0, None), ("stop-restart", 0, False), ("lumen", 0, False),
+        (NO_FAILURE, 1, None), ("stop-restart", 1, True), ("lumen", 1, True)]
+    doc = json.loads((out / "results.json").read_text())
+    assert [(r["policy"], r["seed"]) for r in doc["no_capacity_loss_runs"]] == [("stop-restart", 0), ("lumen", 0)]
+    assert doc["no_capacity_loss_runs"][0]["outage_ttft_vs_baseline"] == pytest.approx(1.0)
+    check = doc["capacity_check"]
+    assert check["reference_policy"] == "stop-restart" and check["unchecked_seeds"] == []
+    assert check["seeds"][1]["outage_ttft_vs_baseline"]["stop-restart"] == pytest.approx(3.0)
+    assert [r["capacity_lost"] for r in doc["runs"]] == [None, False, False, None, True, True]
+    assert "capacity_lost" in (out / "runs.csv").read_text().splitlines()[0]

@@ -260,3 +260,142 @@ def test_reports_and_plots(tmp_path):
     assert format_ci(float("nan"), 1.0) == "-" and format_ci(1.0, float("nan")) == "1.00"
     for p in (plot_ttft_timeline(summ, tmp_path / "t.png"), plot_policy_bars(agg, tmp_path / "b.png")):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def _wide_aggregates():
+    """Every policy of the paper's comparison with four-digit P99s: the widest table a bench prints."""
+    from lumen.metrics import CI, METRICS, PolicyAggregate
+
+    def agg(policy, v):
+        return PolicyAggregate(policy, 5, 4, [0, 1, 2, 3, 4], {m: CI(v, v / 3, 5) for m in METRICS})
+
+    return [agg(NO_FAILURE, 0.0)] + [agg(p, v) for p, v in [("stop-restart", 12.345), ("fixed-ckpt", 9.87),
+                                                            ("lumen", 5.4), ("lumen-no-spec", 6.5),
+                                                            ("spec-only", 11.1)]]
+
+
+def test_the_bench_table_is_whole_when_piped(monkeypatch):
+    """Piped to a file or a CI log rich would fall back to 80 columns and cut the headers with "…";
+    report_console + print_fitted render it at its own width instead."""
+    import io
+
+    from rich.console import Console
+
+    from lumen.metrics.report import _TABLE, PIPE_WIDTH, print_fitted, report_console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    headers = ["policy", "runs rec/all", *(h for h, *_ in _TABLE)]
+    squeezed = io.StringIO()
+    Console(file=squeezed).print(render_table(_wide_aggregates()))
+    assert "…" in squeezed.getvalue()  # the problem, at rich's default 80 columns
+    for con in (report_console(file=io.StringIO()), Console(file=io.StringIO())):
+        assert not con.file.isatty()
+        print_fitted(con, render_table(_wide_aggregates()))
+        text = con.file.getvalue()
+        assert "…" not in text
+        lines = text.splitlines()
+        for h in headers + ["12345 ± 4115", "lumen-no-spec", "4/5"]:
+            assert any(h in line for line in lines), h  # on one line: neither cut nor wrapped
+        assert max(len(line) for line in lines) > 80
+    assert report_console(file=io.StringIO()).width == PIPE_WIDTH
+    # FORCE_COLOR (CI runners) makes rich call a log file a terminal; it still has no width to keep
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    con = report_console(file=io.StringIO())
+    assert con.is_terminal and con.width == PIPE_WIDTH
+    print_fitted(con, render_table(_wide_aggregates()))
+    assert "…" not in con.file.getvalue()
+
+
+def test_report_console_keeps_a_terminals_width(monkeypatch):
+    import io
+
+    from rich.text import Text
+
+    from lumen.metrics.report import print_fitted, report_console
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setenv("COLUMNS", "100")
+    tty = report_console(file=Tty())
+    assert tty.width == 100
+    print_fitted(tty, render_table(_wide_aggregates()))
+    shown = Text.from_ansi(tty.file.getvalue()).plain.splitlines()
+    assert max(len(line) for line in shown) <= 100  # a terminal is not overrun
+    assert report_console(file=io.StringIO()).width == 100  # an explicit $COLUMNS is kept for pipes too
+    assert report_console(file=io.StringIO(), width=90).width == 90
+
+
+def _capacity_runs(ratios):
+    """Synthetic failure runs: {(policy, seed): outage_ttft_vs_baseline}, plus each seed's no-failure run."""
+    base = run([1.0] * 10)
+    out = []
+    for seed in sorted({s for _, s in ratios}):
+        out.append(summarize_run(base, base, window=W, policy=NO_FAILURE, seed=seed))
+        for (policy, s), r in ratios.items():
+            if s == seed:
+                summ = summarize_run(base, base, window=W, policy=policy, seed=seed, failure_times=[3.0])
+                summ.outage_ttft_vs_baseline = r
+                out.append(summ)
+    return out
+
+
+def test_capacity_check_flags_seeds_whose_failure_cost_no_capacity(tmp_path):
+    """DESIGN.md §5: where stop-restart's outage TTFT is no worse than without the failure, the
+    survivors absorbed the dead worker's share and no recovery comparison from that seed means anything."""
+    from lumen.metrics.report import capacity_warnings
+    from lumen.metrics.summary import check_capacity
+
+    summ = _capacity_runs({("stop-restart", 0): 0.93, ("lumen", 0): 0.9, ("stop-restart", 1): 1.8,
+                           ("lumen", 1): 0.95, ("stop-restart", 2): 1.0, ("lumen", 2): 1.2})
+    check = check_capacity(summ)
+    assert check["no_capacity_loss_seeds"] == [0, 2] and check["unchecked_seeds"] == []
+    assert [(d["seed"], d["capacity_lost"], d["basis"]) for d in check["seeds"]] == [
+        (0, False, ["stop-restart"]), (1, True, ["stop-restart"]), (2, False, ["stop-restart"])]
+    assert check["no_capacity_loss_runs"] == [
+        {"policy": "stop-restart", "seed": 0, "outage_ttft_vs_baseline": 0.93},
+        {"policy": "lumen", "seed": 0, "outage_ttft_vs_baseline": 0.9},
+        {"policy": "stop-restart", "seed": 2, "outage_ttft_vs_baseline": 1.0},
+        {"policy": "lumen", "seed": 2, "outage_ttft_vs_baseline": 1.2}]
+    # every failure run carries its seed's verdict (lumen's 0.95 in seed 1 hides nothing: stop-restart lost)
+    assert [(s.policy, s.seed, s.capacity_lost) for s in summ] == [
+        (NO_FAILURE, 0, None), ("stop-restart", 0, False), ("lumen", 0, False),
+        (NO_FAILURE, 1, None), ("stop-restart", 1, True), ("lumen", 1, True),
+        (NO_FAILURE, 2, None), ("stop-restart", 2, False), ("lumen", 2, False)]
+    lines = capacity_warnings(check)
+    assert len(lines) == 1 and lines[0].startswith("[bold red]WARNING: the failure cost no capacity")
+    assert "seed 0 (outage TTFT × stop-restart 0.93)" in lines[0] and "seed 2 (" in lines[0]
+    assert "seed 1" not in lines[0] and "no_capacity_loss_runs" in lines[0]
+    rows = list(csv.DictReader(write_runs_csv(tmp_path / "runs.csv", summ).open()))
+    assert [r["capacity_lost"] for r in rows] == ["", "False", "False", "", "True", "True", "", "False", "False"]
+    doc = json.loads(write_json(tmp_path / "r.json", summ, aggregate(summ), {}, extra={
+        "no_capacity_loss_runs": check["no_capacity_loss_runs"]}).read_text())
+    assert [(r["policy"], r["seed"]) for r in doc["no_capacity_loss_runs"]][:2] == [("stop-restart", 0), ("lumen", 0)]
+    assert [r["capacity_lost"] for r in doc["runs"]][:3] == [None, False, False]
+    # all is well: no lines at all
+    assert capacity_warnings(check_capacity(_capacity_runs({("stop-restart", 0): 1.5, ("lumen", 0): 1.1}))) == []
+
+
+def test_capacity_check_without_stop_restart_or_without_an_outage():
+    from lumen.metrics.report import capacity_warnings
+    from lumen.metrics.summary import check_capacity
+
+    # stop-restart not run: the other policies judge, and the warning says so
+    check = check_capacity(_capacity_runs({("fixed-ckpt", 0): 0.97, ("lumen", 0): 0.92,
+                                           ("fixed-ckpt", 1): 1.4, ("lumen", 1): 0.99}))
+    assert [(d["seed"], d["capacity_lost"], d["basis"], d["basis_is_reference"]) for d in check["seeds"]] == [
+        (0, False, ["fixed-ckpt", "lumen"], False), (1, True, ["fixed-ckpt", "lumen"], False)]
+    red, note = capacity_warnings(check)
+    assert "seed 0 (outage TTFT × fixed-ckpt 0.97, lumen 0.92)" in red and "seed 1" not in red
+    assert note.startswith("[yellow]capacity check without stop-restart") and "seed 1: judged from" in note
+    # no outage measured (no SIGKILL, or the worker's return unknown): the check could not be made
+    check = check_capacity(_capacity_runs({("stop-restart", 0): math.nan, ("lumen", 0): math.nan}))
+    assert check["unchecked_seeds"] == [0] and check["seeds"][0]["capacity_lost"] is None
+    assert check["seeds"][0]["outage_ttft_vs_baseline"] == {"stop-restart": None, "lumen": None}
+    (line,) = capacity_warnings(check)
+    assert line.startswith("[yellow]capacity check could not be made for seed(s) 0")
+    # stop-restart's outage unknown in one seed: the others judge that seed
+    check = check_capacity(_capacity_runs({("stop-restart", 0): math.nan, ("lumen", 0): 1.3}))
+    assert check["seeds"][0]["capacity_lost"] is True and check["seeds"][0]["basis"] == ["lumen"]

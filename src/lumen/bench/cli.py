@@ -193,12 +193,12 @@ was lost, nothing differs and nothing was left behind (requests, reservations, p
 
 
 def run_chaos_cli(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from lumen.metrics.report import report_console
 
     from .chaos import ChaosConfig, run_chaos
     from .cluster import ClusterStartError
 
-    console = Console()
+    console = report_console()  # tables whole when piped, too
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
@@ -259,12 +259,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from lumen.metrics.report import report_console
 
     from .cluster import ClusterStartError
     from .faults import FaultInjectionError
 
-    console = Console()
+    console = report_console()  # tables whole when piped, too
     # One INFO line per HTTP request (httpx's default under lumen's -v/INFO logging) would bury
     # the progress bars and the table.
     for name in ("httpx", "httpcore"):

@@ -10,7 +10,11 @@ Every run gets a fresh cluster (failures must not leak from one run into the nex
 ``url`` is given: then the bench attaches to that cluster, measures whatever policy it runs,
 and waits between runs until every worker is serving again.
 
-Outputs under ``out``: results.json (meta, aggregates, per-run summaries and fault events),
+After the table the bench warns, and results.json lists under ``no_capacity_loss_runs``, the
+seeds whose failure cost no capacity (stop-restart's outage TTFT no worse than without the failure:
+the survivors absorbed the dead worker's share), from which no recovery comparison means anything.
+
+Outputs under ``out``: results.json (meta, capacity check, aggregates, per-run summaries and fault events),
 runs.csv, summary.csv, ttft_timeline.png, policies.png, records/<policy>-seed<k>.jsonl (every
 request), logs/<policy>-seed<k>.log (cluster output).
 """
@@ -45,6 +49,8 @@ from lumen.metrics import (
     write_json,
     write_runs_csv,
 )
+from lumen.metrics.report import capacity_warnings, print_fitted, report_console
+from lumen.metrics.summary import check_capacity
 from lumen.workload import RequestSpec, load_trace, make_workload
 
 from .client import ClientConfig, LoadClient, server_model
@@ -135,6 +141,7 @@ class BenchResults:
     aggregates: list[PolicyAggregate]
     files: dict[str, Path]
     meta: dict
+    capacity: dict = field(default_factory=dict)  # lumen.metrics.summary.check_capacity's result
 
 
 def _workload(cfg: BenchConfig, seed: int, qps: float) -> list[RequestSpec]:
@@ -552,9 +559,7 @@ def _summarise(cfg: BenchConfig, run: RunResult, reference: RunResult) -> RunSum
 
 
 async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
-    from rich.console import Console
-
-    console = console or Console()
+    console = console or report_console()
     plan = _validate(cfg)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(cfg.out or f"runs/bench-{stamp}")
@@ -582,6 +587,8 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
                 r.summary = _summarise(cfg, r, ref)
                 runs.append(r)
                 summaries.append(r.summary)
+    # Before anything is written: it sets each failure run's capacity_lost (DESIGN.md §5).
+    capacity = check_capacity(summaries, REFERENCE_POLICY)
     aggregates = aggregate(summaries)
     meta = {
         "config": {k: v for k, v in asdict(cfg).items() if k != "quiet"},
@@ -599,7 +606,9 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
         "recovery_definition": "lumen.metrics.recovery (DESIGN.md §6); causal_start=" + str(cfg.causal_start),
     }
     files = {
-        "json": write_json(out / "results.json", summaries, aggregates, meta),
+        "json": write_json(out / "results.json", summaries, aggregates, meta, extra={
+            "no_capacity_loss_runs": capacity["no_capacity_loss_runs"],
+            "capacity_check": {k: v for k, v in capacity.items() if k != "no_capacity_loss_runs"}}),
         "runs_csv": write_runs_csv(out / "runs.csv", summaries),
         "summary_csv": write_aggregate_csv(out / "summary.csv", aggregates),
         "timeline_png": plot_ttft_timeline([s for s in summaries if s.policy != NO_FAILURE] or summaries,
@@ -607,9 +616,11 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
         "bars_png": plot_policy_bars([a for a in aggregates if a.policy != NO_FAILURE] or aggregates,
                                      out / "policies.png"),
     }
-    console.print(render_table(aggregates))
+    print_fitted(console, render_table(aggregates))
+    for line in capacity_warnings(capacity):
+        console.print(line)
     console.print(f"results in {out}/: " + ", ".join(p.name for p in files.values()))
-    return BenchResults(out, runs, summaries, aggregates, files, meta)
+    return BenchResults(out, runs, summaries, aggregates, files, meta, capacity)
 
 
 def run_bench(cfg: BenchConfig, console=None) -> BenchResults:

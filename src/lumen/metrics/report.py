@@ -5,12 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from .summary import METRICS, PolicyAggregate, RunSummary, _json_safe
 
-__all__ = ["write_json", "write_runs_csv", "write_aggregate_csv", "print_table", "format_ci", "render_table"]
+__all__ = [
+    "write_json", "write_runs_csv", "write_aggregate_csv", "print_table", "format_ci", "render_table",
+    "report_console", "print_fitted", "PIPE_WIDTH", "capacity_warnings",
+]  # fmt: skip
 
 # Scalar RunSummary fields written to the per-run CSV (lists/dicts go to JSON only).
 _RUN_COLUMNS = (
@@ -20,7 +24,7 @@ _RUN_COLUMNS = (
     "interrupted_tpot_mean", "interrupted_tpot_p99", "ttft_mean", "ttft_p99", "tpot_mean", "tpot_p99",
     "e2e_mean", "baseline_ttft_mean", "baseline_tpot_mean", "duration_s", "output_tokens_per_s", "window",
     "outage_end_s", "outage_ttft_mean", "outage_tpot_mean", "baseline_outage_ttft_mean", "baseline_outage_tpot_mean",
-    "outage_ttft_vs_baseline", "outage_tpot_vs_baseline",
+    "outage_ttft_vs_baseline", "outage_tpot_vs_baseline", "capacity_lost",
 )  # fmt: skip
 
 
@@ -29,12 +33,15 @@ def write_json(
     summaries: Sequence[RunSummary],
     aggregates: Sequence[PolicyAggregate],
     meta: dict | None = None,
+    extra: dict | None = None,
 ) -> Path:
-    """One JSON document: ``{"meta", "aggregates", "runs"}``; NaN is written as null."""
+    """One JSON document: ``{"meta", "aggregates", "runs"}`` plus the top-level keys of ``extra``
+    (the bench's ``capacity_check`` and ``no_capacity_loss_runs``); NaN is written as null."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "meta": _json_safe(meta or {}),
+        **{k: _json_safe(v) for k, v in (extra or {}).items()},
         "aggregates": [a.to_dict() for a in aggregates],
         "runs": [s.to_dict() for s in summaries],
     }
@@ -125,6 +132,99 @@ def render_table(aggregates: Sequence[PolicyAggregate], title: str | None = None
 
 
 def print_table(aggregates: Sequence[PolicyAggregate], console=None, title: str | None = None) -> None:
+    print_fitted(console or report_console(), render_table(aggregates, title))
+
+
+# Where the output is not a terminal (a file, a pipe, a CI log) rich falls back to 80 columns (or
+# $COLUMNS) and squeezes the bench table into wrapped cells and "…"-cut headers. Nothing reads such
+# output at a fixed width, so there the console starts this wide (the bench table of all five
+# policies measures about 160 columns) and print_fitted widens it further to what a table needs.
+PIPE_WIDTH = 160
+_MAX_FIT = 1000  # never render wider than this, whatever a table claims to need
+
+
+def _on_terminal(console) -> bool:
+    # The file's own isatty, not console.is_terminal: FORCE_COLOR (set by many CI runners) makes
+    # rich treat a log file as a terminal, and a log file has no width to respect.
+    isatty = getattr(console.file, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # closed file
+        return False
+
+
+def report_console(file=None, **kwargs):
+    """A rich Console for bench/demo/chaos reports, right on a terminal and in a pipe.
+
+    On a terminal it is a plain ``Console(file=file, **kwargs)`` (the terminal's width). Where
+    ``file`` (default stdout) is not a terminal and neither ``width`` nor ``$COLUMNS`` says
+    otherwise, the width is ``PIPE_WIDTH``; print tables with :func:`print_fitted` so that a wider
+    one is still printed whole.
+    """
     from rich.console import Console
 
-    (console or Console()).print(render_table(aggregates, title))
+    console = Console(file=file, **kwargs)
+    if kwargs.get("width") is None and not _on_terminal(console) and not os.environ.get("COLUMNS", "").isdigit():
+        console.width = max(console.width, PIPE_WIDTH)
+    return console
+
+
+def print_fitted(console, renderable) -> None:
+    """``console.print(renderable)``, but where the console does not write to a terminal, at the
+    renderable's full measured width (up to 1000 columns) when that is wider than the console:
+    a table in a log is then never wrapped into its cells or cut with "…"."""
+    if _on_terminal(console):
+        console.print(renderable)
+        return
+    from rich.measure import Measurement
+
+    need = min(Measurement.get(console, console.options.update_width(_MAX_FIT), renderable).maximum, _MAX_FIT)
+    old = console.width
+    if need <= old:
+        console.print(renderable)
+        return
+    console.width = need
+    try:
+        console.print(renderable)
+    finally:
+        console.width = old
+
+
+def _ratio_text(r) -> str:
+    return f"{r:.2f}" if isinstance(r, (int, float)) and math.isfinite(r) else "unknown"
+
+
+def capacity_warnings(check: dict) -> list[str]:
+    """Rich-markup lines to print after the bench table for a :func:`check_capacity` result: a red
+    warning naming the seeds whose failure cost no capacity, yellow notes for the seeds judged
+    without the reference policy and those the check could not be made for; [] when all is well."""
+    from rich.markup import escape
+
+    ref = check.get("reference_policy", "stop-restart")
+    seeds = {d["seed"]: d for d in check.get("seeds", [])}
+    lines = []
+
+    def judged(seed: int) -> str:
+        d = seeds[seed]
+        return ", ".join(f"{p} {_ratio_text(d['outage_ttft_vs_baseline'].get(p))}" for p in d["basis"])
+
+    if check.get("no_capacity_loss_seeds"):
+        which = "; ".join(f"seed {s} (outage TTFT × {judged(s)})" for s in check["no_capacity_loss_seeds"])
+        lines.append(escape(
+            f"WARNING: the failure cost no capacity in {which}: requests arriving while the killed worker was "
+            "gone were no slower than without the failure, so the surviving workers absorbed its share (workers "
+            "sharing one device?). No recovery comparison from these runs means anything (DESIGN.md §5); they "
+            "are listed under no_capacity_loss_runs in results.json."))
+        lines[-1] = f"[bold red]{lines[-1]}[/]"
+    others = [s for s, d in seeds.items() if d["basis"] and not d["basis_is_reference"]]
+    if others:
+        lines.append("[yellow]" + escape(
+            f"capacity check without {ref} (not run, or its outage unknown) for "
+            + "; ".join(f"seed {s}: judged from {judged(s)}" for s in others)
+            + f" - a policy that recovers well can hide a loss of capacity that {ref} would show") + "[/]")
+    if check.get("unchecked_seeds"):
+        lines.append("[yellow]" + escape(
+            "capacity check could not be made for seed(s) " + ", ".join(map(str, check["unchecked_seeds"]))
+            + ": no killed worker's outage was measured (no SIGKILL injected, or the cluster did not report when "
+            "the worker served again), so nothing here shows that the failure cost capacity (DESIGN.md §5)") + "[/]")
+    return lines

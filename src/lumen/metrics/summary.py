@@ -13,7 +13,7 @@ from scipy import stats
 from .records import RequestRecord, e2e, mean, p99, tpot, ttft
 from .recovery import recovery_period
 
-__all__ = ["RunSummary", "summarize_run", "ci95", "CI", "PolicyAggregate", "aggregate", "METRICS"]
+__all__ = ["RunSummary", "summarize_run", "ci95", "CI", "PolicyAggregate", "aggregate", "METRICS", "check_capacity"]
 
 
 @dataclass
@@ -28,6 +28,8 @@ class RunSummary:
     no-failure run, and ``outage_*_vs_baseline`` their ratio. Above 1 the failure cost capacity
     while the worker was gone; at or below 1 it did not (workers sharing one GPU: the survivors get
     the dead worker's share), and the recovery time then measures something else.
+    ``capacity_lost``: whether the failure cost capacity in this run's seed, as judged by
+    :func:`check_capacity` (None: not judged, or no outage measured; always None without a failure).
     """
 
     policy: str
@@ -66,6 +68,7 @@ class RunSummary:
     baseline_outage_tpot_mean: float = math.nan
     outage_ttft_vs_baseline: float = math.nan
     outage_tpot_vs_baseline: float = math.nan
+    capacity_lost: bool | None = None
     error_counts: dict[str, int] = field(default_factory=dict)
     # Per-window series for the timeline plot.
     window_mid_arrival: list[float] = field(default_factory=list)
@@ -268,3 +271,63 @@ def aggregate(summaries: Iterable[RunSummary]) -> list[PolicyAggregate]:
             )
         )
     return out
+
+
+# A failure run whose outage TTFT ratio is at most this lost no capacity (DESIGN.md §5).
+NO_CAPACITY_LOSS_RATIO = 1.0
+
+
+def check_capacity(summaries: Sequence[RunSummary], reference_policy: str = "stop-restart") -> dict:
+    """Per seed: did the failure cost capacity? Sets ``capacity_lost`` on every failure run.
+
+    The judge is ``reference_policy``'s ``outage_ttft_vs_baseline`` in that seed (stop-restart: it
+    has nothing that could hide a loss of capacity): above 1 the failure cost capacity; at or below
+    1 the survivors absorbed the dead worker's share (workers sharing one device) and no recovery
+    comparison from that seed means anything (DESIGN.md §5). Where the reference policy did not run
+    (or its outage is unknown) the other policies' ratios judge instead, any above 1 meaning a loss,
+    and the seed's ``basis`` says so; where no run has a ratio the seed is unchecked (None).
+
+    Returns ``{"rule", "reference_policy", "seeds": [{"seed", "capacity_lost", "basis",
+    "basis_is_reference", "outage_ttft_vs_baseline": {policy: ratio}}], "no_capacity_loss_seeds",
+    "unchecked_seeds", "no_capacity_loss_runs": [{"policy", "seed", "outage_ttft_vs_baseline"}]}``,
+    the last listing every failure run of a seed that lost no capacity.
+    """
+    from .plots import NO_FAILURE  # plots imports this module
+
+    runs = [s for s in summaries if s.policy != NO_FAILURE]
+    by_seed: dict[int, list[RunSummary]] = {}
+    for s in runs:
+        by_seed.setdefault(s.seed, []).append(s)
+    seeds, no_loss, unchecked, no_loss_runs = [], [], [], []
+    for seed, rs in by_seed.items():
+        ratios = {s.policy: s.outage_ttft_vs_baseline for s in rs}
+        known = {p: r for p, r in ratios.items() if math.isfinite(r)}
+        if reference_policy in known:
+            basis = [reference_policy]
+            lost: bool | None = known[reference_policy] > NO_CAPACITY_LOSS_RATIO
+        elif known:
+            basis = list(known)
+            lost = max(known.values()) > NO_CAPACITY_LOSS_RATIO
+        else:
+            basis, lost = [], None
+        for s in rs:
+            s.capacity_lost = lost
+        seeds.append({"seed": seed, "capacity_lost": lost, "basis": basis,
+                      "basis_is_reference": basis == [reference_policy], "outage_ttft_vs_baseline": ratios})
+        if lost is None:
+            unchecked.append(seed)
+        elif not lost:
+            no_loss.append(seed)
+            no_loss_runs += [{"policy": s.policy, "seed": seed, "outage_ttft_vs_baseline": s.outage_ttft_vs_baseline}
+                             for s in rs]
+    return _json_safe({
+        "rule": f"a seed's failure cost capacity when {reference_policy}'s outage_ttft_vs_baseline (mean TTFT of "
+                "requests arriving while the killed worker was gone, over the same requests' without the "
+                f"failure) is > {NO_CAPACITY_LOSS_RATIO:g}; else the survivors absorbed the dead worker's share "
+                "and no recovery comparison from that seed means anything (DESIGN.md §5)",
+        "reference_policy": reference_policy,
+        "seeds": seeds,
+        "no_capacity_loss_seeds": no_loss,
+        "unchecked_seeds": unchecked,
+        "no_capacity_loss_runs": no_loss_runs,
+    })

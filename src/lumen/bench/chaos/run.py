@@ -344,6 +344,8 @@ def _q(xs: list[float], q: float) -> float | None:
 def _render(console, summary: dict, problems: list[str]) -> None:
     from rich.table import Table
 
+    from lumen.metrics.report import print_fitted
+
     r, o, f = summary["requests"], summary["outputs"], summary["faults"]
     t = Table(title="lumen chaos", show_header=False)
     t.add_row("requests", f"sent {r['sent']}, completed {r['completed']}, failed {r['failed']}, lost {r['lost']}")
@@ -365,7 +367,7 @@ def _render(console, summary: dict, problems: list[str]) -> None:
         a, b = rec["first"], rec["last"]
         t.add_row(f"{rec['name']} longest-lived", f"pid {rec['pid']}, {rec['lived_s']:g} s: RSS {a['rss_mib']} → "
                   f"{b['rss_mib']} MiB, FDs {a['fds']} → {b['fds']}, threads {a['threads']} → {b['threads']}")
-    console.print(t)
+    print_fitted(console, t)  # whole rows in a log, not wrapped at 80 columns
     console.print("[green]PASS: nothing lost, nothing left behind" if not problems else
                   "[red]FAIL:\n  " + "\n  ".join(problems))
 
@@ -397,9 +399,9 @@ def _plot(path: Path, raw: dict, duration: float) -> None:
 
 
 async def run_chaos_async(cfg: ChaosConfig, console=None) -> ChaosReport:
-    from rich.console import Console
+    from lumen.metrics.report import report_console
 
-    console = console or Console()
+    console = console or report_console()
     if cfg.workers < 2 and cfg.url is None:
         raise ValueError("lumen chaos needs at least 2 workers (one is always left alive)")
     if cfg.duration <= 0 or cfg.qps <= 0 or cfg.fault_every <= 0:
