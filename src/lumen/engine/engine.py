@@ -497,6 +497,16 @@ class Engine:
         step_s = self._ema_step_s or self._ema_decode_s
         return -(-queued // per_step) * step_s
 
+    def expected_step_s(self) -> float:
+        """Expected wall time of the next step, from the EMAs of measured steps: a prefill step's if any
+        prompt work is queued or running, else a decode step's (0 before any was measured). A worker
+        with a time slot (lumen.policy.slots) starts the step only where this fits."""
+        sched = self.scheduler
+        prefill = bool(sched.waiting) or any(not s.is_decoding for s in sched.running)
+        if prefill:
+            return self._ema_step_s or self._ema_decode_s
+        return self._ema_decode_s or self._ema_step_s
+
     def stats(self) -> dict[str, float]:
         bm = self.block_manager
         out: dict[str, float] = dict(self._counters)

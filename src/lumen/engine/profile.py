@@ -42,13 +42,17 @@ QUICK_GRID = [(p, d, c) for p in (0, 32, 128) for d in (0, 1, 4) for c in (64, 2
 
 STEP_LOG_ENV = "LUMEN_STEP_LOG"  # DIR: each worker appends its engine's steps to DIR/worker<id>-epoch<e>.csv
 STEP_LOG_TIME = "time_s"
+# the host's monotonic clock (time.monotonic, shared by its processes) when the worker started the step and
+# when it returned: a time-sliced worker's steps checked against its slots (lumen.policy.slots)
+STEP_LOG_MONO = ("mono_start_s", "mono_end_s")
 
 
 class StepLog:
     """Appends one profile row (COLUMNS, then STEP_LOG_TIME: the wall clock, Unix seconds, at the end
-    of the step) per engine step to a CSV: the live engine profiled in place. The extra column lets a
-    reader pick one run's steps out of a file that several clusters appended to; the simulator's
-    profile reader ignores it.
+    of the step, then STEP_LOG_MONO when the caller passes them) per engine step to a CSV: the live
+    engine profiled in place. The extra columns let a reader pick one run's steps out of a file that
+    several clusters appended to, and check steps against time slots; the simulator's profile reader
+    ignores them.
 
     `record(engine)` after each `engine.step()` writes `engine.last_step` when a step ran (a new
     dict: `Engine._account` builds one per step). Writes are buffered and flushed about every
@@ -60,7 +64,7 @@ class StepLog:
         self._f = open(self.path, "a", newline="", buffering=1 << 16)  # noqa: SIM115
         self._w = csv.writer(self._f)
         if self._f.tell() == 0:
-            self._w.writerow((*COLUMNS, STEP_LOG_TIME))
+            self._w.writerow((*COLUMNS, STEP_LOG_TIME, *STEP_LOG_MONO))
         self.flush_s = flush_s
         self._flushed = time.monotonic()
         self._last: object = None
@@ -73,12 +77,13 @@ class StepLog:
         d = os.environ.get(STEP_LOG_ENV)
         return cls(Path(d) / f"worker{worker_id}-epoch{epoch}.csv") if d else None
 
-    def record(self, engine) -> None:
+    def record(self, engine, started: float | None = None, ended: float | None = None) -> None:
         step = engine.last_step
         if not step or step is self._last:
             return
         self._last = step
-        self._w.writerow([*(step[c] for c in COLUMNS), f"{time.time():.6f}"])
+        mono = ["" if t is None else f"{t:.6f}" for t in (started, ended)]
+        self._w.writerow([*(step[c] for c in COLUMNS), f"{time.time():.6f}", *mono])
         self.rows += 1
         if time.monotonic() - self._flushed >= self.flush_s:
             self._f.flush()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,13 +180,27 @@ def _to_device(v: torch.Tensor | tuple[torch.Tensor, ...], device: torch.device,
     return fill_rows(dst, v, "fused parameter")
 
 
+def _nbytes(v: torch.Tensor | tuple[torch.Tensor, ...]) -> int:
+    return sum(t.nbytes for t in ((v,) if isinstance(v, torch.Tensor) else v))
+
+
 def build_model_from_host(config: ModelConfig, host_state: HostState,
-                          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Decoder:
-    """Host -> device phase: a Decoder on `device` holding copies of `host_state` (non-blocking if pinned)."""
+                          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                          before_copy: Callable[[int], None] | None = None) -> Decoder:
+    """Host -> device phase: a Decoder on `device` holding copies of `host_state` (non-blocking if pinned).
+
+    `before_copy(nbytes)`, if given, runs before each tensor's copy and each copy completes before the
+    next (a worker with a time slot copies only inside its slot: lumen.policy.slots)."""
     device = torch.device(device)
     with torch.device("meta"):
         model = Decoder(config)
-    state = {k: _to_device(v, device, dtype) for k, v in host_state.items()}
+    state = {}
+    for k, v in host_state.items():
+        if before_copy is not None:
+            before_copy(_nbytes(v))
+        state[k] = _to_device(v, device, dtype)
+        if before_copy is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
     _assign(model, state)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..policy.slots import share_groups
+
 
 @dataclass
 class ClusterConfig:
@@ -49,9 +51,22 @@ class ClusterConfig:
     # each worker owns a fixed share of its GPU's SMs (CUDA MPS, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE < 100):
     # workers on one GPU then count as on accelerators of their own (a restarting one may draft)
     gpu_share_fixed: bool = False
+    # time-division shares (lumen.policy.slots): workers on one device take turns in fixed slots, so a
+    # dead worker's share stays idle instead of speeding up the survivors; "shared": each uses it freely
+    device_share: str = "shared"
+    slot_ms: float = 0.0                    # slot length under "slots" (set by build_config)
 
     def device_for(self, worker_id: int) -> str:
         return self.devices[worker_id % len(self.devices)]
+
+    def share_groups(self) -> list[tuple[int, int]]:
+        """(index, count) of each worker among the workers on its device ("cuda" and "cuda:0" are one)."""
+        devices = [self.device_for(i) for i in range(self.num_workers)]
+        return share_groups([d if d == "cpu" or ":" in d else d + ":0" for d in devices])
+
+    def slot_of(self, worker_id: int) -> tuple[int, int] | None:
+        """(index, count) of the worker among those sharing its device under slots; None otherwise."""
+        return self.share_groups()[worker_id] if self.device_share == "slots" else None
 
     def node_of(self, worker_id: int) -> str | None:
         return self.nodes[worker_id] if self.nodes and worker_id < len(self.nodes) else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -187,6 +188,9 @@ class Controller:
                          c.device_for(w.id))
         if c.dtype:
             argv += ["--dtype", c.dtype]
+        slot = c.slot_of(w.id)
+        if slot is not None and slot[1] > 1:
+            argv += ["--slot-index", str(slot[0]), "--slot-count", str(slot[1]), "--slot-ms", f"{c.slot_ms:g}"]
         return argv
 
     async def _spawn(self, w: WorkerRecord, initial: bool = False) -> None:
@@ -202,8 +206,13 @@ class Controller:
             covered = await asyncio.to_thread(evict_models, [self.cfg.model, self.cfg.draft_model])
             log.info("worker %d: %.2f GB of weight files evicted from the page cache before restart",
                      w.id, covered / 1e9)
-        spec = WorkerSpec(w.id, w.epoch, self._worker_argv(w),
-                          env={"LUMEN_CLUSTER_SECRET": secret_to_hex(self.secret)})
+        env = {"LUMEN_CLUSTER_SECRET": secret_to_hex(self.secret)}
+        if self.cfg.slot_of(w.id) and self.cfg.device_for(w.id) == "cpu" and "OMP_WAIT_POLICY" not in os.environ:
+            # a time-sliced CPU worker runs a thread per core in its slot; OpenMP's spinning barriers then
+            # stall whenever another process holds a core (the gateway, a load client): 2.7 s decode steps
+            # against 0.09 s with passive waits on the 2-core box (docs/benchmarks.md, 2026-12-06)
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+        spec = WorkerSpec(w.id, w.epoch, self._worker_argv(w), env=env)
         handle = await self.launcher.start(spec)
         w.pid = handle.pid
         w.host, w.node = handle.host, handle.node
@@ -359,7 +368,9 @@ class Controller:
         if not device.startswith("cuda"):
             return None  # CPU workers each use their own threads
         device = device if ":" in device else device + ":0"
-        return f"{device}/share{worker_id}" if self.cfg.gpu_share_fixed else device
+        # a fixed MPS share or a time slot of its own: as good as a GPU of its own for a restarting worker
+        # (under slots its slot stays empty while it reloads, so a draft there takes nothing from others)
+        return f"{device}/share{worker_id}" if self.cfg.gpu_share_fixed or self.cfg.slot_of(worker_id) else device
 
     def in_flight(self) -> int:
         return sum(1 for r in self.requests.values() if not r.done)
@@ -684,6 +695,9 @@ class Controller:
         M.CKPT_STORED.set(sum(_num(w.stats, "ckpt_stored_bytes") for w in self.workers.values()))
         for w in self.workers.values():
             M.HB_LATE_MAX.labels(worker=str(w.id)).set(_num(w.stats, "hb_late_max_ms") / 1000)
+            if "slot_overruns" in w.stats:
+                M.SLOT_OVERRUNS.labels(worker=str(w.id)).set(_num(w.stats, "slot_overruns"))
+                M.SLOT_OVERRUN_SECONDS.labels(worker=str(w.id)).set(_num(w.stats, "slot_overrun_s"))
         # messages dropped by the transport (bad MAC, replay, malformed, ...): the controller's own socket,
         # and each worker's sockets as its last heartbeat reported them
         for reason, n in self.codec.stats.items():
@@ -703,7 +717,7 @@ class Controller:
                 "host": w.host if w.node else (
                     "127.0.0.1" if self.cfg.host in ("127.0.0.1", "localhost") else self.cfg.host),
                 "node": w.node,
-                "device": w.device or self.cfg.device_for(w.id), "data_addr": w.data_addr, "kv_addr": w.kv_addr,
+                "device": w.device or self.cfg.device_for(w.id), "slot": self.cfg.slot_of(w.id), "data_addr": w.data_addr, "kv_addr": w.kv_addr,
                 "last_heartbeat_ms": round((now - w.last_hb) * 1000, 1), "partner": w.partner,
                 "load": {k: w.stats.get(k) for k in ("num_waiting", "num_running", "q_wait_s", "kv_usage")},
                 "ckpt_reserved_bytes": w.ckpt_reserved, "stats": w.stats, "phases_s": w.phase_s,
@@ -711,7 +725,8 @@ class Controller:
         requests = [{"id": r.id, "executor": r.executor, "holder": r.holder, "prompt_tokens": len(r.prompt_ids),
                      "generated_tokens": len(r.generated), "valid_ckpt_tokens": r.valid_pages * self.cfg.block_size,
                      "interrupts": r.interrupts} for r in self.requests.values() if not r.done]
-        return {"policy": self.policy.value, "model": self.cfg.served_model_name, "workers": workers,
+        slots = {"device_share": self.cfg.device_share, "slot_ms": self.cfg.slot_ms if self.cfg.device_share == "slots" else None}
+        return {"policy": self.policy.value, "model": self.cfg.served_model_name, "workers": workers, **slots,
                 "control_addr": self.router.address if self.router else None,
                 "hb_deadline_s": self.cfg.hb_interval_s * self.cfg.hb_misses,
                 "requests": requests, "in_flight": len(requests), "stale_messages": self.stale_messages,

@@ -55,3 +55,8 @@ HB_LATE_MAX = Gauge("lumen:heartbeat_late_max_seconds", "Largest lateness of a w
 TRANSPORT_DROPS = Gauge("lumen:transport_dropped_messages", "Internal messages dropped by the transport (bad MAC, "
                         "replay, stale epoch, malformed, oversize, unknown type, schema), per process and reason; a "
                         "worker's count restarts with each incarnation", ["process", "reason"], registry=REGISTRY)
+SLOT_OVERRUNS = Gauge("lumen:device_slot_overruns", "Engine steps of a time-sliced worker (--device-share slots) "
+                      "that ran past the end of its slot into the next worker's, as its latest heartbeat reports "
+                      "them; a worker's count restarts with each incarnation", ["worker"], registry=REGISTRY)
+SLOT_OVERRUN_SECONDS = Gauge("lumen:device_slot_overrun_seconds", "Seconds by which a time-sliced worker's steps ran "
+                             "past the end of its slot, summed (per incarnation)", ["worker"], registry=REGISTRY)

@@ -16,6 +16,7 @@ import uvicorn
 from ..model.loader import read_config
 from ..model.tokenizer import Tokenizer
 from ..policy import POLICY_NAMES, parse_policy
+from ..policy.slots import DEVICE_SHARES, default_slot_s, resolve_device_share
 from .config import ClusterConfig, mps_share_fixed
 from .controller import Controller
 from .gateway import Gateway, OpenAIErrorH11Protocol
@@ -67,6 +68,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a hung (fenced) worker may linger before it is killed")
     p.add_argument("--deterministic", action="store_true", help="float64 on CPU: bit-stable greedy outputs")
     p.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], default=None)
+    add_device_share_arguments(p, default="shared")
     p.add_argument("--launcher", choices=["local", "ray"], default="local",
                    help="local: worker processes on this machine; ray: workers as Ray actors across the nodes "
                         "of a Ray cluster (pip install 'lumen-serve[ray]'; see docs/multinode.md)")
@@ -75,6 +77,45 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "of its head; default: a private single-node Ray started and stopped by lumen")
     p.add_argument("--placement-strategy", choices=["SPREAD", "PACK"], default="SPREAD",
                    help="with --launcher ray: spread workers over nodes (default) or pack them onto few")
+
+
+def add_device_share_arguments(p: argparse.ArgumentParser, default: str) -> None:
+    """--device-share and --slot-ms (also on bench, demo and chaos, which pass them to serve)."""
+    p.add_argument("--device-share", choices=DEVICE_SHARES, default=default,
+                   help="workers that map to one device (several per GPU, or the CPU): 'shared' lets each use "
+                        "it freely (a dead worker's share goes to the survivors); 'slots' gives each a fixed "
+                        "time slot of a cycle, with the whole device inside it, so a failure costs 1/N of the "
+                        "capacity as on separate GPUs; 'auto': slots where a device is shared "
+                        "(default: %(default)s)")
+    p.add_argument("--slot-ms", default="auto",
+                   help="slot length with --device-share slots, or 'auto': about 8 decode steps of the model, "
+                        "estimated from its weight bytes and the device's measured decode bandwidth "
+                        "(docs/configuration.md)")
+
+
+# Decode-step estimate for the default slot length: a decode step reads every weight once, at the
+# bandwidth a decode step reached when measured, plus the step's fixed cost (docs/benchmarks.md,
+# "Time-division shares"). CPU: the 2-core box, SmolLM2-135M fp32 (540 MB), batch 1-8, 2 threads:
+# 61-85 ms a step. CUDA: H100/H200, Qwen3-8B shape bf16.
+DECODE_BYTES_PER_S = {"cpu": 9e9, "cuda": 2.5e12}
+DECODE_STEP_FIXED_S = {"cpu": 0.01, "cuda": 0.003}
+
+
+def estimated_decode_step_s(weight_bytes: int, device: str) -> float:
+    kind = "cpu" if device == "cpu" else "cuda"
+    return weight_bytes / DECODE_BYTES_PER_S[kind] + DECODE_STEP_FIXED_S[kind]
+
+
+def _slot_ms(arg: str, weight_bytes: int, device: str) -> float:
+    if str(arg).strip().lower() == "auto":
+        return default_slot_s(estimated_decode_step_s(weight_bytes, device)) * 1e3
+    try:
+        ms = float(arg)
+    except ValueError:
+        raise ValueError(f"--slot-ms must be a number of milliseconds or 'auto', not {arg!r}") from None
+    if not 1 <= ms <= 10_000:
+        raise ValueError("--slot-ms must be between 1 and 10000")
+    return ms
 
 
 def _devices(arg: str | None) -> list[str]:
@@ -126,6 +167,13 @@ def build_config(args: argparse.Namespace) -> tuple[ClusterConfig, Tokenizer | N
         cold_restart=args.cold_restart,
         gpu_share_fixed=on_gpu and mps_share_fixed(os.environ, workers_per_gpu=math.ceil(args.workers / len(devices))),
         max_pending=args.max_pending)
+    per_device = max(n for _, n in cfg.share_groups())
+    cfg.device_share = resolve_device_share(getattr(args, "device_share", "shared"), per_device)
+    if cfg.device_share == "slots":
+        if getattr(args, "launcher", "local") == "ray":
+            raise ValueError("--device-share slots needs the workers of a device on one host: use the local "
+                             "launcher (Ray places workers on GPUs of their own)")
+        cfg.slot_ms = _slot_ms(getattr(args, "slot_ms", "auto"), mcfg.weight_bytes(kv_dtype), devices[0])
     return cfg, tokenizer, mcfg.vocab_size
 
 

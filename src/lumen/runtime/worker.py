@@ -31,6 +31,7 @@ from ..engine.model_runner import SHORT_MAX
 from ..engine.profile import StepLog
 from ..model.loader import SharedReads, build_model_from_host, read_config, read_weights_to_host
 from ..policy import WorkerState, features
+from ..policy.slots import SlotSchedule
 from .assist import Drafter, Verifier
 from .ckpt_store import CheckpointStore
 from .config import ClusterConfig
@@ -67,6 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk-tokens", type=int, default=256)
     p.add_argument("--spec-k", type=int, default=4)
     p.add_argument("--deterministic", action="store_true")
+    # a time slot on a shared device (lumen.policy.slots): this worker's index among the workers on its
+    # device, how many they are, and the slot length
+    p.add_argument("--slot-index", type=int, default=0)
+    p.add_argument("--slot-count", type=int, default=1)
+    p.add_argument("--slot-ms", type=float, default=0.0)
     return p.parse_args(argv)
 
 
@@ -93,7 +99,7 @@ def warmup_prompt_lengths(engine: Engine) -> list[int]:
 
 
 def warm_up(engine: Engine, prefill_tokens: int | list[int] | None = None,
-            decode_steps: int = WARMUP_DECODE_STEPS) -> dict:
+            decode_steps: int = WARMUP_DECODE_STEPS, before_step=None) -> dict:
     """Run dummy requests, one after another, through the engine's real step path -- prefills of
     `prefill_tokens` (default: `warmup_prompt_lengths`), each followed by `decode_steps` decode
     steps -- then reset the engine's stats, so that nothing of it shows in counters, step-time EMAs,
@@ -106,7 +112,8 @@ def warm_up(engine: Engine, prefill_tokens: int | list[int] | None = None,
     time as later ones, within ~10%; the warm-up costs 1.3-2.7 s per restart there at a full chunk,
     hence the small CPU default.) Prompts are cut to what the KV pool and max_model_len leave; where
     that is less than a chunk plus a tail, the continued paths do not run here (the first restore
-    pays them). Returns the phase info to report (warmup_s) and what ran."""
+    pays them). `before_step()`, if given, runs before each step (a time-sliced worker waits for its
+    slot there). Returns the phase info to report (warmup_s) and what ran."""
     if prefill_tokens is None:
         prefill_tokens = warmup_prompt_lengths(engine)
     lengths = [prefill_tokens] if isinstance(prefill_tokens, int) else list(prefill_tokens)
@@ -125,6 +132,8 @@ def warm_up(engine: Engine, prefill_tokens: int | list[int] | None = None,
                            SamplingParams(max_tokens=1 + decode_steps, ignore_eos=True, seed=0))
         bound = steps + 4 * (decode_steps + n)  # it cannot loop for ever
         while engine.has_work() and steps < bound:
+            if before_step is not None:
+                before_step()
             engine.step()
             steps += 1
         engine.abort(WARMUP_REQ)  # no-op once finished
@@ -326,6 +335,15 @@ class Worker:
         self.loop_s = [0, 0.0, 0.0, 0.0, 0.0, 0.0]
         self._store_alloc: threading.Thread | None = None
         self._store_alloc_out: dict = {}
+        # --device-share slots: device work only inside this worker's slot (None: the device is its own,
+        # or shared freely)
+        self.slots = (SlotSchedule(args.slot_index, args.slot_count, args.slot_ms / 1e3)
+                      if args.slot_count > 1 else None)
+        self._draft_step_s = 0.0  # EMA of a draft round's time (its slot estimate)
+        self._slot_used = -1.0  # start of the last slot a step ran in (slots_used counts distinct ones)
+        if self.slots is not None:
+            self.counters.update(slot_steps=0, slots_used=0, slot_overruns=0, slot_overrun_s=0.0,
+                                 slot_wait_s=0.0, slot_late_starts=0)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -405,8 +423,16 @@ class Worker:
             # wait (woken at once by a message) unless the last round drafted: with every guess K
             # tokens ahead there is nothing to do until the partner commits, and spinning would take
             # the CPU from the partner on a small machine
-            self._poll(timeout_ms=0 if drafted else 5)
-            drafted = self.drafter.round() if self.drafter is not None else False
+            # (with a time slot, a draft step waits for it: until then only messages)
+            wait = self._slot_wait_s(self._draft_step_s)
+            self._poll(timeout_ms=5 if not drafted else min(5, math.ceil(wait * 1e3)))
+            if self.drafter is None or self._slot_wait_s(self._draft_step_s) > 0:
+                continue
+            t = time.monotonic()
+            drafted = self.drafter.round()
+            if drafted:
+                dt = time.monotonic() - t
+                self._draft_step_s = dt if not self._draft_step_s else 0.8 * self._draft_step_s + 0.2 * dt
         if not self.running:
             # told to stop while assisting (the cluster is shutting down): nothing to switch to. Let
             # a read in progress end rather than exit under it (a native abort at interpreter exit)
@@ -435,7 +461,8 @@ class Worker:
         t = time.monotonic()
         phases.update(self._build_engine(host_state))
         phases["host_to_device_s"] = time.monotonic() - t  # both parts below: the weights, then the engine
-        self._set_state(WorkerState.SERVING, **phases, **warm_up(self.engine))
+        gate = self._warmup_gate if self.slots is not None else None
+        self._set_state(WorkerState.SERVING, **phases, **warm_up(self.engine, before_step=gate))
 
     @property
     def model_dir(self):
@@ -446,7 +473,8 @@ class Worker:
         self._next_export_at = 0.0  # a new engine's first pages leave at once
         t = time.monotonic()
         config = read_config(self.model_dir) if host_state else None
-        model = build_model_from_host(config, host_state, self.device, self.dtype)
+        model = build_model_from_host(config, host_state, self.device, self.dtype,
+                                      before_copy=self._copy_gate if self.slots is not None else None)
         t_weights = time.monotonic() - t
         cfg = EngineConfig(block_size=self.args.block_size, num_blocks=self.args.num_blocks,
                            max_batch=self.args.max_batch, chunk_tokens=self.args.chunk_tokens,
@@ -457,6 +485,45 @@ class Worker:
         mc = self.engine.model_config
         self.page_shape = (mc.num_layers, 2, self.args.block_size, mc.num_kv_heads, mc.head_dim)
         return {"weights_to_device_s": t_weights, "engine_init_s": time.monotonic() - t - t_weights}
+
+    # ------------------------------------------------------------------ time slots
+    def _slot_wait_s(self, step_s: float) -> float:
+        """0 if a device step of `step_s` may start now, else how long until this worker's slot."""
+        return 0.0 if self.slots is None else self.slots.wait_s(time.monotonic(), step_s)
+
+    def _wait_for_slot(self, step_s: float) -> None:
+        """Block until a device step of `step_s` may start (load-time work: weight copies, warm-up)."""
+        while (wait := self._slot_wait_s(step_s)) > 0:
+            time.sleep(wait)
+
+    def _slot_step_began(self, started: float) -> bool:
+        """Whether a step the loop decided to run may really start at `started` (it may have been
+        descheduled past its slot's end meanwhile: then it waits for the next slot)."""
+        if self.slots is None:
+            return True
+        if self.slots.owner(started) != self.slots.index:
+            self.counters["slot_late_starts"] += 1
+            return False
+        return True
+
+    def _slot_step_ended(self, started: float, ended: float) -> None:
+        c = self.counters
+        c["slot_steps"] += 1
+        start = self.slots.window(started)[0]
+        if start != self._slot_used:
+            self._slot_used = start
+            c["slots_used"] += 1
+        over = self.slots.overrun_s(started, ended)
+        if over > 0:  # the estimate was short: the step ran into the next worker's slot
+            c["slot_overruns"] += 1
+            c["slot_overrun_s"] += over
+
+    def _copy_gate(self, nbytes: int) -> None:
+        # host -> device at ~25 GB/s pinned (55 measured on an H200), a dtype conversion at ~5 GB/s on a CPU
+        self._wait_for_slot(nbytes / (25e9 if self.device.startswith("cuda") else 5e9))
+
+    def _warmup_gate(self) -> None:
+        self._wait_for_slot(self.engine.expected_step_s())
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> None:
@@ -471,13 +538,21 @@ class Worker:
             if not busy:
                 t0 = t1  # an idle wait for work is not loop cost
             stepped = self.engine is not None and self.engine.has_work()
+            if stepped and self.slots is not None and not self._slot_turn():
+                continue  # not this worker's turn on the device: it waited for its slot, polling
             if stepped:
+                started = time.monotonic()
+                if not self._slot_step_began(started):
+                    continue
                 if self.verifier is not None:
                     self.verifier.before_step(self.engine)
                 outputs = self.engine.step()
+                ended = time.monotonic()
                 t2 = clock()
+                if self.slots is not None:
+                    self._slot_step_ended(started, ended)
                 if self.step_log is not None:
-                    self.step_log.record(self.engine)
+                    self.step_log.record(self.engine, started, ended)
                 self._send_outputs(outputs)
                 if self.verifier is not None:
                     self.verifier.after_step(self.engine, outputs)
@@ -495,6 +570,18 @@ class Worker:
                 spent[3] += t3 - t2
                 spent[4] += t4 - t3
                 spent[5] += t5 - t4
+
+    def _slot_turn(self) -> bool:
+        """Whether the next step fits in this worker's slot now; if not, wait for it (at most the
+        poller's 20 ms at a time, taking commands and data meanwhile) and say no."""
+        wait = self._slot_wait_s(self.engine.expected_step_s())
+        if wait <= 0:
+            return True
+        t = time.monotonic()
+        self._poll(timeout_ms=max(1, min(20, math.ceil(wait * 1e3))))
+        self.counters["slot_wait_s"] += time.monotonic() - t
+        self._publish_stats()
+        return False
 
     def _poll(self, timeout_ms: int) -> None:
         if self._poller is None:  # built once: this runs on every turn of the engine loop
@@ -718,6 +805,8 @@ class Worker:
         stats.update({f"drop_{k}": v + self.kv_rx.codec.stats.get(k, 0) for k, v in self.codec.stats.items()})
         if self.engine is not None:
             stats.update(self.engine.stats())
+            if self.slots is not None:  # its steps run in one slot of each cycle: a new request waits that much longer
+                stats["q_wait_s"] *= self.slots.count
         store = self.store.stats()
         stats.update({f"ckpt_{k}": v for k, v in store.items() if isinstance(v, (int, float))})
         # why a holder refused pages, only the reasons seen (a restore shorter than the stream says why)
@@ -756,8 +845,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=os.environ.get("LUMEN_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s [worker {args.worker_id}.{args.epoch}] %(levelname)s %(message)s")
     if args.device == "cpu":
-        # several workers share a few cores: one thread each keeps them from thrashing
-        torch.set_num_threads(int(os.environ.get("LUMEN_WORKER_THREADS", "1")))
+        # several workers share a few cores: one thread each keeps them from thrashing; with a time slot
+        # a worker has the whole CPU inside it, so all of its cores
+        threads = os.environ.get("LUMEN_WORKER_THREADS") or (len(os.sched_getaffinity(0)) if args.slot_count > 1 else 1)
+        torch.set_num_threads(int(threads))
     worker = Worker(args)
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "running", False))
     profile_dir = os.environ.get("LUMEN_WORKER_PROFILE")  # developer aid: cProfile of the whole worker

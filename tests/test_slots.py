@@ -1,0 +1,153 @@
+"""Time-division device shares (lumen.policy.slots): the schedule's properties, and a live cluster whose
+workers start every engine step inside their own slot (their step logs against the schedule)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import signal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lumen.policy.slots import (
+    LONG_STEP_START_FRACTION,
+    MAX_SLOT_S,
+    MIN_SLOT_S,
+    SlotSchedule,
+    default_slot_s,
+    resolve_device_share,
+    share_groups,
+)
+
+times = st.floats(min_value=0.0, max_value=1e6, allow_nan=False)
+slots = st.floats(min_value=1e-3, max_value=1.0, allow_nan=False)
+counts = st.integers(min_value=1, max_value=16)
+
+
+@given(t=times, count=counts, slot_s=slots)
+def test_every_instant_has_exactly_one_owner(t, count, slot_s):
+    schedules = [SlotSchedule(i, count, slot_s) for i in range(count)]
+    inside = [s.index for s in schedules if s.window(t)[0] <= t]  # t lies in that worker's own slot
+    assert inside == [schedules[0].owner(t)]
+
+
+@given(t=times, count=counts, data=st.data(), slot_s=slots,
+       step_frac=st.floats(min_value=0.0, max_value=3.0, allow_nan=False))
+def test_a_step_starts_only_in_its_own_slot_and_as_early_as_it_fits(t, count, data, slot_s, step_frac):
+    index = data.draw(st.integers(min_value=0, max_value=count - 1))
+    s = SlotSchedule(index, count, slot_s)
+    step_s = step_frac * slot_s
+    at = s.start_at(t, step_s)
+    assert at >= t
+    start, end = s.window(at)
+    assert s.owner(at) == index and start <= at < end  # never in another worker's (a dead one's) slot
+    assert at - t <= s.cycle_s + slot_s  # within about a cycle
+    if step_s < slot_s:
+        assert at + step_s <= end + 1e-9 * max(1.0, end)  # it fits (rounding of t // slot_s aside)
+        here = s.window(t)
+        if here[0] <= t and t + step_s <= here[1]:
+            assert at == t  # fits now: no wait
+    else:
+        assert at - start <= LONG_STEP_START_FRACTION * slot_s + 1e-9 * max(1.0, at)
+    assert s.wait_s(t, step_s) == pytest.approx(at - t)
+
+
+@given(count=st.integers(min_value=2, max_value=8), slot_s=slots, data=st.data())
+@settings(max_examples=50)
+def test_a_dead_workers_slot_stays_empty(count, slot_s, data):
+    """Whoever is alive, no survivor's step starts in a dead worker's slot: the capacity is lost."""
+    dead = data.draw(st.integers(min_value=0, max_value=count - 1))
+    for index in range(count):
+        if index == dead:
+            continue
+        s = SlotSchedule(index, count, slot_s)
+        t = data.draw(times)
+        for step_frac in (0.0, 0.3, 0.99, 1.5):
+            at = s.start_at(t, step_frac * slot_s)
+            assert s.owner(at) != dead
+
+
+def test_overrun_is_measured_from_the_slot_the_step_started_in():
+    s = SlotSchedule(3, 4, 0.1)  # slot 11 = [1.1, 1.2) is worker 3's
+    assert s.overrun_s(1.15, 1.19) == 0.0
+    assert s.overrun_s(1.15, 1.23) == pytest.approx(0.03)
+
+
+def test_share_groups_and_modes():
+    assert share_groups(["cpu"] * 3) == [(0, 3), (1, 3), (2, 3)]
+    assert share_groups(["cuda:0", "cuda:1", "cuda:0", "cuda:1"]) == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    assert share_groups(["cuda:0", "cuda:1"]) == [(0, 1), (0, 1)]
+    assert resolve_device_share("auto", 4) == "slots"
+    assert resolve_device_share("auto", 1) == "shared"  # one worker per GPU: unchanged
+    assert resolve_device_share("shared", 4) == "shared"
+    with pytest.raises(ValueError):
+        resolve_device_share("timeslice", 2)
+    assert default_slot_s(0.005) == pytest.approx(0.04)
+    assert default_slot_s(1e-6) == MIN_SLOT_S and default_slot_s(10.0) == MAX_SLOT_S
+    with pytest.raises(ValueError):
+        SlotSchedule(2, 2, 0.1)
+
+
+def test_serve_resolves_slots_per_device():
+    from lumen.runtime.config import ClusterConfig
+
+    cfg = ClusterConfig(model="m", served_model_name="m", num_workers=4, devices=["cuda", "cuda:1"],
+                        device_share="slots", slot_ms=40)
+    assert [cfg.slot_of(i) for i in range(4)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    cfg.device_share = "shared"
+    assert cfg.slot_of(0) is None
+
+
+@pytest.mark.cluster
+def test_live_workers_step_only_inside_their_slots(tmp_path):
+    """Two CPU workers time-slice the box; one is SIGKILLed and comes back. Every engine step in the
+    workers' step logs (monotonic start, shared by the host's processes) lies in that worker's own slot,
+    and the stats count exactly the steps that ran past their slot's end."""
+    from cluster_util import make_tiny_model_dir, run_cluster, wait_until
+
+    model = make_tiny_model_dir(tmp_path / "tiny")
+    slot_ms = 30.0
+    logs = tmp_path / "steps"
+    with run_cluster(str(model), workers=2, extra=["--device-share", "slots", "--slot-ms", str(slot_ms)],
+                     env={"LUMEN_STEP_LOG": str(logs)}) as c:
+        state = c.state()
+        assert state["device_share"] == "slots" and state["slot_ms"] == slot_ms
+        assert [w["slot"] for w in state["workers"]] == [[0, 2], [1, 2]]
+        ref = c.complete("The quick brown fox", max_tokens=24, ignore_eos=True)["choices"][0]["token_ids"]
+        import concurrent.futures as cf
+
+        with cf.ThreadPoolExecutor(6) as pool:
+            outs = list(pool.map(lambda _: c.complete("The quick brown fox", max_tokens=24, ignore_eos=True),
+                                 range(6)))
+        assert all(o["choices"][0]["token_ids"] == ref for o in outs)  # slots change no answer
+        c.kill(1, signal.SIGKILL)
+        wait_until(lambda: c.worker(1)["epoch"] == 2 and c.worker(1)["state"] == "serving", 90,
+                   "worker 1 back")
+        with cf.ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: c.complete("Once upon a time", max_tokens=16, ignore_eos=True), range(4)))
+        import time
+
+        time.sleep(0.5)  # the last heartbeat carries the last step's counts
+        stats = {w["id"]: w["stats"] for w in c.state()["workers"]}
+    rows = {}
+    for path in logs.glob("worker*-epoch*.csv"):
+        with open(path) as f:
+            rows[path.stem] = [r for r in csv.DictReader(f)]
+    assert {"worker0-epoch1", "worker1-epoch2"} <= set(rows)
+    for name, steps in rows.items():
+        index = int(name[len("worker")])
+        s = SlotSchedule(index, 2, slot_ms / 1e3)
+        assert steps, name
+        for r in steps:
+            start, end = float(r["mono_start_s"]), float(r["mono_end_s"])
+            assert s.owner(start) == index, f"{name}: a step started at {start:.4f}, in slot of {s.owner(start)}"
+            assert end >= start
+    # the survivor's stats (its incarnation logged every step): overruns counted exactly
+    w0 = rows["worker0-epoch1"]
+    s0 = SlotSchedule(0, 2, slot_ms / 1e3)
+    late = sum(1 for r in w0 if s0.overrun_s(float(r["mono_start_s"]), float(r["mono_end_s"])) > 0)
+    assert stats[0]["slot_overruns"] == late
+    assert stats[0]["slot_steps"] == len(w0)
+    assert math.isfinite(stats[0]["slot_wait_s"]) and stats[0]["slot_wait_s"] > 0
