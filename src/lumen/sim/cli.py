@@ -15,6 +15,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from lumen.policy import POLICY_NAMES
+from lumen.policy.slots import DEVICE_SHARES
 
 from .config import FailurePlan, FailureSpec, SimConfig, parse_duration, parse_fail
 from .cost import DEVICES, MODELS, load_profile
@@ -43,6 +44,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="a100", choices=sorted(DEVICES))
     g.add_argument("--tp", type=int, default=4, help="GPUs per worker (tensor parallel)")
     g.add_argument("--nodes", type=int, default=None, help="spread workers round-robin over this many nodes")
+    g.add_argument("--workers-per-device", type=_positive_int, default=1, metavar="N",
+                   help="N workers share each device (worker i on device i %% ceil(workers / N), as "
+                        "`lumen serve --devices` assigns them)")
+    g.add_argument("--device-share", default="auto", choices=DEVICE_SHARES,
+                   help="workers of one device: 'shared' (each uses it freely: a dead one's share goes to "
+                        "the others), 'slots' (time-division: each steps only in its own slot of a fixed "
+                        "cycle, an empty slot stays empty), 'auto' (slots when --workers-per-device > 1)")
+    g.add_argument("--slot-ms", type=_positive_float, default=None, metavar="MS",
+                   help="slot length under slots (default: 8 decode steps of a batch of 8, "
+                        "lumen.policy.slots.default_slot_s)")
     g.add_argument("--profile", default=None, metavar="CSV",
                    help="fitted step-time model from a `lumen profile` CSV instead of the roofline")
     g.add_argument("--kv-tokens", type=int, default=None, help="KV capacity per worker (default: from HBM)")
@@ -89,6 +100,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true")
 
 
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
+    return v
+
+
 def config_from_args(a: argparse.Namespace) -> SimConfig:
     cost = load_profile(a.profile) if a.profile else None
     return SimConfig(workers=a.workers, model=a.model, device=a.device, tp=a.tp, draft=a.draft,
@@ -96,7 +127,8 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
                      page_tokens=a.page_tokens, h2d_gbps=a.h2d_gbps, disk_gbps=a.disk_gbps,
                      net_gbps=a.net_gbps, ckpt_export_interval_ms=a.ckpt_export_interval_ms, ckpt_budget_gb=a.ckpt_budget_gb, detect_s=a.detect_s,
                      restart_s=a.restart_s, lam=a.lam, draft_cached=a.draft_cached,
-                     kv_tokens=a.kv_tokens, nodes=a.nodes, cost=cost)
+                     kv_tokens=a.kv_tokens, nodes=a.nodes, cost=cost,
+                     workers_per_device=a.workers_per_device, device_share=a.device_share, slot_ms=a.slot_ms)
 
 
 def failures_from_args(a: argparse.Namespace) -> FailurePlan:
@@ -178,7 +210,11 @@ def _run_one(a: argparse.Namespace, policies, out: Path | None, console, title: 
     fails = failures_from_args(a)
     progress = None if a.quiet else (lambda s: print(s, file=sys.stderr))
     exp = run_experiment(cfg, wl, policies, fails, repeats=a.repeats, seed=a.seed, progress=progress)
-    head = (f"lumen simulate: {cfg.workers} x {cfg.model} on {cfg.tp} x {cfg.device}, "
+    share = ""
+    if cfg.workers_per_device > 1:
+        share = f" ({cfg.workers_per_device} per device, {cfg.share_mode}" + (
+            f", {cfg.slot_s * 1e3:g} ms slots)" if cfg.share_mode == "slots" else ")")
+    head = (f"lumen simulate: {cfg.workers} x {cfg.model} on {cfg.tp} x {cfg.device}{share}, "
             f"{wl.qps:g} QPS, {wl.requests} requests ({wl.lengths}), "
             f"failures {_describe(fails)}; mean ± 95% CI over {a.repeats} seeds")
     print_table(exp.aggregates, console=console, title=(f"[{title}] " if title else "") + head)
@@ -201,6 +237,8 @@ def _run_one(a: argparse.Namespace, policies, out: Path | None, console, title: 
 def _cfg_dict(cfg: SimConfig) -> dict:
     d = {k: v for k, v in asdict(cfg).items() if k != "cost"}
     d["cost"] = type(cfg.cost).__name__ if cfg.cost else "RooflineCost"
+    d["share_mode"] = cfg.share_mode
+    d["slot_s"] = cfg.slot_s if cfg.share_mode == "slots" and cfg.workers_per_device > 1 else None
     if cfg.cost is not None and hasattr(cfg.cost, "coef"):
         d["cost_coef"] = list(cfg.cost.coef)
         d["colocated_slowdown"] = getattr(cfg.cost, "colocated_slowdown", 0.0)

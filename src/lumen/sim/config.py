@@ -8,7 +8,14 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from lumen.policy.slots import default_slot_s, resolve_device_share, share_groups
+
 from .cost import DEFAULT_DRAFT, DEVICES, MODELS, CostModel, DeviceSpec, ModelShape, RooflineCost
+
+# The "typical batch" whose decode step sizes the default slot (`SimConfig.slot_s`): this many decoding
+# sequences (at most max_batch) of SLOT_REF_CONTEXT tokens of context each.
+SLOT_REF_BATCH = 8
+SLOT_REF_CONTEXT = 1024
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,13 @@ class SimConfig:
     gpu_mem_util: float = 0.9           # share of HBM for weights + KV
     kv_tokens: int | None = None        # KV capacity per worker in tokens; None: from HBM
     nodes: int | None = None            # workers are spread over this many nodes (round robin)
+    # Several workers on one device (`lumen serve --devices` round robin): worker i is on device
+    # i % ceil(workers / workers_per_device). "shared": they use it freely (co-located slowdown, see
+    # core.py); "slots": time-division shares (lumen.policy.slots), each steps only in its own slot;
+    # "auto": slots where workers_per_device > 1. slot_ms None: `slot_s`'s default.
+    workers_per_device: int = 1
+    device_share: str = "shared"
+    slot_ms: float | None = None
     max_epoch_iters: int = 4096         # cap on identical iterations jumped at once
     cost: CostModel | None = None       # None: roofline of model/device/tp
 
@@ -56,6 +70,35 @@ class SimConfig:
             raise ValueError("workers, tp, k, chunk_tokens and max_batch must be >= 1")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError("alpha must be in [0, 1]")
+        if self.workers_per_device < 1:
+            raise ValueError("workers_per_device must be >= 1")
+        resolve_device_share(self.device_share, self.workers_per_device)   # raises on an unknown mode
+        if self.slot_ms is not None and not (self.slot_ms > 0 and math.isfinite(self.slot_ms)):
+            raise ValueError("slot_ms must be positive and finite")
+
+    @property
+    def share_mode(self) -> str:
+        """"shared" or "slots" ("auto" resolved by `lumen.policy.slots.resolve_device_share`)."""
+        return resolve_device_share(self.device_share, self.workers_per_device)
+
+    @property
+    def num_devices(self) -> int:
+        return math.ceil(self.workers / self.workers_per_device)
+
+    def device_groups(self) -> list[tuple[int, int, int]]:
+        """(device, index, count) per worker: its device (round robin, as `lumen serve --devices`) and
+        its (index, count) among the workers on that device (`lumen.policy.slots.share_groups`)."""
+        devs = [i % self.num_devices for i in range(self.workers)]
+        return [(d, i, c) for d, (i, c) in zip(devs, share_groups([f"dev{d}" for d in devs]), strict=True)]
+
+    @property
+    def slot_s(self) -> float:
+        """Slot length: slot_ms, or `default_slot_s` of the cost model's decode step for a typical batch
+        (SLOT_REF_BATCH sequences, at most max_batch, of SLOT_REF_CONTEXT tokens each)."""
+        if self.slot_ms is not None:
+            return self.slot_ms / 1e3
+        b = min(SLOT_REF_BATCH, self.max_batch)
+        return default_slot_s(self.cost_model().step_time(0, b, float(b * SLOT_REF_CONTEXT)))
 
     @property
     def draft_name(self) -> str:
@@ -79,13 +122,17 @@ class SimConfig:
     def draft_cost_model(self) -> CostModel:
         return RooflineCost(self.draft_shape, self.dev, self.tp)
 
-    def kv_capacity_tokens(self) -> int:
+    def kv_capacity_tokens(self, sharing: int = 1) -> int:
+        """KV tokens per worker; `sharing` workers on the device each hold their own weights and split
+        what is left (kv_tokens, when set, is per worker as given)."""
         if self.kv_tokens is not None:
             return self.kv_tokens
-        free = self.dev.hbm_gb * 1e9 * self.tp * self.gpu_mem_util - self.shape.weight_bytes
+        free = self.dev.hbm_gb * 1e9 * self.tp * self.gpu_mem_util - sharing * self.shape.weight_bytes
         if free <= 0:
-            raise ValueError(f"{self.model} does not fit {self.tp} x {self.device}")
-        return int(free // self.shape.kv_bytes_per_token)
+            raise ValueError(f"{sharing} x {self.model} do not fit {self.tp} x {self.device}" if sharing > 1
+                             else f"{self.model} does not fit {self.tp} x {self.device}")
+        per_worker = free if sharing == 1 else free / sharing
+        return int(per_worker // self.shape.kv_bytes_per_token)
 
     def expected_accepted(self) -> float:
         """Tokens committed per verify step: (1 - a^(K+1)) / (1 - a) (accepted prefix plus the

@@ -46,6 +46,30 @@ committing (1-a^(K+1))/(1-a) tokens each in expectation (scaled down when the dr
 slower than the partner's step, since late proposals are dropped). Meanwhile the target reads
 from disk at `disk_gbps` (after the draft: one disk); then host->device (one PCIe link per GPU)
 and `warmup_s`. Policies without speculation read the target at once and sit idle.
+
+Several workers on one device (`workers_per_device` > 1; worker i on device i % num_devices):
+- "shared": they use the device freely. A step takes (1 + s*k) x its cost while k other workers of the
+  device are stepping (the co-located slowdown above, grouped by device instead of node), with s the
+  profile's measured `colocated_slowdown`, else 1 (the device's time divides evenly among the workers
+  stepping on it). A dead, loading or idle worker steps on nothing, so the survivors speed up.
+- "slots": time-division shares (`lumen.policy.slots`). Worker `index` of `count` starts each engine
+  iteration only at `SlotSchedule.start_at(t, step_s)`, as the live worker does; a slot whose owner is
+  dead, loading or idle stays empty, so each worker runs like a device of 1/count speed and losing one
+  costs 1/count of the device. No co-located slowdown: one worker at a time has the whole device (a
+  step longer than a slot overruns into the next owner's slot without slowing it: not modelled). An
+  epoch of n iterations of dt each fills what is left of the current slot (as many as start_at
+  allows), then m per later own slot (one cycle apart): `_slot_layout`, `_ep_end`, `_iter_start`; an
+  iteration no slot can hold (dt >= slot) is planned alone. A change while the worker waits for its
+  slot ends the epoch at once, so the iteration at the slot's start takes it (as the live worker
+  schedules its batch when its wait ends). A restarting worker's device work also runs in its own
+  slots only, as in the live worker: the target's host->device copy and the warm-up, the draft's
+  catch-up prefill (`_slot_span`: divisible work), and its draft rounds count `count` x their cost
+  against the partner's steps. Not gated: disk reads, the draft's weight copy, KV restores (the live
+  worker does not gate them either). A worker alone on its device has no schedule (nor has the live
+  one).
+- Either way each worker holds its own weights, so the KV capacity from HBM is split among them, and
+  `policy.may_assist` (given each worker's accelerator: the device, or its own slot of it) decides
+  whether a restarting worker loads a draft, as the live controller does.
 """
 
 from __future__ import annotations
@@ -57,6 +81,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import lumen.policy.slots as slots
 from lumen import policy as P
 from lumen.metrics import RequestRecord
 from lumen.policy import WorkerEvent as E
@@ -118,6 +143,9 @@ class SimWorker:
         "ep_g", "link_free_at", "h2d_free_at", "held", "assist_g", "assist_from", "draft_ready",
         "n_prot_dec", "sec_per_pf", "last_dt", "wake_pending", "ep_p", "ep_dpos", "ep_ctx0", "ep_grow",
         "ep_slow", "slow_counted",
+        # device sharing: co-location group (node or device), slot schedule (None: no gating), wall
+        # seconds per second of device time (count under slots), cached slot layout of the epoch
+        "group", "slot", "stretch", "sl",
     )
 
     def __init__(self, wid: int, cfg: SimConfig, kv_cap: int):
@@ -132,6 +160,10 @@ class SimWorker:
         self.ckpt_budget_bytes = int(cfg.ckpt_budget_gb * 1e9)
         self.h2d_bytes_per_s = cfg.h2d_gbps * 1e9 * cfg.tp   # one PCIe link per GPU
         self.node = None if cfg.nodes is None else wid % cfg.nodes
+        self.group: int | None = None
+        self.slot: slots.SlotSchedule | None = None
+        self.stretch = 1.0
+        self.sl: tuple | None = None
         self.partner: int | None = None
         self.crashed = False
         self.detect_at = math.inf
@@ -191,17 +223,36 @@ class Simulator:
         self.net_bw = cfg.net_gbps * 1e9 / 8.0
         # a decode page waits for the next export: half an interval on average, exports spaced by it
         self.export_wait_s = cfg.ckpt_export_interval_ms / 2e3
-        kv_cap = cfg.kv_capacity_tokens()
-        self.workers = [SimWorker(i, cfg, kv_cap) for i in range(cfg.workers)]
+        groups = cfg.device_groups()
+        kv_caps = {c: cfg.kv_capacity_tokens(c) for c in {c for _, _, c in groups}}
+        self.workers = [SimWorker(i, cfg, kv_caps[groups[i][2]]) for i in range(cfg.workers)]
         # co-located interference (CPU workers sharing one host's cores and memory bandwidth): a
         # step takes (1 + s*k) x the fitted time while k other workers of its node are stepping;
-        # only with a cost model that measured s (`lumen profile --procs N`) and nodes configured
+        # only with a cost model that measured s (`lumen profile --procs N`) and nodes configured.
+        # Workers sharing a device freely ("shared"): the same, grouped by device, s = 1 if unmeasured.
         self.slowdown = float(getattr(self.cost, "colocated_slowdown", 0.0) or 0.0)
         self._node_busy: dict[int, int] = {}
         self._node_members: dict[int, list[SimWorker]] = {}
-        if self.slowdown > 0 and cfg.nodes is not None:
+        self.shared_devices = cfg.workers_per_device > 1
+        self.slot_s: float | None = None      # slot length where any worker is slot-gated
+        if self.shared_devices and cfg.share_mode == "slots":
+            slot_s = cfg.slot_s
+            for w, (_, index, count) in zip(self.workers, groups, strict=True):
+                if count > 1:
+                    w.slot = slots.SlotSchedule(index, count, slot_s)
+                    w.stretch = float(count)
+                    self.slot_s = slot_s
+        elif self.shared_devices:
+            self.slowdown = self.slowdown or 1.0
+            for w, (dev, _, count) in zip(self.workers, groups, strict=True):
+                if count > 1:
+                    w.group = dev
+                    self._node_members.setdefault(dev, []).append(w)
+        elif self.slowdown > 0 and cfg.nodes is not None:
             for w in self.workers:
+                w.group = w.node
                 self._node_members.setdefault(w.node, []).append(w)
+        self.accelerators = [f"dev{d}" + (f"/slot{i}" if self.slot_s is not None else "") for d, i, _ in groups]
         self.table = P.ClusterTable(cfg.workers)
         self.view = self.table.view(cfg.lam)
         for w in self.workers:
@@ -352,7 +403,7 @@ class Simulator:
             self._push(r.ready_at, _EV_WAKE, w.id)
         else:
             w.wq.append(r)
-        w.q_wait_s = w.pending_pf * w.sec_per_pf if w.sec_per_pf else w.pending_pf * self.base_sec_per_pf
+        w.q_wait_s = w.pending_pf * w.sec_per_pf if w.sec_per_pf else w.pending_pf * self.base_sec_per_pf * w.stretch
         self._sync_load(w)
         if not w.crashed:
             self._poke(w, now)
@@ -381,6 +432,26 @@ class Simulator:
                 w.wake_pending = True
                 self._push(now, _EV_WAKE, w.id)
             return
+        if w.slot is not None:
+            k = self._iters_done_by(w, now)
+            if k >= w.ep_n:
+                return            # the epoch ends by now: its end event takes the change
+            if self._iter_start(w, k, w.ep_dt) > now + _EPS:
+                # waiting for its slot, nothing in flight: end the epoch now, so that the iteration
+                # at the slot's start is planned with the change
+                w.ep_n = k
+                if k:
+                    w.ep_dt = self._epoch_dt(w, k)
+                w.ep_token += 1
+                self._push(now, _EV_STEP, w.id, w.ep_token)
+                return
+            k += 1
+            if k < w.ep_n:
+                w.ep_n = k
+                w.ep_dt = self._epoch_dt(w, k)
+                w.ep_token += 1
+                self._push(self._ep_end(w, k, w.ep_dt), _EV_STEP, w.id, w.ep_token)
+            return
         if w.ep_n > 1:
             k = self._iters_done_by(w, now) + 1
             if k < w.ep_n:
@@ -397,21 +468,106 @@ class Simulator:
     def _busy_changed(self, w: SimWorker, now: float) -> None:
         """Keep the node's count of stepping workers; the others re-time their epochs after the
         iteration in flight (their step-time factor changed)."""
-        if w.busy == w.slow_counted or w.node not in self._node_members:
+        if w.busy == w.slow_counted or w.group not in self._node_members:
             return
         w.slow_counted = w.busy
-        self._node_busy[w.node] = self._node_busy.get(w.node, 0) + (1 if w.busy else -1)
-        for o in self._node_members[w.node]:
+        self._node_busy[w.group] = self._node_busy.get(w.group, 0) + (1 if w.busy else -1)
+        for o in self._node_members[w.group]:
             if o is not w and o.busy:
                 self._poke(o, now)
 
     def _iters_done_by(self, w: SimWorker, t: float) -> int:
         """Iterations of the current epoch completed by time t, had the epoch been planned to
         end right after them (a shorter epoch has a shorter mid context, so re-time it)."""
+        if w.slot is not None:
+            return self._slot_iters_done_by(w, t)
         k = min(int((t - w.ep_start) / w.ep_dt + _EPS), w.ep_n)
         while k < w.ep_n and w.ep_start + (k + 1) * self._epoch_dt(w, k + 1) <= t + _EPS:
             k += 1
         return k
+
+    # ------------------------------------------------------------------ time-division slots
+    def _ep_end(self, w: SimWorker, k: int, dt: float) -> float:
+        """When iteration k (1-based) of w's current epoch ends, its iterations taking dt each."""
+        if w.slot is None or k <= 0:
+            return w.ep_start + k * dt
+        m0, s1, m, cycle = self._slot_layout(w, dt)
+        if k <= m0:
+            return w.ep_start + k * dt
+        q, j = divmod(k - m0 - 1, m)
+        return s1 + q * cycle + (j + 1) * dt
+
+    def _iter_start(self, w: SimWorker, i: int, dt: float) -> float:
+        """When iteration i (0-based) of w's current epoch starts."""
+        if w.slot is None:
+            return w.ep_start + i * dt
+        m0, s1, m, cycle = self._slot_layout(w, dt)
+        if i < m0:
+            return w.ep_start + i * dt
+        q, j = divmod(i - m0, m)
+        return s1 + q * cycle + j * dt
+
+    def _slot_layout(self, w: SimWorker, dt: float) -> tuple[int, float, int, float]:
+        """Where an epoch of iterations of dt each, the first starting at ep_start, runs under w's slot
+        schedule: m0 iterations back to back from ep_start, then m per own slot from s1 on, one cycle
+        apart (each next start is the schedule's `start_at`). Cached per (ep_start, dt)."""
+        c = w.sl
+        if c is not None and c[0] == dt and c[1] == w.ep_start:
+            return c[2]
+        sched = w.slot
+        assert sched is not None
+        s0 = w.ep_start
+        m0 = self._slot_fit(sched, s0, dt)
+        s1 = sched.start_at(s0 + m0 * dt, dt)
+        out = (m0, s1, self._slot_fit(sched, s1, dt), sched.cycle_s)
+        w.sl = (dt, s0, out)
+        return out
+
+    @staticmethod
+    def _slot_fit(sched: slots.SlotSchedule, s: float, dt: float) -> int:
+        """How many iterations of dt run back to back from s (a start the schedule allows) before the
+        schedule makes the next one wait: the first j with start_at(s + j*dt) != s + j*dt (>= 1)."""
+        if dt >= sched.slot_s:
+            return 1
+        m = max(1, int((sched.window(s)[1] - s) / dt))   # a guess, settled by start_at itself
+        while m > 1 and sched.start_at(s + (m - 1) * dt, dt) != s + (m - 1) * dt:
+            m -= 1
+        while sched.start_at(s + m * dt, dt) == s + m * dt:
+            m += 1
+        return m
+
+    def _slot_iters_done_by(self, w: SimWorker, t: float) -> int:
+        """`_iters_done_by` under slots: the closed-form inverse of `_ep_end`, then re-timed."""
+        dt, n = w.ep_dt, w.ep_n
+        m0, s1, m, cycle = self._slot_layout(w, dt)
+        if t < s1:
+            k = min(m0, max(0, int((t - w.ep_start) / dt + _EPS)))
+        else:
+            q = int((t - s1) / cycle)
+            k = m0 + q * m + min(m, max(0, int((t - s1 - q * cycle) / dt + _EPS)))
+        k = min(k, n)
+        while k > 0 and self._ep_end(w, k, dt) > t + _EPS:
+            k -= 1
+        while k < n:
+            dk = self._epoch_dt(w, k + 1)
+            if self._ep_end(w, k + 1, dk) > t + _EPS:
+                break
+            k += 1
+        return k
+
+    @staticmethod
+    def _slot_span(sched: slots.SlotSchedule | None, t: float, work_s: float) -> float:
+        """When `work_s` seconds of device work started at t are done, taken in the schedule's own
+        slots only (divisible work: the draft's catch-up, the warm-up); t + work_s without one."""
+        if sched is None or work_s <= 0:
+            return t + work_s
+        while True:
+            start, end = sched.window(t)
+            start = max(start, t)
+            if start + work_s <= end:
+                return start + work_s
+            work_s -= end - start
+            t = end
 
     def _plan(self, w: SimWorker, now: float) -> None:
         cfg = self.cfg
@@ -450,7 +606,7 @@ class Simulator:
             ctx_pf += r.pf_done + c
         if Ptok == 0 and D == 0:
             w.busy = False
-            w.q_wait_s = w.pending_pf * self.base_sec_per_pf
+            w.q_wait_s = w.pending_pf * self.base_sec_per_pf * w.stretch
             self._sync_load(w)
             if self._node_members:
                 self._busy_changed(w, now)
@@ -473,25 +629,33 @@ class Simulator:
         w.ep_ctx0 = w.S_dec + D * w.G + ctx_pf
         w.ep_grow = D * g + (Ptok if n > 1 else 0)    # context added per iteration
         if self._node_members:
-            others = self._node_busy.get(w.node, 0) - (1 if w.slow_counted else 0)
+            others = self._node_busy.get(w.group, 0) - (1 if w.slow_counted else 0)
             w.ep_slow = 1.0 + self.slowdown * others
         dt = self._epoch_dt(w, n)
+        start = now
+        sched = w.slot
+        if sched is not None:
+            if n > 1 and dt >= sched.slot_s:
+                n = 1     # no slot holds two: each where start_at allows it, one epoch each
+                w.ep_grow = D * g
+                dt = self._epoch_dt(w, 1)
+            start = sched.start_at(now, dt)
         w.busy = True
-        w.ep_start = now
+        w.ep_start = start
         w.ep_dt = dt
         w.ep_n = n
         w.ep_g = g
         w.ep_chunks = chunks
         w.ep_token += 1
-        w.last_dt = dt
+        w.last_dt = dt * w.stretch      # wall time per iteration, for the checkpoint lag in tokens
         if assisted:
             self.stats.assisted_steps += n
-        # q_w: queued prefill work at this batch's prefill rate
+        # q_w: queued prefill work at this batch's prefill rate (under slots: wall time, count x)
         free = cfg.chunk_tokens - D * dpos
-        w.sec_per_pf = dt / free if free > 0 else dt
+        w.sec_per_pf = (dt / free if free > 0 else dt) * w.stretch
         w.q_wait_s = w.pending_pf * w.sec_per_pf
         self._sync_load(w)
-        self._push(now + n * dt, _EV_STEP, w.id, w.ep_token)
+        self._push(now + n * dt if sched is None else self._ep_end(w, n, dt), _EV_STEP, w.id, w.ep_token)
         if self._node_members:
             self._busy_changed(w, now)
 
@@ -502,10 +666,15 @@ class Simulator:
         ctx = w.S_dec + D * w.G
         dt_t = self.cost.step_time(0, D * self.k1, ctx)
         dt_d = self.cfg.k * self.draft_cost.step_time(0, D, ctx)
+        if self.slot_s is not None:   # each side runs only in its own slots: 1/count of the time
+            dt_t *= w.stretch
+            if w.partner is not None:
+                dt_d *= self.workers[w.partner].stretch
         return 1.0 + (self.E - 1.0) * min(1.0, dt_t / dt_d if dt_d > 0 else 1.0)
 
     def _end_epoch(self, w: SimWorker, t: float) -> None:
-        self._apply(w, w.ep_n, t)
+        if w.ep_n:   # 0: ended while waiting for its slot, before its first iteration
+            self._apply(w, w.ep_n, t)
         w.busy = False
         self._plan(w, t)
 
@@ -624,7 +793,7 @@ class Simulator:
             if k > 0:
                 if k < w.ep_n:
                     w.ep_dt = self._epoch_dt(w, k)
-                self._apply(w, k, w.ep_start + k * w.ep_dt)
+                self._apply(w, k, self._ep_end(w, k, w.ep_dt))
             w.busy = False
             w.ep_token += 1
             if self._node_members:
@@ -754,13 +923,28 @@ class Simulator:
         w.epoch += 1
         w.draft_ready = False
         t = self.now
-        if self.feats.speculation:
+        if self.feats.speculation and (not self.shared_devices or self._may_assist(w)):
             self._transition(w, E.RESTART)
             self._push(t + self.t_draft_load, _EV_DRAFT, w.id, w.epoch)
             self._push(t + self.t_target_disk_after_draft, _EV_HOST, w.id, w.epoch)
         else:
             self._transition(w, E.RESTART_PLAIN)
-            self._push(t + self.t_plain_reload + self.t_target_h2d, _EV_READY, w.id, w.epoch)
+            self._push(self._target_ready(w, t + self.t_plain_reload), _EV_READY, w.id, w.epoch)
+
+    def _may_assist(self, w: SimWorker) -> bool:
+        """`policy.may_assist` on a snapshot with each worker's accelerator (its device, or its own slot
+        of it), as the live controller asks before giving a restarting worker its draft."""
+        ws = tuple(P.WorkerView(o.id, o.state, o.epoch, o.alive, o.waiting, o.running, o.q_wait_s,
+                                o.ckpt_reserved_bytes, o.ckpt_budget_bytes, o.h2d_bytes_per_s, o.node,
+                                o.partner, self.accelerators[o.id]) for o in self.workers)
+        return bool(self._call("may_assist")(P.ClusterView(ws, self.cfg.lam), w.id))
+
+    def _target_ready(self, w: SimWorker, t: float) -> float:
+        """Target weights in host memory at t: copied host->device, then the warm-up; under slots both
+        only in w's own slots (the live worker gates each tensor's copy and each warm-up step)."""
+        if w.slot is None:
+            return t + self.t_target_h2d
+        return self._slot_span(w.slot, t, self.t_target_h2d)
 
     def _draft_loaded(self, w: SimWorker, epoch: int) -> None:
         if w.epoch != epoch or w.crashed or w.state is not S.LOADING_DRAFT:
@@ -789,7 +973,7 @@ class Simulator:
                 c = min(chunk, ctx)
                 catch_up += self.draft_cost.step_time(c, 0, c)
                 ctx -= c
-            pw.assist_from = t + catch_up
+            pw.assist_from = t + catch_up if w.slot is None else self._slot_span(w.slot, t, catch_up)
             self._push(pw.assist_from, _EV_ASSIST, p)
 
     def _host_loaded(self, w: SimWorker, epoch: int) -> None:
@@ -805,7 +989,7 @@ class Simulator:
             self._poke(pw, self.now)
         self._transition(w, E.HOST_LOADED)
         w.draft_ready = False
-        self._push(self.now + self.t_target_h2d, _EV_READY, w.id, w.epoch)
+        self._push(self._target_ready(w, self.now), _EV_READY, w.id, w.epoch)
         self._try_pair(self.now)
 
     def _ready(self, w: SimWorker, epoch: int) -> None:
