@@ -8,7 +8,7 @@ import csv
 import torch
 
 from lumen.engine import Engine, EngineConfig, SamplingParams
-from lumen.engine.profile import COLUMNS, STEP_LOG_ENV, STEP_LOG_TIME, StepLog
+from lumen.engine.profile import COLUMNS, STEP_LOG_ENV, STEP_LOG_MONO, STEP_LOG_TIME, StepLog
 from lumen.model import PRESETS
 from lumen.model.loader import random_model
 from lumen.sim.cost import load_profile, read_profile
@@ -41,7 +41,7 @@ def test_step_log_rows_load_as_a_profile(tmp_path, monkeypatch):
 
     with open(log.path, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0]) == (*COLUMNS, STEP_LOG_TIME) and len(rows) == steps
+    assert tuple(rows[0]) == (*COLUMNS, STEP_LOG_TIME, *STEP_LOG_MONO) and len(rows) == steps
     assert all(float(r[STEP_LOG_TIME]) > 1e9 for r in rows)
     assert sum(float(r["num_prefill_tokens"]) for r in rows) == 5 + 17 + 9 + 30 + 12
     assert all(float(r["step_time_s"]) > 0 for r in rows)
