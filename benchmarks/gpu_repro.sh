@@ -52,7 +52,14 @@ MPS=${MPS:-0}
 # runs under MPS, or on more than one GPU, are another experiment (another capacity, another calibrated
 # rate): each its own directory (one GPU time-shared keeps the name of runs 2-4)
 NGPU=$(tr ',' '\n' <<< "$DEVICES" | grep cuda | sort -u | wc -l)
-RUNS=${RUNS:-$PWD/.gpu-runs/repro-$PRESET$([ "$NGPU" -gt 1 ] && echo "-${NGPU}gpu")$([ "$MPS" != 0 ] && echo -mps)}
+# SHARE: lumen serve --device-share for the bench (auto: time slots where workers share a GPU, so that a
+# failure costs capacity as on GPUs of their own; shared: runs 2-7's testbed). Slot runs are another
+# experiment: their own directory
+SHARE=${SHARE:-auto}
+SLOT_MS=${SLOT_MS:-auto}
+SHARED_GPU=$([ "$(tr ',' '\n' <<< "$DEVICES" | grep -c .)" -lt "$WORKERS" ] && echo 1 || echo 0)
+SLOTS=$([ "$SHARE" = slots ] || { [ "$SHARE" = auto ] && [ "$SHARED_GPU" = 1 ]; } && echo 1 || echo 0)
+RUNS=${RUNS:-$PWD/.gpu-runs/repro-$PRESET$([ "$NGPU" -gt 1 ] && echo "-${NGPU}gpu")$([ "$MPS" != 0 ] && echo -mps)$([ "$SLOTS" = 1 ] && echo -slots)}
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
 
 mps_start() {  # prints the per-worker SM percentage once an MPS client has run under it; fails otherwise
@@ -104,6 +111,16 @@ for step in $STEPS; do
       --repeats "${CKPT_REPEATS:-1}" --serve-args "--num-blocks 3000" ${CKPT_EXPORT_MS:+--export-interval-ms "$CKPT_EXPORT_MS"} \
       --out "$OUT/ckpt_gpu.json" > "$OUT/ckpt.log" 2>&1
     echo "checkpoint overhead exit $?"; tail -4 "$OUT/ckpt.log" ;;
+  share)
+    # issue 23: does a failure cost capacity? 4 workers saturated on one GPU, one SIGKILLed: survivors'
+    # tokens/s before and after, shared freely and time-sliced (~3 min per mode with the 8B shape)
+    target=$LUMEN_HOME/models/repro-$PRESET
+    timeout -k 20 "${SHARE_TIMEOUT:-$(( $(left) - 30 ))}" python3 benchmarks/device_share.py --model "$target" \
+      --workers "$WORKERS" --devices "$DEVICES" --modes "${SHARE_MODES:-shared,slots}" --slot-ms "$SLOT_MS" \
+      --max-batch "${SHARE_BATCH:-32}" --max-tokens 256 --warmup-s 15 --before-s "${SHARE_S:-25}" --settle-s 5 --after-s "${SHARE_S:-25}" \
+      --serve-args "--num-blocks $NUM_BLOCKS --max-model-len 2048" --out "$OUT/share" > "$OUT/share.log" 2>&1
+    echo "device share benchmark exit $?"; tail -16 "$OUT/share.log"
+    (cd "$OUT/share" && for f in *; do mv "$f" "../share_$f"; done) && rmdir "$OUT/share" ;;
   profile)
     # issue 7 on GPU: the engine's step times over a grid of batch shapes, for `lumen simulate --profile`
     timeout -k 20 "${PROFILE_TIMEOUT:-180}" python3 -m lumen profile --model "$LUMEN_HOME/models/repro-$PRESET" \
@@ -127,7 +144,8 @@ for step in $STEPS; do
       --serve-args "--draft-model $target-selfdraft --num-blocks $NUM_BLOCKS --cold-restart --ckpt-budget-gb $CKPT_GB --max-model-len 2048" \
       --qps auto --target-load "$TARGET_LOAD" --calibration-requests 64 --duration "$DURATION" \
       --lengths splitwise-conv --max-prompt 1024 --max-output 256 --fail "t=$FAIL_AT:worker=1:SIGKILL" \
-      --repeats "$REPEATS" --window auto --startup-timeout 300 --resume --out "$RUNS" --quiet > "$OUT/bench.log" 2>&1
+      --repeats "$REPEATS" --window auto --startup-timeout 300 --device-share "$SHARE" --slot-ms "$SLOT_MS" \
+      --resume --out "$RUNS" --quiet > "$OUT/bench.log" 2>&1
     echo "bench exit $? (124: stopped at the block's end; --resume goes on next call)"
     [ -n "$share" ] && mps_stop
     tail -25 "$OUT/bench.log"
@@ -140,6 +158,6 @@ for step in $STEPS; do
 done
 # the device tool returns at most 8 files: beyond that, everything but the key ones goes into one archive
 if [ "$(ls "$OUT" | wc -l)" -gt 8 ]; then
-  (cd "$OUT" && tar czf block.tgz --remove-files $(ls | grep -v -x -e bench-runs.tgz -e pages.txt -e phases.txt -e curve.txt))
+  (cd "$OUT" && tar czf block.tgz --remove-files $(ls | grep -v -x -e bench-runs.tgz -e pages.txt -e phases.txt -e curve.txt -e share_results.json -e share_device_share.png))
 fi
 echo "== done in $(( $(date +%s) - start )) s"

@@ -100,6 +100,22 @@ def test_serve_resolves_slots_per_device():
     assert cfg.slot_of(0) is None
 
 
+def test_cpu_workers_under_slots_get_lanes_of_cores():
+    from lumen.runtime.config import ClusterConfig
+
+    cfg = ClusterConfig(model="m", served_model_name="m", num_workers=4, devices=["cpu"], device_share="slots",
+                        slot_ms=100, cpu_cores=[0, 1])
+    assert [cfg.slot_of(i) for i in range(4)] == [(0, 4), (1, 4), (2, 4), (3, 4)]  # the whole CPU, in turn
+    assert cfg.cpu_cores_of(3) == [0, 1]
+    cfg.cpu_lanes_max = 2  # a core each, two workers per core
+    assert [cfg.slot_of(i) for i in range(4)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    assert [cfg.cpu_cores_of(i) for i in range(4)] == [[0], [1], [0], [1]]
+    wide = ClusterConfig(model="m", served_model_name="m", num_workers=2, devices=["cpu"], device_share="slots",
+                         slot_ms=100, cpu_cores=list(range(8)), cpu_lanes_max=4)
+    assert [wide.slot_of(i) for i in range(2)] == [(0, 1), (0, 1)]  # a lane each: partitioned, no turns
+    assert wide.cpu_cores_of(1) == [4, 5, 6, 7]
+
+
 @pytest.mark.cluster
 def test_live_workers_step_only_inside_their_slots(tmp_path):
     """Two CPU workers time-slice the box; one is SIGKILLed and comes back. Every engine step in the

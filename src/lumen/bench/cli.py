@@ -19,7 +19,7 @@ from .runner import DEFAULT_POLICIES, BenchConfig, run_bench
 __all__ = ["add_parser", "run", "config_from_args", "DEMO_DEFAULTS"]
 
 # Sized to finish in well under 10 minutes on 2 CPU cores: 4 cluster starts and 4 replays.
-# The rate is calibrated on the machine (half of the measured saturated request rate) because a
+# The rate is calibrated on the machine (a share of the measured saturated request rate) because a
 # fixed QPS would overload a slow 2-core box and leave a fast one idle; duration fixes the size.
 DEMO_DEFAULTS = dict(
     model="default",
@@ -27,6 +27,9 @@ DEMO_DEFAULTS = dict(
     devices=None,
     policies=list(DEFAULT_POLICIES),
     qps=None,
+    # past 3/4 of the capacity, so that losing one of four workers (a quarter of it, under the time slots
+    # that --device-share auto gives workers sharing the CPU) builds a backlog for recovery to clear
+    target_load=0.85,
     duration=75.0,
     requests=None,
     lengths="sharegpt",
@@ -58,6 +61,23 @@ def _window(text: str) -> int | None:
     return v
 
 
+DEVICE_SHARES = ("auto", "shared", "slots")  # lumen serve --device-share
+
+
+def _add_device_share(g, default: str) -> None:
+    g.add_argument("--device-share", choices=DEVICE_SHARES, default=default,
+                   help="passed to `lumen serve --device-share`: workers sharing a device (the CPU, or one GPU) "
+                        "take turns in fixed time slots ('slots'), so a dead worker's share stays idle and the "
+                        "failure costs capacity as on separate GPUs; 'shared' lets the survivors take it; "
+                        "'auto' is slots where a device is shared (default: %(default)s)")
+    g.add_argument("--slot-ms", default="auto", help="passed to `lumen serve --slot-ms` (default: %(default)s)")
+
+
+def _serve_args(args: argparse.Namespace) -> list[str]:
+    """--device-share and --slot-ms for `lumen serve`, then --serve-args (which may override them)."""
+    return ["--device-share", args.device_share, "--slot-ms", str(args.slot_ms), *shlex.split(args.serve_args)]
+
+
 def _add_args(p: argparse.ArgumentParser, demo: bool) -> None:
     d = DEMO_DEFAULTS if demo else {}
     g = p.add_argument_group("cluster")
@@ -70,13 +90,15 @@ def _add_args(p: argparse.ArgumentParser, demo: bool) -> None:
     g.add_argument("--url", default=None,
                    help="attach to a running cluster instead of starting one (measures its policy only)")
     g.add_argument("--serve-args", default="", help="extra arguments for `lumen serve`, one shell-quoted string")
+    _add_device_share(g, default="auto")
     g.add_argument("--port", type=int, default=None, help="cluster port (default: a free port per run)")
     g.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for a cluster to be ready")
     w = p.add_argument_group("workload")
     w.add_argument("--qps", type=_qps, default=d.get("qps", 4.0),
                    help="mean request rate, or 'auto': target-load × the saturated rate measured on the first "
                         "cluster (default: %s)" % ("auto" if demo else "%(default)s"))
-    w.add_argument("--target-load", type=float, default=0.5, help="with --qps auto (default: %(default)s)")
+    w.add_argument("--target-load", type=float, default=d.get("target_load", 0.5),
+                   help="with --qps auto (default: %(default)s)")
     w.add_argument("--calibration-requests", type=int, default=None,
                    help="with --qps auto: requests sent at once to measure the saturated rate (default: 2 per "
                         "worker, at least 4; more gives a closer estimate of capacity)")
@@ -125,9 +147,10 @@ no-failure run of the same workload. Repeats use seeds seed..seed+repeats-1; the
 mean ± 95% Student-t CI. Writes results.json, runs.csv, summary.csv and PNG plots to --out.
 """
 _DEMO_DESC = """\
-lumen bench with defaults for the embedded default model on a CPU: {workers} workers, the
-no-failure reference plus {policies}, failure {fail}, {repeats} repeat(s), {duration:g} s of
-arrivals at half the cluster's measured capacity (--qps auto), prompts <= {max_prompt} and outputs
+lumen bench with defaults for the embedded default model on a CPU: {workers} workers time-sliced on
+the CPU (--device-share auto: a failure costs a quarter of the capacity), the no-failure reference
+plus {policies}, failure {fail}, {repeats} repeat(s), {duration:g} s of arrivals at {target_load:g}
+of the cluster's measured capacity (--qps auto), prompts <= {max_prompt} and outputs
 <= {max_output} tokens, windows of requests/12 (the paper's 200 needs far longer runs). Every bench
 option can be overridden.
 """.format(**{**DEMO_DEFAULTS, "policies": ", ".join(DEMO_DEFAULTS["policies"]), "fail": DEMO_DEFAULTS["fail"][0]})
@@ -158,6 +181,7 @@ def _add_chaos(subparsers) -> None:
     c.add_argument("--devices", default=None, help="passed to `lumen serve --devices`")
     c.add_argument("--url", default=None, help="attach to a running local cluster instead of starting one")
     c.add_argument("--serve-args", default="", help="extra arguments for `lumen serve`, one shell-quoted string")
+    _add_device_share(c, default="shared")
     c.add_argument("--duration", type=float, default=d.duration, help="seconds of load and faults (default: %(default)s)")
     c.add_argument("--qps", type=float, default=d.qps, help="mean request rate (default: %(default)s)")
     c.add_argument("--lengths", default=d.lengths, help="length distribution (default: %(default)s)")
@@ -204,7 +228,7 @@ def run_chaos_cli(args: argparse.Namespace) -> int:
     try:
         cfg = ChaosConfig(
             model=args.model, workers=args.workers, policy=args.policy, devices=args.devices, url=args.url,
-            serve_args=shlex.split(args.serve_args), duration=args.duration, qps=args.qps, lengths=args.lengths,
+            serve_args=_serve_args(args), duration=args.duration, qps=args.qps, lengths=args.lengths,
             max_prompt=args.max_prompt, max_output=args.max_output, fault_every=args.fault_every, min_serving=args.min_serving,
             replay_sample=args.replay_sample,
             kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), abuse=not args.no_abuse,
@@ -247,7 +271,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         settle=args.settle,
         causal_start=not args.paper_start,
         port=args.port,
-        serve_args=shlex.split(args.serve_args),
+        serve_args=_serve_args(args),
         startup_timeout_s=args.startup_timeout,
         request_timeout_s=args.request_timeout,
         max_concurrency=args.concurrency,

@@ -498,11 +498,13 @@ class Engine:
         return -(-queued // per_step) * step_s
 
     def expected_step_s(self) -> float:
-        """Expected wall time of the next step, from the EMAs of measured steps: a prefill step's if any
-        prompt work is queued or running, else a decode step's (0 before any was measured). A worker
+        """Expected wall time of the next step, from the EMAs of measured steps: a prefill step's if it
+        will run prompt work (a prefill under way, or a waiting request with room in the batch), else a
+        decode step's (0 before any was measured). A worker
         with a time slot (lumen.policy.slots) starts the step only where this fits."""
         sched = self.scheduler
-        prefill = bool(sched.waiting) or any(not s.is_decoding for s in sched.running)
+        admits = bool(sched.waiting) and len(sched.running) < sched.max_batch  # (KV room not checked)
+        prefill = admits or any(not s.is_decoding for s in sched.running)
         if prefill:
             return self._ema_step_s or self._ema_decode_s
         return self._ema_decode_s or self._ema_step_s

@@ -191,6 +191,8 @@ class Controller:
         slot = c.slot_of(w.id)
         if slot is not None and slot[1] > 1:
             argv += ["--slot-index", str(slot[0]), "--slot-count", str(slot[1]), "--slot-ms", f"{c.slot_ms:g}"]
+        if slot is not None and c.device_for(w.id) == "cpu":
+            argv += ["--cpu-cores", ",".join(map(str, c.cpu_cores_of(w.id)))]
         return argv
 
     async def _spawn(self, w: WorkerRecord, initial: bool = False) -> None:

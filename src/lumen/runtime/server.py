@@ -91,14 +91,19 @@ def add_device_share_arguments(p: argparse.ArgumentParser, default: str) -> None
                    help="slot length with --device-share slots, or 'auto': about 8 decode steps of the model, "
                         "estimated from its weight bytes and the device's measured decode bandwidth "
                         "(docs/configuration.md)")
+    p.add_argument("--cpu-lanes", type=int, default=1,
+                   help="CPU workers with --device-share slots: split the cores into this many lanes that run "
+                        "side by side, each time-sliced among its workers (default 1: each worker has the whole "
+                        "CPU in its slot; more lanes serve more but isolate less: docs/configuration.md)")
 
 
 # Decode-step estimate for the default slot length: a decode step reads every weight once, at the
-# bandwidth a decode step reached when measured, plus the step's fixed cost (docs/benchmarks.md,
-# "Time-division shares"). CPU: the 2-core box, SmolLM2-135M fp32 (540 MB), batch 1-8, 2 threads:
-# 61-85 ms a step. CUDA: H100/H200, Qwen3-8B shape bf16.
-DECODE_BYTES_PER_S = {"cpu": 9e9, "cuda": 2.5e12}
-DECODE_STEP_FIXED_S = {"cpu": 0.01, "cuda": 0.003}
+# bandwidth a measured decode step reached, plus a fixed cost. CPU: the 2-core box, SmolLM2-135M fp32
+# (540 MB), batch 1-8: 61-85 ms a step on 2 threads, 73-112 on one (2026-12-06). CUDA: the 8B shape
+# (16.4 GB) at batch 1 ran 128 steps/s on an H100 and 175 on an H200 (docs/benchmarks.md): 2.1 and 2.9
+# TB/s; the H100's figure, so a slot holds at least STEPS_PER_SLOT steps on either.
+DECODE_BYTES_PER_S = {"cpu": 9e9, "cuda": 2.1e12}
+DECODE_STEP_FIXED_S = {"cpu": 0.01, "cuda": 0.001}
 
 
 def estimated_decode_step_s(weight_bytes: int, device: str) -> float:
@@ -168,6 +173,9 @@ def build_config(args: argparse.Namespace) -> tuple[ClusterConfig, Tokenizer | N
         gpu_share_fixed=on_gpu and mps_share_fixed(os.environ, workers_per_gpu=math.ceil(args.workers / len(devices))),
         max_pending=args.max_pending)
     per_device = max(n for _, n in cfg.share_groups())
+    cfg.cpu_lanes_max = getattr(args, "cpu_lanes", 1)
+    if cfg.cpu_lanes_max < 1:
+        raise ValueError("--cpu-lanes must be at least 1")
     cfg.device_share = resolve_device_share(getattr(args, "device_share", "shared"), per_device)
     if cfg.device_share == "slots":
         if getattr(args, "launcher", "local") == "ray":

@@ -73,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slot-index", type=int, default=0)
     p.add_argument("--slot-count", type=int, default=1)
     p.add_argument("--slot-ms", type=float, default=0.0)
+    p.add_argument("--cpu-cores", default="", help="CPU worker under slots: the cores of its lane (comma-separated)")
     return p.parse_args(argv)
 
 
@@ -845,10 +846,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=os.environ.get("LUMEN_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s [worker {args.worker_id}.{args.epoch}] %(levelname)s %(message)s")
     if args.device == "cpu":
-        # several workers share a few cores: one thread each keeps them from thrashing; with a time slot
-        # a worker has the whole CPU inside it, so all of its cores
-        threads = os.environ.get("LUMEN_WORKER_THREADS") or (len(os.sched_getaffinity(0)) if args.slot_count > 1 else 1)
-        torch.set_num_threads(int(threads))
+        # several workers share a few cores: one thread each keeps them from thrashing. Under slots a
+        # worker runs on its lane's cores (ClusterConfig.cpu_cores_of), a thread per core
+        cores = [int(c) for c in args.cpu_cores.split(",") if c.strip()]
+        if cores:
+            os.sched_setaffinity(0, cores)
+        torch.set_num_threads(int(os.environ.get("LUMEN_WORKER_THREADS") or len(cores) or 1))
     worker = Worker(args)
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "running", False))
     profile_dir = os.environ.get("LUMEN_WORKER_PROFILE")  # developer aid: cProfile of the whole worker
