@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import shlex
 import signal
 import statistics
@@ -40,19 +41,24 @@ from rich.table import Table
 
 from lumen.bench.cluster import ClusterProcess, free_port, serve_command, wait_ready
 
-PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle. " * 2
+PROMPT_TOKENS = 32  # token ids, not text: a preset model has no tokenizer
 
 
-async def _stream_forever(http: httpx.AsyncClient, model: str, max_tokens: int, stop: asyncio.Event,
-                          counts: list[int]) -> None:
-    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
+async def _stream_forever(http: httpx.AsyncClient, model: str, vocab: int, max_tokens: int, stop: asyncio.Event,
+                          counts: list, seed: int) -> None:
+    rng = random.Random(seed)
     while not stop.is_set():
+        # distinct prompts: no two requests share a prefix that a cache could serve
+        prompt = [rng.randrange(1, vocab) for _ in range(PROMPT_TOKENS)]
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
         try:
             r = await http.post("/v1/completions", json=body)
             if r.status_code == 200:
                 counts[0] += 1
             else:
                 counts[1] += 1
+                if len(counts) < 3:
+                    counts.append(f"{r.status_code}: {r.text[:300]}")  # the first error, for the report
                 await asyncio.sleep(0.2)
         except httpx.HTTPError:
             counts[1] += 1
@@ -99,9 +105,10 @@ async def run_mode(args, mode: str, out: Path, console: Console) -> dict:
         stop = asyncio.Event()
         limits = httpx.Limits(max_connections=args.streams + 8, max_keepalive_connections=args.streams + 8)
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-            model = (await http.get("/v1/models")).json()["data"][0]["id"]
-            loaders = [asyncio.create_task(_stream_forever(http, model, args.max_tokens, stop, counts))
-                       for _ in range(args.streams)]
+            served = (await http.get("/v1/models")).json()["data"][0]
+            model, vocab = served["id"], min(int(served.get("vocab_size") or 1000), 1000)
+            loaders = [asyncio.create_task(_stream_forever(http, model, vocab, args.max_tokens, stop, counts, i))
+                       for i in range(args.streams)]
             start = time.monotonic()
             t_kill = start + args.warmup_s + args.before_s
             t_end = t_kill + args.settle_s + args.after_s
@@ -136,7 +143,7 @@ async def run_mode(args, mode: str, out: Path, console: Console) -> dict:
             "workers": workers, "cluster_before_tok_s": sum(w["before_tok_s"] or 0 for w in workers.values()),
             "survivor_change_mean": statistics.fmean(w["after_over_before"] for w in survivors) - 1 if survivors else None,
             "survivor_change_max_abs": max(abs(w["after_over_before"] - 1) for w in survivors) if survivors else None,
-            "requests_done": counts[0], "request_errors": counts[1], "last_stats": last, "samples": samples}
+            "requests_done": counts[0], "request_errors": counts[1], "first_error": counts[2] if len(counts) > 2 else None, "last_stats": last, "samples": samples}
 
 
 def _fmt(v: float | None) -> str:
