@@ -167,3 +167,28 @@ def test_live_workers_step_only_inside_their_slots(tmp_path):
     assert stats[0]["slot_overruns"] == late
     assert stats[0]["slot_steps"] == len(w0)
     assert math.isfinite(stats[0]["slot_wait_s"]) and stats[0]["slot_wait_s"] > 0
+
+
+def test_serve_config_resolves_the_device_share(tmp_path):
+    import argparse
+
+    from cluster_util import make_tiny_model_dir
+
+    from lumen.runtime.server import add_serve_arguments, build_config
+
+    model = str(make_tiny_model_dir(tmp_path / "tiny"))
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+
+    def cfg(*argv):
+        return build_config(p.parse_args(["--model", model, *argv]))[0]
+
+    assert cfg("--workers", "4", "--devices", "cpu").device_share == "shared"  # serve's default
+    slots = cfg("--workers", "4", "--devices", "cpu", "--device-share", "auto")
+    assert slots.device_share == "slots" and slots.slot_ms >= 20 and slots.slot_of(3) == (3, 4)
+    assert cfg("--workers", "2", "--devices", "cuda:0,cuda:1", "--device-share", "auto").device_share == "shared"
+    assert cfg("--workers", "4", "--devices", "cpu", "--device-share", "slots", "--slot-ms", "40").slot_ms == 40
+    with pytest.raises(ValueError, match="slot-ms"):
+        cfg("--workers", "2", "--devices", "cpu", "--device-share", "slots", "--slot-ms", "0")
+    with pytest.raises(ValueError, match="not both"):
+        cfg("--workers", "4", "--devices", "cpu,cuda:0", "--device-share", "slots")

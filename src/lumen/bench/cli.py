@@ -30,6 +30,9 @@ DEMO_DEFAULTS = dict(
     # past 3/4 of the capacity, so that losing one of four workers (a quarter of it, under the time slots
     # that --device-share auto gives workers sharing the CPU) builds a backlog for recovery to clear
     target_load=0.85,
+    # 4 per worker: with 2, time-sliced workers ran batches too small to show their capacity (0.34 req/s
+    # calibrated against 0.65 with 4, 2026-12-06), and the demo made only 22 requests
+    calibration_requests=16,
     duration=75.0,
     requests=None,
     lengths="sharegpt",
@@ -99,9 +102,10 @@ def _add_args(p: argparse.ArgumentParser, demo: bool) -> None:
                         "cluster (default: %s)" % ("auto" if demo else "%(default)s"))
     w.add_argument("--target-load", type=float, default=d.get("target_load", 0.5),
                    help="with --qps auto (default: %(default)s)")
-    w.add_argument("--calibration-requests", type=int, default=None,
-                   help="with --qps auto: requests sent at once to measure the saturated rate (default: 2 per "
-                        "worker, at least 4; more gives a closer estimate of capacity)")
+    w.add_argument("--calibration-requests", type=int, default=d.get("calibration_requests"),
+                   help="with --qps auto: requests sent at once to measure the saturated rate (default: %s; "
+                        "more gives a closer estimate of capacity)" % (
+                            "%(default)s" if demo else "2 per worker, at least 4"))
     w.add_argument("--requests", type=int, default=d.get("requests"),
                    help="number of requests (default: duration × qps, else 1000)")
     w.add_argument("--duration", type=float, default=d.get("duration"),

@@ -499,11 +499,13 @@ class Engine:
 
     def expected_step_s(self) -> float:
         """Expected wall time of the next step, from the EMAs of measured steps: a prefill step's if it
-        will run prompt work (a prefill under way, or a waiting request with room in the batch), else a
+        will run prompt work (a prefill under way, or a waiting request it can admit), else a
         decode step's (0 before any was measured). A worker
         with a time slot (lumen.policy.slots) starts the step only where this fits."""
         sched = self.scheduler
-        admits = bool(sched.waiting) and len(sched.running) < sched.max_batch  # (KV room not checked)
+        bm = self.block_manager
+        admits = (bool(sched.waiting) and len(sched.running) < sched.max_batch
+                  and bm.can_allocate(bm.blocks_for(len(sched.waiting[0]))))  # as the scheduler admits
         prefill = admits or any(not s.is_decoding for s in sched.running)
         if prefill:
             return self._ema_step_s or self._ema_decode_s

@@ -67,8 +67,12 @@ class ClusterConfig:
         on a CPU its lane, a set of cores (`cpu_cores_of`)."""
         d = self.device_for(worker_id)
         if d == "cpu":
-            return f"cpu/lane{worker_id % self.cpu_lanes()}" if self.device_share == "slots" else "cpu"
+            return f"cpu/lane{self._cpu_lane(worker_id)}" if self.device_share == "slots" else "cpu"
         return d if ":" in d else d + ":0"
+
+    def _cpu_lane(self, worker_id: int) -> int:
+        # by the worker's place among the CPU workers, so that lanes fill evenly beside GPU workers
+        return sum(1 for i in range(worker_id) if self.device_for(i) == "cpu") % self.cpu_lanes()
 
     def share_groups(self) -> list[tuple[int, int]]:
         """(index, count) of each worker among the workers on its device."""
@@ -86,7 +90,7 @@ class ClusterConfig:
         35% after the kill, through the cores the gateway and the load client then had to themselves and
         the memory bandwidth the lanes share (docs/benchmarks.md, "Time-division shares")."""
         lanes, cores = self.cpu_lanes(), self.cpu_cores
-        j = worker_id % lanes
+        j = self._cpu_lane(worker_id)
         return cores[j * len(cores) // lanes:(j + 1) * len(cores) // lanes]
 
     def slot_of(self, worker_id: int) -> tuple[int, int] | None:

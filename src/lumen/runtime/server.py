@@ -172,15 +172,20 @@ def build_config(args: argparse.Namespace) -> tuple[ClusterConfig, Tokenizer | N
         cold_restart=args.cold_restart,
         gpu_share_fixed=on_gpu and mps_share_fixed(os.environ, workers_per_gpu=math.ceil(args.workers / len(devices))),
         max_pending=args.max_pending)
-    per_device = max(n for _, n in cfg.share_groups())
     cfg.cpu_lanes_max = getattr(args, "cpu_lanes", 1)
     if cfg.cpu_lanes_max < 1:
         raise ValueError("--cpu-lanes must be at least 1")
-    cfg.device_share = resolve_device_share(getattr(args, "device_share", "shared"), per_device)
+    share = getattr(args, "device_share", "shared")
+    on_ray = getattr(args, "launcher", "local") == "ray"
+    if share == "auto" and (on_ray or cfg.gpu_share_fixed):
+        share = "shared"  # Ray: a GPU per actor; fixed MPS shares: slots would halve them again
+    cfg.device_share = resolve_device_share(share, max(n for _, n in cfg.share_groups()))
     if cfg.device_share == "slots":
-        if getattr(args, "launcher", "local") == "ray":
+        if on_ray:
             raise ValueError("--device-share slots needs the workers of a device on one host: use the local "
                              "launcher (Ray places workers on GPUs of their own)")
+        if len({d == "cpu" for d in devices}) > 1:
+            raise ValueError("--device-share slots takes CPU or GPU workers, not both (one slot length)")
         cfg.slot_ms = _slot_ms(getattr(args, "slot_ms", "auto"), mcfg.weight_bytes(kv_dtype), devices[0])
     return cfg, tokenizer, mcfg.vocab_size
 

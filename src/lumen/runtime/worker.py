@@ -489,8 +489,12 @@ class Worker:
 
     # ------------------------------------------------------------------ time slots
     def _slot_wait_s(self, step_s: float) -> float:
-        """0 if a device step of `step_s` may start now, else how long until this worker's slot."""
-        return 0.0 if self.slots is None else self.slots.wait_s(time.monotonic(), step_s)
+        """0 if a device step of `step_s` may start now, else how long until this worker's slot. A step
+        of unknown length (0: nothing measured yet, e.g. the first after the warm-up or a cold CUDA
+        graph) counts as a whole slot: it starts only at a slot's beginning."""
+        if self.slots is None:
+            return 0.0
+        return self.slots.wait_s(time.monotonic(), step_s or self.slots.slot_s)
 
     def _wait_for_slot(self, step_s: float) -> None:
         """Block until a device step of `step_s` may start (load-time work: weight copies, warm-up)."""
@@ -539,12 +543,12 @@ class Worker:
             if not busy:
                 t0 = t1  # an idle wait for work is not loop cost
             stepped = self.engine is not None and self.engine.has_work()
-            if stepped and self.slots is not None and not self._slot_turn():
-                continue  # not this worker's turn on the device: it waited for its slot, polling
+            started = time.monotonic()
+            if stepped and self.slots is not None:
+                # not this worker's turn on the device: it waits for its slot, polling, and the turn goes
+                # on below without a step (pages due, restores released, stats)
+                stepped = self._slot_turn() and self._slot_step_began(started := time.monotonic())
             if stepped:
-                started = time.monotonic()
-                if not self._slot_step_began(started):
-                    continue
                 if self.verifier is not None:
                     self.verifier.before_step(self.engine)
                 outputs = self.engine.step()
@@ -581,7 +585,6 @@ class Worker:
         t = time.monotonic()
         self._poll(timeout_ms=max(1, min(20, math.ceil(wait * 1e3))))
         self.counters["slot_wait_s"] += time.monotonic() - t
-        self._publish_stats()
         return False
 
     def _poll(self, timeout_ms: int) -> None:
