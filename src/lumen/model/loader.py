@@ -180,7 +180,7 @@ def _to_device(v: torch.Tensor | tuple[torch.Tensor, ...], device: torch.device,
     return fill_rows(dst, v, "fused parameter")
 
 
-def _nbytes(v: torch.Tensor | tuple[torch.Tensor, ...]) -> int:
+def _param_nbytes(v: torch.Tensor | tuple[torch.Tensor, ...]) -> int:
     return sum(t.nbytes for t in ((v,) if isinstance(v, torch.Tensor) else v))
 
 
@@ -197,7 +197,7 @@ def build_model_from_host(config: ModelConfig, host_state: HostState,
     state = {}
     for k, v in host_state.items():
         if before_copy is not None:
-            before_copy(_nbytes(v))
+            before_copy(_param_nbytes(v))
         state[k] = _to_device(v, device, dtype)
         if before_copy is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
