@@ -156,7 +156,7 @@ def _plot(results: list[dict], kill: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.8), squeeze=False, sharey=True)
     for ax, res in zip(axes[0], results, strict=True):
         ids = sorted(res["workers"])
         ws = [res["workers"][i] for i in ids]

@@ -399,3 +399,25 @@ def test_capacity_check_without_stop_restart_or_without_an_outage():
     # stop-restart's outage unknown in one seed: the others judge that seed
     check = check_capacity(_capacity_runs({("stop-restart", 0): math.nan, ("lumen", 0): 1.3}))
     assert check["seeds"][0]["capacity_lost"] is True and check["seeds"][0]["basis"] == ["lumen"]
+
+
+def test_paper_verdict_says_whether_lumen_beat_stop_restart():
+    from lumen.metrics.report import paper_verdict
+    from lumen.metrics.summary import CI, METRICS, PolicyAggregate
+
+    def agg(policy, rec, ttft, tpot, recovered=1):
+        m = {k: CI(float("nan"), float("nan"), 0) for k in METRICS}
+        m.update(recovery_time_s=CI(rec, 0.0, 1), affected_ttft_mean=CI(ttft, 0.0, 1),
+                 affected_tpot_mean=CI(tpot, 0.0, 1))
+        return PolicyAggregate(policy=policy, repeats=1, recovered=recovered, seeds=[0], metrics=m)
+
+    good = paper_verdict([agg("stop-restart", 90, 1.5, 0.8, recovered=0), agg("lumen", 30, 1.2, 0.7)], {})
+    assert len(good) == 1 and "as the paper reports" in good[0] and "recovery time 30 vs 90 s (-67%)" in good[0]
+    assert "not recovered within the run: stop-restart" in good[0]
+    bad = paper_verdict([agg("stop-restart", 20, 1.0, 0.5), agg("lumen", 30, 1.2, 0.7)], {})
+    assert "not what the paper reports" in bad[0]
+    assert "mixed" in paper_verdict([agg("stop-restart", 40, 1.0, 0.5), agg("lumen", 30, 1.2, 0.7)], {})[0]
+    none = paper_verdict([agg("stop-restart", 40, 1.0, 0.5), agg("lumen", 30, 1.2, 0.7)],
+                         {"no_capacity_loss_seeds": [0]})
+    assert "cost no capacity" in none[0]
+    assert paper_verdict([agg("lumen", 30, 1.2, 0.7)], {}) == []

@@ -49,7 +49,7 @@ from lumen.metrics import (
     write_json,
     write_runs_csv,
 )
-from lumen.metrics.report import capacity_warnings, print_fitted, report_console
+from lumen.metrics.report import capacity_warnings, paper_verdict, print_fitted, report_console
 from lumen.metrics.summary import check_capacity
 from lumen.workload import RequestSpec, load_trace, make_workload
 
@@ -619,6 +619,8 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
     print_fitted(console, render_table(aggregates))
     for line in capacity_warnings(capacity):
         console.print(line)
+    for line in paper_verdict(aggregates, capacity):
+        console.print(line, markup=False)
     console.print(f"results in {out}/: " + ", ".join(p.name for p in files.values()))
     return BenchResults(out, runs, summaries, aggregates, files, meta, capacity)
 

@@ -228,3 +228,37 @@ def capacity_warnings(check: dict) -> list[str]:
             + ": no killed worker's outage was measured (no SIGKILL injected, or the cluster did not report when "
             "the worker served again), so nothing here shows that the failure cost capacity (DESIGN.md §5)") + "[/]")
     return lines
+
+
+# (metric, label, unit scale, unit) compared against stop-restart in the verdict after the bench table
+_VERDICT_METRICS = (("recovery_time_s", "recovery time", 1.0, "s"), ("affected_ttft_mean", "affected TTFT", 1e3, "ms"),
+                    ("affected_tpot_mean", "affected TPOT", 1e3, "ms"))
+
+
+def paper_verdict(aggregates, check: dict, reference: str = "stop-restart", policy: str = "lumen") -> list[str]:
+    """Plain lines saying whether `policy` beat `reference` as the paper says it does (shorter recovery,
+    lower failure-affected TTFT and TPOT), figure by figure, or why no such comparison can be read off
+    these runs; [] where either policy was not run."""
+    by = {a.policy: a for a in aggregates}
+    if policy not in by or reference not in by:
+        return []
+    if check.get("no_capacity_loss_seeds"):
+        return [f"verdict: none - the failure cost no capacity (above), so {policy} against {reference} "
+                "says nothing about recovery"]
+    parts, better = [], []
+    for key, label, scale, unit in _VERDICT_METRICS:
+        a, b = by[policy].metrics[key].mean, by[reference].metrics[key].mean
+        if not (math.isfinite(a) and math.isfinite(b)) or b <= 0:
+            continue
+        parts.append(f"{label} {a * scale:.4g} vs {b * scale:.4g} {unit} ({a / b - 1:+.0%})")
+        better.append(a < b)
+    if not parts:
+        return []
+    censored = [p for p in (policy, reference) if by[p].recovered < by[p].repeats]
+    note = (f"; not recovered within the run: {', '.join(censored)} (its recovery time is a lower bound)"
+            if censored else "")
+    n = by[policy].repeats
+    head = ("as the paper reports: " if all(better) else
+            "not what the paper reports: " if not any(better) else "mixed: ")
+    return [f"verdict ({n} seed{'s' if n > 1 else ''}): {policy} against {reference}, {head}"
+            + ", ".join(parts) + note]
