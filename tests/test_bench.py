@@ -448,11 +448,15 @@ def test_cli_parses_bench_and_demo():
     cfg = config_from_args(a)
     assert a.func.__name__ == "run" and not a.bench_demo
     assert cfg.policies == ["lumen"] and len(cfg.fail) == 2 and cfg.n_requests() == 60 and cfg.window == 50
-    assert cfg.serve_args == ["--ckpt-budget", "1 GiB"] and cfg.causal_start
+    # --device-share and --slot-ms go first, so that --serve-args can override them
+    assert cfg.serve_args == ["--device-share", "auto", "--slot-ms", "auto", "--ckpt-budget", "1 GiB"]
+    assert cfg.causal_start
     d = config_from_args(parser.parse_args(["demo"]))
     assert d.policies == DEMO_DEFAULTS["policies"] and d.workers == 4 and d.model == "default"
     assert d.repeats == 1 and d.window is None and d.fail == DEMO_DEFAULTS["fail"]
     assert d.qps is None and d.duration == DEMO_DEFAULTS["duration"]  # calibrated rate, fixed duration
+    # time slots where the workers share the CPU, past 3/4 of the capacity: losing one of four builds a backlog
+    assert d.serve_args[:2] == ["--device-share", "auto"] and d.target_load == 0.85 > 0.75
     auto = config_from_args(parser.parse_args(["bench", "--qps", "auto", "--window", "auto", "--duration", "9"]))
     assert auto.qps is None and auto.window is None and auto.window_for(120) == 10 and auto.window_for(12) == 5
     with pytest.raises(SystemExit):
