@@ -26,6 +26,7 @@ import contextlib
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import shlex
 import time
@@ -95,6 +96,7 @@ class BenchConfig:
     host: str = "127.0.0.1"
     port: int | None = None  # None: a free port per cluster
     serve_args: list[str] = field(default_factory=list)
+    reload_delay_s: float = 0.0  # every reload this much longer (LUMEN_FAULT_SLOW_RELOAD_S): a bigger model's
     serve_cmd: list[str] | None = None  # replaces "python -m lumen serve ..." ({port},{policy} substituted)
     startup_timeout_s: float = 900.0
     stop_grace_s: float = 10.0
@@ -508,7 +510,8 @@ class _Bench:
                 cmd = serve_command(cfg.model, cfg.workers, policy, port, cfg.host, cfg.devices, cfg.serve_args)
             url = f"http://{cfg.host}:{port}"
             log_path = out / "logs" / f"{label}-seed{seed}.log"
-            cluster = ClusterProcess(cmd, log_path, grace_s=cfg.stop_grace_s)
+            env = dict(os.environ, LUMEN_FAULT_SLOW_RELOAD_S=f"{cfg.reload_delay_s:g}") if cfg.reload_delay_s else None
+            cluster = ClusterProcess(cmd, log_path, env=env, grace_s=cfg.stop_grace_s)
             progress.log(f"{label} seed {seed}: starting cluster on port {port} (log: {log_path})")
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with log_path.open("a") as f:
