@@ -17,6 +17,13 @@ live engine's step costs, contention included, fitted for the mean step per shap
 fit_mean). The failure variant is then out of sample; the script also prints how much faster or
 slower the live failure runs were than their reference runs before the failure (drift_before_failure).
 
+With --device-share slots (issue 23) the live workers take turns on the CPU in fixed slots (`lumen bench
+--device-share slots --slot-ms`) and the simulator models the same: all workers on one device
+(workers_per_device = workers), the live cluster's slot length (its /lumen/cluster `slot_ms`). In its slot
+a worker has the whole CPU, so the profile is a step with the whole CPU: `lumen profile --threads <cores>`
+(no --procs: one worker steps at a time), or better --profile-from live, whose rows are in-slot steps (a
+step starts only in its slot; the wait for the slot is not in its time, the simulator adds it).
+
 `uptime` is recorded before and after the profile and the live bench (the machine may be shared).
 While the bench runs, the cluster's /lumen/cluster is polled (worker engine counters, reload phases)
 and saved to OUT/live/cluster_polls.jsonl; with --worker-profile each worker runs under cProfile
@@ -86,7 +93,8 @@ class Poller:
                     if not self._up:
                         self.segment += 1
                         self._up = True
-                    f.write(json.dumps({"t": time.time(), "segment": self.segment, "workers": [
+                    f.write(json.dumps({"t": time.time(), "segment": self.segment, "slot_ms": doc.get("slot_ms"),
+                                        "workers": [
                         {**{k: w.get(k) for k in ("id", "epoch", "state", "pid", "stats", "phases_s")},
                          "schedstat": _schedstat(w.get("pid"))}
                         for w in doc.get("workers", [])]}) + "\n")
@@ -245,7 +253,10 @@ def run_profile(args, out: Path, log: dict) -> Path:
         log["profile"] = {"reused": str(args.profile)}
         return csv_path
     cmd = ["lumen", "profile", "--model", args.model, "--device", "cpu", "--out", str(csv_path),
-           "--repeats", str(args.profile_repeats), "--procs", str(args.workers)]
+           "--repeats", str(args.profile_repeats)]
+    # shared: one thread per worker, and co-located rows; slots: a worker has the whole CPU in its slot
+    cmd += ["--procs", str(args.workers)] if args.device_share == "shared" else \
+        ["--threads", str(len(os.sched_getaffinity(0)))]
     before = uptime()
     t0 = time.time()
     subprocess.run(cmd, check=True)
@@ -261,7 +272,9 @@ def run_live(args, out: Path, log: dict) -> Path:
            "--qps", str(args.qps), "--requests", str(args.requests), "--lengths", args.lengths,
            "--fail", f"t={args.fail_at:g}s:worker={args.fail_worker}:SIGKILL", "--repeats", str(args.repeats),
            "--seed", str(args.seed), "--window", str(args.window), "--port", str(port), "--out", str(live),
-           "--quiet"]
+           "--device-share", args.device_share, "--slot-ms", str(args.slot_ms), "--quiet"]
+    for flag, v in (("--max-prompt", args.max_prompt), ("--max-output", args.max_output)):
+        cmd += [flag, str(v)] if v else []
     env = dict(os.environ)
     if args.profile_from == "live":
         env["LUMEN_STEP_LOG"] = str(live / "step_log")
@@ -409,10 +422,13 @@ def run_sim(args, csv_path: Path, log: dict, colocated: bool = True) -> tuple[li
     # reload of the 135M model (bytes / disk, bytes / h2d) is subtracted, warm-up set to 0
     shape = MODELS["smollm2-135m"]
     reload = shape.weight_bytes / 2e9 + shape.weight_bytes / 26e9
+    # slots: every worker on the one CPU, taking turns in the live cluster's slots
+    slots = dict(workers_per_device=args.workers, device_share="slots", slot_ms=args.slot_ms_live) \
+        if args.device_share == "slots" else {}
     cfg = SimConfig(workers=args.workers, model="smollm2-135m", device="h100", tp=1, chunk_tokens=args.chunk_tokens,
                     kv_tokens=args.kv_tokens, detect_s=args.detect_s, restart_s=max(0.0, args.restart_s - reload),
-                    warmup_s=0.0, nodes=1, cost=cost)
-    wl = WorkloadSpec(args.requests, args.qps, args.lengths)
+                    warmup_s=0.0, nodes=1, cost=cost, **slots)
+    wl = WorkloadSpec(args.requests, args.qps, args.lengths, max_prompt=args.max_prompt, max_output=args.max_output)
     fails = FailurePlan((parse_fail(f"t={args.fail_at:g}s:worker={args.fail_worker}"),))
     summaries = []
     window = args.window_n
@@ -427,7 +443,8 @@ def run_sim(args, csv_path: Path, log: dict, colocated: bool = True) -> tuple[li
                   "fit_mean_abs_rel_err": cost.mean_abs_rel_err, "colocated_slowdown": cost.colocated_slowdown,
                   "nodes": cfg.nodes, "kv_tokens": args.kv_tokens,
                   "chunk_tokens": args.chunk_tokens, "detect_s": args.detect_s, "restart_s": args.restart_s,
-                  "fit": args.fit}
+                  "fit": args.fit, "device_share": args.device_share,
+                  "slot_ms": args.slot_ms_live if args.device_share == "slots" else None}
     return summaries, cost
 
 
@@ -474,6 +491,20 @@ def step_check(cost, counters: list[dict], breakdown: list[dict]) -> dict:
     return out
 
 
+def live_slot_ms(args, polls: list[tuple[dict, dict]]) -> float:
+    """The live cluster's slot length: as /lumen/cluster reported it, else as `lumen serve` computes it."""
+    reported = [d["slot_ms"] for d, _ in polls if d.get("slot_ms")]
+    if reported:
+        return float(reported[0])
+    import torch
+
+    from lumen.model.loader import read_config
+    from lumen.runtime.model_dirs import resolve_model_dir
+    from lumen.runtime.server import _slot_ms
+
+    return _slot_ms(args.slot_ms, read_config(resolve_model_dir(args.model)).weight_bytes(torch.float32), "cpu")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/sim_fidelity")
@@ -482,6 +513,8 @@ def main(argv=None) -> int:
     ap.add_argument("--qps", type=float, default=0.3)
     ap.add_argument("--requests", type=int, default=30)
     ap.add_argument("--lengths", default="fixed:32:32")
+    ap.add_argument("--max-prompt", type=int, default=None, help="clip prompt tokens (bench and sim)")
+    ap.add_argument("--max-output", type=int, default=None, help="clip output tokens (bench and sim)")
     ap.add_argument("--fail-at", type=float, default=30.0, help="seconds after the replay starts")
     ap.add_argument("--fail-worker", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
@@ -503,6 +536,11 @@ def main(argv=None) -> int:
                          "--profile-from live, else relative")
     ap.add_argument("--live", default=None, help="reuse this `lumen bench` output directory instead of running it")
     ap.add_argument("--port", type=int, default=None)
+    ap.add_argument("--device-share", choices=("shared", "slots"), default="shared",
+                    help="live: `lumen bench --device-share`; sim: slots puts all workers on one device, taking "
+                         "turns in the live cluster's slots (shared: independent workers, as before)")
+    ap.add_argument("--slot-ms", default="auto", help="with --device-share slots: `lumen bench --slot-ms` (the sim "
+                                                      "uses the slot length the live cluster reports)")
     ap.add_argument("--worker-profile", action="store_true", help="run the live workers under cProfile")
     args = ap.parse_args(argv)
     if args.fit == "auto":
@@ -529,6 +567,8 @@ def main(argv=None) -> int:
         restarts = live_restarts(polls)
         args.restart_s = _mean(restarts) if restarts else 2.0
         log["restart_s_from_live"] = restarts
+    if args.device_share == "slots":
+        args.slot_ms_live = log["slot_ms_live"] = live_slot_ms(args, polls)
     variants = {}
     for name, colocated in (("independent", False), ("colocated", True)):
         runs, cost = run_sim(args, csv_path, log, colocated=colocated)
@@ -554,7 +594,8 @@ def main(argv=None) -> int:
     if "live" in log:
         print(f"live:    {log['live']['uptime_before']}  ->  {log['live']['uptime_after']}")
     print(f"fit ({args.fit}): coef {[f'{c:.3g}' for c in cost.coef]}, R2 {cost.r2:.3f}, mean |rel err| {cost.mean_abs_rel_err:.1%}, "
-          f"co-located slowdown s = {cost.colocated_slowdown:.3f}; sim restart_s from live: {args.restart_s:.2f}")
+          f"co-located slowdown s = {cost.colocated_slowdown:.3f}; sim restart_s from live: {args.restart_s:.2f}"
+          + (f"; slots of {args.slot_ms_live:g} ms" if args.device_share == "slots" else ""))
     for name, v in variants.items():
         print(f"\nsim with {'co-located slowdown (nodes=1)' if name == 'colocated' else 'independent workers (s=0)'}")
         _print_rows(v["rows"])
