@@ -456,7 +456,8 @@ def test_cli_parses_bench_and_demo():
     assert d.repeats == 1 and d.window is None and d.fail == DEMO_DEFAULTS["fail"]
     assert d.qps is None and d.duration == DEMO_DEFAULTS["duration"]  # calibrated rate, fixed duration
     # time slots where the workers share the CPU, past 3/4 of the capacity: losing one of four builds a backlog
-    assert d.serve_args[:2] == ["--device-share", "auto"] and d.target_load == 0.85 > 0.75
+    assert d.serve_args == ["--device-share", "auto", "--slot-ms", "auto", "--max-batch", "4"]
+    assert d.target_load == 0.85 > 0.75 and d.reload_delay_s == 15
     auto = config_from_args(parser.parse_args(["bench", "--qps", "auto", "--window", "auto", "--duration", "9"]))
     assert auto.qps is None and auto.window is None and auto.window_for(120) == 10 and auto.window_for(12) == 5
     with pytest.raises(SystemExit):

@@ -38,6 +38,10 @@ DEMO_DEFAULTS = dict(
     # capacity in the 2026-12-06 22:39 demo (stop-restart's outage TTFT 0.44x). A reload 15 s longer is
     # what a model of a few GB takes from a local disk, the paper's premise
     reload_delay=15.0,
+    # a batch cap: the calibration's 4 requests per worker then measure the capacity, and a survivor cannot
+    # absorb a dead worker's load by growing its batch (the 22:59 demo, uncapped at 0.85 of a calibrated
+    # rate that was half the real capacity, again lost none); capped, stop-restart's outage TTFT was 3.2x
+    serve_args="--max-batch 4",
     duration=75.0,
     requests=None,
     lengths="sharegpt",
@@ -97,7 +101,8 @@ def _add_args(p: argparse.ArgumentParser, demo: bool) -> None:
                    help=f"policy to measure, repeatable (default: {' '.join(DEFAULT_POLICIES)})")
     g.add_argument("--url", default=None,
                    help="attach to a running cluster instead of starting one (measures its policy only)")
-    g.add_argument("--serve-args", default="", help="extra arguments for `lumen serve`, one shell-quoted string")
+    g.add_argument("--serve-args", default=d.get("serve_args", ""),
+                   help="extra arguments for `lumen serve`, one shell-quoted string (default: %(default)r)")
     _add_device_share(g, default="auto")
     g.add_argument("--port", type=int, default=None, help="cluster port (default: a free port per run)")
     g.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for a cluster to be ready")
@@ -162,7 +167,8 @@ _DEMO_DESC = """\
 lumen bench with defaults for the embedded default model on a CPU: {workers} workers time-sliced on
 the CPU (--device-share auto: a failure costs a quarter of the capacity), the no-failure reference
 plus {policies}, failure {fail} with the reload made {reload_delay:g} s longer (as a model of a few
-GB would take), {repeats} repeat(s), {duration:g} s of arrivals at {target_load:g}
+GB would take), serve args {serve_args!r} (a batch cap: the calibration then measures the capacity),
+{repeats} repeat(s), {duration:g} s of arrivals at {target_load:g}
 of the cluster's measured capacity (--qps auto), prompts <= {max_prompt} and outputs
 <= {max_output} tokens, windows of requests/12 (the paper's 200 needs far longer runs). Every bench
 option can be overridden.
