@@ -83,8 +83,8 @@ class ClusterConfig:
         return max(1, min(len(self.cpu_cores), cpu_workers, self.cpu_lanes_max))
 
     def cpu_cores_of(self, worker_id: int) -> list[int]:
-        """Under slots, a CPU worker's cores: the box's cores split into `cpu_lanes` equal lanes, worker i
-        in lane i mod lanes, each lane time-sliced among its own workers. One lane (the default) isolates:
+        """Under slots, a CPU worker's cores: the box's cores split into `cpu_lanes` equal lanes, the i-th
+        CPU worker in lane i mod lanes, each lane time-sliced among its own workers. One lane (the default) isolates:
         4 workers on the 2-core box, one SIGKILLed, the survivors' rate changed -2.4%, at 0.80x the
         cluster rate of free sharing; 2 lanes of one core gave 1.16x that rate, but the survivors sped up
         35% after the kill, through the cores the gateway and the load client then had to themselves and

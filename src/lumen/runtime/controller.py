@@ -118,6 +118,9 @@ class Controller:
         self.ctx = zmq.asyncio.Context()
         self.router: AsyncRouterEndpoint | None = None
         self.workers: dict[int, WorkerRecord] = {i: WorkerRecord(i) for i in range(cfg.num_workers)}
+        # each worker's (index, count) on its device under slots, else None: fixed for the cluster's life,
+        # and read by every view() (routing, placement), so worked out once
+        self.slots = [cfg.slot_of(i) for i in range(cfg.num_workers)]
         self.requests: dict[str, RequestState] = {}
         # interrupted requests waiting for any worker to serve again (every survivor is reloading)
         self.pending: list[tuple[float, RequestState, int]] = []
@@ -188,7 +191,7 @@ class Controller:
                          c.device_for(w.id))
         if c.dtype:
             argv += ["--dtype", c.dtype]
-        slot = c.slot_of(w.id)
+        slot = self.slots[w.id]
         if slot is not None and slot[1] > 1:
             argv += ["--slot-index", str(slot[0]), "--slot-count", str(slot[1]), "--slot-ms", f"{c.slot_ms:g}"]
         if slot is not None and c.device_for(w.id) == "cpu":
@@ -209,7 +212,7 @@ class Controller:
             log.info("worker %d: %.2f GB of weight files evicted from the page cache before restart",
                      w.id, covered / 1e9)
         env = {"LUMEN_CLUSTER_SECRET": secret_to_hex(self.secret)}
-        if self.cfg.slot_of(w.id) and self.cfg.device_for(w.id) == "cpu" and "OMP_WAIT_POLICY" not in os.environ:
+        if self.slots[w.id] and self.cfg.device_for(w.id) == "cpu" and "OMP_WAIT_POLICY" not in os.environ:
             # a time-sliced CPU worker runs a thread per core in its slot; OpenMP's spinning barriers then
             # stall whenever another process holds a core (the gateway, a load client): 2.7 s decode steps
             # against 0.09 s with passive waits on the 2-core box (docs/benchmarks.md, 2026-12-06)
@@ -366,13 +369,12 @@ class Controller:
         return ClusterView(tuple(workers), lam=self.cfg.lam)
 
     def _accelerator(self, worker_id: int) -> str | None:
-        device = self.cfg.device_for(worker_id)
-        if not device.startswith("cuda"):
+        if not self.cfg.device_for(worker_id).startswith("cuda"):
             return None  # CPU workers each use their own threads
-        device = device if ":" in device else device + ":0"
+        device = self.cfg.share_device(worker_id)
         # a fixed MPS share or a time slot of its own: as good as a GPU of its own for a restarting worker
         # (under slots its slot stays empty while it reloads, so a draft there takes nothing from others)
-        return f"{device}/share{worker_id}" if self.cfg.gpu_share_fixed or self.cfg.slot_of(worker_id) else device
+        return f"{device}/share{worker_id}" if self.cfg.gpu_share_fixed or self.slots[worker_id] else device
 
     def in_flight(self) -> int:
         return sum(1 for r in self.requests.values() if not r.done)
@@ -719,7 +721,7 @@ class Controller:
                 "host": w.host if w.node else (
                     "127.0.0.1" if self.cfg.host in ("127.0.0.1", "localhost") else self.cfg.host),
                 "node": w.node,
-                "device": w.device or self.cfg.device_for(w.id), "slot": self.cfg.slot_of(w.id), "data_addr": w.data_addr, "kv_addr": w.kv_addr,
+                "device": w.device or self.cfg.device_for(w.id), "slot": self.slots[w.id], "data_addr": w.data_addr, "kv_addr": w.kv_addr,
                 "last_heartbeat_ms": round((now - w.last_hb) * 1000, 1), "partner": w.partner,
                 "load": {k: w.stats.get(k) for k in ("num_waiting", "num_running", "q_wait_s", "kv_usage")},
                 "ckpt_reserved_bytes": w.ckpt_reserved, "stats": w.stats, "phases_s": w.phase_s,
