@@ -6,13 +6,16 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import lumen.policy as P
 import lumen.sim.core as core
 from lumen.sim import FailurePlan, FailureSpec, FittedCost, SimConfig, Simulator
 from lumen.workload import make_workload
 
 DECISIONS = ("route_new", "place_checkpoint", "dispatch_interrupted", "pick_partner", "next_state",
-             "checkpoint_reservation")
+             "checkpoint_reservation", "pick_partner_by_gain", "choose_spec_lengths", "assist_gain",
+             "draft_phase_pays")
 CFG = SimConfig(workers=6, cost=FittedCost((0.004, 2e-5, 1e-4, 1e-7, 1e-9)), kv_tokens=10**6,
                 restart_s=0.5, ckpt_budget_gb=40.0, nodes=3)
 PLAN = FailurePlan((FailureSpec(2.0, count=2), FailureSpec(3.0, workers=(5,))), mtbf_s=15.0)
@@ -29,8 +32,9 @@ def _snapshot(sim: Simulator) -> P.ClusterView:
     return P.ClusterView(ws, sim.cfg.lam)
 
 
-def test_every_decision_is_a_policy_call_and_matches_a_frozen_snapshot(monkeypatch):
-    sim = Simulator(CFG, _workload(), "lumen", PLAN, seed=3)
+@pytest.mark.parametrize("rule", ["goodput", "fixed"])
+def test_every_decision_is_a_policy_call_and_matches_a_frozen_snapshot(monkeypatch, rule):
+    sim = Simulator(CFG.with_(spec_rule=rule), _workload(), "lumen", PLAN, seed=3)
     calls: dict[str, int] = {}
     originals = {name: getattr(P, name) for name in DECISIONS}
 
@@ -55,7 +59,13 @@ def test_every_decision_is_a_policy_call_and_matches_a_frozen_snapshot(monkeypat
     assert calls["route_new"] == 400 + 0          # one per arrival (none parked: 4+ workers live)
     assert calls["place_checkpoint"] == st.placed + st.unprotected > 0
     assert calls["dispatch_interrupted"] >= 2 and st.restores > 0 and st.shed >= 0
-    assert calls["pick_partner"] >= 1 and st.assisted_steps > 0
+    if rule == "fixed":
+        assert calls["pick_partner"] >= 1 and st.assisted_steps > 0
+        assert not {"pick_partner_by_gain", "choose_spec_lengths", "assist_gain"} & set(calls)
+    else:
+        # pairing by gain, K per request per epoch of an assisted partner, and no fixed pairing
+        assert calls["pick_partner_by_gain"] >= 1 and calls["assist_gain"] >= 1 and "pick_partner" not in calls
+        assert calls["choose_spec_lengths"] >= 1 and st.assisted_steps > 0
     assert calls["next_state"] >= st.failures - 2   # FAIL, RESTART, ... (the run ends when the requests do)
     assert all(r.finish is not None for r in res.records)
 

@@ -161,7 +161,8 @@ def test_one_worker_per_device_gives_exactly_the_old_results():
     }
     for (cost, nodes), by_policy in old.items():
         for share in ("shared", "slots", "auto"):
-            c = cfg(cost=cost, nodes=nodes, workers_per_device=1, device_share=share)
+            # spec_rule "fixed": lumen's figures from before the goodput rule (issue 24)
+            c = cfg(cost=cost, nodes=nodes, workers_per_device=1, device_share=share, spec_rule="fixed")
             for policy, (ft, fin, steps, iters) in by_policy.items():
                 res = simulate(c, wl, policy, plan, seed=4)
                 assert sum(r.first_token for r in res.records) == pytest.approx(ft, rel=1e-12, abs=0)

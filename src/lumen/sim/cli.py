@@ -17,7 +17,7 @@ from pathlib import Path
 from lumen.policy import POLICY_NAMES
 from lumen.policy.slots import DEVICE_SHARES
 
-from .config import FailurePlan, FailureSpec, SimConfig, parse_duration, parse_fail
+from .config import SPEC_RULES, FailurePlan, FailureSpec, SimConfig, parse_duration, parse_fail
 from .cost import DEVICES, MODELS, load_profile
 from .experiment import Experiment, WorkloadSpec, run_experiment
 
@@ -73,8 +73,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="repeatable; default: all policies")
     g.add_argument("--alpha", type=float, default=0.6, help="draft acceptance rate")
     g.add_argument("--k", type=int, default=4, help="draft tokens per round")
-    g.add_argument("--draft-cached", action="store_true",
-                   help="draft weights kept in host memory (no SSD read before the target's)")
+    g.add_argument("--spec-rule", default="goodput", choices=SPEC_RULES,
+                   help="verify positions of an assisted partner: 'goodput' (policy.choose_spec_lengths per "
+                        "request each step, pairing by policy.assist_gain; issue 24) or 'fixed' (K+1 for "
+                        "every request, pairing by policy.pick_partner: the rule before)")
+    g.add_argument("--draft-cached", action=argparse.BooleanOptionalAction, default=None,
+                   help="draft weights kept in host memory (no SSD read before the target's); default: "
+                        "resident under --spec-rule goodput, read from the SSD first under fixed. "
+                        "--no-draft-cached under goodput: a cold restart, the draft is read first only "
+                        "where policy.draft_phase_pays")
+    g.add_argument("--pair-interval-s", type=_positive_float, default=1.0, metavar="S",
+                   help="goodput rule: pairing re-evaluated this often while a draft waits or assists")
     g.add_argument("--lam", type=float, default=1.0, help="lambda of the placement objective")
     g = p.add_argument_group("workload")
     g.add_argument("--qps", type=float, default=14.0)
@@ -127,6 +136,7 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
                      page_tokens=a.page_tokens, h2d_gbps=a.h2d_gbps, disk_gbps=a.disk_gbps,
                      net_gbps=a.net_gbps, ckpt_export_interval_ms=a.ckpt_export_interval_ms, ckpt_budget_gb=a.ckpt_budget_gb, detect_s=a.detect_s,
                      restart_s=a.restart_s, lam=a.lam, draft_cached=a.draft_cached,
+                     spec_rule=a.spec_rule, pair_interval_s=a.pair_interval_s,
                      kv_tokens=a.kv_tokens, nodes=a.nodes, cost=cost,
                      workers_per_device=a.workers_per_device, device_share=a.device_share, slot_ms=a.slot_ms)
 
@@ -238,6 +248,7 @@ def _cfg_dict(cfg: SimConfig) -> dict:
     d = {k: v for k, v in asdict(cfg).items() if k != "cost"}
     d["cost"] = type(cfg.cost).__name__ if cfg.cost else "RooflineCost"
     d["share_mode"] = cfg.share_mode
+    d["draft_resident"] = cfg.draft_resident
     d["slot_s"] = cfg.slot_s if cfg.share_mode == "slots" and cfg.workers_per_device > 1 else None
     if cfg.cost is not None and hasattr(cfg.cost, "coef"):
         d["cost_coef"] = list(cfg.cost.coef)
@@ -258,7 +269,7 @@ def _print_sim_stats(console, exp: Experiment) -> None:
     t = Table(title="simulator counters (sum over seeds)")
     cols = ("interrupted", "restores", "recomputes", "shed", "protected_interrupted", "holder_cofailed",
             "unprotected",
-            "reprotected", "assisted_steps", "events", "wall_s")
+            "reprotected", "assisted_steps", "verify_positions", "pair_moves", "events", "wall_s")
     t.add_column("policy")
     for c in cols:
         t.add_column(c, justify="right")

@@ -17,6 +17,9 @@ from .cost import DEFAULT_DRAFT, DEVICES, MODELS, CostModel, DeviceSpec, ModelSh
 SLOT_REF_BATCH = 8
 SLOT_REF_CONTEXT = 1024
 
+# how the partner's verify positions are chosen (SimConfig.spec_rule)
+SPEC_RULES = ("goodput", "fixed")
+
 
 @dataclass(frozen=True)
 class SimConfig:
@@ -44,7 +47,16 @@ class SimConfig:
                                         # heartbeat deadline, 1 s by default)
     restart_s: float = 2.0              # declared dead -> new process up (CUDA init etc.)
     warmup_s: float = 1.0               # after weights are on device (graph capture, warm-up)
-    draft_cached: bool = False          # draft weights already in host memory (no disk read)
+    # draft weights resident in host memory on the node (only the host->device copy remains, and the
+    # target's disk read starts at once). None: resident under the goodput rule, read from disk first
+    # under the fixed rule (the figures before issue 24). False under goodput: a cold restart (node
+    # reboot): `policy.draft_phase_pays` decides whether the draft is read before the target at all.
+    draft_cached: bool | None = None
+    # mechanism 3's verify positions (issue 24): "goodput" asks `policy.choose_spec_lengths` per
+    # mirrored request each step and pairs by `policy.assist_gain`; "fixed" verifies K+1 positions for
+    # every request of an assisted partner and pairs with `policy.pick_partner` (the rule before).
+    spec_rule: str = "goodput"
+    pair_interval_s: float = 1.0        # goodput: pairing re-evaluated this often while drafts wait/assist
     lam: float = 1.0                    # lambda of the placement objective
     gpu_mem_util: float = 0.9           # share of HBM for weights + KV
     kv_tokens: int | None = None        # KV capacity per worker in tokens; None: from HBM
@@ -75,6 +87,15 @@ class SimConfig:
         resolve_device_share(self.device_share, self.workers_per_device)   # raises on an unknown mode
         if self.slot_ms is not None and not (self.slot_ms > 0 and math.isfinite(self.slot_ms)):
             raise ValueError("slot_ms must be positive and finite")
+        if self.spec_rule not in SPEC_RULES:
+            raise ValueError(f"spec_rule must be one of {', '.join(SPEC_RULES)}, got {self.spec_rule!r}")
+        if not (self.pair_interval_s > 0 and math.isfinite(self.pair_interval_s)):
+            raise ValueError("pair_interval_s must be positive and finite")
+
+    @property
+    def draft_resident(self) -> bool:
+        """Whether the draft is in host memory at a restart (`draft_cached`, or the rule's default)."""
+        return self.draft_cached if self.draft_cached is not None else self.spec_rule == "goodput"
 
     @property
     def share_mode(self) -> str:
@@ -254,7 +275,12 @@ class SimStats:
     restored_tokens: int = 0
     recompute_tokens: int = 0
     stream_bytes: float = 0.0
-    assisted_steps: int = 0
+    assisted_steps: int = 0               # partner iterations that verified at least one draft token
+    verify_positions: int = 0             # draft tokens verified, summed over those iterations
+    spec_idle_steps: int = 0              # assisted partner iterations where the rule chose K = 0 for all
+    spec_k_hist: list[int] = field(default_factory=list)   # [K] -> request-iterations of a paired partner
+    pair_moves: int = 0                   # a recovering worker moved to another partner (goodput)
+    draft_skipped: int = 0                # restarts that did not read a cold draft (it did not pay)
     failures: int = 0
     errors: int = 0
     wall_s: float = 0.0

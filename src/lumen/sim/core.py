@@ -40,12 +40,24 @@ go through `P.dispatch_interrupted`; a restore waits for prefix_bytes / B_h2d on
 tokens. If the holder dies, the requests it protected get a new holder (`P.place_checkpoint`)
 and their pages are streamed again from scratch (re-protection).
 
-Reload: after `restart_s`, policies with speculation load the draft (disk, then host->device),
-pair with `P.pick_partner`, and the partner's decode steps verify K+1 positions per request,
-committing (1-a^(K+1))/(1-a) tokens each in expectation (scaled down when the draft round is
-slower than the partner's step, since late proposals are dropped). Meanwhile the target reads
-from disk at `disk_gbps` (after the draft: one disk); then host->device (one PCIe link per GPU)
-and `warmup_s`. Policies without speculation read the target at once and sit idle.
+Reload: after `restart_s`, policies with speculation load the draft and assist a serving partner
+while the target loads; policies without speculation read the target at once and sit idle. Two
+rules (`SimConfig.spec_rule`):
+- "goodput" (issue 24, the default): the draft is resident in host memory, so it costs only its
+  host->device copy and the target's disk read starts at once (a cold draft, `draft_cached=False`,
+  is read first only where `P.draft_phase_pays`, else the restart is plain). A worker with its draft
+  pairs by `P.pick_partner_by_gain` on `P.assist_gain` of each serving worker's load, again every
+  `pair_interval_s` while drafts wait or assist (moving when the policy names another partner). Each
+  epoch of an assisted partner asks `P.choose_spec_lengths` for K_r per decoding request (its load:
+  decoding requests and context, pending prefill tokens, waiting and prefilling requests, the chunk
+  budget): the step verifies D + sum(K_r) positions and commits mean_r expected_tokens(alpha, K_r)
+  tokens per request.
+- "fixed" (before issue 24): the draft is read from disk before the target (one disk; unless
+  `draft_cached`), pairs with `P.pick_partner`, and the partner verifies K+1 positions per decoding
+  request, committing (1-a^(K+1))/(1-a) tokens each in expectation.
+Either way the tokens per step are scaled down when the draft round (max K_r draft steps) is slower
+than the partner's step, since late proposals are dropped. The target reads from disk at
+`disk_gbps`, then host->device (one PCIe link per GPU) and `warmup_s`.
 
 Several workers on one device (`workers_per_device` > 1; worker i on device i % num_devices):
 - "shared": they use the device freely. A step takes (1 + s*k) x its cost while k other workers of the
@@ -91,7 +103,8 @@ from lumen.workload import RequestSpec
 from .config import FailurePlan, SimConfig, SimStats
 
 # event kinds
-_EV_STEP, _EV_FAIL, _EV_DETECT, _EV_RESTART, _EV_DRAFT, _EV_HOST, _EV_READY, _EV_WAKE, _EV_ASSIST = range(9)
+(_EV_STEP, _EV_FAIL, _EV_DETECT, _EV_RESTART, _EV_DRAFT, _EV_HOST, _EV_READY, _EV_WAKE, _EV_ASSIST,
+ _EV_PAIR) = range(10)
 _EPS = 1e-9
 
 
@@ -143,6 +156,8 @@ class SimWorker:
         "ep_g", "link_free_at", "h2d_free_at", "held", "assist_g", "assist_from", "draft_ready",
         "n_prot_dec", "sec_per_pf", "last_dt", "wake_pending", "ep_p", "ep_dpos", "ep_ctx0", "ep_grow",
         "ep_slow", "slow_counted",
+        # the verify positions of the epoch (beyond one per decoding request) and its K histogram
+        "ep_extra", "ep_khist",
         # device sharing: co-location group (node or device), slot schedule (None: no gating), wall
         # seconds per second of device time (count under slots), cached slot layout of the epoch
         "group", "slot", "stretch", "sl",
@@ -195,6 +210,8 @@ class SimWorker:
         self.slow_counted = False   # counted as busy in Simulator._node_busy
         self.ep_token += 1
         self.ep_chunks: list[tuple[SimRequest, int]] = []
+        self.ep_extra = 0
+        self.ep_khist: list[tuple[int, int]] | None = None
         self.n_prot_dec = 0
         self.waiting = 0
         self.running = 0
@@ -272,15 +289,18 @@ class Simulator:
         self.done = 0
         self.k1 = cfg.k + 1
         self.E = cfg.expected_accepted()
+        self.goodput = cfg.spec_rule == "goodput"
+        self.pair_tick = False        # a pairing re-evaluation (_EV_PAIR) is scheduled
         w = cfg.shape.weight_bytes
         d = cfg.draft_shape.weight_bytes
         pcie = cfg.h2d_gbps * 1e9 * cfg.tp
         disk = cfg.disk_gbps * 1e9
         self.t_target_h2d = w / pcie + cfg.warmup_s
         self.t_plain_reload = w / disk
+        self.t_draft_disk = d / disk
         # one SSD per worker: the draft is read first, then the target (unless the draft is kept
-        # in host memory, when only its host->device copy remains)
-        d_disk = 0.0 if cfg.draft_cached else d
+        # in host memory, when only its host->device copy remains and the target's read starts at once)
+        d_disk = 0.0 if cfg.draft_resident else d
         self.t_draft_load = d_disk / disk + d / pcie
         self.t_target_disk_after_draft = (d_disk + w) / disk
         # seconds per prefill token of a full chunk on an idle worker: the q_w estimate's unit
@@ -366,6 +386,9 @@ class Simulator:
                 w = self.workers[a]
                 if w.partner is not None and w.state is S.SERVING:
                     self._poke(w, t)
+            elif kind == _EV_PAIR:
+                self.pair_tick = False
+                self._pair_by_gain(t, reassess=True)
         for r in reqs:   # anything left could not be served (no worker ever came back)
             if r.finish is None and r.error is None:
                 r.error = "unavailable: no serving worker"
@@ -574,8 +597,16 @@ class Simulator:
         heap = w.heap
         D = len(heap)
         assisted = w.partner is not None and now + _EPS >= w.assist_from and D > 0
-        dpos = self.k1 if assisted else 1
-        budget = cfg.chunk_tokens - D * dpos
+        ks = None
+        if not assisted:
+            extra = 0
+        elif self.goodput:
+            # the goodput rule, once per epoch: the partner's load is what this epoch runs with
+            ks = self._spec_lengths(w, D)
+            extra = sum(ks)
+        else:
+            extra = D * cfg.k
+        budget = cfg.chunk_tokens - D - extra
         chunks: list[tuple[SimRequest, int]] = []
         Ptok = 0
         ctx_pf = 0
@@ -611,7 +642,7 @@ class Simulator:
             if self._node_members:
                 self._busy_changed(w, now)
             return
-        g = (self._assist_tokens(w, D, now) if assisted else 1.0)
+        g = self._assist_tokens(w, D, ks) if extra else 1.0
         if Ptok:
             n = 1
             if len(chunks) == 1 and budget == 0 and not wq:
@@ -625,7 +656,7 @@ class Simulator:
         if n > cfg.max_epoch_iters:
             n = cfg.max_epoch_iters
         w.ep_p = Ptok
-        w.ep_dpos = D * dpos
+        w.ep_dpos = D + extra
         w.ep_ctx0 = w.S_dec + D * w.G + ctx_pf
         w.ep_grow = D * g + (Ptok if n > 1 else 0)    # context added per iteration
         if self._node_members:
@@ -648,10 +679,18 @@ class Simulator:
         w.ep_chunks = chunks
         w.ep_token += 1
         w.last_dt = dt * w.stretch      # wall time per iteration, for the checkpoint lag in tokens
-        if assisted:
-            self.stats.assisted_steps += n
+        w.ep_extra = extra
+        if not assisted:
+            w.ep_khist = None
+        elif ks is None:
+            w.ep_khist = [(cfg.k, D)]
+        else:
+            hist: dict[int, int] = {}
+            for k in ks:
+                hist[k] = hist.get(k, 0) + 1
+            w.ep_khist = list(hist.items())
         # q_w: queued prefill work at this batch's prefill rate (under slots: wall time, count x)
-        free = cfg.chunk_tokens - D * dpos
+        free = cfg.chunk_tokens - D - extra
         w.sec_per_pf = (dt / free if free > 0 else dt) * w.stretch
         w.q_wait_s = w.pending_pf * w.sec_per_pf
         self._sync_load(w)
@@ -659,18 +698,48 @@ class Simulator:
         if self._node_members:
             self._busy_changed(w, now)
 
-    def _assist_tokens(self, w: SimWorker, D: int, now: float) -> float:
-        """Expected tokens per verify step for the partner's requests: E when the draft keeps
-        up, fewer when a draft round (K draft steps) outlasts the partner's step (late
-        proposals are dropped, never waited on)."""
+    def _load(self, w: SimWorker) -> P.PartnerLoad:
+        """What w's next step holds besides verify positions (`policy.PartnerLoad`): its decoding
+        requests and their context, the prompt tokens not yet computed (waiting, in transit and the
+        running prefills' remainder) and the requests still waiting for their first token."""
+        D = len(w.heap)
+        return P.PartnerLoad(D, w.S_dec + D * w.G, w.pending_pf, w.waiting + len(w.prefilling),
+                             self.cfg.chunk_tokens)
+
+    def _spec_lengths(self, w: SimWorker, D: int) -> list[int]:
+        """K_r per decoding request of the assisted partner w for its next epoch: the policy's goodput
+        rule (every decoding request is mirrored; one acceptance estimate, cfg.alpha, for all)."""
+        return self._call("choose_spec_lengths")([self.cfg.alpha] * D, self._load(w), self.cost.step_time,
+                                                 self.cfg.k)
+
+    def _gain(self, w: SimWorker) -> float:
+        """`policy.assist_gain` of w's load now: expected extra tokens/s if it were assisted."""
+        D = len(w.heap)
+        if D == 0:
+            return 0.0
+        return self._call("assist_gain")([self.cfg.alpha] * D, self._load(w), self.cost.step_time, self.cfg.k)
+
+    def _assist_tokens(self, w: SimWorker, D: int, ks: list[int] | None = None) -> float:
+        """Expected tokens per verify step for the partner's requests: E (the mean of
+        `expected_tokens(alpha, K_r)` under the goodput rule) when the draft keeps up, fewer when a
+        draft round (max K_r draft steps over the requests drafted for) outlasts the partner's step
+        (late proposals are dropped, never waited on)."""
         ctx = w.S_dec + D * w.G
-        dt_t = self.cost.step_time(0, D * self.k1, ctx)
-        dt_d = self.cfg.k * self.draft_cost.step_time(0, D, ctx)
+        if ks is None:   # the fixed rule: K for every request
+            e = self.E
+            dt_t = self.cost.step_time(0, D * self.k1, ctx)
+            dt_d = self.cfg.k * self.draft_cost.step_time(0, D, ctx)
+        else:
+            a = self.cfg.alpha
+            e = sum(P.expected_tokens(a, k) for k in ks) / D
+            drafted = sum(1 for k in ks if k)
+            dt_t = self.cost.step_time(0, D + sum(ks), ctx)
+            dt_d = max(ks) * self.draft_cost.step_time(0, drafted, ctx * drafted / D)
         if self.slot_s is not None:   # each side runs only in its own slots: 1/count of the time
             dt_t *= w.stretch
             if w.partner is not None:
                 dt_d *= self.workers[w.partner].stretch
-        return 1.0 + (self.E - 1.0) * min(1.0, dt_t / dt_d if dt_d > 0 else 1.0)
+        return 1.0 + (e - 1.0) * min(1.0, dt_t / dt_d if dt_d > 0 else 1.0)
 
     def _end_epoch(self, w: SimWorker, t: float) -> None:
         if w.ep_n:   # 0: ended while waiting for its slot, before its first iteration
@@ -683,6 +752,17 @@ class Simulator:
         st = self.stats
         st.steps += 1
         st.iterations += n
+        if w.ep_khist is not None:
+            if w.ep_extra:
+                st.assisted_steps += n
+                st.verify_positions += n * w.ep_extra
+            else:
+                st.spec_idle_steps += n
+            hist = st.spec_k_hist
+            for k, c in w.ep_khist:
+                if k >= len(hist):
+                    hist.extend([0] * (k + 1 - len(hist)))
+                hist[k] += n * c
         g = w.ep_g
         D = len(w.heap)
         if D:
@@ -923,13 +1003,34 @@ class Simulator:
         w.epoch += 1
         w.draft_ready = False
         t = self.now
-        if self.feats.speculation and (not self.shared_devices or self._may_assist(w)):
+        if (self.feats.speculation and (not self.shared_devices or self._may_assist(w))
+                and self._draft_first(w)):
             self._transition(w, E.RESTART)
             self._push(t + self.t_draft_load, _EV_DRAFT, w.id, w.epoch)
             self._push(t + self.t_target_disk_after_draft, _EV_HOST, w.id, w.epoch)
         else:
             self._transition(w, E.RESTART_PLAIN)
             self._push(self._target_ready(w, t + self.t_plain_reload), _EV_READY, w.id, w.epoch)
+
+    def _draft_first(self, w: SimWorker) -> bool:
+        """Whether the restarting worker loads its draft. Resident in host memory (or the fixed rule):
+        yes, as before. Cold under the goodput rule: `policy.draft_phase_pays`, with the best
+        `assist_gain` among the serving workers free to pair now against the tokens this worker would
+        serve meanwhile (its decode rate at the serving workers' mean batch and context, from the cost
+        model)."""
+        if not self.goodput or self.cfg.draft_resident:
+            return True
+        serving = [o for o in self.workers if o.alive and not o.crashed and o.state is S.SERVING]
+        gain = max((self._gain(o) for o in serving if o.partner is None), default=0.0)
+        d = sum(len(o.heap) for o in serving) / len(serving) if serving else 0.0
+        ctx = sum(o.S_dec + len(o.heap) * o.G for o in serving) / max(1.0, sum(len(o.heap) for o in serving))
+        b = max(1, round(d))
+        step = self.cost.step_time(0, b, b * max(ctx, 1.0)) * w.stretch
+        displaced = b / step if step > 0 else 0.0
+        pays = bool(self._call("draft_phase_pays")(self.t_draft_disk, self.t_plain_reload, gain, displaced))
+        if not pays:
+            self.stats.draft_skipped += 1
+        return pays
 
     def _may_assist(self, w: SimWorker) -> bool:
         """`policy.may_assist` on a snapshot with each worker's accelerator (its device, or its own slot
@@ -954,27 +1055,81 @@ class Simulator:
 
     def _try_pair(self, t: float) -> None:
         """Pair every recovering worker that has its draft and no partner (ascending id)."""
+        if self.goodput:
+            self._pair_by_gain(t, reassess=False)
+            return
         for w in self.workers:
             if w.state is not S.LOADING_DRAFT or not w.draft_ready or w.crashed:
                 continue
             p = self._call("pick_partner")(self.view, w.id)
             if p is None:
                 return   # nobody free: the rest stay unpaired too
-            pw = self.workers[p]
-            self._transition(w, E.PAIRED)
-            w.partner, pw.partner = p, w.id
-            self._sync(w)
-            self._sync(pw)
-            # the draft first prefills the mirrored requests' contexts
-            ctx = int(pw.S_dec + len(pw.heap) * pw.G)
-            chunk = self.cfg.chunk_tokens
-            catch_up = 0.0
-            while ctx > 0:
-                c = min(chunk, ctx)
-                catch_up += self.draft_cost.step_time(c, 0, c)
-                ctx -= c
-            pw.assist_from = t + catch_up if w.slot is None else self._slot_span(w.slot, t, catch_up)
-            self._push(pw.assist_from, _EV_ASSIST, p)
+            self._pair(w, self.workers[p], t)
+
+    def _pair(self, w: SimWorker, pw: SimWorker, t: float) -> None:
+        """Record the pair; the partner's assisted steps start once the draft has prefilled the
+        mirrored requests' contexts (catch-up)."""
+        self._transition(w, E.PAIRED)
+        w.partner, pw.partner = pw.id, w.id
+        self._sync(w)
+        self._sync(pw)
+        ctx = int(pw.S_dec + len(pw.heap) * pw.G)
+        chunk = self.cfg.chunk_tokens
+        catch_up = 0.0
+        while ctx > 0:
+            c = min(chunk, ctx)
+            catch_up += self.draft_cost.step_time(c, 0, c)
+            ctx -= c
+        pw.assist_from = t + catch_up if w.slot is None else self._slot_span(w.slot, t, catch_up)
+        self._push(pw.assist_from, _EV_ASSIST, pw.id)
+
+    def _pair_by_gain(self, t: float, reassess: bool) -> None:
+        """The goodput rule's pairing (`policy.pick_partner_by_gain` on `policy.assist_gain` of each
+        SERVING worker free to pair, from its load now): every recovering worker with its draft and
+        no partner, ascending id; with `reassess` (the periodic tick) also every ASSISTING one, which
+        moves when the policy names another partner (the new one's assistance starts after the
+        draft's catch-up). None (no positive gain): an unpaired worker stays unpaired and is asked
+        again at the next tick; a paired one keeps its partner (whose steps then verify nothing:
+        the per-step rule gives K = 0 wherever assisting does not pay)."""
+        cache: dict[int, float] = {}
+        for w in self.workers:
+            if w.crashed:
+                continue
+            if w.state is S.LOADING_DRAFT and w.draft_ready and w.partner is None:
+                cur = None
+            elif reassess and w.state is S.ASSISTING and w.partner is not None:
+                cur = w.partner
+            else:
+                continue
+            gains: dict[int, float] = {}
+            for o in self.workers:
+                if o.state is S.SERVING and o.alive and not o.crashed and (o.partner is None or o.id == cur):
+                    g = cache.get(o.id)
+                    if g is None:
+                        g = cache[o.id] = self._gain(o)
+                    gains[o.id] = g
+            p = self._call("pick_partner_by_gain")(self.view, w.id, gains, current=cur)
+            if p is None or p == cur:
+                continue
+            if cur is not None:        # move: the old partner decodes alone again
+                old = self.workers[cur]
+                w.partner = old.partner = None
+                old.assist_from = math.inf
+                self._transition(w, E.UNPAIRED)
+                self._sync(old)
+                self._poke(old, t)
+                self.stats.pair_moves += 1
+            self._pair(w, self.workers[p], t)
+        self._schedule_pair_tick(t)
+
+    def _schedule_pair_tick(self, t: float) -> None:
+        """Keep one re-evaluation pending every `pair_interval_s` while a draft waits or assists."""
+        if self.pair_tick:
+            return
+        if any(not w.crashed and (w.state is S.ASSISTING or (w.state is S.LOADING_DRAFT and w.draft_ready))
+               for w in self.workers):
+            self.pair_tick = True
+            self._push(t + self.cfg.pair_interval_s, _EV_PAIR, -1)
 
     def _host_loaded(self, w: SimWorker, epoch: int) -> None:
         if w.epoch != epoch or w.crashed or w.state not in (S.LOADING_DRAFT, S.ASSISTING):
