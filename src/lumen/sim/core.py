@@ -1020,7 +1020,7 @@ class Simulator:
         model)."""
         if not self.goodput or self.cfg.draft_resident:
             return True
-        serving = [o for o in self.workers if o.alive and not o.crashed and o.state is S.SERVING]
+        serving = [o for o in self.workers if o.alive and o.state is S.SERVING]
         gain = max((self._gain(o) for o in serving if o.partner is None), default=0.0)
         d = sum(len(o.heap) for o in serving) / len(serving) if serving else 0.0
         ctx = sum(o.S_dec + len(o.heap) * o.G for o in serving) / max(1.0, sum(len(o.heap) for o in serving))
@@ -1103,7 +1103,8 @@ class Simulator:
                 continue
             gains: dict[int, float] = {}
             for o in self.workers:
-                if o.state is S.SERVING and o.alive and not o.crashed and (o.partner is None or o.id == cur):
+                # the controller's knowledge: a crash not yet detected still looks SERVING
+                if o.state is S.SERVING and o.alive and (o.partner is None or o.id == cur):
                     g = cache.get(o.id)
                     if g is None:
                         g = cache[o.id] = self._gain(o)
