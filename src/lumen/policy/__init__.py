@@ -10,6 +10,7 @@ Usage (the live controller and the simulator call exactly these):
     target = route_new(view)                                                     # new requests
     plan = dispatch_interrupted(view, "lumen", [RequestView(...), ...])          # [Assignment]
     partner = pick_partner(view, recovering_id=2); st = next_state(st, WorkerEvent.PAIRED)
+    ks = choose_spec_lengths([0.6, 0.4], PartnerLoad(...), step_time, k_max=4)  # verify positions per request
 Policies: lumen, lumen-no-spec, spec-only, fixed-ckpt, stop-restart (`features(name)` says what
 each switches on). Nothing here does I/O or imports the rest of lumen; the functions only read
 their arguments. Rules and tie-breaking are documented on each function. Decisions read a columnar
@@ -19,8 +20,18 @@ current in place and pass `table.view(lam)` instead (the simulator does; see vie
 
 from .dispatch import dispatch_interrupted, route_new
 from .names import POLICY_NAMES, Policy, PolicyFeatures, features, parse_policy
-from .pairing import may_assist, pair_recovering, pick_partner
+from .pairing import may_assist, pair_recovering, pick_partner, pick_partner_by_gain
 from .placement import checkpoint_reservation, place_checkpoint
+from .speculation import (
+    AcceptanceEstimate,
+    LinearStepTime,
+    PartnerLoad,
+    assist_gain,
+    choose_spec_lengths,
+    draft_phase_pays,
+    expected_tokens,
+    fit_step_time,
+)
 from .states import IllegalTransition, WorkerEvent, WorkerState, legal_events, next_state
 from .view import Assignment, ClusterTable, ClusterView, Columns, NoServingWorker, RequestView, WorkerView
 
@@ -29,4 +40,6 @@ __all__ = [
     "PolicyFeatures", "RequestView", "WorkerEvent", "WorkerState", "WorkerView",
     "checkpoint_reservation", "dispatch_interrupted", "features", "legal_events", "next_state",
     "may_assist", "pair_recovering", "parse_policy", "pick_partner", "place_checkpoint", "route_new",
+    "AcceptanceEstimate", "LinearStepTime", "PartnerLoad", "assist_gain", "choose_spec_lengths",
+    "draft_phase_pays", "expected_tokens", "fit_step_time", "pick_partner_by_gain",
 ]

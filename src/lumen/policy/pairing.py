@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .speculation import pick_by_gain
 from .view import ClusterView, Columns
 
 
@@ -30,6 +31,24 @@ def pick_partner(view: ClusterView, recovering_id: int) -> int | None:
     c = view.columns
     i = _best_partner(c, recovering_id, None)
     return None if i is None else int(c.ids[i])
+
+
+def pick_partner_by_gain(view: ClusterView, recovering_id: int, gains: dict[int, float],
+                         current: int | None = None) -> int | None:
+    """Pairing by gain (issue 24): among the SERVING workers free to pair (or `current`, the recovering
+    worker's partner now), the one whose expected gain from assistance (`speculation.assist_gain`:
+    extra tokens per second of its steps) is highest; ties to the lowest id. `current` is kept unless
+    another gains clearly more (`speculation.pick_by_gain`). None: no positive gain anywhere, so the
+    worker does not assist now (it keeps its draft and is asked again as loads change)."""
+    c = view.columns
+    mask = c.eligible() & ~c.partnered
+    i = c.idx(recovering_id)
+    if i is not None:
+        mask[i] = False
+    free = {int(c.ids[j]) for j in np.flatnonzero(mask)}
+    if current is not None:
+        free.add(current)
+    return pick_by_gain({wid: g for wid, g in gains.items() if wid in free}, current=current)
 
 
 def may_assist(view: ClusterView, recovering_id: int) -> bool:
