@@ -181,3 +181,8 @@ def test_live_fit_tells_a_position_from_a_sequence():
     assert fit.coef[2] == pytest.approx(2e-4, rel=0.05) and fit.seq_coef == pytest.approx(0.01, rel=0.05)
     # priced per sequence, speculation on this engine is cheap: alpha 0.6 verifies K = 4 for 2 requests
     assert choose_spec_lengths([0.6, 0.6], load(2, 128.0), fit.for_batch(2), 4) == [4, 4]
+
+
+def test_a_pair_stays_together_for_its_minimum_dwell():
+    assert pick_by_gain({1: 0.0, 2: 9.0}, current=1, paired_for_s=1.0) == 1
+    assert pick_by_gain({1: 0.0, 2: 9.0}, current=1, paired_for_s=6.0) == 2

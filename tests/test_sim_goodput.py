@@ -147,7 +147,7 @@ def test_pairing_moves_when_the_policy_names_another_partner(monkeypatch):
     plan = FailurePlan((FailureSpec(5.0, workers=(3,)),))
     calls = []
 
-    def rotate(view, recovering_id, gains, current=None):
+    def rotate(view, recovering_id, gains, current=None, paired_for_s=None):
         calls.append(current)
         free = sorted(gains)
         return free[len(calls) % len(free)] if free else None

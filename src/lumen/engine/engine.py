@@ -287,20 +287,21 @@ class Engine:
         mirrors these to a drafter). The lists are the engine's own: callers must not mutate them."""
         return [(s.req_id, s.token_ids) for s in self.scheduler.running if s.is_decoding]
 
-    def propose(self, req_id: str, base_len: int, tokens) -> bool:
+    def propose(self, req_id: str, base_len: int, tokens) -> int:
         """Register draft tokens to verify in the next step, for a decoding sequence of current length
-        base_len. Stale (length moved on) or unusable proposals are dropped and counted."""
+        base_len; returns how many were registered (0: none). Stale (length moved on) or unusable
+        proposals are dropped and counted."""
         seq = self._seqs.get(req_id)
         toks = [int(t) for t in tokens]
         if (seq is None or seq.status is not SequenceStatus.RUNNING or not seq.is_decoding
                 or len(seq) != base_len or not toks):
             self._counters["spec_stale"] += 1
-            return False
+            return 0
         toks = self._cap_proposal(seq, toks)
         if not toks:
-            return False
+            return 0
         seq.proposal = toks
-        return True
+        return len(toks)
 
     def _cap_proposal(self, seq: Sequence, toks: list[int]) -> list[int]:
         vocab = self.model_config.vocab_size
@@ -398,7 +399,8 @@ class Engine:
             self._ema_decode_s = dt if not self._ema_decode_s else 0.8 * self._ema_decode_s + 0.2 * dt
         self.last_step = dict(num_prefill_tokens=prefill, num_decode_seqs=decodes,
                               total_context_tokens=sum(s.start + len(s.tokens) for s in scheduled),
-                              step_time_s=dt)
+                              step_time_s=dt,
+                              num_decode_tokens=sum(len(s.tokens) for s in scheduled if s.is_decode))
 
     # ------------------------------------------------------------------ draft (co-located)
     def _draft_proposals(self) -> None:
@@ -496,6 +498,18 @@ class Engine:
         per_step = max(1, self.chunk_tokens - decodes)
         step_s = self._ema_step_s or self._ema_decode_s
         return -(-queued // per_step) * step_s
+
+    def load_summary(self) -> tuple[int, int, int, int, int]:
+        """What the next step holds besides speculation: (decoding sequences, their context tokens,
+        prompt tokens still to prefill (waiting and running prefills), requests waiting for their
+        first token, the step's token budget). The goodput rule of assisted recovery reads it."""
+        sched = self.scheduler
+        decoding = [s for s in sched.running if s.is_decoding]
+        queued = sum(len(s) - s.num_computed_tokens for s in sched.waiting)
+        prefilling = [s for s in sched.running if not s.is_decoding]
+        queued += sum(s.num_remaining for s in prefilling)
+        return (len(decoding), sum(len(s) for s in decoding), queued, len(sched.waiting) + len(prefilling),
+                self.chunk_tokens)
 
     def expected_step_s(self) -> float:
         """Expected wall time of the next step, from the EMAs of measured steps: a prefill step's if it

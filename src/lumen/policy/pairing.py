@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,11 +35,11 @@ def pick_partner(view: ClusterView, recovering_id: int) -> int | None:
 
 
 def pick_partner_by_gain(view: ClusterView, recovering_id: int, gains: dict[int, float],
-                         current: int | None = None) -> int | None:
+                         current: int | None = None, paired_for_s: float = math.inf) -> int | None:
     """Pairing by gain (issue 24): among the SERVING workers free to pair (or `current`, the recovering
     worker's partner now), the one whose expected gain from assistance (`speculation.assist_gain`:
     extra tokens per second of its steps) is highest; ties to the lowest id. `current` is kept unless
-    another gains clearly more (`speculation.pick_by_gain`). None: no positive gain anywhere, so the
+    another gains clearly more, and never within its first seconds (`speculation.pick_by_gain`). None: no positive gain anywhere, so the
     worker does not assist now (it keeps its draft and is asked again as loads change)."""
     c = view.columns
     mask = c.eligible() & ~c.partnered
@@ -48,7 +49,8 @@ def pick_partner_by_gain(view: ClusterView, recovering_id: int, gains: dict[int,
     free = {int(c.ids[j]) for j in np.flatnonzero(mask)}
     if current is not None:
         free.add(current)
-    return pick_by_gain({wid: g for wid, g in gains.items() if wid in free}, current=current)
+    return pick_by_gain({wid: g for wid, g in gains.items() if wid in free}, current=current,
+                        paired_for_s=paired_for_s)
 
 
 def may_assist(view: ClusterView, recovering_id: int) -> bool:

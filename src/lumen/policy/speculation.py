@@ -38,6 +38,7 @@ StepTime = Callable[[int, int, float], float]
 
 # a request's own accepted counts weigh as much as this many draft tokens of the prior
 PRIOR_TOKENS = 8.0
+MIN_PAIR_DWELL_S = 5.0  # a pair stays together at least this long before pairing by gain may move it
 
 
 @dataclass(frozen=True)
@@ -207,10 +208,15 @@ def assist_gain(acceptance: Sequence[float], load: PartnerLoad, step_time: StepT
     return extra / t if t > 0 else 0.0
 
 
-def pick_by_gain(gains: dict[int, float], current: int | None = None, margin: float = 1.25) -> int | None:
+def pick_by_gain(gains: dict[int, float], current: int | None = None, margin: float = 1.25,
+                 paired_for_s: float = math.inf, min_dwell_s: float = MIN_PAIR_DWELL_S) -> int | None:
     """The candidate with the highest gain (ties to the lowest id); None if no gain is positive. A
-    current partner is kept unless another's gain exceeds its own by `margin` (re-pairing costs the
-    draft a catch-up prefill, so a small difference is not worth it)."""
+    current partner is kept for at least `min_dwell_s` of pairing, and after that unless another's
+    gain exceeds its own by `margin`: a move costs the draft a catch-up prefill of the new partner's
+    contexts, and a partner's instantaneous gain drops to 0 whenever its queue fills a step (checked
+    every second, the simulator's pairs moved every ~2 s and assisted a quarter as many steps)."""
+    if current is not None and current in gains and paired_for_s < min_dwell_s:
+        return current
     best = None
     for wid in sorted(gains):
         if gains[wid] > 0.0 and (best is None or gains[wid] > gains[best]):

@@ -2,17 +2,21 @@
 
 The recovering worker (`Drafter`) holds only a small draft model while its target weights load in
 the background. Its partner (`Verifier`), a serving worker, mirrors the token ids of its decoding
-requests; the drafter keeps draft KV per mirrored request and proposes K tokens; the partner
-verifies them inside its normal decode step (the engine's fused verify) and stays the source of
-truth. Nothing here ever blocks the partner: proposals that are stale when they arrive are dropped
-by the engine, and a missing proposal just means a normal decode step.
+requests; the drafter keeps draft KV per mirrored request and proposes up to K tokens ahead; the
+partner verifies, in its normal decode step, as many of them per request as the goodput rule
+(`lumen.policy.choose_spec_lengths`) says pay this step, and stays the source of truth. Nothing here
+ever blocks the partner: proposals that are stale when they arrive are dropped by the engine, and a
+missing proposal (or K = 0) just means a normal decode step.
+
+Both sides reach their worker only through what they are handed (a send function, a counters dict,
+the step-time model): this module does not import the worker.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 
@@ -20,26 +24,41 @@ from ..engine import SamplingParams
 from ..engine.draft import DraftProposer
 from ..engine.sequence import Sequence
 from ..model.loader import SharedReads, load_model
+from ..policy import AcceptanceEstimate, LinearStepTime, PartnerLoad, choose_spec_lengths
 from .transport import frame_ints, ints_frame
-
-if TYPE_CHECKING:
-    from .worker import Worker
 
 log = logging.getLogger("lumen.assist")
 
 MAX_MIRRORED = 64  # requests mirrored at once; the drafter is one small model on one device
+EXPLORE_STEPS = 16  # steps a verifier drafts at full K while its step-time model cannot price a position
+
+# send(address, message type, body, frames) -> whether it was queued (the worker's PushPool.send)
+Send = Callable[[str, str, dict, list], bool]
 
 
 class Verifier:
-    """Partner side: mirror decoding requests to the drafter, feed its proposals to the engine."""
+    """Partner side: mirror decoding requests to the drafter, feed the proposals that pay to the engine.
 
-    def __init__(self, worker: Worker, peer: int, addr: str, k: int):
-        self.worker, self.peer, self.addr, self.k = worker, peer, addr, k
+    Acceptance is estimated per request (`AcceptanceEstimate`) from the request's own verify
+    outcomes, starting from the pair's pooled estimate, which starts from `prior` (the draft pair's
+    measured acceptance)."""
+
+    def __init__(self, send: Send, counters: dict, peer: int, addr: str, k: int, prior: float,
+                 step_model: Callable[[], LinearStepTime | None]):
+        self.send, self.counters = send, counters
+        self.peer, self.addr, self.k = peer, addr, k
+        self.step_model = step_model
         self.sent_len: dict[str, int] = {}  # tokens of each request the drafter has
         self.proposals: dict[str, tuple[int, list[int]]] = {}
+        self.pooled = AcceptanceEstimate(prior)
+        self.acceptance: dict[str, AcceptanceEstimate] = {}
+        self.verifying: dict[str, int] = {}  # request -> draft tokens handed to this step
+        self.explored = 0
         # counted on the worker, so the figures outlive this pairing
-        worker.counters.setdefault("assist_proposals_received", 0)
-        worker.counters.setdefault("assist_proposals_stale", 0)
+        # assist_k<n>: mirrored requests given n draft tokens to verify in a step (the rule's choices)
+        for key in ("assist_proposals_received", "assist_proposals_stale", "assist_steps",
+                    "assist_verify_positions", "assist_skipped_steps", "assist_explore_steps", *(f"assist_k{n}" for n in range(k + 1))):
+            counters.setdefault(key, 0)
         log.info("verifying proposals from worker %d", peer)
 
     def on_proposals(self, msg) -> None:
@@ -53,12 +72,19 @@ class Verifier:
                 return
             self.proposals[rid] = (base_len, ids[pos:pos + k])
             pos += k
-            self.worker.counters["assist_proposals_received"] += 1
+            self.counters["assist_proposals_received"] += 1
+
+    def _estimate(self, rid: str) -> AcceptanceEstimate:
+        est = self.acceptance.get(rid)
+        if est is None:
+            est = self.acceptance[rid] = AcceptanceEstimate(self.pooled.rate)
+        return est
 
     def before_step(self, engine) -> None:
         if not self.proposals:
             return
         current = dict(engine.decoding_sequences())
+        usable: dict[str, tuple[int, list[int]]] = {}
         for rid, (base_len, toks) in self.proposals.items():
             tokens = current.get(rid)
             if tokens is None:
@@ -67,14 +93,52 @@ class Verifier:
             # is still good for the rest if the tokens committed meanwhile are exactly its first ones.
             advanced = len(tokens) - base_len
             if advanced < 0 or tokens[base_len:] != toks[:advanced]:
-                self.worker.counters["assist_proposals_stale"] += 1
+                self.counters["assist_proposals_stale"] += 1
                 continue
             toks = toks[advanced:advanced + self.k]
             if toks:
-                engine.propose(rid, len(tokens), toks)
+                usable[rid] = (len(tokens), toks)
         self.proposals.clear()
+        if not usable:
+            return
+        model = self.step_model()
+        rids = list(usable)
+        decoding, context, queued_tokens, queued_requests, chunk = engine.load_summary()
+        load = PartnerLoad(decoding, context, queued_tokens, queued_requests, chunk)
+        if model is not None:
+            ks = choose_spec_lengths([self._estimate(r).rate for r in rids], load, model.for_batch(decoding), self.k)
+        elif self.explored < EXPLORE_STEPS:
+            # the partner's steps have never varied in size (one request decoding alone, say), so its
+            # fitted model cannot price a position yet: a few steps with drafts (within the budget the
+            # queue leaves) make the positions vary, and the fit learns what one costs
+            self.explored += 1
+            budget = load.verify_budget()
+            ks = []
+            for _ in rids:
+                ks.append(min(self.k, budget))
+                budget -= ks[-1]
+            self.counters["assist_explore_steps"] += 1
+        else:
+            ks = [0] * len(rids)
+        for rid, k in zip(rids, ks, strict=True):
+            self.counters[f"assist_k{k}"] += 1
+            if k:
+                base, toks = usable[rid]
+                n = engine.propose(rid, base, toks[:k])
+                if n:
+                    self.verifying[rid] = n
+                    self.counters["assist_verify_positions"] += n
+        self.counters["assist_steps" if self.verifying else "assist_skipped_steps"] += 1
 
     def after_step(self, engine, outputs) -> None:
+        if self.verifying:
+            for out in outputs:
+                k = self.verifying.get(out.req_id)
+                if k and out.token_ids:
+                    accepted = min(len(out.token_ids) - 1, k)
+                    self._estimate(out.req_id).update(k, accepted)
+                    self.pooled.update(k, accepted)
+            self.verifying.clear()
         items, ids, drop = [], [], []
         live = engine.decoding_sequences()
         live_ids = {rid for rid, _ in live}
@@ -82,6 +146,7 @@ class Verifier:
             if rid not in live_ids:
                 drop.append(rid)
                 del self.sent_len[rid]
+                self.acceptance.pop(rid, None)
         for rid, tokens in live[:MAX_MIRRORED]:
             have = self.sent_len.get(rid, 0)
             if have == len(tokens):
@@ -92,7 +157,7 @@ class Verifier:
             self.sent_len[rid] = len(tokens)
         if not items and not drop:
             return
-        if not self.worker.push.send(self.addr, "MIRROR", {"items": items, "drop": drop}, [ints_frame(ids)]):
+        if not self.send(self.addr, "MIRROR", {"items": items, "drop": drop}, [ints_frame(ids)]):
             # the drafter is slow or gone: start over with full contexts next time
             self.sent_len.clear()
 
@@ -118,19 +183,20 @@ class Drafter:
     partner verifies up to K of its tokens in each normal decode step.
     """
 
-    def __init__(self, worker: Worker, draft_spec: str, k: int, max_ahead: int = 12):
-        self.worker, self.k = worker, k
+    def __init__(self, send: Send, draft_spec: str, k: int, *, device: str, dtype: torch.dtype,
+                 block_size: int, num_blocks: int | None, shared_reads: SharedReads | None = None,
+                 max_ahead: int = 12):
+        self.send, self.k = send, k
         self.max_ahead = max(max_ahead, k)
-        # the draft's files that are links to the target's (a self-draft's embedding and head): the
+        # the draft's files that are links to the target's (a self-draft's embedding and head): a
         # target read that follows takes them from here instead of reading them again
-        self.shared_reads = SharedReads()
-        loaded = load_model(draft_spec, device=worker.device, dtype=worker.dtype, progress=False,
-                            shared_reads=self.shared_reads)
+        self.shared_reads = shared_reads
+        loaded = load_model(draft_spec, device=device, dtype=dtype, progress=False, shared_reads=shared_reads)
         self.load_phases = {f"draft_{k}": v for k, v in loaded.phases.items()}
-        self.load_phases["draft_shared_bytes"] = self.shared_reads.nbytes()
+        self.load_phases["draft_shared_bytes"] = shared_reads.nbytes() if shared_reads is not None else 0
         self.config = loaded.config
-        block = worker.args.block_size
-        num_blocks = max(256, (worker.args.num_blocks or 0) // 2, 4 * (self.config.max_position // block + 1))
+        block = block_size
+        num_blocks = max(256, (num_blocks or 0) // 2, 4 * (self.config.max_position // block + 1))
         self.proposer = DraftProposer(loaded.model, 1, block, num_blocks, chunk_tokens=1 << 14,
                                       max_batch=MAX_MIRRORED)
         self._params = SamplingParams(max_tokens=self.config.max_position)
@@ -204,7 +270,7 @@ class Drafter:
                 items.append([rid, len(st.committed), len(st.ahead)])
                 ids.extend(st.ahead)
         if items:
-            self.worker.push.send(self.addr, "PROPOSE", {"items": items}, [ints_frame(ids)])
+            self.send(self.addr, "PROPOSE", {"items": items}, [ints_frame(ids)])
             self.rounds += 1
             self.proposed += len(ids)
         self.busy_s += time.monotonic() - t0

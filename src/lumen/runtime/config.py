@@ -46,6 +46,7 @@ class ClusterConfig:
     draft_model: str | None = None
     cold_restart: bool = False             # evict weights from the page cache before a restart
     spec_k: int = 4
+    spec_acceptance: float = 0.6           # prior per-token acceptance of the draft pair (goodput rule)
     # back-pressure
     max_pending: int = 1024
     nodes: list[str] | None = None          # node identity per worker (Ray); None = one node

@@ -33,12 +33,15 @@ from ..policy import (
     may_assist,
     parse_policy,
     pick_partner,
+    pick_partner_by_gain,
     place_checkpoint,
     route_new,
 )
+from . import assist_pricing
 from . import metrics_prom as M
 from .config import ClusterConfig
 from .launcher import Launcher, WorkerSpec
+from .model_dirs import resolve_model_dir
 from .page_cache import evict_models
 from .protocol import SCHEMA, sampling_params_to_wire
 from .transport import AsyncRouterEndpoint, Codec, Message, frame_ints, ints_frame, secret_to_hex
@@ -104,6 +107,9 @@ class WorkerRecord:
     down_since: float | None = None
     phase_s: dict = field(default_factory=dict)
     restart_task: asyncio.Task | None = None
+    draft_ready: bool = False          # a restarting worker holds its loaded draft (pairing may use it)
+    waited_for_gain: bool = False      # said once that no survivor would gain from its assistance
+    paired_at: float = 0.0             # monotonic time of its latest pairing (as a drafter)
 
 
 class Controller:
@@ -112,6 +118,7 @@ class Controller:
         self.policy: Policy = parse_policy(cfg.policy)
         self.features = features(self.policy)
         self.launcher = launcher
+        self._pairs_reviewed_at = 0.0
         self.secret = secret
         self.codec = Codec(secret, "controller", 0, schema=SCHEMA)
         self.codec.on_stale_epoch = self._fence_older
@@ -178,7 +185,7 @@ class Controller:
                 "--ckpt-budget-bytes", str(c.ckpt_budget_bytes),
                 "--ckpt-export-interval-ms", str(c.ckpt_export_interval_ms), "--block-size", str(c.block_size),
                 "--max-batch", str(c.max_batch), "--chunk-tokens", str(c.chunk_tokens),
-                "--spec-k", str(c.spec_k)]
+                "--spec-k", str(c.spec_k), "--spec-acceptance", f"{c.spec_acceptance:g}"]
         if c.num_blocks:
             argv += ["--num-blocks", str(c.num_blocks)]
         if c.deterministic:
@@ -186,6 +193,8 @@ class Controller:
         if c.draft_model:
             if w.epoch <= 1 or may_assist(self.view(), w.id):
                 argv += ["--draft-model", c.draft_model]
+                if w.epoch > 1 and self.features.speculation:
+                    argv += ["--draft-first", "1" if self._draft_first_pays(w) else "0"]
             elif self.features.speculation:
                 log.info("worker %d reloads without its draft: %s serves other workers too", w.id,
                          c.device_for(w.id))
@@ -344,9 +353,12 @@ class Controller:
                 w.down_since = None
             w.restarts = 0
             self._ready.set()
-        if new == WorkerState.LOADING_DRAFT and info.get("draft_ready") and w.partner is None \
-                and self.features.speculation:
-            self._try_pair(w)
+        if new == WorkerState.LOADING_DRAFT and info.get("draft_ready"):
+            w.draft_ready = True
+            if w.partner is None and self.features.speculation:
+                self._try_pair(w)
+        if new in (WorkerState.SWITCHING, WorkerState.DOWN, WorkerState.SERVING):
+            w.draft_ready = False
         if new == WorkerState.SWITCHING:
             self._unpair(w)  # the draft is released: its partner decodes alone again
 
@@ -543,6 +555,9 @@ class Controller:
                     self._check_workers(now, budget)
                     self._expire_pending(now)
                 self._refresh_gauges()
+                if now - self._pairs_reviewed_at >= 1.0:
+                    self._pairs_reviewed_at = now
+                    self._review_pairs()
             except Exception:  # failure detection must outlive any bug in one round of it
                 log.exception("error in the failure detector")
 
@@ -660,12 +675,68 @@ class Controller:
                 r.holder, r.reservation, r.valid_pages = None, 0, 0
 
     # ------------------------------------------------------------------ assisted recovery
+    def _assist_gains(self) -> dict[int, float] | None:
+        return assist_pricing.gains(((p.id, p.stats) for p in self.serving_workers()),
+                                    self.cfg.spec_acceptance, self.cfg.spec_k)
+
     def _try_pair(self, w: WorkerRecord) -> None:
-        partner = pick_partner(self.view(), w.id)
+        """Pair by gain (policy.pick_partner_by_gain): the survivor that assistance would gain most on,
+        none while no one would gain (asked again by `_review_pairs`). Before every survivor has a
+        fitted step-time model, by waiting time (policy.pick_partner)."""
+        gains = self._assist_gains()
+        view = self.view()
+        partner = pick_partner(view, w.id) if gains is None else pick_partner_by_gain(view, w.id, gains)
         if partner is None:
+            if gains is not None and not w.waited_for_gain:
+                w.waited_for_gain = True
+                log.info("worker %d keeps its draft and waits: assisting gains nothing now (tokens/s by worker: %s)",
+                         w.id, {k: round(v, 2) for k, v in gains.items()})
             return
-        p = self.workers[partner]
+        self._pair(w, self.workers[partner])
+
+    def _review_pairs(self) -> None:
+        """Every second: pair drafters that wait for a partner, and move a drafter to another partner when
+        the gain has moved there (policy.pick_partner_by_gain with its current partner)."""
+        if not self.features.speculation:
+            return
+        for w in self.workers.values():
+            if not w.draft_ready or not w.alive:
+                continue
+            if w.partner is None and w.state == WorkerState.LOADING_DRAFT:
+                self._try_pair(w)
+            elif w.partner is not None and w.state == WorkerState.ASSISTING:
+                gains = self._assist_gains()
+                if gains is None:
+                    continue
+                best = pick_partner_by_gain(self.view(), w.id, gains, current=w.partner,
+                                            paired_for_s=time.monotonic() - w.paired_at)
+                if best is not None and best != w.partner:
+                    old = self.workers[w.partner]
+                    old.partner = None
+                    self._send(old, "ASSIST", {"role": "none", "peer": -1, "addr": "", "k": self.cfg.spec_k})
+                    log.info("worker %d moves from assisting worker %d to worker %d (gain %.1f -> %.1f tokens/s)",
+                             w.id, old.id, best, gains.get(old.id, 0.0), gains[best])
+                    self._pair(w, self.workers[best])
+
+    def _draft_first_pays(self, w: WorkerRecord) -> bool:
+        """For a restart whose draft is not resident in host memory (the worker checks): whether its
+        disk read before the target's pays (policy.draft_phase_pays), from what the survivors would
+        gain now and what this worker served before, at the disk rate of its last load."""
+        gains = self._assist_gains()
+        if gains is None:
+            # no survivor can price a position yet (their batches never changed size: light load, where
+            # assistance pays and a later return delays no queue): read it, as the paper does
+            return True
+        disk_s = w.phase_s.get("disk_to_host_s")
+        target = assist_pricing.weight_bytes(_model_dir(self.cfg.model))
+        draft = assist_pricing.weight_bytes(_model_dir(self.cfg.draft_model))
+        bps = target / disk_s if isinstance(disk_s, (int, float)) and disk_s > 0 and target else 0.0
+        return assist_pricing.draft_first(max(gains.values(), default=0.0), draft, target, bps,
+                                          assist_pricing.plain_rate(w.stats))
+
+    def _pair(self, w: WorkerRecord, p: WorkerRecord) -> None:
         w.partner, p.partner = p.id, w.id
+        w.paired_at = time.monotonic()
         self._send(w, "ASSIST", {"role": "drafter", "peer": p.id, "addr": p.data_addr, "k": self.cfg.spec_k})
         self._send(p, "ASSIST", {"role": "verifier", "peer": w.id, "addr": w.data_addr, "k": self.cfg.spec_k})
         log.info("worker %d assists worker %d", w.id, p.id)
@@ -756,3 +827,12 @@ def _clean_stats(d: dict, numbers_only: bool = False) -> dict:
 def _num(stats: dict, key: str) -> float:
     v = stats.get(key, 0.0)
     return float(v) if isinstance(v, int | float) else 0.0
+
+
+def _model_dir(spec: str | None):
+    if not spec:
+        return ""
+    try:
+        return resolve_model_dir(spec)
+    except (OSError, ValueError):
+        return ""

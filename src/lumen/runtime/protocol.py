@@ -30,10 +30,13 @@ from .transport import Schema
 MAX_ID = 128          # request ids are ours (short) but bound them anyway
 MAX_BATCH = 4096      # items per OUT / CKPT / MIRROR / PROPOSE message
 MAX_TOKENS = 1 << 20  # tokens of one request's context
-HB_MAX_STATS = 128  # keys per heartbeat; a worker publishes ~77 (engine, store, transport, loop, assist counters)
+HB_MAX_STATS = 160  # keys per heartbeat; a worker publishes ~97 (engine, store, transport, loop, assist counters, load)
 # what the controller decides with (routing load, stall detection, spec metrics): never trimmed
 HB_DECISION_KEYS = ("num_waiting", "num_running", "q_wait_s", "kv_usage", "loop_age_s", "spec_drafts",
-                    "spec_draft_tokens", "spec_accepted_tokens", "spec_acceptance", "ckpt_stored_bytes")
+                    "spec_draft_tokens", "spec_accepted_tokens", "spec_acceptance", "ckpt_stored_bytes",
+                    # pairing by gain (runtime.assist_pricing): the next step's load and the step-time model
+                    "load_decoding", "load_context_tokens", "load_queued_tokens", "load_queued_requests",
+                    "chunk_tokens", "step_c0", "step_c1", "step_c2", "step_c3", "step_c4", "step_c5")
 MAX_CKPT_REPORT = 1000  # requests per CKPT report (keeps the header well under its 64 KiB bound)
 I64 = (-(2**63), 2**63 - 1)
 U31 = (0, 2**31 - 1)

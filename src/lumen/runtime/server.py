@@ -44,6 +44,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-model", default=None,
                    help="draft for assisted recovery (default: the embedded draft with the default model)")
     p.add_argument("--spec-k", type=int, default=4, help="draft tokens proposed per request per round")
+    p.add_argument("--spec-acceptance", type=float, default=0.6,
+                   help="prior per-token acceptance of the draft pair: where assisted recovery starts its "
+                        "estimate, which each request's verify outcomes then update (goodput rule)")
     p.add_argument("--cold-restart", action="store_true",
                    help="drop the model's weight files from the OS page cache before restarting a worker, so "
                         "its reload reads the disk as after a node reboot (benchmarks of reload-bound recovery)")
@@ -169,6 +172,7 @@ def build_config(args: argparse.Namespace) -> tuple[ClusterConfig, Tokenizer | N
         dtype=dtype_name, max_model_len=max_len, ckpt_budget_bytes=int(args.ckpt_budget_gb * (1 << 30)),
         ckpt_export_interval_ms=args.ckpt_export_interval_ms,
         kv_bytes_per_token=mcfg.kv_bytes_per_token(kv_dtype), draft_model=draft, spec_k=args.spec_k,
+        spec_acceptance=args.spec_acceptance,
         cold_restart=args.cold_restart,
         gpu_share_fixed=on_gpu and mps_share_fixed(os.environ, workers_per_gpu=math.ceil(args.workers / len(devices))),
         max_pending=args.max_pending)

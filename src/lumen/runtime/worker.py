@@ -32,12 +32,14 @@ from ..engine.profile import StepLog
 from ..model.loader import SharedReads, build_model_from_host, read_config, read_weights_to_host
 from ..policy import WorkerState, features
 from ..policy.slots import SlotSchedule
+from . import draft_cache
 from .assist import Drafter, Verifier
 from .ckpt_store import CheckpointStore
 from .config import ClusterConfig
 from .kv_stream import PageReceiver, PageSender
 from .model_dirs import resolve_model_dir
 from .protocol import HB_DECISION_KEYS, HB_MAX_STATS, MAX_CKPT_REPORT, SCHEMA
+from .steptime import LiveStepTime
 from .transport import Codec, DealerEndpoint, PullEndpoint, PushPool, frame_ints, ints_frame, secret_from_env
 
 log = logging.getLogger("lumen.worker")
@@ -67,6 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=512)
     p.add_argument("--chunk-tokens", type=int, default=256)
     p.add_argument("--spec-k", type=int, default=4)
+    p.add_argument("--spec-acceptance", type=float, default=ClusterConfig.spec_acceptance,
+                   help="prior per-token acceptance of the draft pair (the goodput rule's starting estimate)")
+    p.add_argument("--draft-first", type=int, choices=(0, 1), default=1,
+                   help="a restart whose draft is not resident in host memory reads it before the target "
+                        "(the controller's policy.draft_phase_pays); 0: load the target only")
     p.add_argument("--deterministic", action="store_true")
     # a time slot on a shared device (lumen.policy.slots): this worker's index among the workers on its
     # device, how many they are, and the slot length
@@ -77,6 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+UNKNOWN_STEP_SLOT_SHARE = 0.5  # a step not yet measured is expected to take this share of a slot
 WARMUP_ENV = "LUMEN_WORKER_WARMUP_TOKENS"  # prefill tokens of the warm-up (0: none)
 CPU_WARMUP_TOKENS = 32  # CPU default: the path runs, cheaply (a full chunk measured no benefit there)
 WARMUP_DECODE_STEPS = 4
@@ -341,6 +349,7 @@ class Worker:
         self.slots = (SlotSchedule(args.slot_index, args.slot_count, args.slot_ms / 1e3)
                       if args.slot_count > 1 else None)
         self._draft_step_s = 0.0  # EMA of a draft round's time (its slot estimate)
+        self.step_times = LiveStepTime()  # this worker's step-time model, from its own steps (goodput rule)
         self._slot_used = -1.0  # start of the last slot a step ran in (slots_used counts distinct ones)
         if self.slots is not None:
             self.counters.update(slot_steps=0, slots_used=0, slot_overruns=0, slot_overrun_s=0.0,
@@ -355,11 +364,24 @@ class Worker:
                                  "kv_addr": self.kv_rx.address, "device": self.device, "host": self.args.host})
         if self.features.checkpointing is not None:
             self._allocate_store()
-        speculative_restart = self.features.speculation and self.epoch > 1 and self.args.draft_model
+        draft_dir = self._draft_dir()
+        if self.epoch <= 1 and self.features.speculation and draft_dir is not None:
+            draft_cache.stage_in_background(draft_dir)  # resident for a later restart of any worker of this node
+        resident = draft_cache.resident_copy(draft_dir) if draft_dir is not None else None
+        speculative_restart = (self.features.speculation and self.epoch > 1 and self.args.draft_model
+                               and (resident is not None or self.args.draft_first))
         if speculative_restart:
-            self._load_progressively()
+            self._load_progressively(resident)
         else:
             self._load_plain()
+
+    def _draft_dir(self):
+        if not self.args.draft_model:
+            return None
+        try:
+            return resolve_model_dir(self.args.draft_model)
+        except (OSError, ValueError):
+            return None
 
     def _allocate_store(self) -> None:
         """All of the checkpoint store's memory, now, in the background: it overlaps the weight load,
@@ -400,16 +422,20 @@ class Worker:
         host = self._read_target()
         self._serve(host, disk_to_host_s=time.monotonic() - t0)
 
-    def _load_progressively(self) -> None:
-        """LUMEN mechanism 3: draft first, assist a partner, target weights load in the background."""
+    def _load_progressively(self, resident) -> None:
+        """LUMEN mechanism 3: a draft assists a partner while the target's weights load in the background.
+
+        With the draft resident in host memory (`draft_cache`), the target's disk read starts at once
+        and the draft costs only its host -> device copy beside it. Without, the draft is read from
+        disk first (the controller found that it pays), and the target read then reuses the files they
+        share (a self-draft's embedding and head)."""
         self._set_state(WorkerState.LOADING_DRAFT)
         t0 = time.monotonic()
-        self.drafter = Drafter(self, self.args.draft_model, k=self.args.spec_k)
-        t_draft = time.monotonic() - t0
         loaded: dict = {}
-        shared_reads = self.drafter.shared_reads
+        shared_reads = None if resident is not None else SharedReads()
 
         def load_target():
+            loaded["target_read_start_s"] = time.monotonic() - t0
             try:
                 loaded["state"] = self._read_target(shared_reads)
                 loaded["disk_to_host_s"] = time.monotonic() - t0
@@ -417,8 +443,16 @@ class Worker:
                 loaded["error"] = e
 
         loader = threading.Thread(target=load_target, daemon=True, name="target-loader")
-        loader.start()
-        self._set_state(WorkerState.LOADING_DRAFT, draft_load_s=t_draft, draft_ready=1, **self.drafter.load_phases)
+        if resident is not None:
+            loader.start()
+        self.drafter = Drafter(self.push.send, str(resident or self.args.draft_model), self.args.spec_k,
+                               device=self.device, dtype=self.dtype, block_size=self.args.block_size,
+                               num_blocks=self.args.num_blocks, shared_reads=shared_reads)
+        t_draft = time.monotonic() - t0
+        if resident is None:
+            loader.start()
+        self._set_state(WorkerState.LOADING_DRAFT, draft_load_s=t_draft, draft_ready=1,
+                        draft_resident=int(resident is not None), **self.drafter.load_phases)
         drafted = False
         while loader.is_alive() and self.running:
             # wait (woken at once by a message) unless the last round drafted: with every guess K
@@ -446,7 +480,8 @@ class Worker:
         self.drafter = None  # release the draft before the target lands on the device
         self._set_state(WorkerState.SWITCHING, draft_load_s=t_draft, assist_s=t1 - t0,
                         disk_to_host_s=loaded.get("disk_to_host_s", 0.0),
-                        target_reused_bytes=shared_reads.reused_bytes, **stats)
+                        target_read_start_s=loaded.get("target_read_start_s", 0.0),
+                        target_reused_bytes=shared_reads.reused_bytes if shared_reads is not None else 0, **stats)
         self._serve(loaded["state"])
 
     def _read_target(self, shared_reads: SharedReads | None = None) -> dict:
@@ -491,10 +526,11 @@ class Worker:
     def _slot_wait_s(self, step_s: float) -> float:
         """0 if a device step of `step_s` may start now, else how long until this worker's slot. A step
         of unknown length (0: nothing measured yet, e.g. the first after the warm-up or a cold CUDA
-        graph) counts as a whole slot: it starts only at a slot's beginning."""
+        graph) counts as half a slot. (As a whole slot it could start only in the first tenth of one,
+        and a busy loop missed that window for ever.)"""
         if self.slots is None:
             return 0.0
-        return self.slots.wait_s(time.monotonic(), step_s or self.slots.slot_s)
+        return self.slots.wait_s(time.monotonic(), step_s or UNKNOWN_STEP_SLOT_SHARE * self.slots.slot_s)
 
     def _wait_for_slot(self, step_s: float) -> None:
         """Block until a device step of `step_s` may start (load-time work: weight copies, warm-up)."""
@@ -558,6 +594,7 @@ class Worker:
                     self._slot_step_ended(started, ended)
                 if self.step_log is not None:
                     self.step_log.record(self.engine, started, ended)
+                self.step_times.record(self.engine.last_step)
                 self._send_outputs(outputs)
                 if self.verifier is not None:
                     self.verifier.after_step(self.engine, outputs)
@@ -585,7 +622,10 @@ class Worker:
         t = time.monotonic()
         self._poll(timeout_ms=max(1, min(20, math.ceil(wait * 1e3))))
         self.counters["slot_wait_s"] += time.monotonic() - t
-        return False
+        # woken at the slot's start: step now, before the rest of the loop's turn (a long step may only
+        # start near its slot's start, and a busy turn could carry it past that, cycle after cycle: a
+        # time-sliced H100 worker starved so, 2026-12-07)
+        return self._slot_wait_s(self.engine.expected_step_s()) <= 0
 
     def _poll(self, timeout_ms: int) -> None:
         if self._poller is None:  # built once: this runs on every turn of the engine loop
@@ -779,7 +819,8 @@ class Worker:
         # switched to its target) or is replaced leaves its data socket unused, so close it
         before = {x.addr for x in (self.verifier, self.drafter) if x is not None and x.addr}
         if role == "verifier":
-            self.verifier = Verifier(self, body["peer"], body["addr"], body["k"])
+            self.verifier = Verifier(self.push.send, self.counters, body["peer"], body["addr"], body["k"],
+                                     prior=self.args.spec_acceptance, step_model=self.step_times.model)
         elif role == "drafter" and self.drafter is not None:
             self.drafter.pair(body["peer"], body["addr"])
             self._set_state(WorkerState.ASSISTING)
@@ -809,6 +850,14 @@ class Worker:
         stats.update({f"drop_{k}": v + self.kv_rx.codec.stats.get(k, 0) for k, v in self.codec.stats.items()})
         if self.engine is not None:
             stats.update(self.engine.stats())
+            # what the controller prices assistance with (policy.assist_gain): the next step's load and
+            # this worker's fitted step-time model
+            decoding, context, queued_tokens, queued_requests, chunk = self.engine.load_summary()
+            stats.update(load_decoding=decoding, load_context_tokens=context, load_queued_tokens=queued_tokens,
+                         load_queued_requests=queued_requests, chunk_tokens=chunk)
+            coef = self.step_times.coef()
+            if coef is not None:
+                stats.update({f"step_c{i}": c for i, c in enumerate(coef)})
             if self.slots is not None:  # its steps run in one slot of each cycle: a new request waits that much longer
                 stats["q_wait_s"] *= self.slots.count
         store = self.store.stats()

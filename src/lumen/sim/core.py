@@ -153,7 +153,7 @@ class SimWorker:
         # simulator state
         "crashed", "detect_at", "wq", "transit", "prefilling", "heap", "G", "S_dec", "kv_used",
         "kv_cap", "pending_pf", "busy", "ep_start", "ep_dt", "ep_n", "ep_token", "ep_chunks",
-        "ep_g", "link_free_at", "h2d_free_at", "held", "assist_g", "assist_from", "draft_ready",
+        "ep_g", "link_free_at", "h2d_free_at", "held", "assist_g", "assist_from", "draft_ready", "paired_at",
         "n_prot_dec", "sec_per_pf", "last_dt", "wake_pending", "ep_p", "ep_dpos", "ep_ctx0", "ep_grow",
         "ep_slow", "slow_counted",
         # the verify positions of the epoch (beyond one per decoding request) and its K histogram
@@ -189,6 +189,7 @@ class SimWorker:
         self.assist_g = 1.0          # tokens committed per decode iteration (> 1 while assisted)
         self.assist_from = math.inf  # assisted decoding starts at this time (draft caught up)
         self.draft_ready = False
+        self.paired_at = 0.0          # when it last paired (as a drafter): the policy's minimum dwell
         self.sec_per_pf = 0.0
         self.last_dt = 0.0
         self.ep_token = 0
@@ -1071,6 +1072,7 @@ class Simulator:
         mirrored requests' contexts (catch-up)."""
         self._transition(w, E.PAIRED)
         w.partner, pw.partner = pw.id, w.id
+        w.paired_at = t
         self._sync(w)
         self._sync(pw)
         ctx = int(pw.S_dec + len(pw.heap) * pw.G)
@@ -1109,7 +1111,8 @@ class Simulator:
                     if g is None:
                         g = cache[o.id] = self._gain(o)
                     gains[o.id] = g
-            p = self._call("pick_partner_by_gain")(self.view, w.id, gains, current=cur)
+            p = self._call("pick_partner_by_gain")(self.view, w.id, gains, current=cur,
+                                                   paired_for_s=t - w.paired_at if cur is not None else math.inf)
             if p is None or p == cur:
                 continue
             if cur is not None:        # move: the old partner decodes alone again
