@@ -381,7 +381,9 @@ def _epochs(cluster: dict | None) -> dict[int, int] | None:
 # What a run's end state keeps of each worker (the rest of /lumen/cluster is per request): how much
 # was checkpointed, refused and restored, so a run's recovery can be explained after the machine is gone
 _END_STATS = ("ckpt_", "pages_", "restored_", "exported_pages", "export_deferred", "kv_", "spec_",
-              "hb_late_max_ms", "preemptions")
+              "hb_late_max_ms", "preemptions",
+              # the goodput rule's choices on a partner (K histogram, verify positions) and its step model
+              "assist_", "step_c")
 
 
 def _cluster_end(cluster: dict | None) -> dict | None:
