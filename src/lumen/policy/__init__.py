@@ -7,6 +7,9 @@ Usage (the live controller and the simulator call exactly these):
                        h2d_bytes_per_s=26e9) for i in ...), lam=1.0)
     s = checkpoint_reservation(prompt_tokens, max_tokens, kv_bytes_per_token, page_tokens=16)
     holder = place_checkpoint(view, "lumen", executor=2, reservation_bytes=s)   # None: unprotected
+    holders = place_checkpoints(view, "lumen", executor=2, reservation_bytes=s, k=2)  # K copies, spread over nodes
+    k = choose_replicas(recompute_s, copy_cost_s, p, q, k_max=3, domains=domain_count(view))  # `auto`
+    h = restore_source(view, [(holder, valid_prefix, epoch), ...])               # longest valid live copy
     target = route_new(view)                                                     # new requests
     plan = dispatch_interrupted(view, "lumen", [RequestView(...), ...])          # [Assignment]
     partner = pick_partner(view, recovering_id=2); st = next_state(st, WorkerEvent.PAIRED)
@@ -21,7 +24,17 @@ current in place and pass `table.view(lam)` instead (the simulator does; see vie
 from .dispatch import dispatch_interrupted, route_new
 from .names import POLICY_NAMES, Policy, PolicyFeatures, features, parse_policy
 from .pairing import may_assist, pair_recovering, pick_partner, pick_partner_by_gain
-from .placement import checkpoint_reservation, place_checkpoint
+from .placement import checkpoint_reservation, place_checkpoint, place_checkpoints
+from .replicas import (
+    CopyPrice,
+    FailureModel,
+    choose_replicas,
+    co_failure_probability,
+    domain_count,
+    loss_probability,
+    restore_source,
+    spread_occupancy,
+)
 from .speculation import (
     AcceptanceEstimate,
     LinearStepTime,
@@ -42,4 +55,6 @@ __all__ = [
     "may_assist", "pair_recovering", "parse_policy", "pick_partner", "place_checkpoint", "route_new",
     "AcceptanceEstimate", "LinearStepTime", "PartnerLoad", "assist_gain", "choose_spec_lengths",
     "draft_phase_pays", "expected_tokens", "fit_step_time", "pick_partner_by_gain",
+    "place_checkpoints", "CopyPrice", "FailureModel", "choose_replicas", "co_failure_probability",
+    "domain_count", "loss_probability", "restore_source", "spread_occupancy",
 ]
