@@ -21,7 +21,7 @@ from .config import SPEC_RULES, FailurePlan, FailureSpec, SimConfig, parse_durat
 from .cost import DEVICES, MODELS, load_profile
 from .experiment import Experiment, WorkloadSpec, run_experiment
 
-SWEEP_KEYS = ("workers", "qps", "qps-per-worker", "alpha", "k", "fail-count", "fail-frac")
+SWEEP_KEYS = ("workers", "qps", "qps-per-worker", "alpha", "k", "fail-count", "fail-frac", "ckpt-replicas")
 _CHANGE_METRICS = ("affected_ttft_mean", "affected_tpot_mean", "recovery_time_s")
 
 
@@ -66,6 +66,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ckpt-export-interval-ms", type=float, default=100.0,
                    help="decode pages leave at most this often, as in `lumen serve` (0: as soon as full)")
     g.add_argument("--ckpt-budget-gb", type=float, default=160.0)
+    g.add_argument("--domains", type=_positive_int, default=None, metavar="N",
+                   help="failure domains: workers split into N equal contiguous groups (e.g. 4 nodes of 16); "
+                        "checkpoint copies spread over them and --fail t=..:domains=M fails whole ones "
+                        "(default: the node of --nodes, else every worker its own)")
+    g.add_argument("--ckpt-replicas", type=_replicas, default=1, metavar="K|auto",
+                   help="checkpoint copies per request: 1 (the paper), K >= 2 (K holders in distinct failure "
+                        "domains where possible), or 'auto' (policy.choose_replicas per request; docs/replicas.md)")
+    g.add_argument("--ckpt-replicas-max", type=_positive_int, default=3, metavar="K",
+                   help="auto: at most this many copies")
+    g.add_argument("--ckpt-worker-mtbf", default="1h", metavar="DUR",
+                   help="auto: the independent per-worker failures it plans for, MTBF ('none': not planned)")
+    g.add_argument("--ckpt-domain-mtbf", default="none", metavar="DUR",
+                   help="auto: whole-domain failures it plans for, MTBF per domain ('none': not planned)")
+    g.add_argument("--ckpt-price-net", type=float, default=1e-4, metavar="X",
+                   help="auto: a copy's price in recompute seconds per NIC second of its stream")
+    g.add_argument("--ckpt-price-mem", type=float, default=1e-6, metavar="X",
+                   help="auto: ... plus recompute seconds per GB-second of host memory it reserves")
     g.add_argument("--detect-s", type=float, default=0.3)
     g.add_argument("--restart-s", type=float, default=2.0)
     g = p.add_argument_group("recovery")
@@ -95,7 +112,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trace", default=None, help="CSV/JSONL trace instead of a synthetic workload")
     g = p.add_argument_group("failures")
     g.add_argument("--fail", action="append", default=None, metavar="SPEC",
-                   help='repeatable: "t=30s:worker=1", "t=30s:count=4" (simultaneous), "t=30s:frac=0.25"; '
+                   help='repeatable: "t=30s:worker=1", "t=30s:count=4" (simultaneous), "t=30s:frac=0.25", '
+                        '"t=30s:domains=1" (whole failure domains, see --domains), "t=30s:domain=0+2"; '
                         't may be a share of the arrival span, "t=30%%". Default: "t=30%%:worker=0"')
     g.add_argument("--mtbf", default=None, help="random failures, per-worker mean time between failures (e.g. 2h)")
     g.add_argument("--no-fail", action="store_true", help="no failures at all")
@@ -129,6 +147,22 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _replicas(s: str) -> int | str:
+    if s.strip().lower() == "auto":
+        return "auto"
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'auto', got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 or 'auto', got {v}")
+    return v
+
+
+def _mtbf(s: str | None) -> float | None:
+    return None if s is None or s.strip().lower() in ("none", "inf", "off") else parse_duration(s)
+
+
 def config_from_args(a: argparse.Namespace) -> SimConfig:
     cost = load_profile(a.profile) if a.profile else None
     return SimConfig(workers=a.workers, model=a.model, device=a.device, tp=a.tp, draft=a.draft,
@@ -138,7 +172,10 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
                      restart_s=a.restart_s, lam=a.lam, draft_cached=a.draft_cached,
                      spec_rule=a.spec_rule, pair_interval_s=a.pair_interval_s,
                      kv_tokens=a.kv_tokens, nodes=a.nodes, cost=cost,
-                     workers_per_device=a.workers_per_device, device_share=a.device_share, slot_ms=a.slot_ms)
+                     workers_per_device=a.workers_per_device, device_share=a.device_share, slot_ms=a.slot_ms,
+                     domains=a.domains, ckpt_replicas=a.ckpt_replicas, ckpt_replicas_max=a.ckpt_replicas_max,
+                     ckpt_worker_mtbf_s=_mtbf(a.ckpt_worker_mtbf), ckpt_domain_mtbf_s=_mtbf(a.ckpt_domain_mtbf),
+                     ckpt_price_net=a.ckpt_price_net, ckpt_price_mem=a.ckpt_price_mem)
 
 
 def failures_from_args(a: argparse.Namespace) -> FailurePlan:
@@ -165,9 +202,11 @@ def _apply_sweep(a: argparse.Namespace, key: str, value: str) -> argparse.Namesp
         b.alpha = float(value)
     elif key == "k":
         b.k = int(value)
+    elif key == "ckpt-replicas":
+        b.ckpt_replicas = _replicas(value)
     elif key in ("fail-count", "fail-frac"):
         base = failures_from_args(a).scheduled or (FailureSpec(0.3, count=1, t_frac=True),)
-        f = base[0]
+        f = replace(base[0], domains=None, domain_ids=())
         f = (replace(f, workers=(), count=int(value), frac=None) if key == "fail-count"
              else replace(f, workers=(), count=None, frac=float(value)))
         b.fail = [f.to_spec()]
@@ -228,7 +267,7 @@ def _run_one(a: argparse.Namespace, policies, out: Path | None, console, title: 
             f"{wl.qps:g} QPS, {wl.requests} requests ({wl.lengths}), "
             f"failures {_describe(fails)}; mean ± 95% CI over {a.repeats} seeds")
     print_table(exp.aggregates, console=console, title=(f"[{title}] " if title else "") + head)
-    _print_sim_stats(console, exp)
+    _print_sim_stats(console, exp, copies=cfg.ckpt_replicas != 1 or cfg.domains is not None)
     if out:
         meta = {"command": " ".join(sys.argv), "config": _cfg_dict(cfg), "workload": asdict(wl),
                 "failures": _describe(fails), "policies": list(policies), "repeats": a.repeats,
@@ -263,13 +302,15 @@ def _describe(f: FailurePlan) -> str:
     return ", ".join(parts) or "none"
 
 
-def _print_sim_stats(console, exp: Experiment) -> None:
+def _print_sim_stats(console, exp: Experiment, copies: bool = False) -> None:
     from rich.table import Table
 
     t = Table(title="simulator counters (sum over seeds)")
     cols = ("interrupted", "restores", "recomputes", "shed", "protected_interrupted", "holder_cofailed",
             "unprotected",
             "reprotected", "assisted_steps", "verify_positions", "pair_moves", "events", "wall_s")
+    if copies:   # K copies / failure domains (issue 25): the copies' own counters
+        cols = cols[:7] + ("no_valid_copy", "copies_placed", "copies_lost", "copies_missing", "stream_bytes") + cols[7:]
     t.add_column("policy")
     for c in cols:
         t.add_column(c, justify="right")
@@ -279,7 +320,8 @@ def _print_sim_stats(console, exp: Experiment) -> None:
         for c in cols:
             d[c] += s[c]
     for pol, d in agg.items():
-        t.add_row(pol, *(f"{d[c]:.2f}" if c == "wall_s" else f"{int(d[c])}" for c in cols))
+        t.add_row(pol, *(f"{d[c]:.2f}" if c == "wall_s" else f"{d[c] / 1e9:.1f} GB" if c == "stream_bytes"
+                         else f"{int(d[c])}" for c in cols))
     console.print(t)
 
 

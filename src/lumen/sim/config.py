@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -61,6 +62,19 @@ class SimConfig:
     gpu_mem_util: float = 0.9           # share of HBM for weights + KV
     kv_tokens: int | None = None        # KV capacity per worker in tokens; None: from HBM
     nodes: int | None = None            # workers are spread over this many nodes (round robin)
+    # Failure domains (issue 25): workers split into this many equal contiguous domains (worker i in
+    # domain i * domains // workers: 4 domains of 64 workers = 0-15, 16-31, ...). Placement spreads
+    # copies over them (the policy view's node column) and `--fail t=..:domains=N` fails whole ones.
+    # None: the node (`nodes`, round robin) is the domain, or every worker its own.
+    domains: int | None = None
+    # Checkpoint copies per request (issue 25): 1 (the paper), K >= 2, or "auto" (`policy.choose_replicas`
+    # per request, at most ckpt_replicas_max, planning for the failure model below at the copy prices).
+    ckpt_replicas: int | str = 1
+    ckpt_replicas_max: int = 3
+    ckpt_worker_mtbf_s: float | None = 3600.0   # auto: independent failures of one worker, MTBF
+    ckpt_domain_mtbf_s: float | None = None     # auto: failures of a whole domain at once, MTBF per domain
+    ckpt_price_net: float = 1e-4        # auto: a copy's price, recompute seconds per NIC second it streams
+    ckpt_price_mem: float = 1e-6        # auto: ... plus recompute seconds per GB-second of host memory it holds
     # Several workers on one device (`lumen serve --devices` round robin): worker i is on device
     # i % ceil(workers / workers_per_device). "shared": they use it freely (co-located slowdown, see
     # core.py); "slots": time-division shares (lumen.policy.slots), each steps only in its own slot;
@@ -91,6 +105,25 @@ class SimConfig:
             raise ValueError(f"spec_rule must be one of {', '.join(SPEC_RULES)}, got {self.spec_rule!r}")
         if not (self.pair_interval_s > 0 and math.isfinite(self.pair_interval_s)):
             raise ValueError("pair_interval_s must be positive and finite")
+        if self.domains is not None and not 1 <= self.domains <= self.workers:
+            raise ValueError("domains must be in 1..workers")
+        k = self.ckpt_replicas
+        if not (k == "auto" or (isinstance(k, int) and not isinstance(k, bool) and k >= 1)):
+            raise ValueError(f"ckpt_replicas must be an int >= 1 or 'auto', got {k!r}")
+        if self.ckpt_replicas_max < 1:
+            raise ValueError("ckpt_replicas_max must be >= 1")
+        for name in ("ckpt_worker_mtbf_s", "ckpt_domain_mtbf_s"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be > 0 or None")
+        if not (self.ckpt_price_net >= 0 and self.ckpt_price_mem >= 0):
+            raise ValueError("copy prices must be >= 0")
+
+    def domain_of(self, wid: int) -> int | None:
+        """Worker wid's failure domain: its block of `domains`, else its node, else None (its own)."""
+        if self.domains is not None:
+            return wid * self.domains // self.workers
+        return None if self.nodes is None else wid % self.nodes
 
     @property
     def draft_resident(self) -> bool:
@@ -169,18 +202,35 @@ class SimConfig:
 class FailureSpec:
     """One failure event: at time `t` (seconds, or a share of the arrival span if `t_frac`), the
     listed workers, or `count` of them, or a fraction `frac` of the cluster (rounded, at least
-    1), chosen with the run's seed."""
+    1), chosen with the run's seed; or whole failure domains at once (correlated): the listed
+    `domain_ids`, or `domains` of them chosen with the seed (every worker of each fails)."""
 
     t: float
     workers: tuple[int, ...] = ()
     count: int | None = None
     frac: float | None = None
     t_frac: bool = False
+    domains: int | None = None
+    domain_ids: tuple[int, ...] = ()
 
     def time(self, horizon: float) -> float:
         return self.t * horizon if self.t_frac else self.t
 
-    def resolve(self, n_workers: int, rng: np.random.Generator) -> tuple[int, ...]:
+    def resolve(self, n_workers: int, rng: np.random.Generator,
+                domain_of: Sequence[int | None] | None = None) -> tuple[int, ...]:
+        if self.domains is not None or self.domain_ids:
+            labels = sorted({d for d in (domain_of or ()) if d is not None})
+            if not labels:
+                raise ValueError("a domain failure needs failure domains (--domains or --nodes)")
+            if self.domain_ids:
+                bad = [d for d in self.domain_ids if d not in labels]
+                if bad:
+                    raise ValueError(f"failure names domains {bad}; the cluster has {labels}")
+                chosen = set(self.domain_ids)
+            else:
+                k = min(max(1, self.domains or 1), len(labels))
+                chosen = {labels[int(i)] for i in rng.choice(len(labels), size=k, replace=False)}
+            return tuple(w for w, d in enumerate(domain_of or ()) if d in chosen)
         if self.workers:
             bad = [w for w in self.workers if not 0 <= w < n_workers]
             if bad:
@@ -192,6 +242,10 @@ class FailureSpec:
 
     def to_spec(self) -> str:
         t = f"{self.t * 100:g}%" if self.t_frac else f"{self.t:g}s"
+        if self.domain_ids:
+            return f"t={t}:domain={'+'.join(map(str, self.domain_ids))}"
+        if self.domains is not None:
+            return f"t={t}:domains={self.domains}"
         if self.workers:
             return f"t={t}:worker={'+'.join(map(str, self.workers))}"
         if self.count is not None:
@@ -210,16 +264,17 @@ def parse_duration(s: str) -> float:
 
 
 def parse_fail(spec: str) -> FailureSpec:
-    """"t=30s:worker=1" | "t=30s:worker=1+3" | "t=30s:count=4" | "t=30s:frac=0.25";
+    """"t=30s:worker=1" | "t=30s:worker=1+3" | "t=30s:count=4" | "t=30s:frac=0.25" |
+    "t=30s:domains=1" (whole failure domains, chosen with the seed) | "t=30s:domain=0+2";
     t may also be a share of the workload's arrival span: "t=30%:worker=0"."""
     parts = dict(p.split("=", 1) for p in spec.split(":") if "=" in p)
     if "t" not in parts or len(parts) != len([p for p in spec.split(":") if p]):
-        raise ValueError(f"bad --fail {spec!r}: expected t=<time>:worker=<id>|count=<n>|frac=<f>")
+        raise ValueError(f"bad --fail {spec!r}: expected t=<time>:worker=<id>|count=<n>|frac=<f>|domains=<n>|domain=<id>")
     ts = parts.pop("t").strip()
     t_frac = ts.endswith("%")
     t = float(ts[:-1]) / 100.0 if t_frac else parse_duration(ts)
     if len(parts) != 1:
-        raise ValueError(f"bad --fail {spec!r}: give exactly one of worker=, count=, frac=")
+        raise ValueError(f"bad --fail {spec!r}: give exactly one of worker=, count=, frac=, domains=, domain=")
     (k, v), = parts.items()
     if k == "worker":
         return FailureSpec(t, workers=tuple(int(x) for x in re.split(r"[+,]", v)), t_frac=t_frac)
@@ -230,6 +285,13 @@ def parse_fail(spec: str) -> FailureSpec:
         if not 0 < f <= 1:
             raise ValueError("frac must be in (0, 1]")
         return FailureSpec(t, frac=f, t_frac=t_frac)
+    if k == "domains":
+        n = int(v)
+        if n < 1:
+            raise ValueError("domains must be >= 1")
+        return FailureSpec(t, domains=n, t_frac=t_frac)
+    if k == "domain":
+        return FailureSpec(t, domain_ids=tuple(int(x) for x in re.split(r"[+,]", v)), t_frac=t_frac)
     raise ValueError(f"bad --fail {spec!r}: unknown key {k!r}")
 
 
@@ -241,10 +303,12 @@ class FailurePlan:
     mtbf_s: float | None = None
     horizon_s: float | None = None       # MTBF failures drawn in [0, horizon); None: last arrival
 
-    def events(self, n_workers: int, seed: int, horizon: float) -> list[tuple[float, int]]:
-        """(time, worker) pairs, sorted. Same seed -> same failures for every policy."""
+    def events(self, n_workers: int, seed: int, horizon: float,
+               domains: Sequence[int | None] | None = None) -> list[tuple[float, int]]:
+        """(time, worker) pairs, sorted. Same seed -> same failures for every policy. `domains`:
+        each worker's failure domain (for domain failures)."""
         rng = np.random.default_rng([seed, 0x5EED])
-        out = [(f.time(horizon), w) for f in self.scheduled for w in f.resolve(n_workers, rng)]
+        out = [(f.time(horizon), w) for f in self.scheduled for w in f.resolve(n_workers, rng, domains)]
         if self.mtbf_s:
             end = self.horizon_s if self.horizon_s is not None else horizon
             for w in range(n_workers):
@@ -270,7 +334,12 @@ class SimStats:
     restores: int = 0
     recomputes: int = 0
     shed: int = 0
-    holder_cofailed: int = 0              # interrupted requests whose holder had also failed
+    holder_cofailed: int = 0              # interrupted requests whose holder had also failed (all of them, K > 1)
+    copies_placed: int = 0                # checkpoint copies placed (K per request where they fit)
+    copies_missing: int = 0               # copies wanted (K > 1 or auto) that no holder had room for
+    copies_lost: int = 0                  # copies of interrupted requests whose holder had failed too
+    no_valid_copy: int = 0                # interrupted requests without a surviving copy holding >= 1 page
+    k_hist: list[int] = field(default_factory=list)   # [K] -> requests given K copies (K > 1 or auto)
     protected_interrupted: int = 0        # interrupted requests that had a holder
     restored_tokens: int = 0
     recompute_tokens: int = 0

@@ -40,6 +40,15 @@ go through `P.dispatch_interrupted`; a restore waits for prefix_bytes / B_h2d on
 tokens. If the holder dies, the requests it protected get a new holder (`P.place_checkpoint`)
 and their pages are streamed again from scratch (re-protection).
 
+K copies (`ckpt_replicas` > 1 or "auto"; issue 25, docs/replicas.md): `P.place_checkpoints` picks K
+distinct holders spread over failure domains (`domains`, else `nodes`; the table's node column), K
+from `P.choose_replicas` under "auto". Every holder gets every page: each copy reserves s_r at its
+holder and its pages join the executor's NIC FIFO (a copy's prompt burst after the previous one's;
+decode pages once per copy), so stream bytes count each copy. A recovery restores from
+`P.restore_source` (the live holder with the longest valid prefix); when a holder dies only its copy
+is lost, and the missing copies are placed again (`existing` = the surviving holders). K = 1 runs the
+code path above unchanged (`place_checkpoint`, no new policy calls).
+
 Reload: after `restart_s`, policies with speculation load the draft and assist a serving partner
 while the target loads; policies without speculation read the target at once and sit idle. Two
 rules (`SimConfig.spec_rule`):
@@ -108,10 +117,25 @@ from .config import FailurePlan, SimConfig, SimStats
 _EPS = 1e-9
 
 
+class _Copy:
+    """One checkpoint copy of a request: its holder (and the holder's epoch when placed), the bytes
+    reserved there, its prompt burst on the executor's NIC (t0..t1, `burst` tokens) and, after the
+    executor failed, the valid prefix the holder has (tokens)."""
+
+    __slots__ = ("holder", "epoch", "res", "t0", "t1", "burst", "valid")
+
+    def __init__(self, holder: int, epoch: int, res: int):
+        self.holder = holder
+        self.epoch = epoch
+        self.res = res
+        self.t0 = self.t1 = 0.0
+        self.burst = 0
+        self.valid = 0
+
+
 class SimRequest:
     __slots__ = ("id", "arrival", "prompt", "output", "gen", "worker", "pf_total", "pf_done",
-                 "first_token", "finish", "interrupted", "error", "holder", "holder_epoch",
-                 "res_bytes", "ck_t0", "ck_t1", "ck_burst", "ck_valid", "ready_at", "g0",
+                 "first_token", "finish", "interrupted", "error", "copies", "k_want", "ready_at", "g0",
                  "kv_join", "kv_alloc", "decoding", "protected_once")
 
     def __init__(self, spec: RequestSpec):
@@ -127,18 +151,19 @@ class SimRequest:
         self.finish: float | None = None
         self.interrupted = False
         self.error: str | None = None
-        self.holder: int | None = None
-        self.holder_epoch = 0
-        self.res_bytes = 0
-        self.ck_t0 = self.ck_t1 = 0.0
-        self.ck_burst = 0
-        self.ck_valid = 0
+        self.copies: list[_Copy] = []   # checkpoint copies (the paper: at most one)
+        self.k_want = 0                  # copies this request gets (decided at its first placement)
         self.ready_at = 0.0
         self.g0 = 0.0
         self.kv_join = 0
         self.kv_alloc = 0
         self.decoding = False
         self.protected_once = False
+
+    @property
+    def holder(self) -> int | None:
+        """The first copy's holder (the only one under K = 1), None if unprotected."""
+        return self.copies[0].holder if self.copies else None
 
 
 class SimWorker:
@@ -150,6 +175,8 @@ class SimWorker:
         # mirrored into the ClusterTable the policy reads
         "id", "state", "epoch", "alive", "waiting", "running", "q_wait_s", "ckpt_reserved_bytes",
         "ckpt_budget_bytes", "h2d_bytes_per_s", "node", "partner",
+        # failure domain (mirrored as the table's node column): `domains` if set, else the node
+        "domain",
         # simulator state
         "crashed", "detect_at", "wq", "transit", "prefilling", "heap", "G", "S_dec", "kv_used",
         "kv_cap", "pending_pf", "busy", "ep_start", "ep_dt", "ep_n", "ep_token", "ep_chunks",
@@ -175,6 +202,7 @@ class SimWorker:
         self.ckpt_budget_bytes = int(cfg.ckpt_budget_gb * 1e9)
         self.h2d_bytes_per_s = cfg.h2d_gbps * 1e9 * cfg.tp   # one PCIe link per GPU
         self.node = None if cfg.nodes is None else wid % cfg.nodes
+        self.domain = cfg.domain_of(wid)
         self.group: int | None = None
         self.slot: slots.SlotSchedule | None = None
         self.stretch = 1.0
@@ -280,7 +308,12 @@ class Simulator:
         if len(self.by_id) != len(self.reqs):
             raise ValueError("duplicate req_id in workload")
         horizon = self.reqs[-1].arrival if self.reqs else 0.0
-        self.fail_events = (failures or FailurePlan()).events(cfg.workers, seed, horizon)
+        self.fail_events = (failures or FailurePlan()).events(
+            cfg.workers, seed, horizon, domains=[w.domain for w in self.workers])
+        # K copies per request (issue 25): None under K = 1 (the paper's path, unchanged)
+        self.multi = cfg.ckpt_replicas != 1
+        self.fmodel = P.FailureModel.from_mtbf(cfg.ckpt_worker_mtbf_s, cfg.ckpt_domain_mtbf_s)
+        self.price = P.CopyPrice(cfg.ckpt_price_net, cfg.ckpt_price_mem)
         self.heap: list[tuple] = []
         self.seq = 0
         self.now = 0.0
@@ -332,7 +365,7 @@ class Simulator:
         T.reserved[i] = w.ckpt_reserved_bytes
         T.budget[i] = w.ckpt_budget_bytes
         T.h2d[i] = w.h2d_bytes_per_s
-        T.node[i] = -1 if w.node is None else w.node
+        T.node[i] = -1 if w.domain is None else w.domain
         T.partnered[i] = w.partner is not None
         T.epoch[i] = w.epoch
 
@@ -803,8 +836,8 @@ class Simulator:
             _, _, r = heapq.heappop(heap)
             r.decoding = False
             w.S_dec -= r.kv_join - r.g0
-            if r.holder is not None:
-                w.n_prot_dec -= 1
+            if r.copies:
+                w.n_prot_dec -= len(r.copies)
             r.gen = r.output
             self._finish(w, r, t)
         self._sync_load(w)
@@ -818,50 +851,86 @@ class Simulator:
 
     # ------------------------------------------------------------------ checkpoints
     def _protect(self, w: SimWorker, r: SimRequest, t: float) -> None:
-        """Place r's checkpoint (prefill just completed on w) and start streaming its pages."""
+        """Place r's checkpoint copies (prefill just completed on w, or re-protection after a holder
+        died: only the missing copies) and start streaming their pages."""
         s = self._call("checkpoint_reservation")(r.prompt, r.output, self.kvb, self.page)
-        h = self._call("place_checkpoint")(self.view, self.policy, w.id, s)
-        if h is None:
-            self.stats.unprotected += 1
+        if not self.multi:
+            h = self._call("place_checkpoint")(self.view, self.policy, w.id, s)
+            holders = [] if h is None else [h]
+        else:
+            if not r.k_want:
+                r.k_want = self._replicas_for(w, r, s)
+                hist = self.stats.k_hist
+                if r.k_want >= len(hist):
+                    hist.extend([0] * (r.k_want + 1 - len(hist)))
+                hist[r.k_want] += 1
+            need = r.k_want - len(r.copies)
+            holders = self._call("place_checkpoints")(self.view, self.policy, w.id, s, need,
+                                                      [c.holder for c in r.copies]) if need > 0 else []
+            self.stats.copies_missing += max(0, need - len(holders))
+        if not holders:
+            if not r.copies:
+                self.stats.unprotected += 1
             return
-        hw = self.workers[h]
-        hw.ckpt_reserved_bytes += s
-        self.table.reserved[h] = hw.ckpt_reserved_bytes
-        hw.held[r.id] = r
-        r.holder, r.holder_epoch, r.res_bytes = h, hw.epoch, s
         self.stats.placed += 1
+        self.stats.copies_placed += len(holders)
         if r.decoding:
-            w.n_prot_dec += 1
+            w.n_prot_dec += len(holders)
         kv = r.kv_join + (w.G - r.g0) if r.decoding else r.pf_done
         burst = int(kv) // self.page * self.page
-        t0 = max(w.link_free_at, t)
-        t1 = t0 + burst * self.kvb / self.net_bw
-        w.link_free_at = t1
-        r.ck_t0, r.ck_t1, r.ck_burst = t0, t1, burst
-        self.stats.stream_bytes += burst * self.kvb
+        for h in holders:
+            hw = self.workers[h]
+            hw.ckpt_reserved_bytes += s
+            self.table.reserved[h] = hw.ckpt_reserved_bytes
+            hw.held[r.id] = r
+            c = _Copy(h, hw.epoch, s)
+            r.copies.append(c)
+            # each copy's prompt pages queue on the executor's NIC behind everything sent before
+            t0 = max(w.link_free_at, t)
+            t1 = t0 + burst * self.kvb / self.net_bw
+            w.link_free_at = t1
+            c.t0, c.t1, c.burst = t0, t1, burst
+            self.stats.stream_bytes += burst * self.kvb
+
+    def _replicas_for(self, w: SimWorker, r: SimRequest, s: int) -> int:
+        """K for r: `ckpt_replicas`, or under "auto" `P.choose_replicas` with the request's recompute
+        cost (its maximum context at the idle prefill rate), its remaining lifetime (output tokens
+        left x w's decode step now), the planned failure model over that lifetime and the price of a
+        copy that streams and reserves s bytes."""
+        k = self.cfg.ckpt_replicas
+        if k != "auto":
+            return int(k)
+        D = max(1, len(w.heap))
+        step = self.cost.step_time(0, D, w.S_dec + D * w.G) * w.stretch
+        life = max(0, r.output - r.gen) * step
+        p, q = self.fmodel.over(life)
+        recompute = (r.prompt + r.output) * self.base_sec_per_pf
+        cost = self.price.cost_s(s, self.net_bw, s, life)
+        domains = self._call("domain_count")(self.view)
+        return int(self._call("choose_replicas")(recompute, cost, p, q, self.cfg.ckpt_replicas_max, domains))
 
     def _release(self, r: SimRequest) -> None:
-        if r.holder is not None:
-            hw = self.workers[r.holder]
+        """Release every copy of r (finished, interrupted and dispatched, or moved)."""
+        for c in r.copies:
+            hw = self.workers[c.holder]
             if hw.held.pop(r.id, None) is not None:
-                hw.ckpt_reserved_bytes -= r.res_bytes
+                hw.ckpt_reserved_bytes -= c.res
                 self.table.reserved[hw.id] = hw.ckpt_reserved_bytes
-            r.holder = None
-            r.res_bytes = 0
+        r.copies = []
 
-    def _valid_prefix(self, w: SimWorker, r: SimRequest, t: float, kv_now: int) -> int:
-        """Longest contiguous prefix of full pages received by the holder by time t."""
-        if r.holder is None or t <= r.ck_t0:
+    def _valid_prefix(self, w: SimWorker, c: _Copy, t: float, kv_now: int) -> int:
+        """Longest contiguous prefix of full pages copy c's holder received by time t."""
+        if t <= c.t0:
             return 0
         page = self.page
-        if t < r.ck_t1:
-            pages = int((t - r.ck_t0) * self.net_bw / (page * self.kvb))
-            return min(pages * page, r.ck_burst)
+        if t < c.t1:
+            pages = int((t - c.t0) * self.net_bw / (page * self.kvb))
+            return min(pages * page, c.burst)
         # decode pages: a page is valid once it is full, has waited for its export and has crossed
         # the link behind any backlog; in tokens, that lag is the time over the step time.
         lag_s = self.export_wait_s + page * self.kvb / self.net_bw + max(0.0, w.link_free_at - t)
         lag_tok = math.ceil(lag_s / w.last_dt) if w.last_dt > 0 else 0
-        valid = max(r.ck_burst, (kv_now - lag_tok) // page * page)
+        valid = max(c.burst, (kv_now - lag_tok) // page * page)
         return max(0, min(valid, kv_now // page * page))
 
     # ------------------------------------------------------------------ failures
@@ -884,9 +953,11 @@ class Simulator:
         for _, _, r in w.heap:
             kv_now = int(r.kv_join + (w.G - r.g0))
             r.gen = r.gen + int(w.G - r.g0 + _EPS)
-            r.ck_valid = self._valid_prefix(w, r, t, kv_now)
+            for c in r.copies:
+                c.valid = self._valid_prefix(w, c, t, kv_now)
         for r in w.prefilling:   # first prefill or recovery prefill: not protected yet
-            r.ck_valid = 0
+            for c in r.copies:
+                c.valid = 0
         w.detect_at = t + self.cfg.detect_s
         self._push(w.detect_at, _EV_DETECT, w.id)
 
@@ -911,11 +982,16 @@ class Simulator:
                 r.worker = -1
             interrupted += running + queued
             self.stats.interrupted += len(running)
+            st = self.stats
             for r in running:
-                if r.holder is not None:
-                    self.stats.protected_interrupted += 1
-                    if self.workers[r.holder].crashed:
-                        self.stats.holder_cofailed += 1
+                live = [c for c in r.copies if not self.workers[c.holder].crashed]
+                if r.copies:
+                    st.protected_interrupted += 1
+                    if not live:
+                        st.holder_cofailed += 1
+                    st.copies_lost += len(r.copies) - len(live)
+                if not any(c.valid > 0 for c in live):
+                    st.no_valid_copy += 1
             w.reset()
             self._unpair(w, t)
             self._sync(w)
@@ -923,20 +999,40 @@ class Simulator:
         # dispatch first, so the policy sees each request's real holder (dead or alive)
         self._dispatch(interrupted, t, executor)
         # checkpoints held by the dead workers are gone: re-protect the live requests they held
-        lost: list[SimRequest] = []
+        # (per copy: a request keeps its copies on live holders and gets the missing ones again)
+        lost: dict[int, tuple[SimRequest, int]] = {}
+        legacy: dict[int, int] = {}
         for w in batch:
             for r in list(w.held.values()):
-                self._release(r)
+                kept = [c for c in r.copies if c.holder != w.id]
+                if len(kept) == len(r.copies):
+                    continue
+                if kept:
+                    w.held.pop(r.id, None)
+                    r.copies = kept
+                else:
+                    if not self.multi:
+                        legacy[r.id] = r.copies[0].valid
+                    self._release(r)
                 if r.worker >= 0 and r.decoding and r.worker not in dead:
-                    lost.append(r)
+                    n = lost[r.id][1] if r.id in lost else 0
+                    lost[r.id] = (r, n + 1)
             w.ckpt_reserved_bytes = 0
             w.held.clear()
             self._sync(w)
-        for r in sorted(lost, key=lambda r: r.id):
+        for rid in sorted(lost):
+            r, n = lost[rid]
             ex = self.workers[r.worker]
-            ex.n_prot_dec -= 1
+            ex.n_prot_dec -= n
             self.stats.reprotected += 1
             self._protect(ex, r, t)
+            if rid in legacy and r.copies:
+                # K = 1 keeps the behaviour before issue 25 bit for bit: the valid prefix frozen when
+                # the executor crashed (possible here only if it crashed before this holder's death
+                # was detected) stays with the request and is credited to the new holder, which never
+                # received those pages. Known inaccuracy (docs/replicas.md); K > 1 gives a new copy
+                # nothing, as the live store would.
+                r.copies[0].valid = legacy[rid]
 
     def _dispatch(self, interrupted: list[SimRequest], t: float,
                   executor: dict[int, int] | None = None) -> None:
@@ -950,9 +1046,18 @@ class Simulator:
         views = []
         for r in interrupted:
             total = r.prompt + r.gen
-            valid = min(r.ck_valid, total) if r.holder is not None else 0
-            views.append(P.RequestView(r.id, (executor or {}).get(r.id), r.holder, r.res_bytes, valid, total,
-                                       r.holder_epoch if r.holder is not None else None))
+            c = r.copies[0] if r.copies else None
+            if self.multi and len(r.copies) > 1:
+                # several copies: restore from the live one with the longest valid prefix
+                h = self._call("restore_source")(self.view, [(x.holder, min(x.valid, total), x.epoch)
+                                                             for x in r.copies])
+                if h is not None:
+                    c = next(x for x in r.copies if x.holder == h)
+            if c is None:
+                views.append(P.RequestView(r.id, (executor or {}).get(r.id), None, 0, 0, total, None))
+            else:
+                views.append(P.RequestView(r.id, (executor or {}).get(r.id), c.holder, c.res,
+                                           min(c.valid, total), total, c.epoch))
         plan = self._call("dispatch_interrupted")(self.view, self.policy, views)
         st = self.stats
         for a, v in zip(plan, sorted(views, key=lambda v: v.id), strict=True):
@@ -975,8 +1080,7 @@ class Simulator:
                 r.pf_done = 0
                 r.ready_at = t
             st.recompute_tokens += r.pf_total - r.pf_done
-            self._release(r)   # the checkpoint is consumed (restore) or abandoned (moved)
-            r.ck_valid = 0
+            self._release(r)   # the checkpoints are consumed (restore) or abandoned (moved)
             self._enqueue(tw, r, t)
 
     # ------------------------------------------------------------------ reload and assist
