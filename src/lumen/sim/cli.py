@@ -70,6 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="failure domains: workers split into N equal contiguous groups (e.g. 4 nodes of 16); "
                         "checkpoint copies spread over them and --fail t=..:domains=M fails whole ones "
                         "(default: the node of --nodes, else every worker its own)")
+    g.add_argument("--domain-blind", action="store_true",
+                   help="placement does not see the failure domains (domain failures still happen by them)")
     g.add_argument("--ckpt-replicas", type=_replicas, default=1, metavar="K|auto",
                    help="checkpoint copies per request: 1 (the paper), K >= 2 (K holders in distinct failure "
                         "domains where possible), or 'auto' (policy.choose_replicas per request; docs/replicas.md)")
@@ -173,7 +175,7 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
                      spec_rule=a.spec_rule, pair_interval_s=a.pair_interval_s,
                      kv_tokens=a.kv_tokens, nodes=a.nodes, cost=cost,
                      workers_per_device=a.workers_per_device, device_share=a.device_share, slot_ms=a.slot_ms,
-                     domains=a.domains, ckpt_replicas=a.ckpt_replicas, ckpt_replicas_max=a.ckpt_replicas_max,
+                     domains=a.domains, domain_aware=not a.domain_blind, ckpt_replicas=a.ckpt_replicas, ckpt_replicas_max=a.ckpt_replicas_max,
                      ckpt_worker_mtbf_s=_mtbf(a.ckpt_worker_mtbf), ckpt_domain_mtbf_s=_mtbf(a.ckpt_domain_mtbf),
                      ckpt_price_net=a.ckpt_price_net, ckpt_price_mem=a.ckpt_price_mem)
 

@@ -67,6 +67,7 @@ class SimConfig:
     # copies over them (the policy view's node column) and `--fail t=..:domains=N` fails whole ones.
     # None: the node (`nodes`, round robin) is the domain, or every worker its own.
     domains: int | None = None
+    domain_aware: bool = True           # False: placement does not see the domains (failures still follow them)
     # Checkpoint copies per request (issue 25): 1 (the paper), K >= 2, or "auto" (`policy.choose_replicas`
     # per request, at most ckpt_replicas_max, planning for the failure model below at the copy prices).
     ckpt_replicas: int | str = 1
@@ -339,6 +340,7 @@ class SimStats:
     copies_missing: int = 0               # copies wanted (K > 1 or auto) that no holder had room for
     copies_lost: int = 0                  # copies of interrupted requests whose holder had failed too
     no_valid_copy: int = 0                # interrupted requests without a surviving copy holding >= 1 page
+    crash_nic_backlog_s: float = 0.0      # checkpoint pages queued on a failed worker's NIC at its crash, seconds (sum)
     k_hist: list[int] = field(default_factory=list)   # [K] -> requests given K copies (K > 1 or auto)
     protected_interrupted: int = 0        # interrupted requests that had a holder
     restored_tokens: int = 0

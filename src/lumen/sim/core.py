@@ -365,7 +365,7 @@ class Simulator:
         T.reserved[i] = w.ckpt_reserved_bytes
         T.budget[i] = w.ckpt_budget_bytes
         T.h2d[i] = w.h2d_bytes_per_s
-        T.node[i] = -1 if w.domain is None else w.domain
+        T.node[i] = -1 if w.domain is None or not self.cfg.domain_aware else w.domain
         T.partnered[i] = w.partner is not None
         T.epoch[i] = w.epoch
 
@@ -949,6 +949,7 @@ class Simulator:
             if self._node_members:
                 self._busy_changed(w, t)
         w.crashed = True
+        self.stats.crash_nic_backlog_s += max(0.0, w.link_free_at - t)
         # freeze what the holders have: nothing more streams from a dead worker
         for _, _, r in w.heap:
             kv_now = int(r.kv_join + (w.G - r.g0))
