@@ -22,6 +22,22 @@ counters (K histogram, assisted iterations, verify positions, pair moves).
     python benchmarks/sim_goodput.py --only q14,q30 --out /tmp/x                         # some points
     python benchmarks/sim_goodput.py --plots-only --out docs/results/sim-goodput-2026-12-07
     python benchmarks/sim_goodput.py --only cold,interval --name extras --out docs/results/sim-goodput-2026-12-07
+    python benchmarks/sim_goodput.py --compare docs/results/sim-goodput-2026-12-07 \
+        --out docs/results/sim-goodput-2026-12-07/dwell      # lumen (goodput) here against an earlier run
+
+    python benchmarks/sim_goodput.py --diagnose-pairing --out docs/results/sim-goodput-2026-12-07/dwell
+
+`--diagnose-pairing` runs `lumen` alone (10 workers, 3.1's failure, 6, 14 and 30 QPS, the seeds) and
+observes every pairing review of an assisting worker (`lumen.policy.pick_partner_by_gain`, wrapped, its
+answers unchanged): the moves, how long the pair had lasted and the current partner's gain at each, and
+the reviews where the minimum dwell kept a pair that the rule without it would have moved. It writes
+`pairing_diagnosis.json`.
+
+`--compare OLD` runs nothing: it reads `results.json` (and `extras.json` where both have it) in OLD and
+in --out and writes `compare.md` and `compare.csv` to --out: per point lumen (goodput)'s recovery,
+affected TTFT/TPOT (mean ± 95% CI) before and after, its affected TTFT and TPOT against lumen-no-spec's
+(the targets of docs/simulation.md 3.6), pair moves, assisted iterations and verify positions per run,
+and whether every other policy's runs are unchanged.
 
 Extras (not run by default): "cold" = the draft not resident (`draft_cached=False`: read from the SSD
 first only where `policy.draft_phase_pays`), "interval" = the pairing re-evaluation period (1 s, 5 s,
@@ -279,6 +295,152 @@ def plots(out: Path, results: list[dict]) -> None:
     plt.close(fig)
 
 
+def diagnose_pairing(out: Path, seeds: int, qps_list=(6.0, 14.0, 30.0)) -> dict:
+    """See the module docstring (`--diagnose-pairing`)."""
+    from lumen import policy as P
+
+    orig = P.pick_partner_by_gain
+    log: dict = {}
+
+    def observed(view, wid, gains, current=None, paired_for_s=math.inf):
+        p = orig(view, wid, gains, current=current, paired_for_s=paired_for_s)
+        if current is not None:
+            log["reviews"] += 1
+            if p is not None and p != current:
+                log["moves"].append({"paired_for_s": paired_for_s, "gain_current": gains.get(current, 0.0),
+                                     "gain_new": gains[p]})
+            elif orig(view, wid, gains, current=current) != p:     # the same review without the dwell
+                best = max((g for k, g in gains.items() if k != current), default=0.0)
+                log["held"] += 1
+                log["held_current_gain_0"] += gains.get(current, 0.0) <= 0.0 < best
+        return p
+
+    res = {}
+    P.pick_partner_by_gain = observed
+    try:
+        for q in qps_list:
+            log.update(reviews=0, moves=[], held=0, held_current_gain_0=0)
+            for seed in range(seeds):
+                simulate(SimConfig(workers=10), WorkloadSpec(15000, q).build(seed), "lumen", ONE_AT_30, seed)
+            mv = log["moves"]
+            dw = sorted(m["paired_for_s"] for m in mv)
+            res[f"{q:g}"] = {"seeds": seeds, "reviews": log["reviews"], "moves": len(mv),
+                             "moves_current_gain_0": sum(m["gain_current"] <= 0.0 for m in mv),
+                             "paired_for_s_min_median_max": [dw[0], dw[len(dw) // 2], dw[-1]] if dw else [],
+                             "held_by_dwell": log["held"], "held_current_gain_0": log["held_current_gain_0"],
+                             "move_list": mv}
+            r = res[f"{q:g}"]
+            print(f"{q:g} QPS, {seeds} seeds: {r['reviews']} reviews of an assisting worker; {r['moves']} moves "
+                  f"({r['moves_current_gain_0']} with the current partner's gain 0; paired for min/median/max "
+                  f"{'/'.join(f'{x:.1f}' for x in r['paired_for_s_min_median_max'])} s); the dwell kept "
+                  f"{r['held_by_dwell']} pairs the rule without it would have moved ({r['held_current_gain_0']} "
+                  f"with the current partner's gain 0 and another's positive)")
+    finally:
+        P.pick_partner_by_gain = orig
+    (out / "pairing_diagnosis.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+COMPARED = ("recovery_time_s", "affected_ttft_mean", "affected_tpot_mean", "window_ttft_mean", "window_tpot_mean")
+PER_RUN = ("pair_moves", "assisted_steps", "spec_idle_steps", "verify_positions")
+
+
+def _overlap(a, b) -> bool:
+    """Whether two (mean, 95% half-width) intervals overlap."""
+    return abs(a[0] - b[0]) <= (a[1] if math.isfinite(a[1]) else 0.0) + (b[1] if math.isfinite(b[1]) else 0.0)
+
+
+def _run_key(x: dict) -> tuple:
+    return tuple(x[m] for m in (*REPORTED, "window_ttft_mean", "window_tpot_mean"))
+
+
+def compare(old_dir: Path, new_dir: Path, label: str = "lumen", ref: str = "lumen-no-spec") -> None:
+    """lumen (goodput) in `new_dir`'s results against `old_dir`'s, point by point (see the docstring)."""
+    from lumen.metrics import ci95
+    rows, unchanged, md = [], [], []
+    for stem in ("results", "extras"):
+        fo, fn = old_dir / f"{stem}.json", new_dir / f"{stem}.json"
+        if not (fo.exists() and fn.exists()):
+            continue
+        old = {r["point"]["name"]: r for r in json.loads(fo.read_text())["results"]}
+        for rn in json.loads(fn.read_text())["results"]:
+            name = rn["point"]["name"]
+            ro = old.get(name)
+            if ro is None:
+                continue
+            for v in rn["point"]["variants"]:
+                lab = v[0]
+                runs_o = [x for x in ro["runs"] if x["policy"] == lab]
+                runs_n = [x for x in rn["runs"] if x["policy"] == lab]
+                if not runs_o:
+                    continue
+                row = {"file": stem, "point": name, "group": rn["point"]["group"], "x": rn["point"]["x"],
+                       "policy": lab}
+                for m in COMPARED:
+                    row[m + "_old"], row[m + "_old_ci95"] = ro["aggregates"][lab][m]
+                    row[m + "_new"], row[m + "_new_ci95"] = rn["aggregates"][lab][m]
+                for m in PER_RUN:
+                    row[m + "_old"] = sum(x[m] for x in runs_o) / len(runs_o)
+                    row[m + "_new"] = sum(x[m] for x in runs_n) / len(runs_n)
+                row["runs_identical"] = [_run_key(x) for x in runs_o] == [_run_key(x) for x in runs_n]
+                # paired by seed (the same workload and failures): per-seed relative change, mean and 95% CI
+                by_seed = {x["seed"]: x for x in runs_o}
+                for m in COMPARED[1:]:
+                    d = [(y[m] - by_seed[y["seed"]][m]) / by_seed[y["seed"]][m] for y in runs_n
+                         if y["seed"] in by_seed and by_seed[y["seed"]][m]]
+                    row[m + "_paired_change"], row[m + "_paired_change_ci95"] = ci95(d) if d else (math.nan, math.nan)
+                if ref in rn["aggregates"]:
+                    a, b = rn["aggregates"][lab], rn["aggregates"][ref]
+                    row["ttft_vs_ref_new"] = (a["affected_ttft_mean"][0] - b["affected_ttft_mean"][0]) / b["affected_ttft_mean"][0]
+                    row["tpot_vs_ref_new"] = (a["affected_tpot_mean"][0] - b["affected_tpot_mean"][0]) / b["affected_tpot_mean"][0]
+                    row["ttft_ci_overlap_ref_new"] = _overlap(a["affected_ttft_mean"], b["affected_ttft_mean"])
+                rows.append(row)
+                if lab != label:
+                    unchanged.append((stem, name, lab, row["runs_identical"]))
+    with (new_dir / "compare.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        w.writerows(rows)
+
+    def ci(r, m, scale=1.0, digits=2, which="new"):
+        return _fmt((r[f"{m}_{which}"], r[f"{m}_{which}_ci95"]), scale, digits)
+
+    md.append(f"# {label} (goodput): {new_dir} against {old_dir}\n")
+    md.append("Mean ± 95% CI over seeds; per-run counters are means over seeds. 'vs no-spec': this run's "
+              f"{label} against this run's {ref} (affected means; 'overlap': their 95% CIs overlap). 'paired "
+              "change': new against old seed by seed (the same workload and failures), mean ± 95% CI of the "
+              "relative change; * where the CI excludes 0.\n")
+    md.append("| file | point | recovery (s) old → new | affected TTFT (s) old → new | affected TPOT (ms) old → new "
+              "| window TPOT (ms) old → new | TTFT vs no-spec (new) | overlap | TPOT vs no-spec (new) "
+              "| pair moves / run | assisted iterations / run | idle paired iterations / run | verify positions / run "
+              "| paired change: affected TTFT / affected TPOT / window TPOT |")
+    md.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def pch(r, m):
+        mm, h = r[m + "_paired_change"], r[m + "_paired_change_ci95"]
+        return f"{100 * mm:+.1f} ± {100 * h:.1f}%" + ("*" if abs(mm) > h else "")
+    for r in rows:
+        if r["policy"] != label:
+            continue
+        md.append(f"| {r['file']} | {r['point']} | {ci(r, 'recovery_time_s', 1, 1, 'old')} → {ci(r, 'recovery_time_s', 1, 1)} "
+                  f"| {ci(r, 'affected_ttft_mean', which='old')} → {ci(r, 'affected_ttft_mean')} "
+                  f"| {ci(r, 'affected_tpot_mean', 1e3, 1, 'old')} → {ci(r, 'affected_tpot_mean', 1e3, 1)} "
+                  f"| {ci(r, 'window_tpot_mean', 1e3, 1, 'old')} → {ci(r, 'window_tpot_mean', 1e3, 1)} "
+                  f"| {100 * r.get('ttft_vs_ref_new', math.nan):+.1f}% | {'yes' if r.get('ttft_ci_overlap_ref_new') else 'NO'} "
+                  f"| {100 * r.get('tpot_vs_ref_new', math.nan):+.1f}% "
+                  f"| {r['pair_moves_old']:.1f} → {r['pair_moves_new']:.1f} "
+                  f"| {r['assisted_steps_old']:.0f} → {r['assisted_steps_new']:.0f} "
+                  f"| {r['spec_idle_steps_old']:.0f} → {r['spec_idle_steps_new']:.0f} "
+                  f"| {r['verify_positions_old'] / 1e3:.1f}k → {r['verify_positions_new'] / 1e3:.1f}k "
+                  f"| {pch(r, 'affected_ttft_mean')} / {pch(r, 'affected_tpot_mean')} / {pch(r, 'window_tpot_mean')} |")
+    changed = [u for u in unchanged if not u[3]]
+    md.append(f"\nOther policies' runs (recovery, affected/overall/window TTFT and TPOT per seed) identical in "
+              f"{len(unchanged) - len(changed)} of {len(unchanged)} (point, policy) pairs"
+              + ("." if not changed else "; changed: " + ", ".join(f"{s}/{n}/{p}" for s, n, p, _ in changed) + "."))
+    (new_dir / "compare.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
@@ -288,10 +450,20 @@ def main(argv=None) -> int:
                          "default: 3.1, 3.2 and sweep")
     ap.add_argument("--name", default="results", help="results file stem (default results: results.json)")
     ap.add_argument("--plots-only", action="store_true")
+    ap.add_argument("--diagnose-pairing", action="store_true",
+                    help="observe lumen's pairing reviews at 6, 14, 30 QPS (writes pairing_diagnosis.json)")
+    ap.add_argument("--compare", default=None, metavar="OLD",
+                    help="write compare.md/.csv in --out: lumen (goodput) of --out's results against OLD's")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{a.name}.json"
+    if a.diagnose_pairing:
+        diagnose_pairing(out, a.seeds)
+        return 0
+    if a.compare:
+        compare(Path(a.compare), out)
+        return 0
     if a.plots_only:
         plots(out, json.loads(path.read_text())["results"])
         return 0
