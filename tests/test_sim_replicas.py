@@ -251,3 +251,19 @@ def test_every_copy_decision_is_a_policy_call_matching_a_frozen_snapshot(monkeyp
     if k == "auto":
         assert calls["choose_replicas"] == calls["domain_count"] == sum(st.k_hist)
     assert all(r.finish is not None for r in res.records)
+
+
+def test_primary_first_streaming_leaves_the_first_copies_as_under_k1():
+    # a NIC near saturation: under fifo the second copies delay every later first copy; primary-first
+    # sends each request's first copy as if no later copy existed (the same NIC clock as K = 1)
+    wl = make_workload(600, 40.0, "sharegpt", seed=6)
+    c = cfg(workers=4, net_gbps=2.0, ckpt_budget_gb=1000.0)
+    sims = {}
+    for name, over in (("k1", {}), ("fifo", {"ckpt_replicas": 2}),
+                       ("prio", {"ckpt_replicas": 2, "ckpt_stream_order": "primary-first"})):
+        sims[name] = Simulator(c.with_(**over), wl, "lumen-no-spec", None)
+        sims[name].run()
+    for a, b, f in zip(sims["k1"].workers, sims["prio"].workers, sims["fifo"].workers, strict=True):
+        assert b.link_free_at == pytest.approx(a.link_free_at, rel=1e-12)
+        assert b.link_all_free_at >= b.link_free_at and f.link_free_at > a.link_free_at
+    assert sims["prio"].stats.stream_bytes == pytest.approx(2 * sims["k1"].stats.stream_bytes, rel=1e-9)

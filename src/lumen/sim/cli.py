@@ -75,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ckpt-replicas", type=_replicas, default=1, metavar="K|auto",
                    help="checkpoint copies per request: 1 (the paper), K >= 2 (K holders in distinct failure "
                         "domains where possible), or 'auto' (policy.choose_replicas per request; docs/replicas.md)")
+    g.add_argument("--ckpt-stream-order", default="fifo", choices=("fifo", "primary-first"),
+                   help="K > 1: one NIC queue for all copies' pages, or each request's first copy ahead of "
+                        "its later copies (these use the bandwidth left)")
     g.add_argument("--ckpt-replicas-max", type=_positive_int, default=3, metavar="K",
                    help="auto: at most this many copies")
     g.add_argument("--ckpt-worker-mtbf", default="1h", metavar="DUR",
@@ -175,7 +178,7 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
                      spec_rule=a.spec_rule, pair_interval_s=a.pair_interval_s,
                      kv_tokens=a.kv_tokens, nodes=a.nodes, cost=cost,
                      workers_per_device=a.workers_per_device, device_share=a.device_share, slot_ms=a.slot_ms,
-                     domains=a.domains, domain_aware=not a.domain_blind, ckpt_replicas=a.ckpt_replicas, ckpt_replicas_max=a.ckpt_replicas_max,
+                     domains=a.domains, domain_aware=not a.domain_blind, ckpt_replicas=a.ckpt_replicas, ckpt_stream_order=a.ckpt_stream_order, ckpt_replicas_max=a.ckpt_replicas_max,
                      ckpt_worker_mtbf_s=_mtbf(a.ckpt_worker_mtbf), ckpt_domain_mtbf_s=_mtbf(a.ckpt_domain_mtbf),
                      ckpt_price_net=a.ckpt_price_net, ckpt_price_mem=a.ckpt_price_mem)
 

@@ -72,6 +72,9 @@ class SimConfig:
     # per request, at most ckpt_replicas_max, planning for the failure model below at the copy prices).
     ckpt_replicas: int | str = 1
     ckpt_replicas_max: int = 3
+    # how an executor's NIC orders the copies' pages: "fifo" (one queue) or "primary-first" (a request's
+    # first copy ahead of its later copies: later copies use what bandwidth is left)
+    ckpt_stream_order: str = "fifo"
     ckpt_worker_mtbf_s: float | None = 3600.0   # auto: independent failures of one worker, MTBF
     ckpt_domain_mtbf_s: float | None = None     # auto: failures of a whole domain at once, MTBF per domain
     ckpt_price_net: float = 1e-4        # auto: a copy's price, recompute seconds per NIC second it streams
@@ -111,6 +114,8 @@ class SimConfig:
         k = self.ckpt_replicas
         if not (k == "auto" or (isinstance(k, int) and not isinstance(k, bool) and k >= 1)):
             raise ValueError(f"ckpt_replicas must be an int >= 1 or 'auto', got {k!r}")
+        if self.ckpt_stream_order not in ("fifo", "primary-first"):
+            raise ValueError(f"ckpt_stream_order must be 'fifo' or 'primary-first', got {self.ckpt_stream_order!r}")
         if self.ckpt_replicas_max < 1:
             raise ValueError("ckpt_replicas_max must be >= 1")
         for name in ("ckpt_worker_mtbf_s", "ckpt_domain_mtbf_s"):

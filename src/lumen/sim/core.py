@@ -44,7 +44,10 @@ K copies (`ckpt_replicas` > 1 or "auto"; issue 25, docs/replicas.md): `P.place_c
 distinct holders spread over failure domains (`domains`, else `nodes`; the table's node column), K
 from `P.choose_replicas` under "auto". Every holder gets every page: each copy reserves s_r at its
 holder and its pages join the executor's NIC FIFO (a copy's prompt burst after the previous one's;
-decode pages once per copy), so stream bytes count each copy. A recovery restores from
+decode pages once per copy), so stream bytes count each copy. `ckpt_stream_order`: "fifo" (one
+queue for all copies' pages), or "primary-first" (a request's first copy is sent as if no later copy
+existed; later copies get what is left: their pages wait for every page queued before them, first
+copies' included, a lower bound on strict priority that ignores first-copy pages arriving later). A recovery restores from
 `P.restore_source` (the live holder with the longest valid prefix); when a holder dies only its copy
 is lost, and the missing copies are placed again (`existing` = the surviving holders). K = 1 runs the
 code path above unchanged (`place_checkpoint`, no new policy calls).
@@ -180,7 +183,7 @@ class SimWorker:
         # simulator state
         "crashed", "detect_at", "wq", "transit", "prefilling", "heap", "G", "S_dec", "kv_used",
         "kv_cap", "pending_pf", "busy", "ep_start", "ep_dt", "ep_n", "ep_token", "ep_chunks",
-        "ep_g", "link_free_at", "h2d_free_at", "held", "assist_g", "assist_from", "draft_ready", "paired_at",
+        "ep_g", "link_free_at", "link_all_free_at", "n_prim_dec", "h2d_free_at", "held", "assist_g", "assist_from", "draft_ready", "paired_at",
         "n_prot_dec", "sec_per_pf", "last_dt", "wake_pending", "ep_p", "ep_dpos", "ep_ctx0", "ep_grow",
         "ep_slow", "slow_counted",
         # the verify positions of the epoch (beyond one per decoding request) and its K histogram
@@ -212,7 +215,8 @@ class SimWorker:
         self.detect_at = math.inf
         self.kv_cap = kv_cap
         self.held: dict[int, SimRequest] = {}   # checkpoints this worker holds (by request id)
-        self.link_free_at = 0.0
+        self.link_free_at = 0.0       # NIC clock (fifo: all checkpoint pages; primary-first: first copies')
+        self.link_all_free_at = 0.0   # primary-first: the clock of all pages, which the later copies wait for
         self.h2d_free_at = 0.0
         self.assist_g = 1.0          # tokens committed per decode iteration (> 1 while assisted)
         self.assist_from = math.inf  # assisted decoding starts at this time (draft caught up)
@@ -241,7 +245,8 @@ class SimWorker:
         self.ep_chunks: list[tuple[SimRequest, int]] = []
         self.ep_extra = 0
         self.ep_khist: list[tuple[int, int]] | None = None
-        self.n_prot_dec = 0
+        self.n_prot_dec = 0     # copies of decoding requests (each streams every decode page)
+        self.n_prim_dec = 0     # decoding requests with at least one copy (their first copies)
         self.waiting = 0
         self.running = 0
         self.q_wait_s = 0.0
@@ -312,6 +317,7 @@ class Simulator:
             cfg.workers, seed, horizon, domains=[w.domain for w in self.workers])
         # K copies per request (issue 25): None under K = 1 (the paper's path, unchanged)
         self.multi = cfg.ckpt_replicas != 1
+        self.prio = self.multi and cfg.ckpt_stream_order == "primary-first"
         self.fmodel = P.FailureModel.from_mtbf(cfg.ckpt_worker_mtbf_s, cfg.ckpt_domain_mtbf_s)
         self.price = P.CopyPrice(cfg.ckpt_price_net, cfg.ckpt_price_mem)
         self.heap: list[tuple] = []
@@ -803,7 +809,12 @@ class Simulator:
             w.G += n * g
             if w.n_prot_dec:
                 b = n * g * w.n_prot_dec * self.kvb
-                w.link_free_at = max(w.link_free_at, w.ep_start) + b / self.net_bw
+                if self.prio:
+                    w.link_all_free_at = max(w.link_all_free_at, w.ep_start) + b / self.net_bw
+                    b1 = n * g * w.n_prim_dec * self.kvb
+                    w.link_free_at = max(w.link_free_at, w.ep_start) + b1 / self.net_bw
+                else:
+                    w.link_free_at = max(w.link_free_at, w.ep_start) + b / self.net_bw
                 st.stream_bytes += b
         completed = None
         for r, c in w.ep_chunks:
@@ -838,6 +849,7 @@ class Simulator:
             w.S_dec -= r.kv_join - r.g0
             if r.copies:
                 w.n_prot_dec -= len(r.copies)
+                w.n_prim_dec -= 1
             r.gen = r.output
             self._finish(w, r, t)
         self._sync_load(w)
@@ -876,19 +888,31 @@ class Simulator:
         self.stats.copies_placed += len(holders)
         if r.decoding:
             w.n_prot_dec += len(holders)
+            if not r.copies:
+                w.n_prim_dec += 1
         kv = r.kv_join + (w.G - r.g0) if r.decoding else r.pf_done
         burst = int(kv) // self.page * self.page
+        dur = burst * self.kvb / self.net_bw
         for h in holders:
             hw = self.workers[h]
             hw.ckpt_reserved_bytes += s
             self.table.reserved[h] = hw.ckpt_reserved_bytes
             hw.held[r.id] = r
             c = _Copy(h, hw.epoch, s)
+            if self.prio and r.copies:
+                # a later copy (primary-first): after every page queued so far, first copies' included
+                t0 = max(w.link_all_free_at, t)
+                t1 = t0 + dur
+                w.link_all_free_at = t1
+            else:
+                # fifo: each copy's prompt pages queue on the executor's NIC behind everything sent
+                # before; primary-first: a first copy waits only for first copies
+                t0 = max(w.link_free_at, t)
+                t1 = t0 + dur
+                w.link_free_at = t1
+                if self.prio:
+                    w.link_all_free_at = max(w.link_all_free_at, t) + dur
             r.copies.append(c)
-            # each copy's prompt pages queue on the executor's NIC behind everything sent before
-            t0 = max(w.link_free_at, t)
-            t1 = t0 + burst * self.kvb / self.net_bw
-            w.link_free_at = t1
             c.t0, c.t1, c.burst = t0, t1, burst
             self.stats.stream_bytes += burst * self.kvb
 
@@ -918,8 +942,9 @@ class Simulator:
                 self.table.reserved[hw.id] = hw.ckpt_reserved_bytes
         r.copies = []
 
-    def _valid_prefix(self, w: SimWorker, c: _Copy, t: float, kv_now: int) -> int:
-        """Longest contiguous prefix of full pages copy c's holder received by time t."""
+    def _valid_prefix(self, w: SimWorker, c: _Copy, t: float, kv_now: int, later: bool = False) -> int:
+        """Longest contiguous prefix of full pages copy c's holder received by time t (`later`: not
+        the request's first copy, under primary-first streaming)."""
         if t <= c.t0:
             return 0
         page = self.page
@@ -928,7 +953,8 @@ class Simulator:
             return min(pages * page, c.burst)
         # decode pages: a page is valid once it is full, has waited for its export and has crossed
         # the link behind any backlog; in tokens, that lag is the time over the step time.
-        lag_s = self.export_wait_s + page * self.kvb / self.net_bw + max(0.0, w.link_free_at - t)
+        backlog = (w.link_all_free_at if later else w.link_free_at) - t
+        lag_s = self.export_wait_s + page * self.kvb / self.net_bw + max(0.0, backlog)
         lag_tok = math.ceil(lag_s / w.last_dt) if w.last_dt > 0 else 0
         valid = max(c.burst, (kv_now - lag_tok) // page * page)
         return max(0, min(valid, kv_now // page * page))
@@ -949,13 +975,13 @@ class Simulator:
             if self._node_members:
                 self._busy_changed(w, t)
         w.crashed = True
-        self.stats.crash_nic_backlog_s += max(0.0, w.link_free_at - t)
+        self.stats.crash_nic_backlog_s += max(0.0, (w.link_all_free_at if self.prio else w.link_free_at) - t)
         # freeze what the holders have: nothing more streams from a dead worker
         for _, _, r in w.heap:
             kv_now = int(r.kv_join + (w.G - r.g0))
             r.gen = r.gen + int(w.G - r.g0 + _EPS)
-            for c in r.copies:
-                c.valid = self._valid_prefix(w, c, t, kv_now)
+            for j, c in enumerate(r.copies):
+                c.valid = self._valid_prefix(w, c, t, kv_now, self.prio and j > 0)
         for r in w.prefilling:   # first prefill or recovery prefill: not protected yet
             for c in r.copies:
                 c.valid = 0
@@ -1025,6 +1051,8 @@ class Simulator:
             r, n = lost[rid]
             ex = self.workers[r.worker]
             ex.n_prot_dec -= n
+            if not r.copies:
+                ex.n_prim_dec -= 1
             self.stats.reprotected += 1
             self._protect(ex, r, t)
             if rid in legacy and r.copies:
