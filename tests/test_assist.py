@@ -291,7 +291,9 @@ def test_cluster_stopped_while_a_worker_assists_shuts_down_cleanly(tiny_dir, tmp
 
 
 def test_kill_partner_while_assisting_and_no_shared_partner(tiny_dir):
-    with run_cluster(tiny_dir, workers=3, policy="lumen", env=SLOW,
+    # the draft (resident) loads beside the target read: ASSISTING lasts the reload minus the draft's
+    # load, which took 6.2 s on a busy 2-core box, the whole of a 6 s reload (2026-12-07)
+    with run_cluster(tiny_dir, workers=3, policy="lumen", env={"LUMEN_FAULT_SLOW_RELOAD_S": "10"},
                      extra=["--deterministic", "--draft-model", tiny_dir]) as c:
         reference = c.complete(PROMPT, max_tokens=1500, ignore_eos=True)["choices"][0]["token_ids"]
         t, box = _long_stream(c, 1500)
