@@ -18,6 +18,7 @@ from lumen.policy.speculation import (
     draft_phase_pays,
     expected_tokens,
     fit_step_time,
+    pairing_gain,
     pick_by_gain,
 )
 from lumen.sim.cost import DEVICES, MODELS, RooflineCost
@@ -186,3 +187,12 @@ def test_live_fit_tells_a_position_from_a_sequence():
 def test_a_pair_stays_together_for_its_minimum_dwell():
     assert pick_by_gain({1: 0.0, 2: 9.0}, current=1, paired_for_s=1.0) == 1
     assert pick_by_gain({1: 0.0, 2: 9.0}, current=1, paired_for_s=6.0) == 2
+
+
+def test_pairing_gain_looks_past_a_queue_that_fills_one_step():
+    busy = load(2, 200.0, queued_tokens=256, queued_requests=1)
+    assert assist_gain([0.6, 0.6], busy, CPU_LIKE, 4) == 0.0      # this step: the queue takes the budget
+    assert pairing_gain([0.6, 0.6], busy, CPU_LIKE, 4) > 0.0     # over the pair's seconds: it pays
+    # the queued request still weighs: a partner with more waiting gains less
+    more = load(2, 200.0, queued_tokens=256, queued_requests=6)
+    assert pairing_gain([0.6, 0.6], more, CPU_LIKE, 4) <= pairing_gain([0.6, 0.6], busy, CPU_LIKE, 4)

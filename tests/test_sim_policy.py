@@ -14,7 +14,7 @@ from lumen.sim import FailurePlan, FailureSpec, FittedCost, SimConfig, Simulator
 from lumen.workload import make_workload
 
 DECISIONS = ("route_new", "place_checkpoint", "dispatch_interrupted", "pick_partner", "next_state",
-             "checkpoint_reservation", "pick_partner_by_gain", "choose_spec_lengths", "assist_gain",
+             "checkpoint_reservation", "pick_partner_by_gain", "choose_spec_lengths", "pairing_gain",
              "draft_phase_pays")
 CFG = SimConfig(workers=6, cost=FittedCost((0.004, 2e-5, 1e-4, 1e-7, 1e-9)), kv_tokens=10**6,
                 restart_s=0.5, ckpt_budget_gb=40.0, nodes=3)
@@ -61,10 +61,10 @@ def test_every_decision_is_a_policy_call_and_matches_a_frozen_snapshot(monkeypat
     assert calls["dispatch_interrupted"] >= 2 and st.restores > 0 and st.shed >= 0
     if rule == "fixed":
         assert calls["pick_partner"] >= 1 and st.assisted_steps > 0
-        assert not {"pick_partner_by_gain", "choose_spec_lengths", "assist_gain"} & set(calls)
+        assert not {"pick_partner_by_gain", "choose_spec_lengths", "pairing_gain"} & set(calls)
     else:
         # pairing by gain, K per request per epoch of an assisted partner, and no fixed pairing
-        assert calls["pick_partner_by_gain"] >= 1 and calls["assist_gain"] >= 1 and "pick_partner" not in calls
+        assert calls["pick_partner_by_gain"] >= 1 and calls["pairing_gain"] >= 1 and "pick_partner" not in calls
         assert calls["choose_spec_lengths"] >= 1 and st.assisted_steps > 0
     assert calls["next_state"] >= st.failures - 2   # FAIL, RESTART, ... (the run ends when the requests do)
     assert all(r.finish is not None for r in res.records)

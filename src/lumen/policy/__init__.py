@@ -44,6 +44,7 @@ from .speculation import (
     draft_phase_pays,
     expected_tokens,
     fit_step_time,
+    pairing_gain,
 )
 from .states import IllegalTransition, WorkerEvent, WorkerState, legal_events, next_state
 from .view import Assignment, ClusterTable, ClusterView, Columns, NoServingWorker, RequestView, WorkerView
@@ -54,7 +55,7 @@ __all__ = [
     "checkpoint_reservation", "dispatch_interrupted", "features", "legal_events", "next_state",
     "may_assist", "pair_recovering", "parse_policy", "pick_partner", "place_checkpoint", "route_new",
     "AcceptanceEstimate", "LinearStepTime", "PartnerLoad", "assist_gain", "choose_spec_lengths",
-    "draft_phase_pays", "expected_tokens", "fit_step_time", "pick_partner_by_gain",
+    "draft_phase_pays", "expected_tokens", "fit_step_time", "pairing_gain", "pick_partner_by_gain",
     "place_checkpoints", "CopyPrice", "FailureModel", "choose_replicas", "co_failure_probability",
     "domain_count", "loss_probability", "restore_source", "spread_occupancy",
 ]

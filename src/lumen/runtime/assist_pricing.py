@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..policy import LinearStepTime, PartnerLoad, assist_gain, draft_phase_pays
+from ..policy import LinearStepTime, PartnerLoad, draft_phase_pays, pairing_gain
 
 MAX_MIRRORED = 64  # as runtime.assist: a partner mirrors at most this many requests
 
@@ -45,13 +45,13 @@ def acceptance_of(stats: dict, prior: float) -> float:
 
 
 def gain_of(stats: dict, prior: float, k_max: int) -> float | None:
-    """Expected extra tokens per second from assisting this worker now (`policy.assist_gain`); None
-    where its stats do not say yet (no fitted model)."""
+    """Expected extra tokens per second from assisting this worker (`policy.pairing_gain`); None where
+    its stats do not say yet (no fitted model)."""
     model, load = step_model(stats), partner_load(stats)
     if model is None or load is None:
         return None
     n = min(load.decoding, MAX_MIRRORED)
-    return assist_gain([acceptance_of(stats, prior)] * n, load, model.for_batch(load.decoding), k_max)
+    return pairing_gain([acceptance_of(stats, prior)] * n, load, model.for_batch(load.decoding), k_max)
 
 
 def gains(workers: Iterable[tuple[int, dict]], prior: float, k_max: int) -> dict[int, float] | None:

@@ -850,7 +850,7 @@ class Worker:
         stats.update({f"drop_{k}": v + self.kv_rx.codec.stats.get(k, 0) for k, v in self.codec.stats.items()})
         if self.engine is not None:
             stats.update(self.engine.stats())
-            # what the controller prices assistance with (policy.assist_gain): the next step's load and
+            # what the controller prices assistance with (policy.pairing_gain): the next step's load and
             # this worker's fitted step-time model
             decoding, context, queued_tokens, queued_requests, chunk = self.engine.load_summary()
             stats.update(load_decoding=decoding, load_context_tokens=context, load_queued_tokens=queued_tokens,

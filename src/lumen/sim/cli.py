@@ -97,7 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--k", type=int, default=4, help="draft tokens per round")
     g.add_argument("--spec-rule", default="goodput", choices=SPEC_RULES,
                    help="verify positions of an assisted partner: 'goodput' (policy.choose_spec_lengths per "
-                        "request each step, pairing by policy.assist_gain; issue 24) or 'fixed' (K+1 for "
+                        "request each step, pairing by policy.pairing_gain; issue 24) or 'fixed' (K+1 for "
                         "every request, pairing by policy.pick_partner: the rule before)")
     g.add_argument("--draft-cached", action=argparse.BooleanOptionalAction, default=None,
                    help="draft weights kept in host memory (no SSD read before the target's); default: "

@@ -54,7 +54,7 @@ class SimConfig:
     # reboot): `policy.draft_phase_pays` decides whether the draft is read before the target at all.
     draft_cached: bool | None = None
     # mechanism 3's verify positions (issue 24): "goodput" asks `policy.choose_spec_lengths` per
-    # mirrored request each step and pairs by `policy.assist_gain`; "fixed" verifies K+1 positions for
+    # mirrored request each step and pairs by `policy.pairing_gain`; "fixed" verifies K+1 positions for
     # every request of an assisted partner and pairs with `policy.pick_partner` (the rule before).
     spec_rule: str = "goodput"
     pair_interval_s: float = 1.0        # goodput: pairing re-evaluated this often while drafts wait/assist

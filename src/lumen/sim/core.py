@@ -58,7 +58,7 @@ rules (`SimConfig.spec_rule`):
 - "goodput" (issue 24, the default): the draft is resident in host memory, so it costs only its
   host->device copy and the target's disk read starts at once (a cold draft, `draft_cached=False`,
   is read first only where `P.draft_phase_pays`, else the restart is plain). A worker with its draft
-  pairs by `P.pick_partner_by_gain` on `P.assist_gain` of each serving worker's load, again every
+  pairs by `P.pick_partner_by_gain` on `P.pairing_gain` of each serving worker's load, again every
   `pair_interval_s` while drafts wait or assist (moving when the policy names another partner). Each
   epoch of an assisted partner asks `P.choose_spec_lengths` for K_r per decoding request (its load:
   decoding requests and context, pending prefill tokens, waiting and prefilling requests, the chunk
@@ -753,11 +753,11 @@ class Simulator:
                                                  self.cfg.k)
 
     def _gain(self, w: SimWorker) -> float:
-        """`policy.assist_gain` of w's load now: expected extra tokens/s if it were assisted."""
+        """`policy.pairing_gain` of w's load now: expected extra tokens/s if it were assisted."""
         D = len(w.heap)
         if D == 0:
             return 0.0
-        return self._call("assist_gain")([self.cfg.alpha] * D, self._load(w), self.cost.step_time, self.cfg.k)
+        return self._call("pairing_gain")([self.cfg.alpha] * D, self._load(w), self.cost.step_time, self.cfg.k)
 
     def _assist_tokens(self, w: SimWorker, D: int, ks: list[int] | None = None) -> float:
         """Expected tokens per verify step for the partner's requests: E (the mean of
@@ -1149,7 +1149,7 @@ class Simulator:
     def _draft_first(self, w: SimWorker) -> bool:
         """Whether the restarting worker loads its draft. Resident in host memory (or the fixed rule):
         yes, as before. Cold under the goodput rule: `policy.draft_phase_pays`, with the best
-        `assist_gain` among the serving workers free to pair now against the tokens this worker would
+        `pairing_gain` among the serving workers free to pair now against the tokens this worker would
         serve meanwhile (its decode rate at the serving workers' mean batch and context, from the cost
         model)."""
         if not self.goodput or self.cfg.draft_resident:
@@ -1219,7 +1219,7 @@ class Simulator:
         self._push(pw.assist_from, _EV_ASSIST, pw.id)
 
     def _pair_by_gain(self, t: float, reassess: bool) -> None:
-        """The goodput rule's pairing (`policy.pick_partner_by_gain` on `policy.assist_gain` of each
+        """The goodput rule's pairing (`policy.pick_partner_by_gain` on `policy.pairing_gain` of each
         SERVING worker free to pair, from its load now): every recovering worker with its draft and
         no partner, ascending id; with `reassess` (the periodic tick) also every ASSISTING one, which
         moves when the policy names another partner (the new one's assistance starts after the
