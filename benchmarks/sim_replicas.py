@@ -355,7 +355,7 @@ def check_k1() -> int:
     for seed in range(5):
         wl = wl_spec.build(seed)
         base = simulate(SimConfig(workers=64), wl, "stop-restart", None, seed)
-        for pol in (POL, "lumen-no-spec", "fixed-ckpt"):
+        for pol in ("lumen", "lumen-no-spec", "fixed-ckpt"):
             res = simulate(SimConfig(workers=64), wl, pol, plan, seed)
             st = res.stats
             t = tot.setdefault(pol, [0, 0, 0])
