@@ -263,7 +263,7 @@ def plots(out: Path, results: list[dict]) -> list[Path]:
     # 1. share of protected interrupted requests that lost every copy, per scenario and variant
     groups = [g for g in ("indep", "indep26", "indep25", "spread", "node", "racks") if g in by]
     if groups:
-        fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 4.2), sharey=True)
+        fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 4.6), sharey=True)
         axes = axes if len(groups) > 1 else [axes]
         for ax, g in zip(axes, groups, strict=True):
             agg = by[g]["aggregates"]
@@ -276,44 +276,52 @@ def plots(out: Path, results: list[dict]) -> list[Path]:
             ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
             ax.set_title(g, fontsize=10)
             ax.axhline(6.0, color="#c44e52", lw=0.8, ls="--")
-        axes[0].set_ylabel("interrupted requests with a copy that lost every copy (%)")
+        axes[0].set_ylabel("all copies lost (% of interrupted with a copy)")
         fig.suptitle("Holder co-failure, 64 workers, 16 failing (5 seeds pooled, Wilson 95% CI; dashed: 6%)",
                      fontsize=10)
         fig.tight_layout()
         made.append(out / "lost_share.png")
         fig.savefig(made[-1], dpi=120)
         plt.close(fig)
-    # 2. protection bought per streamed byte: K = 1, 2, 3 and auto at its prices (independent failures)
-    pts = []
-    for g in ("indep", "prices"):
-        if g in by:
-            for label, a in by[g]["aggregates"].items():
-                if label == NO_FAILURE:
-                    continue
-                pts.append((label, a["stream_gb"][0], 100 * a["lost_share"][0], 100 * a["no_valid_share"][0]))
-    if pts:
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        for label, x, y, z in pts:
-            auto = label.startswith("auto")
-            ax.scatter([x], [y], marker="o" if not auto else "s", color="#4c72b0" if not auto else "#dd8452")
-            ax.scatter([x], [z], marker="x", color="#55a868")
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.scatter([], [], marker="o", color="#4c72b0", label="all copies lost (K fixed)")
-        ax.scatter([], [], marker="s", color="#dd8452", label="all copies lost (auto)")
-        ax.scatter([], [], marker="x", color="#55a868", label="no surviving copy with a valid page")
-        ax.set_xlabel("checkpoint bytes streamed per run (GB, mean of 5 seeds)")
-        ax.set_ylabel("share of interrupted requests (%)")
-        ax.set_title("Independent failures, 10 Gbit/s NIC: protection vs streamed bytes", fontsize=10)
-        ax.legend(fontsize=8)
+    # 2. protection bought per streamed byte (independent failures, 10 Gbit/s): K = 1, 2, 3 and auto
+    # at its copy prices; left: every copy's holder failed, right: no surviving copy with a valid page
+    if "indep" in by:
+        ind = by["indep"]["aggregates"]
+        pri = by["prices"]["aggregates"] if "prices" in by else {}
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharex=True)
+        for ax, key, name in ((axes[0], "lost_share", "all copies' holders failed"),
+                              (axes[1], "no_valid_share", "no surviving copy with a valid page")):
+            for k in ("K=1", "K=2", "K=3"):
+                for sfx, mk, col in (("", "o", "#4c72b0"), (" pf", "^", "#55a868")):
+                    a = ind.get(k + sfx) or (ind.get(k) if k == "K=1" else None)
+                    if a is None or (k == "K=1" and sfx):
+                        continue
+                    ax.scatter([a["stream_gb"][0]], [100 * a[key][0]], marker=mk, color=col, s=40)
+                    ax.annotate(k + sfx, (a["stream_gb"][0], 100 * a[key][0]), textcoords="offset points",
+                                xytext=(5, 3 if not sfx else -10), fontsize=8)
+            xs = [(a["stream_gb"][0], 100 * a[key][0], lab.split()[1]) for lab, a in pri.items() if lab.startswith("auto")]
+            xs.sort()
+            if xs:
+                ax.plot([x for x, _, _ in xs], [y for _, y, _ in xs], "s-", color="#dd8452", ms=5, lw=0.8)
+                for x, y, lab in xs:
+                    ax.annotate(lab, (x, y), textcoords="offset points", xytext=(3, 6), fontsize=7, color="#dd8452")
+            ax.set_title(name, fontsize=10)
+            ax.set_xlabel("checkpoint bytes streamed per run (GB, mean of 5 seeds)")
+            ax.set_ylabel("% of interrupted requests" + (" with a copy" if key == "lost_share" else ""))
+        axes[0].scatter([], [], marker="o", color="#4c72b0", label="K fixed, fifo NIC")
+        axes[0].scatter([], [], marker="^", color="#55a868", label="K fixed, primary-first")
+        axes[0].plot([], [], "s-", color="#dd8452", label="auto at copy price (recompute s per NIC s)")
+        axes[0].legend(fontsize=8)
+        fig.suptitle("Independent failures, 16 of 64, 1.4 QPS/worker, 10 Gbit/s NIC", fontsize=10)
         fig.tight_layout()
         made.append(out / "protection_vs_bytes.png")
         fig.savefig(made[-1], dpi=120)
         plt.close(fig)
     # 3. affected TTFT and interrupted E2E vs K = 1 (paired, 95% CI)
     if groups:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for ax, m, name in ((axes[0], "affected_ttft_mean_vs_k1", "affected TTFT"),
-                            (axes[1], "interrupted_e2e_mean_vs_k1", "E2E of the interrupted requests")):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+        for ax, m, name in ((axes[0], "affected_ttft_mean_vs_k1", "affected TTFT vs K=1 (%)"),
+                            (axes[1], "interrupted_e2e_mean_vs_k1", "E2E of interrupted requests vs K=1 (%)")):
             xs, ys, es, cols = [], [], [], []
             for g in groups:
                 for label in [v[0] for v in by[g]["point"]["variants"]]:
@@ -323,11 +331,13 @@ def plots(out: Path, results: list[dict]) -> list[Path]:
                     xs.append(f"{g}: {label}")
                     ys.append(100 * c[0])
                     es.append(100 * c[1] if math.isfinite(c[1]) else 0.0)
-                    cols.append("#4c72b0" if "fixed" not in label else "#999999")
+                    cols.append("#999999" if "fixed" in label else "#55a868" if "pf" in label else "#4c72b0")
             ax.bar(range(len(xs)), ys, yerr=es, capsize=3, color=cols)
             ax.axhline(0, color="k", lw=0.6)
             ax.set_xticks(range(len(xs)), xs, rotation=70, ha="right", fontsize=7)
-            ax.set_ylabel(f"{name} vs K=1 (%; paired by seed, 95% CI)")
+            ax.set_ylabel(name)
+        fig.suptitle("Latency vs K = 1 of the same scenario, paired by seed, 95% CI (green: primary-first streaming)",
+                     fontsize=10)
         fig.tight_layout()
         made.append(out / "latency_vs_k1.png")
         fig.savefig(made[-1], dpi=120)
