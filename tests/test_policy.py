@@ -288,7 +288,7 @@ def test_prop_shedding_leaves_no_target_above_average_plus_one(case, policy):
         assert c[a.target] <= avg + 1 + 1e-9
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(failures(), st.sampled_from(POLICY_NAMES), st.randoms(use_true_random=False))
 def test_prop_deterministic_and_order_independent(case, policy, rnd):
     view, reqs = case
@@ -306,7 +306,7 @@ def test_prop_deterministic_and_order_independent(case, policy, rnd):
     assert route_new(view) == route_new(ClusterView(tuple(ws), view.lam))
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clusters(min_workers=2), st.sampled_from(POLICY_NAMES),
        st.lists(st.tuples(st.booleans(), st.integers(0, 30), st.integers(1, 8)), max_size=60))
 def test_prop_reservations_never_exceed_budget(view, policy, ops):
@@ -412,7 +412,7 @@ def test_prop_state_machine_walks(events):
                 next_state(s, e)
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(failures(), st.sampled_from(POLICY_NAMES))
 def test_prop_cluster_table_gives_the_same_decisions(case, policy):
     """A ClusterTable kept current in place decides exactly like a tuple of WorkerViews."""
