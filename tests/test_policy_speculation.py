@@ -196,3 +196,16 @@ def test_pairing_gain_looks_past_a_queue_that_fills_one_step():
     # the queued request still weighs: a partner with more waiting gains less
     more = load(2, 200.0, queued_tokens=256, queued_requests=6)
     assert pairing_gain([0.6, 0.6], more, CPU_LIKE, 4) <= pairing_gain([0.6, 0.6], busy, CPU_LIKE, 4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--spec-acceptance", "1.5"], "--spec-acceptance must be a probability"),
+    (["--spec-k", "99"], "--spec-k must be between 0 and 16"),
+])
+def test_serve_rejects_bad_speculation_settings(args, message):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "lumen", "serve", "--model", "unused", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr

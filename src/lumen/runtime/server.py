@@ -145,6 +145,10 @@ def build_config(args: argparse.Namespace) -> tuple[ClusterConfig, Tokenizer | N
         raise ValueError("--hb-misses must be at least 1 and --hb-interval positive")
     if not 0 <= args.ckpt_export_interval_ms <= 10_000:
         raise ValueError("--ckpt-export-interval-ms must be between 0 and 10000")
+    if not 0.0 <= args.spec_acceptance <= 1.0:
+        raise ValueError("--spec-acceptance must be a probability, between 0 and 1")
+    if not 0 <= args.spec_k <= 16:
+        raise ValueError("--spec-k must be between 0 and 16")
     parse_policy(args.policy)
     model_dir = resolve_model_dir(args.model)
     mcfg = read_config(model_dir)
