@@ -45,6 +45,8 @@ from typing import Protocol
 
 import numpy as np
 
+from lumen.policy import fit_step_time
+
 PROFILE_COLUMNS = ("num_prefill_tokens", "num_decode_seqs", "total_context_tokens", "step_time_s")
 COLOCATED_COLUMN = "colocated_busy"
 
@@ -217,21 +219,16 @@ def _features(p, d, c) -> np.ndarray:
 
 
 def fit_profile(rows: Sequence[tuple[float, float, float, float]]) -> FittedCost:
-    """Non-negative least squares on (P, D, C, t) rows. Columns are scaled before solving so
-    the P^2 column does not swamp the others numerically."""
-    from scipy.optimize import nnls
-
+    """`policy.fit_step_time` on (P, D, C, t) rows (non-negative least squares in relative error,
+    columns scaled so that P^2 does not swamp the others), with its fit quality."""
     if len(rows) < 5:
         raise ValueError(f"need at least 5 profile rows to fit 5 coefficients, got {len(rows)}")
     a = np.asarray(rows, dtype=np.float64)
     x, y = _features(a[:, 0], a[:, 1], a[:, 2]), a[:, 3]
     if np.any(y <= 0) or not np.all(np.isfinite(a)):
         raise ValueError("profile rows must be finite with step_time_s > 0")
-    scale = np.maximum(np.abs(x).max(axis=0), 1e-12)
-    # weight rows by 1/y: fit relative error, so fast decode steps matter as much as big prefills
-    w = 1.0 / y
-    sol, _ = nnls(x / scale * w[:, None], y * w)
-    coef = sol / scale
+    # the one fit of this form, the live worker's too (relative error, scaled columns)
+    coef = np.asarray(fit_step_time(a[:, :4]).coef)
     pred = x @ coef
     ss_res = float(((y - pred) ** 2).sum())
     ss_tot = float(((y - y.mean()) ** 2).sum())
