@@ -490,8 +490,7 @@ class Engine:
         A full KV pool delays admission further; that part is not modelled.
         """
         sched = self.scheduler
-        queued = sum(len(s) - s.num_computed_tokens for s in sched.waiting)
-        queued += sum(s.num_remaining for s in sched.running if not s.is_decoding)
+        queued = self._queued_prefill_tokens()
         if not queued:
             return 0.0
         decodes = sum(1 for s in sched.running if s.is_decoding)
@@ -505,11 +504,15 @@ class Engine:
         first token, the step's token budget). The goodput rule of assisted recovery reads it."""
         sched = self.scheduler
         decoding = [s for s in sched.running if s.is_decoding]
-        queued = sum(len(s) - s.num_computed_tokens for s in sched.waiting)
-        prefilling = [s for s in sched.running if not s.is_decoding]
-        queued += sum(s.num_remaining for s in prefilling)
-        return (len(decoding), sum(len(s) for s in decoding), queued, len(sched.waiting) + len(prefilling),
-                self.chunk_tokens)
+        prefilling = len(sched.running) - len(decoding)
+        return (len(decoding), sum(len(s) for s in decoding), self._queued_prefill_tokens(),
+                len(sched.waiting) + prefilling, self.chunk_tokens)
+
+    def _queued_prefill_tokens(self) -> int:
+        """Prompt tokens not yet computed: waiting contexts and the unfinished part of running prefills."""
+        sched = self.scheduler
+        return (sum(len(s) - s.num_computed_tokens for s in sched.waiting)
+                + sum(s.num_remaining for s in sched.running if not s.is_decoding))
 
     def expected_step_s(self) -> float:
         """Expected wall time of the next step, from the EMAs of measured steps: a prefill step's if it

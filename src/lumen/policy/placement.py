@@ -49,10 +49,7 @@ def place_checkpoint(view: ClusterView, policy: str | Policy, executor: int,
         return None
     c = view.columns
     s = reservation_bytes
-    mask = c.eligible() & (c.budget - c.reserved >= s)
-    ex = c.idx(executor)
-    if ex is not None:
-        mask[ex] = False
+    mask, ex = _fitting_holders(c, executor, s)
     if not mask.any():
         return None
     if ex is not None and c.node[ex] >= 0:
@@ -101,10 +98,7 @@ def place_checkpoints(view: ClusterView, policy: str | Policy, executor: int, re
         return []
     c = view.columns
     s = reservation_bytes
-    mask = c.eligible() & (c.budget - c.reserved >= s)
-    ex = c.idx(executor)
-    if ex is not None:
-        mask[ex] = False
+    mask, ex = _fitting_holders(c, executor, s)
     occ = np.zeros(len(c), dtype=np.int64)      # occupancy of each worker's domain
     ex_dom = np.zeros(len(c), dtype=bool)       # in the executor's domain
     for i in [ex] + [c.idx(e) for e in existing]:
@@ -148,6 +142,16 @@ def _ring_take(view: ClusterView, executor: int, s: int, k: int, existing: set[i
     keep = elig[order] & (ids != executor) & ~np.isin(ids, list(existing))
     cand = order[keep][:k]
     return [int(c.ids[i]) for i in cand if c.budget[i] - c.reserved[i] >= s]
+
+
+def _fitting_holders(c, executor: int, s: int) -> tuple[np.ndarray, int | None]:
+    """Which workers may hold a copy of s bytes for a request on `executor` (SERVING, room for it, not
+    the executor), and the executor's index (None: not in the view)."""
+    mask = c.eligible() & (c.budget - c.reserved >= s)
+    ex = c.idx(executor)
+    if ex is not None:
+        mask[ex] = False
+    return mask, ex
 
 
 def _ring_next(view: ClusterView, executor: int, s: int) -> int | None:

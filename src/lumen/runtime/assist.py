@@ -25,11 +25,11 @@ from ..engine.draft import DraftProposer
 from ..engine.sequence import Sequence
 from ..model.loader import SharedReads, load_model
 from ..policy import AcceptanceEstimate, LinearStepTime, PartnerLoad, choose_spec_lengths
+from .protocol import MAX_MIRRORED
 from .transport import frame_ints, ints_frame
 
 log = logging.getLogger("lumen.assist")
 
-MAX_MIRRORED = 64  # requests mirrored at once; the drafter is one small model on one device
 EXPLORE_STEPS = 16  # steps a verifier drafts at full K while its step-time model cannot price a position
 
 # send(address, message type, body, frames) -> whether it was queued (the worker's PushPool.send)

@@ -13,8 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..policy import LinearStepTime, PartnerLoad, draft_phase_pays, pairing_gain
-
-MAX_MIRRORED = 64  # as runtime.assist: a partner mirrors at most this many requests
+from .protocol import MAX_MIRRORED
 
 
 def _num(stats: dict, key: str) -> float | None:

@@ -356,7 +356,7 @@ class Controller:
         if new == WorkerState.LOADING_DRAFT and info.get("draft_ready"):
             w.draft_ready = True
             if w.partner is None and self.features.speculation:
-                self._try_pair(w)
+                self._try_pair(w, self._assist_gains())
         if new in (WorkerState.SWITCHING, WorkerState.DOWN, WorkerState.SERVING):
             w.draft_ready = False
         if new == WorkerState.SWITCHING:
@@ -679,11 +679,11 @@ class Controller:
         return assist_pricing.gains(((p.id, p.stats) for p in self.serving_workers()),
                                     self.cfg.spec_acceptance, self.cfg.spec_k)
 
-    def _try_pair(self, w: WorkerRecord) -> None:
-        """Pair by gain (policy.pick_partner_by_gain): the survivor that assistance would gain most on,
-        none while no one would gain (asked again by `_review_pairs`). Before every survivor has a
-        fitted step-time model, by waiting time (policy.pick_partner)."""
-        gains = self._assist_gains()
+    def _try_pair(self, w: WorkerRecord, gains: dict[int, float] | None) -> None:
+        """Pair by gain (policy.pick_partner_by_gain on `gains`, from `_assist_gains`): the survivor that
+        assistance would gain most on, none while no one would gain (asked again by `_review_pairs`).
+        Before every survivor has a fitted step-time model (gains None), by waiting time
+        (policy.pick_partner)."""
         view = self.view()
         partner = pick_partner(view, w.id) if gains is None else pick_partner_by_gain(view, w.id, gains)
         if partner is None:
@@ -699,15 +699,14 @@ class Controller:
         the gain has moved there (policy.pick_partner_by_gain with its current partner)."""
         if not self.features.speculation:
             return
-        for w in self.workers.values():
-            if not w.draft_ready or not w.alive:
-                continue
+        drafters = [w for w in self.workers.values() if w.draft_ready and w.alive]
+        if not drafters:
+            return
+        gains = self._assist_gains()  # from the workers' last stats: the same for every drafter this round
+        for w in drafters:
             if w.partner is None and w.state == WorkerState.LOADING_DRAFT:
-                self._try_pair(w)
-            elif w.partner is not None and w.state == WorkerState.ASSISTING:
-                gains = self._assist_gains()
-                if gains is None:
-                    continue
+                self._try_pair(w, gains)
+            elif w.partner is not None and w.state == WorkerState.ASSISTING and gains is not None:
                 best = pick_partner_by_gain(self.view(), w.id, gains, current=w.partner,
                                             paired_for_s=time.monotonic() - w.paired_at)
                 if best is not None and best != w.partner:
@@ -751,7 +750,7 @@ class Controller:
             self._send(p, "ASSIST", {"role": "none", "peer": -1, "addr": "", "k": self.cfg.spec_k})
             if p.state == WorkerState.ASSISTING:  # a drafter whose partner died looks for another
                 p.state = WorkerState.LOADING_DRAFT
-                self._try_pair(p)
+                self._try_pair(p, self._assist_gains())
 
     # ------------------------------------------------------------------ introspection
     def _refresh_gauges(self) -> None:

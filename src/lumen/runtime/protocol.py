@@ -29,6 +29,7 @@ from .transport import Schema
 
 MAX_ID = 128          # request ids are ours (short) but bound them anyway
 MAX_BATCH = 4096      # items per OUT / CKPT / MIRROR / PROPOSE message
+MAX_MIRRORED = 64     # requests a partner mirrors to its drafter at once (one small draft model on one device)
 MAX_TOKENS = 1 << 20  # tokens of one request's context
 HB_MAX_STATS = 160  # keys per heartbeat; a worker publishes ~97 (engine, store, transport, loop, assist counters, load)
 # what the controller decides with (routing load, stall detection, spec metrics): never trimmed
