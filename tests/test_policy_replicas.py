@@ -16,12 +16,14 @@ from lumen.policy import (
     ClusterView,
     CopyPrice,
     FailureModel,
+    ReplicaRule,
     WorkerState,
     WorkerView,
     choose_replicas,
     co_failure_probability,
     domain_count,
     loss_probability,
+    parse_replicas,
     place_checkpoint,
     place_checkpoints,
     restore_source,
@@ -112,14 +114,34 @@ def test_fixed_ckpt_takes_the_next_k_in_ring_order():
 
 # ---------------------------------------------------------------- place_checkpoints: properties
 
+def _paper_holder(view, policy, ex, s):
+    """DESIGN.md section 3's single-holder rule written out plainly, as a reference for k = 1."""
+    ws = sorted(view.workers, key=lambda w: w.id)
+    fits = [w for w in ws if w.serving and w.id != ex]
+    if policy == "fixed-ckpt":  # the next SERVING worker in ring order, if it has room
+        ring = [w for w in fits if w.id > ex] + [w for w in fits if w.id < ex]
+        return ring[0].id if ring and ring[0].ckpt_free_bytes >= s else None
+    if policy not in ("lumen", "lumen-no-spec"):
+        return None
+    fits = [w for w in fits if w.ckpt_free_bytes >= s]
+    exw = next((w for w in ws if w.id == ex), None)
+    if exw is not None and exw.node is not None and any(w.node != exw.node for w in fits):
+        fits = [w for w in fits if w.node != exw.node]
+    if not fits:
+        return None
+    return min(fits, key=lambda w: (w.q_wait_s + view.lam * (w.ckpt_reserved_bytes + s) / w.h2d_bytes_per_s,
+                                    w.id)).id
+
+
 @settings(max_examples=80, suppress_health_check=[HealthCheck.too_slow])
 @given(clusters(), st.data())
-def test_prop_k1_equals_place_checkpoint(view, data):
-    ex = data.draw(st.sampled_from([w.id for w in view.workers]))
+def test_prop_k1_is_the_papers_single_holder_rule(view, data):
+    ex = data.draw(st.sampled_from([w.id for w in view.workers] + [99]))
     s = data.draw(st.sampled_from([GB, 3 * GB, 20 * GB]))
     for policy in POLICY_NAMES:
-        h = place_checkpoint(view, policy, ex, s)
-        assert place_checkpoints(view, policy, ex, s, 1) == ([] if h is None else [h])
+        h = _paper_holder(view, policy, ex, s)
+        assert place_checkpoints(view, policy, ex, s, 1) == ([] if h is None else [h]), policy
+        assert place_checkpoint(view, policy, ex, s) == h
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
@@ -320,3 +342,35 @@ def test_restore_source_longest_live_valid_prefix():
     assert restore_source(view, [(3, 300, None), (2, 300, None)]) == 2               # tie: lowest id
     assert restore_source(view, [(1, 900, None), (4, 900, None), (7, 900, None)]) is None
     assert restore_source(view, []) is None
+
+
+# ---------------------------------------------------------------- ReplicaRule: --ckpt-replicas as one call
+
+def test_parse_replicas():
+    assert parse_replicas("auto") == parse_replicas(" AUTO ") == "auto"
+    assert parse_replicas("2") == parse_replicas(2) == 2
+    for bad in ("0", "-1", "two", "", "1.5"):
+        with pytest.raises(ValueError):
+            parse_replicas(bad)
+    with pytest.raises(ValueError):
+        ReplicaRule("0")
+    with pytest.raises(ValueError):
+        ReplicaRule("auto", k_max=0)
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@given(st.floats(0, 600), st.floats(0, 3600), st.floats(1e6, 1e9), st.sampled_from([60.0, 600.0, None]),
+       st.sampled_from([300.0, None]), st.integers(1, 4))
+def test_prop_the_rule_is_choose_replicas_over_the_failure_model_and_the_copy_price(recompute, life, nbytes, w_mtbf,
+                                                                                 d_mtbf, k_max):
+    view = ClusterView(tuple(wv(i, node="ab"[i % 2]) for i in range(6)))
+    fm, price = FailureModel.from_mtbf(w_mtbf, d_mtbf), CopyPrice(1e-3, 1e-5)
+    rule = ReplicaRule("auto", k_max, fm, price)
+    p, q = fm.over(life)
+    want = choose_replicas(recompute, price.cost_s(nbytes, 1.25e9, nbytes, life), p, q, k_max, domains=2)
+    assert rule.k_for(view, recompute, life, nbytes, 1.25e9) == want
+    assert 1 <= want <= rule.most == k_max
+    # a fixed K is K, whatever the request
+    assert ReplicaRule(2, k_max, fm, price).k_for(view, recompute, life, nbytes, 1.25e9) == 2
+    # no failures planned: one copy
+    assert ReplicaRule("auto", k_max).k_for(view, recompute, life, nbytes, 1.25e9) == 1

@@ -241,8 +241,13 @@ def test_every_copy_decision_is_a_policy_call_matching_a_frozen_snapshot(monkeyp
             return out
         return wrapper
 
+    import lumen.policy.replicas as replicas_module
+
     for n in names:
-        monkeypatch.setattr(P, n, spy(n))
+        wrapped = spy(n)
+        monkeypatch.setattr(P, n, wrapped)
+        if hasattr(replicas_module, n):  # ReplicaRule.k_for calls these from its own module
+            monkeypatch.setattr(replicas_module, n, wrapped)
     res = sim.run()
     st = res.stats
     assert {n: st.policy_calls.get(n, 0) for n in names if n in calls} == calls

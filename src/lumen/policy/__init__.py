@@ -28,10 +28,12 @@ from .placement import checkpoint_reservation, place_checkpoint, place_checkpoin
 from .replicas import (
     CopyPrice,
     FailureModel,
+    ReplicaRule,
     choose_replicas,
     co_failure_probability,
     domain_count,
     loss_probability,
+    parse_replicas,
     restore_source,
     spread_occupancy,
 )
@@ -56,6 +58,6 @@ __all__ = [
     "may_assist", "pair_recovering", "parse_policy", "pick_partner", "place_checkpoint", "route_new",
     "AcceptanceEstimate", "LinearStepTime", "PartnerLoad", "assist_gain", "choose_spec_lengths",
     "draft_phase_pays", "expected_tokens", "fit_step_time", "pairing_gain", "pick_partner_by_gain",
-    "place_checkpoints", "CopyPrice", "FailureModel", "choose_replicas", "co_failure_probability",
+    "place_checkpoints", "CopyPrice", "FailureModel", "ReplicaRule", "parse_replicas", "choose_replicas", "co_failure_probability",
     "domain_count", "loss_probability", "restore_source", "spread_occupancy",
 ]

@@ -40,25 +40,10 @@ def place_checkpoint(view: ClusterView, policy: str | Policy, executor: int,
 
     Only SERVING workers hold checkpoints: a holder must be able to restore on its own device.
     The caller reserves `reservation_bytes` on the result and releases it when the request
-    finishes or moves.
+    finishes or moves. One holder is `place_checkpoints` with k = 1 (one implementation of the rule).
     """
-    pol = parse_policy(policy)
-    if pol is Policy.FIXED_CKPT:
-        return _ring_next(view, executor, reservation_bytes)
-    if pol not in (Policy.LUMEN, Policy.LUMEN_NO_SPEC):
-        return None
-    c = view.columns
-    s = reservation_bytes
-    mask, ex = _fitting_holders(c, executor, s)
-    if not mask.any():
-        return None
-    if ex is not None and c.node[ex] >= 0:
-        off = mask & (c.node != c.node[ex])
-        if off.any():
-            mask = off
-    score = c.q + view.lam * (c.reserved + s) / c.h2d
-    # argmin returns the first minimum: workers are in id order, so ties go to the lowest id
-    return int(c.ids[int(np.where(mask, score, np.inf).argmin())])
+    holders = place_checkpoints(view, policy, executor, reservation_bytes, 1)
+    return holders[0] if holders else None
 
 
 def place_checkpoints(view: ClusterView, policy: str | Policy, executor: int, reservation_bytes: int,
@@ -152,18 +137,3 @@ def _fitting_holders(c, executor: int, s: int) -> tuple[np.ndarray, int | None]:
     if ex is not None:
         mask[ex] = False
     return mask, ex
-
-
-def _ring_next(view: ClusterView, executor: int, s: int) -> int | None:
-    c = view.columns
-    n = len(c)
-    if n == 0:
-        return None
-    start = int(np.searchsorted(c.ids, executor, side="right"))
-    order = np.concatenate((np.arange(start, n), np.arange(0, start)))
-    elig = c.eligible()
-    cand = order[elig[order] & (c.ids[order] != executor)]
-    if cand.size == 0:
-        return None
-    i = int(cand[0])
-    return int(c.ids[i]) if c.budget[i] - c.reserved[i] >= s else None

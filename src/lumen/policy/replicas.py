@@ -12,6 +12,9 @@ its executor and all K holders fail together. This module holds the rest of that
   domains, and `spread_occupancy`: the layout `place_checkpoints` gives K copies;
 - `choose_replicas`: the `auto` rule, K per request from its expected loss against a copy's price
   (`CopyPrice`, in seconds of recompute: the loss's unit);
+- `ReplicaRule`: `--ckpt-replicas` (a fixed K or `auto`) as one call, `k_for`, from what the caller
+  knows of a request (its recompute cost, remaining lifetime, copy size) and the NIC; the simulator
+  and the live controller both ask it;
 - `restore_source`: the live holder with the longest valid prefix.
 
 Pure functions over their arguments; nothing here reads the cluster except `restore_source`,
@@ -161,6 +164,52 @@ def choose_replicas(recompute_s: float, copy_cost_s: float, p: float, q: float, 
         if recompute_s * loss_probability(k, p, q, domains) <= copy_cost_s:
             return k
     return k_max
+
+
+def parse_replicas(value) -> int | str:
+    """--ckpt-replicas: an int >= 1 or 'auto' (ValueError otherwise)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        k = int(text)
+    except ValueError:
+        raise ValueError(f"checkpoint replicas must be an integer >= 1 or 'auto', not {value!r}") from None
+    if k < 1:
+        raise ValueError(f"checkpoint replicas must be >= 1, not {k}")
+    return k
+
+
+@dataclass(frozen=True)
+class ReplicaRule:
+    """How many copies each request gets: `replicas` copies, or under "auto" `choose_replicas` with at
+    most `k_max`, planning for `failures` at the prices `price`."""
+
+    replicas: int | str = 1
+    k_max: int = 3
+    failures: FailureModel = FailureModel()
+    price: CopyPrice = CopyPrice()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "replicas", parse_replicas(self.replicas))
+        if self.k_max < 1:
+            raise ValueError("k_max must be >= 1")
+
+    @property
+    def most(self) -> int:
+        """The most copies a request may get."""
+        return self.k_max if self.replicas == "auto" else int(self.replicas)
+
+    def k_for(self, view: ClusterView, recompute_s: float, lifetime_s: float, copy_bytes: float,
+              net_bytes_per_s: float) -> int:
+        """K for one request: `recompute_s` what losing every copy costs (its context at the recompute
+        rate), `lifetime_s` its remaining lifetime, `copy_bytes` the bytes one copy streams and keeps
+        reserved, `net_bytes_per_s` the executor's NIC; domains are counted in `view`."""
+        if self.replicas != "auto":
+            return int(self.replicas)
+        p, q = self.failures.over(lifetime_s)
+        cost = self.price.cost_s(copy_bytes, net_bytes_per_s, copy_bytes, lifetime_s)
+        return choose_replicas(recompute_s, cost, p, q, self.k_max, domain_count(view))
 
 
 def restore_source(view: ClusterView, copies: Sequence[tuple[int, int, int | None]]) -> int | None:

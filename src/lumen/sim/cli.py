@@ -14,8 +14,9 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from lumen.policy import POLICY_NAMES
+from lumen.policy import POLICY_NAMES, parse_replicas
 from lumen.policy.slots import DEVICE_SHARES
+from lumen.units import parse_mtbf
 
 from .config import SPEC_RULES, FailurePlan, FailureSpec, SimConfig, parse_duration, parse_fail
 from .cost import DEVICES, MODELS, load_profile
@@ -153,19 +154,14 @@ def _positive_float(s: str) -> float:
 
 
 def _replicas(s: str) -> int | str:
-    if s.strip().lower() == "auto":
-        return "auto"
     try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'auto', got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 or 'auto', got {v}")
-    return v
+        return parse_replicas(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _mtbf(s: str | None) -> float | None:
-    return None if s is None or s.strip().lower() in ("none", "inf", "off") else parse_duration(s)
+    return parse_mtbf(s)
 
 
 def config_from_args(a: argparse.Namespace) -> SimConfig:

@@ -11,6 +11,7 @@ import numpy as np
 
 from lumen.policy.slots import default_slot_s, resolve_device_share, share_groups
 
+from ..units import parse_duration
 from .cost import DEFAULT_DRAFT, DEVICES, MODELS, CostModel, DeviceSpec, ModelShape, RooflineCost
 
 # The "typical batch" whose decode step sizes the default slot (`SimConfig.slot_s`): this many decoding
@@ -257,16 +258,6 @@ class FailureSpec:
         if self.count is not None:
             return f"t={t}:count={self.count}"
         return f"t={t}:frac={self.frac:g}"
-
-
-_UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "": 1.0}
-
-
-def parse_duration(s: str) -> float:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*(ms|s|min|m|h|)\s*", s)
-    if not m:
-        raise ValueError(f"bad duration {s!r} (examples: 30s, 500ms, 2m)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 def parse_fail(spec: str) -> FailureSpec:

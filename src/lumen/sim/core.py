@@ -318,8 +318,10 @@ class Simulator:
         # K copies per request (issue 25): None under K = 1 (the paper's path, unchanged)
         self.multi = cfg.ckpt_replicas != 1
         self.prio = self.multi and cfg.ckpt_stream_order == "primary-first"
-        self.fmodel = P.FailureModel.from_mtbf(cfg.ckpt_worker_mtbf_s, cfg.ckpt_domain_mtbf_s)
-        self.price = P.CopyPrice(cfg.ckpt_price_net, cfg.ckpt_price_mem)
+        self.replica_rule = P.ReplicaRule(
+            cfg.ckpt_replicas, cfg.ckpt_replicas_max,
+            P.FailureModel.from_mtbf(cfg.ckpt_worker_mtbf_s, cfg.ckpt_domain_mtbf_s),
+            P.CopyPrice(cfg.ckpt_price_net, cfg.ckpt_price_mem))
         self.heap: list[tuple] = []
         self.seq = 0
         self.now = 0.0
@@ -917,21 +919,18 @@ class Simulator:
             self.stats.stream_bytes += burst * self.kvb
 
     def _replicas_for(self, w: SimWorker, r: SimRequest, s: int) -> int:
-        """K for r: `ckpt_replicas`, or under "auto" `P.choose_replicas` with the request's recompute
-        cost (its maximum context at the idle prefill rate), its remaining lifetime (output tokens
-        left x w's decode step now), the planned failure model over that lifetime and the price of a
-        copy that streams and reserves s bytes."""
-        k = self.cfg.ckpt_replicas
-        if k != "auto":
-            return int(k)
+        """K for r (`policy.ReplicaRule`, as the live controller asks it): under "auto" with the
+        request's recompute cost (its maximum context at the idle prefill rate), its remaining lifetime
+        (output tokens left x w's decode step now) and a copy of s bytes over the NIC."""
+        if self.cfg.ckpt_replicas != "auto":
+            return int(self.cfg.ckpt_replicas)
         D = max(1, len(w.heap))
         step = self.cost.step_time(0, D, w.S_dec + D * w.G) * w.stretch
         life = max(0, r.output - r.gen) * step
-        p, q = self.fmodel.over(life)
         recompute = (r.prompt + r.output) * self.base_sec_per_pf
-        cost = self.price.cost_s(s, self.net_bw, s, life)
-        domains = self._call("domain_count")(self.view)
-        return int(self._call("choose_replicas")(recompute, cost, p, q, self.cfg.ckpt_replicas_max, domains))
+        for name in ("domain_count", "choose_replicas"):  # the policy calls k_for makes under "auto"
+            self.stats.policy_calls[name] = self.stats.policy_calls.get(name, 0) + 1
+        return self.replica_rule.k_for(self.view, recompute, life, s, self.net_bw)
 
     def _release(self, r: SimRequest) -> None:
         """Release every copy of r (finished, interrupted and dispatched, or moved)."""
