@@ -69,7 +69,7 @@ def test_a_burst_beyond_the_high_water_mark_waits_for_the_holder_instead_of_drop
         try:
             for i in range(n):
                 tx.submit(holder.address, page(i))
-            wait_until(lambda: tx.queue.qsize() < n - 64, 10, "the sender filled the socket")
+            wait_until(lambda: tx.queued() < n - 64, 10, "the sender filled the socket")
             got = []
             while len(got) < n and (m := holder.recv(timeout_ms=10_000)) is not None:
                 got.append(m.body["index"])
@@ -112,7 +112,7 @@ def test_a_forgotten_holder_ends_the_wait_at_once_and_its_pages_are_not_sent(ctx
             dead = "127.0.0.1:9"  # nothing listens: its socket fills up and never drains
             for i in range(200):
                 tx.submit(dead, page(i))
-            wait_until(lambda: tx.waited_s > 0 or tx.queue.qsize() < 200 - 64, 10, "the sender waits on the dead holder")
+            wait_until(lambda: tx.waited_s > 0 or tx.queued() < 200 - 64, 10, "the sender waits on the dead holder")
             tx.forget(dead)
             tx.submit(alive.address, page(0, "other"))
             m = alive.recv(timeout_ms=10_000)
@@ -212,9 +212,15 @@ def test_held_pages_whose_reservation_never_comes_are_refused_in_time(ctx):
 class _Collect:
     def __init__(self):
         self.pages: list[tuple[str, str, int]] = []
+        self.later: list[bool] = []
+        self.forgotten: list[str] = []
 
-    def submit(self, addr, p):
+    def submit(self, addr, p, later_copy=False):
         self.pages.append((addr, p.req_id, p.index))
+        self.later.append(later_copy)
+
+    def forget(self, addr):
+        self.forgotten.append(addr)
 
 
 @pytest.fixture
@@ -234,7 +240,7 @@ def test_worker_streams_only_protected_requests_and_all_pages_once_a_holder_arri
     w, eng = worker, worker.engine
     for rid, n in (("a", 9), ("b", 13)):
         eng.add_request(rid, list(range(2, 2 + n)), SamplingParams(max_tokens=12, ignore_eos=True))
-    w._set_holder("a", 1, "h1", 0)
+    w._set_holders("a", [[1, "h1"]])
     for _ in range(4):
         eng.step()
         w._stream_pages()
@@ -242,7 +248,7 @@ def test_worker_streams_only_protected_requests_and_all_pages_once_a_holder_arri
     a_pages = [i for _, r, i in w.kv_tx.pages if r == "a"]
     assert a_pages == list(range(len(a_pages)))
     # b's holder arrives late: every page it filled so far goes out at the next turn, from index 0
-    w._set_holder("b", 2, "h2", 0)
+    w._set_holders("b", [[2, "h2"]])
     w._stream_pages()
     b_pages = [(addr, i) for addr, r, i in w.kv_tx.pages if r == "b"]
     assert b_pages == [("h2", i) for i in range(eng._seqs["b"].num_computed_tokens // 4)]
@@ -266,7 +272,7 @@ def test_export_interval_spaces_exports_and_gathers_the_pages_due_between(worker
     monkeypatch.setattr(eng, "export_pages", lambda rids: exports.append(list(rids)) or real_export(rids))
     for rid in ("a", "b"):
         eng.add_request(rid, list(range(2, 15)), SamplingParams(max_tokens=30, ignore_eos=True))
-        w._set_holder(rid, 1, "h" + rid, 0)
+        w._set_holders(rid, [[1, "h" + rid]])
     eng.step()  # the prefills complete 3 pages each: they leave at once
     w._stream_pages()
     assert exports == [["a", "b"]] and len(w.kv_tx.pages) == 6
@@ -300,7 +306,7 @@ def test_export_interval_sends_what_the_ring_could_not_take_on_the_next_turn(wor
     w._clock = lambda: clock[0]
     w._export_interval_s = 0.05
     eng.add_request("a", list(range(2, 27)), SamplingParams(max_tokens=2, ignore_eos=True))
-    w._set_holder("a", 1, "h", 0)
+    w._set_holders("a", [[1, "h"]])
     eng.step()  # the prefill fills 6 pages; the ring takes 2 per export
     sent = []
     for _ in range(3):  # no step, no time: 2 pages per turn, in order
@@ -360,3 +366,57 @@ def test_stats_are_rebuilt_at_most_every_few_ms_and_carry_the_loop_parts(monkeyp
         w._stats_at = time.monotonic() - STATS_EVERY_S
         w._publish_stats()
         assert w.hb.stats["loop_turns"] == 4
+
+
+def test_every_copy_gets_every_page_once_and_a_copy_added_later_gets_them_from_the_first(worker):
+    """--ckpt-replicas: each page goes to every holder of its request, the first copy in the first
+    lane. A holder added later (re-protection) gets the pages from index 0; the holders that had them
+    get none twice. When the first holder dies the second copy becomes the first."""
+    w, eng = worker, worker.engine
+    eng.add_request("a", list(range(2, 15)), SamplingParams(max_tokens=20, ignore_eos=True))
+    w._set_holders("a", [[1, "h1"], [2, "h2"]])
+    for _ in range(3):
+        eng.step()
+        w._stream_pages()
+    by = lambda addr: [i for a, _, i in w.kv_tx.pages if a == addr]  # noqa: E731
+    assert by("h1") == by("h2") == list(range(len(by("h1")))) and by("h1")
+    assert {(a, later) for (a, _, _), later in zip(w.kv_tx.pages, w.kv_tx.later, strict=True)} == {("h1", False), ("h2", True)}
+    n = len(by("h1"))
+    w._set_holders("a", [[2, "h2"], [3, "h3"]])  # holder 1 died: 2 is first now, 3 is new
+    w._stream_pages()
+    assert by("h3") == list(range(n)) and by("h1") == by("h2") == list(range(n))
+    while eng.has_work():
+        eng.step()
+        w._stream_pages()
+    total = eng._seqs["a"].num_computed_tokens // 4 if "a" in eng._seqs else None
+    assert by("h2") == by("h3") == list(range(len(by("h2")))) and len(by("h2")) > n
+    assert total is None or len(by("h2")) == total
+    tail = [later for (a, _, i), later in zip(w.kv_tx.pages, w.kv_tx.later, strict=True) if a == "h2" and i >= n]
+    assert tail and not any(tail)  # the surviving copy streams in the first lane now
+    assert w.kv_tx.forgotten == ["h1"]
+    w._set_holders("a", [])
+    assert "a" not in w.holders and sorted(w.kv_tx.forgotten) == ["h1", "h2", "h3"]
+
+
+def test_a_second_holder_that_does_not_drain_never_delays_the_first_copies(ctx):
+    """The later copies' lane gives way: pages of first copies queued behind a stuck second holder go
+    out at once, without waiting out that holder's wait (here 10 minutes)."""
+    with PullEndpoint(ctx, Codec(SECRET, "w2.kvrx", 1, schema=SCHEMA)) as first:
+        tx = PageSender(ctx, SECRET, 0, 1, wait_ms=600_000)
+        tx.start()
+        try:
+            stuck = "127.0.0.1:9"  # nothing listens: its socket fills up and never drains
+            for i in range(200):
+                tx.submit(stuck, page(i), later_copy=True)
+            wait_until(lambda: tx.queued() < 200 - 64, 10, "the sender filled the second holder's socket")
+            time.sleep(0.3)  # and now waits for room there
+            for i in range(5):
+                tx.submit(first.address, page(i, "r"))
+            got = []
+            while len(got) < 5 and (m := first.recv(timeout_ms=5_000)) is not None:
+                got.append(m.body["index"])
+            assert got == list(range(5)) and tx.deferred >= 1 and tx.stalled == 0
+            assert tx.sent_later_copies == tx.sent - 5
+        finally:
+            tx.stop()
+            tx.join(5)

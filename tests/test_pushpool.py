@@ -81,7 +81,7 @@ class _Signal:
 def _drain(w: Worker, addr: str = "127.0.0.1:5003") -> None:
     # a page through the sender's queue (to a peer it already has): what was queued before is handled
     done = threading.Event()
-    w.holders["m"] = (3, addr)  # a request that streams there (the sender skips pages nobody wants)
+    w.holders["m"] = [(3, addr, 0)]  # a request that streams there (the sender skips pages nobody wants)
     w.kv_tx.submit(addr, KVPage("m", 0, 16, b"t" * 16, torch.zeros(4), _Signal(done)))
     assert done.wait(5)
     time.sleep(0.05)  # the send right after wait() returned
@@ -91,20 +91,20 @@ def _drain(w: Worker, addr: str = "127.0.0.1:5003") -> None:
 def test_worker_closes_the_page_socket_once_no_request_streams_to_a_dead_holder(worker):
     w = worker
     for rid in ("a", "b"):
-        w._set_holder(rid, 2, "127.0.0.1:5002", 0)
+        w._set_holders(rid, [[2, "127.0.0.1:5002"]])
         w.kv_tx.submit("127.0.0.1:5002", KVPage(rid, 0, 16, b"t" * 16, torch.zeros(4)))
-    w._set_holder("c", 3, "127.0.0.1:5003", 0)
+    w._set_holders("c", [[3, "127.0.0.1:5003"]])
     w.kv_tx.submit("127.0.0.1:5003", KVPage("c", 0, 16, b"t" * 16, torch.zeros(4)))
     _drain(w)
     assert w.kv_tx.pool.num_peers == 2
-    # holder 2 died: request a moves to holder 3, b loses its holder (-1); only then is 2 unused
-    w._set_holder("a", 3, "127.0.0.1:5003", 0)
+    # holder 2 died: request a moves to holder 3, b loses its holder (no copies); only then is 2 unused
+    w._set_holders("a", [[3, "127.0.0.1:5003"]])
     _drain(w)
     assert w.kv_tx.pool.forgotten == 0
-    w._set_holder("b", -1, "", 0)
+    w._set_holders("b", [])
     _drain(w)
     assert w.kv_tx.pool.forgotten == 1 and w.kv_tx.pool.peers == ["tcp://127.0.0.1:5003"]
-    assert w.holders == {"a": (3, "127.0.0.1:5003"), "c": (3, "127.0.0.1:5003")}
+    assert w.holders == {"a": [(3, "127.0.0.1:5003", 0)], "c": [(3, "127.0.0.1:5003", 0)]}
 
 
 def test_worker_closes_the_data_socket_when_its_assist_pairing_ends(worker):

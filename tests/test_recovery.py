@@ -100,6 +100,33 @@ def test_executor_and_holder_killed_together_recompute(tiny_dir):
         assert not errors and ids == reference
 
 
+def test_two_replicas_restore_from_the_second_copy_when_executor_and_first_holder_die_together(tiny_dir):
+    """--ckpt-replicas 2 (issue 25): the executor and its first holder are SIGKILLed together; the
+    request is restored from the second copy, with the greedy output of its failure-free run."""
+    with run_cluster(tiny_dir, workers=4, policy="lumen", extra=["--deterministic", "--ckpt-replicas", "2"]) as c:
+        assert c.state()["ckpt_replicas"] == 2
+        reference = c.complete(PROMPT, max_tokens=300, ignore_eos=True)["choices"][0]["token_ids"]
+        before = _restored_pages(c)
+        t, box = _stream_in_thread(c, max_tokens=300)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            req = c.state()["requests"][0] if c.state()["requests"] else None
+            copies = req["holders"] if req else []
+            if len(copies) == 2 and all(h["valid_ckpt_tokens"] >= 4 * BLOCK for h in copies):
+                break
+            time.sleep(0.01)
+        assert len(copies) == 2, c.state()["requests"]
+        executor, (first, second) = req["executor"], (h["worker"] for h in copies)
+        assert len({executor, first, second}) == 3
+        expected = copies[1]["valid_ckpt_tokens"] // BLOCK
+        c.kill(executor)
+        c.kill(first)
+        t.join(120)
+        ids, finish, errors = box["r"]
+        assert not errors and finish == "length" and ids == reference
+        assert _restored_pages(c)[second] - before.get(second, 0) >= expected
+
+
 def test_holder_death_reprotects_then_executor_death_restores(tiny_dir):
     with run_cluster(tiny_dir, workers=3, policy="lumen", extra=["--deterministic"]) as c:
         reference = c.complete(PROMPT, max_tokens=500, ignore_eos=True)["choices"][0]["token_ids"]

@@ -275,6 +275,11 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def exported_pages(self, req_id: str) -> int:
+        """Pages of a running request handed out so far (0 for an unknown request)."""
+        seq = self._seqs.get(req_id)
+        return seq.num_exported_pages if seq is not None else 0
+
     def rewind_page_export(self, req_id: str, page_index: int) -> None:
         """Export pages from `page_index` on again (a new holder needs every page from the start)."""
         seq = self._seqs.get(req_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from ..policy.replicas import FailureModel
 from ..policy.slots import share_groups
 
 
@@ -42,6 +43,15 @@ class ClusterConfig:
     kv_bytes_per_token: int = 0             # filled from the model config
     h2d_bytes_per_s: float = 10e9           # B_h2d used by placement; measured on GPU workers
     lam: float = 1.0
+    # checkpoint copies per request (issue 25): an int >= 1, or "auto" (policy.ReplicaRule: at most
+    # ckpt_replicas_max, planning for the MTBFs below; None: that kind of failure is not planned for)
+    ckpt_replicas: int | str = 1
+    ckpt_replicas_max: int = 3
+    ckpt_worker_mtbf_s: float | None = 3600.0
+    ckpt_domain_mtbf_s: float | None = None
+    ckpt_net_bytes_per_s: float = 1.25e9    # auto: a copy's stream is priced at this NIC rate (10 Gbit/s)
+    # failure domain label per worker (--domains: e.g. racks); None: the node (Ray), else each its own
+    domains: list[str] | None = None
     # assisted recovery
     draft_model: str | None = None
     cold_restart: bool = False             # evict weights from the page cache before a restart
@@ -100,6 +110,12 @@ class ClusterConfig:
 
     def node_of(self, worker_id: int) -> str | None:
         return self.nodes[worker_id] if self.nodes and worker_id < len(self.nodes) else None
+
+    def domain_label(self, worker_id: int) -> str | None:
+        return self.domains[worker_id] if self.domains and worker_id < len(self.domains) else None
+
+    def failure_model(self) -> FailureModel:
+        return FailureModel.from_mtbf(self.ckpt_worker_mtbf_s, self.ckpt_domain_mtbf_s)
 
 
 def mps_share_fixed(environ: dict[str, str], workers_per_gpu: int = 1) -> bool:

@@ -24,6 +24,7 @@ from ..policy import (
     ClusterView,
     NoServingWorker,
     Policy,
+    ReplicaRule,
     RequestView,
     WorkerState,
     WorkerView,
@@ -34,7 +35,8 @@ from ..policy import (
     parse_policy,
     pick_partner,
     pick_partner_by_gain,
-    place_checkpoint,
+    place_checkpoints,
+    restore_source,
     route_new,
 )
 from . import assist_pricing
@@ -58,6 +60,18 @@ class ClusterBusy(Exception):
 
 
 @dataclass
+class CkptCopy:
+    """One checkpoint copy of a request (`--ckpt-replicas` of them; the paper keeps one)."""
+
+    holder: int
+    epoch: int                         # the holder's incarnation when the copy was reserved
+    reservation: int                   # host bytes reserved there
+    gen: int                           # the RESERVE the holder must confirm before the executor streams
+    confirmed: bool = False            # the holder confirmed: the executor streams to it
+    valid_pages: int = 0               # valid pages, as the holder last reported
+
+
+@dataclass
 class RequestState:
     id: str
     prompt_ids: list[int]
@@ -67,12 +81,9 @@ class RequestState:
     generated: list[int] = field(default_factory=list)
     executor: int | None = None
     exec_epoch: int = -1
-    holder: int | None = None
-    holder_epoch: int = -1
-    reservation: int = 0
-    reserve_gen: int = 0               # the RESERVE the holder must confirm before the executor streams
-    valid_pages: int = 0               # valid checkpoint pages reported by the holder
-    needs_placement: bool = True       # holder is chosen when (re)prefill completes
+    copies: list[CkptCopy] = field(default_factory=list)  # first copy first
+    replicas: int = 1                  # copies the request should have (placement's K)
+    needs_placement: bool = True       # holders are chosen when (re)prefill completes
     started: bool = False              # produced a token since its last assignment
     first_token_at: float | None = None
     done: bool = False
@@ -81,6 +92,15 @@ class RequestState:
     @property
     def context_len(self) -> int:
         return len(self.prompt_ids) + len(self.generated)
+
+    @property
+    def holder(self) -> int | None:
+        """The first copy's holder (None: unprotected)."""
+        return self.copies[0].holder if self.copies else None
+
+    def copy_on(self, w: WorkerRecord) -> CkptCopy | None:
+        """The request's copy on this incarnation of w, if any."""
+        return next((c for c in self.copies if c.holder == w.id and c.epoch == w.epoch), None)
 
 
 @dataclass
@@ -117,6 +137,7 @@ class Controller:
         self.cfg = cfg
         self.policy: Policy = parse_policy(cfg.policy)
         self.features = features(self.policy)
+        self.replica_rule = ReplicaRule(cfg.ckpt_replicas, cfg.ckpt_replicas_max, cfg.failure_model())
         self.launcher = launcher
         self._pairs_reviewed_at = 0.0
         self.secret = secret
@@ -312,8 +333,9 @@ class Controller:
         elif t == "CKPT":
             for rid, n in msg.body["valid"].items():
                 r = self.requests.get(rid) if isinstance(rid, str) else None
-                if r is not None and r.holder == w.id and isinstance(n, int):
-                    r.valid_pages = max(0, n)
+                c = r.copy_on(w) if r is not None else None
+                if c is not None and isinstance(n, int):
+                    c.valid_pages = max(0, n)
         elif t == "RESERVED":
             self._on_reserved(w, msg.body["req"], msg.body["gen"], bool(msg.body["ok"]))
 
@@ -377,8 +399,12 @@ class Controller:
                 id=w.id, state=w.state, epoch=w.epoch, alive=w.alive, waiting=waiting, running=running,
                 q_wait_s=_num(w.stats, "q_wait_s"), ckpt_reserved_bytes=w.ckpt_reserved,
                 ckpt_budget_bytes=self.cfg.ckpt_budget_bytes, h2d_bytes_per_s=self.cfg.h2d_bytes_per_s,
-                node=w.node or self.cfg.node_of(w.id), partner=w.partner, accelerator=self._accelerator(w.id)))
+                node=self.domain_of(w), partner=w.partner, accelerator=self._accelerator(w.id)))
         return ClusterView(tuple(workers), lam=self.cfg.lam)
+
+    def domain_of(self, w: WorkerRecord) -> str | None:
+        """w's failure domain: its --domains label, else its node (Ray's node id), else None (its own)."""
+        return self.cfg.domain_label(w.id) or w.node or self.cfg.node_of(w.id)
 
     def _accelerator(self, worker_id: int) -> str | None:
         if not self.cfg.device_for(worker_id).startswith("cuda"):
@@ -413,7 +439,7 @@ class Controller:
         context = r.prompt_ids + r.generated
         tags: list[bytes] = []
         restore_pages = 0
-        if restore and r.holder == w.id and r.holder_epoch == w.epoch:
+        if restore and r.copy_on(w) is not None:
             # tags come from the gateway's own history: a page the holder has is used only if its tag
             # matches what this request's tokens really were (DESIGN.md invariant 4)
             n_pages = max(0, (len(context) - 1) // self.cfg.block_size)
@@ -434,7 +460,7 @@ class Controller:
         r.done = True
         if r.executor is not None:
             self._send(self.workers[r.executor], "ABORT", {"req": r.id})
-        self._release_holder(r)
+        self._release_copies(r)
         self.requests.pop(request_id, None)
 
     def finished(self, request_id: str) -> None:
@@ -443,7 +469,7 @@ class Controller:
 
     def _fail(self, r: RequestState, status: int, message: str) -> None:
         r.done = True
-        self._release_holder(r)
+        self._release_copies(r)
         M.REQUEST_ERRORS.labels(status=str(status)).inc()
         r.events.put_nowait(("error", status, message))
 
@@ -473,62 +499,94 @@ class Controller:
                 self._fail(r, 500, f"the worker could not run the request: {finish[6:]}")
             elif finish:
                 r.done = True
-                self._release_holder(r)
+                self._release_copies(r)
                 r.events.put_nowait(("finish", str(finish)))
 
     # ------------------------------------------------------------------ checkpoints
     def _place_checkpoint(self, r: RequestState, executor: WorkerRecord) -> None:
-        """Choose r's holder and reserve there; the executor learns its holder only once the holder
-        confirms the reservation (RESERVED), so no page reaches a holder that cannot store it yet.
-        (Sent together, a fast executor's first burst beat the RESERVE that the holder's engine
-        thread reads between steps: on an H200 only 4% of the pages were restorable.)"""
+        """Choose r's holders (K of them: `--ckpt-replicas`) and reserve on each; the executor learns a
+        holder only once it confirms the reservation (RESERVED), so no page reaches a holder that cannot
+        store it yet. (Sent together, a fast executor's first burst beat the RESERVE that the holder's
+        engine thread reads between steps: on an H200 only 4% of the pages were restorable.)"""
         if self.features.checkpointing is None:
             return
-        self._release_holder(r)
+        self._release_copies(r)
         s = checkpoint_reservation(len(r.prompt_ids), r.params.max_tokens, self.cfg.kv_bytes_per_token,
                                    self.cfg.block_size)
-        h = place_checkpoint(self.view(), self.policy, executor.id, s)
-        if h is None:
-            self._count_unprotected()
-            return
-        holder = self.workers[h]
-        holder.ckpt_reserved += s
-        self._reserve_gen += 1
-        r.holder, r.holder_epoch, r.reservation, r.valid_pages = h, holder.epoch, s, 0
-        r.reserve_gen = self._reserve_gen
-        self._send(holder, "RESERVE", {"req": r.id, "bytes": s, "owner": executor.id, "gen": r.reserve_gen})
+        r.replicas = self._replicas_for(r, executor, s)
+        self._add_copies(r, executor, s)
 
-    def _on_reserved(self, holder: WorkerRecord, rid: str, gen: int, ok: bool) -> None:
-        """The holder's answer to RESERVE: start the executor's stream, or run the request unprotected.
-        An answer to a RESERVE since superseded (the request finished, moved or got another holder)
-        changes nothing: its RELEASE is on its way to the holder after the RESERVE."""
-        r = self.requests.get(rid)
-        if (r is None or r.done or r.holder != holder.id or r.holder_epoch != holder.epoch
-                or r.reserve_gen != gen):
+    def _replicas_for(self, r: RequestState, executor: WorkerRecord, s: int) -> int:
+        """K for r (policy.ReplicaRule). Under auto its inputs come from the executor's fitted step-time
+        model: the recompute cost is one prefill of r's whole context, the lifetime its remaining output
+        at the executor's decode step now; an executor without a model yet (its first seconds) gives 1."""
+        if self.replica_rule.replicas != "auto":
+            return int(self.replica_rule.replicas)
+        model, load = assist_pricing.step_model(executor.stats), assist_pricing.partner_load(executor.stats)
+        if model is None or load is None:
+            return 1
+        context = len(r.prompt_ids) + r.params.max_tokens
+        recompute = model(context, 0, 0.0)
+        d = max(1, load.decoding)
+        step = model(0, d, load.context_tokens)
+        life = max(0, r.params.max_tokens - len(r.generated)) * step
+        return self.replica_rule.k_for(self.view(), recompute, life, s, self.cfg.ckpt_net_bytes_per_s)
+
+    def _add_copies(self, r: RequestState, executor: WorkerRecord, s: int) -> None:
+        """Reserve the copies r lacks (of r.replicas) on holders that keep none of it yet."""
+        want = r.replicas - len(r.copies)
+        if want <= 0:
             return
-        if not ok:  # the holder's own budget check refused (its view and ours can differ briefly)
-            log.warning("worker %d refused the checkpoint of request %s: it runs unprotected", holder.id, rid)
-            holder.ckpt_reserved = max(0, holder.ckpt_reserved - r.reservation)
-            r.holder, r.reservation, r.valid_pages = None, 0, 0
+        hs = place_checkpoints(self.view(), self.policy, executor.id, s, want, [c.holder for c in r.copies])
+        if not hs and not r.copies:
             self._count_unprotected()
-            return
+        for h in hs:
+            holder = self.workers[h]
+            holder.ckpt_reserved += s
+            self._reserve_gen += 1
+            r.copies.append(CkptCopy(h, holder.epoch, s, self._reserve_gen))
+            self._send(holder, "RESERVE", {"req": r.id, "bytes": s, "owner": executor.id, "gen": self._reserve_gen})
+
+    def _send_holders(self, r: RequestState) -> None:
+        """Tell r's executor the confirmed copies it streams to, first copy first (the whole list)."""
         ex = self.workers.get(r.executor) if r.executor is not None else None
         if ex is None or ex.epoch != r.exec_epoch or not ex.alive:
-            return  # being recovered: a holder is chosen again once it runs
-        self._send(ex, "HOLDER", {"req": r.id, "holder": holder.id, "addr": holder.kv_addr, "since": 0})
+            return  # being recovered: holders are chosen again once it runs
+        holders = [[c.holder, self.workers[c.holder].kv_addr] for c in r.copies if c.confirmed]
+        self._send(ex, "HOLDER", {"req": r.id, "holders": holders})
+
+    def _on_reserved(self, holder: WorkerRecord, rid: str, gen: int, ok: bool) -> None:
+        """A holder's answer to RESERVE: the executor streams to it too, or the copy is dropped. An
+        answer to a RESERVE since superseded (the request finished, moved or got other holders)
+        changes nothing: its RELEASE is on its way to the holder after the RESERVE."""
+        r = self.requests.get(rid)
+        c = r.copy_on(holder) if r is not None and not r.done else None
+        if c is None or c.gen != gen:
+            return
+        if not ok:  # the holder's own budget check refused (its view and ours can differ briefly)
+            log.warning("worker %d refused a checkpoint copy of request %s", holder.id, rid)
+            holder.ckpt_reserved = max(0, holder.ckpt_reserved - c.reservation)
+            r.copies.remove(c)
+            if not r.copies:
+                self._count_unprotected()
+            return
+        c.confirmed = True
+        self._send_holders(r)
 
     def _count_unprotected(self) -> None:
         self.unprotected += 1
         M.UNPROTECTED.inc()
 
-    def _release_holder(self, r: RequestState) -> None:
-        if r.holder is None:
-            return
-        holder = self.workers[r.holder]
-        if holder.epoch == r.holder_epoch:
-            holder.ckpt_reserved = max(0, holder.ckpt_reserved - r.reservation)
+    def _release_copy(self, r: RequestState, c: CkptCopy) -> None:
+        holder = self.workers[c.holder]
+        if holder.epoch == c.epoch:
+            holder.ckpt_reserved = max(0, holder.ckpt_reserved - c.reservation)
             self._send(holder, "RELEASE", {"req": r.id})
-        r.holder, r.reservation, r.valid_pages = None, 0, 0
+        r.copies.remove(c)
+
+    def _release_copies(self, r: RequestState) -> None:
+        for c in list(r.copies):
+            self._release_copy(r, c)
 
     # ------------------------------------------------------------------ failures
     async def _on_process_exit(self, worker_id: int, epoch: int, returncode: int | None) -> None:
@@ -619,18 +677,19 @@ class Controller:
         await self.launcher.kill(worker_id, epoch)
 
     def _recover_from(self, dead: WorkerRecord) -> None:
-        # requests whose checkpoints lived on the dead worker lose them; re-protect the live ones
+        # copies that lived on the dead worker are gone; the requests still running elsewhere stop
+        # streaming to it now and get the missing copies (re-protection) on other holders
         for r in self.requests.values():
-            if r.holder == dead.id and not r.done:
-                r.holder, r.reservation, r.valid_pages = None, 0, 0
-                if r.executor is not None and r.executor != dead.id:
-                    # the executor stops streaming to the dead holder (and closes its socket to it) now;
-                    # a new holder reaches it once that holder has confirmed its reservation
-                    self._send(self.workers[r.executor], "HOLDER", {"req": r.id, "holder": -1, "addr": "",
-                                                                    "since": 0})
-                    if r.first_token_at is not None:
-                        M.REPROTECTED.inc()
-                        self._place_checkpoint(r, self.workers[r.executor])
+            lost = [c for c in r.copies if c.holder == dead.id]
+            if not lost or r.done:
+                continue
+            for c in lost:
+                r.copies.remove(c)  # (the dead worker's reservations were dropped with it)
+            if r.executor is not None and r.executor != dead.id:
+                self._send_holders(r)
+                if r.first_token_at is not None and not r.needs_placement:
+                    M.REPROTECTED.inc()
+                    self._add_copies(r, self.workers[r.executor], lost[0].reservation)
         interrupted = [r for r in self.requests.values() if r.executor == dead.id and not r.done]
         if not interrupted:
             return
@@ -641,13 +700,24 @@ class Controller:
         self._dispatch(interrupted, dead.id)
 
     def _dispatch(self, interrupted: list[RequestState], dead_id: int) -> None:
-        views = [RequestView(id=i, executor=dead_id, holder=r.holder, reservation_bytes=r.reservation,
-                             valid_prefix_tokens=min(r.valid_pages * self.cfg.block_size, r.context_len),
-                             total_tokens=r.context_len,
-                             holder_epoch=r.holder_epoch if r.holder is not None else None)
-                 for i, r in enumerate(interrupted)]
+        """Recovery dispatch (policy.dispatch_interrupted) of requests whose executor died, each from its
+        best surviving copy (policy.restore_source: the live holder with the longest valid prefix). The
+        other copies stay until the request runs again (then placement releases them), so a restore whose
+        holder dies before it starts falls back on the next copy, not on a recompute."""
+        view = self.view()
+        bs = self.cfg.block_size
+        chosen: list[CkptCopy | None] = []
+        for r in interrupted:
+            copies = [c for c in r.copies if c.confirmed]
+            h = restore_source(view, [(c.holder, min(c.valid_pages * bs, r.context_len), c.epoch) for c in copies])
+            chosen.append(next((c for c in copies if c.holder == h), None))
+        views = [RequestView(id=i, executor=dead_id, holder=c.holder if c else None,
+                             reservation_bytes=c.reservation if c else 0,
+                             valid_prefix_tokens=min(c.valid_pages * bs, r.context_len) if c else 0,
+                             total_tokens=r.context_len, holder_epoch=c.epoch if c else None)
+                 for i, (r, c) in enumerate(zip(interrupted, chosen, strict=True))]
         try:
-            assignments = dispatch_interrupted(self.view(), self.policy, views)
+            assignments = dispatch_interrupted(view, self.policy, views)
         except NoServingWorker:
             assignments = []
         if not assignments:
@@ -660,19 +730,18 @@ class Controller:
                 self._fail(r, 503, "every worker has failed; the request could not be recovered")
             return
         for a in assignments:
-            r = interrupted[a.request_id]
+            r, c = interrupted[a.request_id], chosen[a.request_id]
             target = self.workers[a.target]
             restore = a.mode == "restore"
             if not restore:
                 M.RECOMPUTE_TOKENS.inc(r.context_len)
-                self._release_holder(r)
             log.info("request %s: %s on worker %d (%d tokens, %d checkpointed)", r.id, a.mode, target.id,
-                     r.context_len, r.valid_pages * self.cfg.block_size)
+                     r.context_len, c.valid_pages * self.cfg.block_size if c else 0)
             self._assign(r, target, restore=restore)
-            if restore:
-                # the holder consumes its pages; a new holder is chosen once the request runs again
-                target.ckpt_reserved = max(0, target.ckpt_reserved - r.reservation)
-                r.holder, r.reservation, r.valid_pages = None, 0, 0
+            if restore and c is not None:
+                # the holder consumes its pages: that copy ends (its store frees it at the restore)
+                target.ckpt_reserved = max(0, target.ckpt_reserved - c.reservation)
+                r.copies.remove(c)
 
     # ------------------------------------------------------------------ assisted recovery
     def _assist_gains(self) -> dict[int, float] | None:
@@ -790,17 +859,22 @@ class Controller:
                 "id": w.id, "state": w.state.value, "epoch": w.epoch, "alive": w.alive, "pid": w.pid,
                 "host": w.host if w.node else (
                     "127.0.0.1" if self.cfg.host in ("127.0.0.1", "localhost") else self.cfg.host),
-                "node": w.node,
+                "node": w.node, "domain": self.domain_of(w),
                 "device": w.device or self.cfg.device_for(w.id), "slot": self.slots[w.id], "data_addr": w.data_addr, "kv_addr": w.kv_addr,
                 "last_heartbeat_ms": round((now - w.last_hb) * 1000, 1), "partner": w.partner,
                 "load": {k: w.stats.get(k) for k in ("num_waiting", "num_running", "q_wait_s", "kv_usage")},
                 "ckpt_reserved_bytes": w.ckpt_reserved, "stats": w.stats, "phases_s": w.phase_s,
                 "restarts_in_a_row": w.restarts})
-        requests = [{"id": r.id, "executor": r.executor, "holder": r.holder, "prompt_tokens": len(r.prompt_ids),
-                     "generated_tokens": len(r.generated), "valid_ckpt_tokens": r.valid_pages * self.cfg.block_size,
+        bs = self.cfg.block_size
+        requests = [{"id": r.id, "executor": r.executor, "holder": r.holder,
+                     "holders": [{"worker": c.holder, "confirmed": c.confirmed, "valid_ckpt_tokens": c.valid_pages * bs}
+                                 for c in r.copies],
+                     "prompt_tokens": len(r.prompt_ids), "generated_tokens": len(r.generated),
+                     "valid_ckpt_tokens": max((c.valid_pages for c in r.copies), default=0) * bs,
                      "interrupts": r.interrupts} for r in self.requests.values() if not r.done]
         slots = {"device_share": self.cfg.device_share, "slot_ms": self.cfg.slot_ms if self.cfg.device_share == "slots" else None}
         return {"policy": self.policy.value, "model": self.cfg.served_model_name, "workers": workers, **slots,
+                "ckpt_replicas": self.replica_rule.replicas,
                 "control_addr": self.router.address if self.router else None,
                 "hb_deadline_s": self.cfg.hb_interval_s * self.cfg.hb_misses,
                 "requests": requests, "in_flight": len(requests), "stale_messages": self.stale_messages,

@@ -21,6 +21,11 @@ with the engine for real.
   pages on an H200, where a holder busy with a CUDA graph capture or a long prefill pauses its
   receiver for a few hundred ms. A page whose request no longer streams to that holder when its
   turn comes (finished, moved) is skipped, not sent: the holder would refuse it.
+  With several copies per request (`--ckpt-replicas`), each page is submitted once per holder: the
+  request's first copy in the primary lane, its later copies in a second lane that the thread serves
+  only while the primary lane is empty, and whose wait for a holder's room gives way as soon as a
+  primary page is queued. A slow second holder thus never delays the first copy (in the simulator a
+  single queue for all copies made recovery 39% worse near NIC saturation; docs/replicas.md §4).
   A page's bytes live in a slot of the engine's export ring (KVPage.lease), and ZeroMQ sends them
   without copying (copy=False: it keeps a reference to the buffer until the message has left, or
   was dropped); the lease is tied to that buffer, so the slot is reused only after ZeroMQ let go.
@@ -39,7 +44,6 @@ with the engine for real.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 import weakref
@@ -79,8 +83,12 @@ class PageSender(threading.Thread):
         super().__init__(daemon=True, name="kv-sender")
         self.codec = Codec(secret, f"w{worker_id}.kv", epoch, schema=SCHEMA)
         self.ctx = ctx
-        # items: (address, page or None to forget the address, page bytes, time queued); None stops it
-        self.queue: queue.Queue[tuple[str, KVPage | None, int, float] | None] = queue.Queue(max_queued)
+        # items: (address, page or None to forget the address, page bytes, time queued), in two lanes:
+        # [0] the requests' first copies (and forgets), [1] their later copies, served while [0] is empty
+        self._lanes: tuple[deque, deque] = (deque(), deque())
+        self._cv = threading.Condition()
+        self._stopping = False
+        self.max_queued = max_queued
         self.max_queued_bytes = max_queued_bytes
         self.wait_ms = wait_ms
         # wanted(req, addr): whether that request still streams to that holder, asked just before a
@@ -89,9 +97,10 @@ class PageSender(threading.Thread):
         self.wanted = wanted
         self.pool: PushPool | None = None
         self._queued_bytes = 0
-        self._bytes_lock = threading.Lock()
         # counters, each written by one thread only (the engine's: dropped; the sender's: the rest)
         self.sent = 0
+        self.sent_later_copies = 0  # of which to a request's second or later holder
+        self.deferred = 0  # later-copy pages put back because a first copy's page came
         self.dropped = 0  # queue over its bounds at submit
         self.stalled = 0  # the holder did not drain in time
         self.failed = 0  # the send itself failed (fault injection)
@@ -114,33 +123,48 @@ class PageSender(threading.Thread):
     def queued_bytes(self) -> int:
         return self._queued_bytes
 
-    def submit(self, addr: str, page: KVPage) -> None:
-        """Queue a page (engine thread; never blocks)."""
+    def queued(self) -> int:
+        """Items waiting in both lanes."""
+        return len(self._lanes[0]) + len(self._lanes[1])
+
+    def submit(self, addr: str, page: KVPage, later_copy: bool = False) -> None:
+        """Queue a page for one holder (engine thread; never blocks). `later_copy`: the holder keeps a
+        second or later copy of the request (the lane served after the first copies)."""
         n = page.data.numel() * page.data.element_size()
-        with self._bytes_lock:
-            if self._queued_bytes + n > self.max_queued_bytes:
+        with self._cv:
+            if self._queued_bytes + n > self.max_queued_bytes or self.queued() >= self.max_queued:
                 self.dropped += 1
                 return
             self._queued_bytes += n
-        try:
-            self.queue.put_nowait((addr, page, n, time.monotonic()))
-        except queue.Full:
-            with self._bytes_lock:
-                self._queued_bytes -= n
-            self.dropped += 1
+            self._lanes[1 if later_copy else 0].append((addr, page, n, time.monotonic()))
+            self._cv.notify()
 
     def forget(self, addr: str) -> None:
-        """Close the socket to a holder that is gone (in queue order, on the sender's thread, which
-        owns the socket); if the queue is full the pool's LRU bound still applies."""
-        self._gone.add(addr)
-        try:
-            self.queue.put_nowait((addr, None, 0, 0.0))
-        except queue.Full:
-            self._gone.discard(addr)
+        """Close the socket to a holder that is gone (in the first lane's order, on the sender's thread,
+        which owns the socket; pages of the later lane still queued for it are no longer wanted); if the
+        queue is full the pool's LRU bound still applies."""
+        with self._cv:
+            if self.queued() >= self.max_queued:
+                return
+            self._gone.add(addr)
+            self._lanes[0].append((addr, None, 0, 0.0))
+            self._cv.notify()
 
-    def _room(self, push: PushPool, addr: str, stalled_until: dict[str, float]) -> bool:
+    def _next(self) -> tuple[tuple | None, bool]:
+        """The next item (None: stop) and whether it is a later copy's page."""
+        with self._cv:
+            while not self._stopping and not self._lanes[0] and not self._lanes[1]:
+                self._cv.wait()
+            if self._stopping:
+                return None, False
+            if self._lanes[0]:
+                return self._lanes[0].popleft(), False
+            return self._lanes[1].popleft(), True
+
+    def _room(self, push: PushPool, addr: str, stalled_until: dict[str, float], yield_to_first: bool) -> bool | None:
         """Whether a page can be queued on the holder's socket now, waiting for room up to wait_ms
-        (not at all for a holder that recently did not drain)."""
+        (not at all for a holder that recently did not drain). None: a later copy's page gave way
+        to a first copy's page queued meanwhile (`yield_to_first`)."""
         now = time.monotonic()
         deadline = now + (0 if stalled_until.get(addr, 0.0) > now else self.wait_ms / 1e3)
         while True:  # in slices: a holder forgotten meanwhile ends the wait (a page it can still take goes)
@@ -150,12 +174,19 @@ class PageSender(threading.Thread):
                 stalled_until.pop(addr, None)
                 self.waited_s += time.monotonic() - now
                 return True
-            if gone or left_ms <= 50:
+            if yield_to_first and self._lanes[0]:
+                self.waited_s += time.monotonic() - now
+                return None
+            if gone or left_ms <= 50 or self._stopping:
                 break
         self.waited_s += time.monotonic() - now
         if addr not in self._gone:
             stalled_until[addr] = time.monotonic() + self.STALL_S
         return False
+
+    def _release(self, n: int) -> None:
+        with self._cv:
+            self._queued_bytes -= n
 
     def run(self) -> None:
         self.cpu_clock = thread_cpu_clock()  # the worker's stats read this thread's CPU time
@@ -163,25 +194,36 @@ class PageSender(threading.Thread):
         self.pool = push  # tests read its peers
         stalled_until: dict[str, float] = {}
         try:
-            while (item := self.queue.get()) is not None:
+            while True:
+                item, later = self._next()
+                if item is None:
+                    break
                 addr, page, n, queued_at = item
                 if page is None:
                     push.forget(addr)
                     stalled_until.pop(addr, None)
                     self._gone.discard(addr)
                     continue
+                done = True
                 try:
                     if self.wanted is not None and not self.wanted(page.req_id, addr):
                         self.obsolete += 1
                         continue
                     t0 = time.monotonic()
-                    queued = t0 - queued_at
-                    self.queued_s += queued
-                    self.queued_max_s = max(self.queued_max_s, queued)
                     page.wait()
                     t1 = time.monotonic()
                     self.copy_wait_s += t1 - t0
-                    if not self._room(push, addr, stalled_until):
+                    room = self._room(push, addr, stalled_until, yield_to_first=later)
+                    if room is None:  # back to the head of its lane, after the first copies' pages
+                        with self._cv:
+                            self._lanes[1].appendleft(item)
+                        self.deferred += 1
+                        done = False
+                        continue
+                    queued = t0 - queued_at
+                    self.queued_s += queued
+                    self.queued_max_s = max(self.queued_max_s, queued)
+                    if not room:
                         if addr in self._gone:
                             self.forgotten += 1
                         else:
@@ -194,19 +236,22 @@ class PageSender(threading.Thread):
                     t2 = time.monotonic()
                     if push.send(addr, "PAGE", body, [frame]):
                         self.sent += 1
+                        self.sent_later_copies += later
                     else:
                         self.failed += 1
                     self.send_s += time.monotonic() - t2
                 finally:
-                    with self._bytes_lock:
-                        self._queued_bytes -= n
+                    if done:
+                        self._release(n)
                     # drop this page's references now, not when the next item comes (its ring slot)
                     item = page = frame = None
         finally:
             push.close()
 
     def stop(self) -> None:
-        self.queue.put(None)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
 
 
 class PageReceiver(threading.Thread):

@@ -11,7 +11,7 @@ Control plane (controller ROUTER <-> worker DEALER):
   controller -> worker (every body carries `to_ep`: a worker ignores commands for another epoch)
     ADD     run a request (new, resumed by recompute, or restored from this worker's ckpt store)
     ABORT   stop a request
-    HOLDER  stream the completed KV pages of a request to a holder (from page `since`)
+    HOLDER  the holders a request's completed KV pages stream to, first copy first (the full list)
     RESERVE / RELEASE   reserve / free host bytes for a request's checkpoint (on the holder)
     ASSIST  assisted recovery: pair / unpair a recovering worker and its partner
     SHUTDOWN
@@ -29,6 +29,7 @@ from .transport import Schema
 
 MAX_ID = 128          # request ids are ours (short) but bound them anyway
 MAX_BATCH = 4096      # items per OUT / CKPT / MIRROR / PROPOSE message
+MAX_CKPT_COPIES = 8   # checkpoint copies of one request (--ckpt-replicas)
 MAX_MIRRORED = 64     # requests a partner mirrors to its drafter at once (one small draft model on one device)
 MAX_TOKENS = 1 << 20  # tokens of one request's context
 HB_MAX_STATS = 160  # keys per heartbeat; a worker publishes ~97 (engine, store, transport, loop, assist counters, load)
@@ -61,8 +62,9 @@ def build_schema() -> Schema:
     s.register("ADD", {"to_ep": (int, U31), "req": (str, MAX_ID), "n_prompt": (int, (1, MAX_TOKENS)),
                        "params": _params, "restore_pages": (int, (0, MAX_TOKENS))}, frames=2)
     s.register("ABORT", {"to_ep": (int, U31), "req": (str, MAX_ID)}, frames=0)
-    s.register("HOLDER", {"to_ep": (int, U31), "req": (str, MAX_ID), "holder": (int, (-1, 2**31 - 1)),
-                          "addr": (str, 256), "since": (int, (0, MAX_TOKENS))}, frames=0)
+    # holders: [[holder id, KV address], ...], the request's confirmed copies, first copy first
+    s.register("HOLDER", {"to_ep": (int, U31), "req": (str, MAX_ID),
+                          "holders": (list, MAX_CKPT_COPIES, (list, (2, 2)))}, frames=0)
     s.register("RESERVE", {"to_ep": (int, U31), "req": (str, MAX_ID), "bytes": (int, (0, 2**48)),
                            "owner": (int, U31), "gen": (int, U31)}, frames=0)
     s.register("RELEASE", {"to_ep": (int, U31), "req": (str, MAX_ID)}, frames=0)

@@ -15,14 +15,16 @@ import uvicorn
 
 from ..model.loader import read_config
 from ..model.tokenizer import Tokenizer
-from ..policy import POLICY_NAMES, parse_policy
+from ..policy import POLICY_NAMES, parse_policy, parse_replicas
 from ..policy.slots import DEVICE_SHARES, default_slot_s, resolve_device_share
+from ..units import parse_mtbf
 from .config import ClusterConfig, mps_share_fixed
 from .controller import Controller
 from .gateway import Gateway, OpenAIErrorH11Protocol
 from .launcher import LocalLauncher
 from .model_dirs import resolve_model_dir
 from .openai_api import MAX_BODY_BYTES
+from .protocol import MAX_CKPT_COPIES
 from .transport import new_cluster_secret
 
 log = logging.getLogger("lumen.serve")
@@ -54,6 +56,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-export-interval-ms", type=float, default=ClusterConfig.ckpt_export_interval_ms,
                    help="export completed KV pages at most this often (0: after every engine step); fewer "
                         "exports cost the engine thread less, the checkpoint lags by up to this")
+    add_replica_arguments(p)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=None, help="KV pages per worker (default: sized by the engine)")
@@ -80,6 +83,44 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "of its head; default: a private single-node Ray started and stopped by lumen")
     p.add_argument("--placement-strategy", choices=["SPREAD", "PACK"], default="SPREAD",
                    help="with --launcher ray: spread workers over nodes (default) or pack them onto few")
+
+
+def add_replica_arguments(p: argparse.ArgumentParser) -> None:
+    """Checkpoint copies and failure domains (issue 25; also on bench, demo and chaos, passed to serve)."""
+    p.add_argument("--ckpt-replicas", default="1", metavar="K|auto",
+                   help="checkpoint copies per request: 1 (the paper), K >= 2 (K holders, in distinct failure "
+                        "domains where possible; each streams every page and reserves host memory), or 'auto': "
+                        "copies while the expected loss of a recompute outweighs a copy's cost "
+                        "(docs/replicas.md; default: %(default)s)")
+    p.add_argument("--ckpt-replicas-max", type=int, default=ClusterConfig.ckpt_replicas_max, metavar="K",
+                   help="with --ckpt-replicas auto: at most this many copies (default: %(default)s)")
+    p.add_argument("--ckpt-worker-mtbf", default="1h", metavar="DUR",
+                   help="with --ckpt-replicas auto: the independent failures of one worker it plans for, as a "
+                        "mean time between failures ('none': not planned for; default: %(default)s)")
+    p.add_argument("--ckpt-domain-mtbf", default="none", metavar="DUR",
+                   help="with --ckpt-replicas auto: failures of a whole failure domain at once, MTBF per domain "
+                        "(default: %(default)s)")
+    p.add_argument("--domains", default=None, metavar="N|LABELS",
+                   help="failure domains of the workers: N (workers split into N equal contiguous groups, e.g. "
+                        "hosts or racks) or one label per worker, comma-separated (e.g. r0,r0,r1,r1); placement "
+                        "keeps a request's copies out of its executor's domain and apart (default: the node "
+                        "under --launcher ray, else each worker its own)")
+
+
+def _domains(arg: str | None, workers: int) -> list[str] | None:
+    if arg is None or not str(arg).strip():
+        return None
+    text = str(arg).strip()
+    if text.isdigit():
+        n = int(text)
+        if not 1 <= n <= workers:
+            raise ValueError(f"--domains N must be between 1 and the number of workers ({workers}), not {n}")
+        return [f"d{i * n // workers}" for i in range(workers)]
+    labels = [x.strip() for x in text.split(",")]
+    if len(labels) != workers or not all(labels) or any(len(x) > 64 for x in labels):
+        raise ValueError(f"--domains takes a number or exactly one non-empty label per worker ({workers}), "
+                         f"comma-separated; got {len(labels)}")
+    return labels
 
 
 def add_device_share_arguments(p: argparse.ArgumentParser, default: str) -> None:
@@ -150,6 +191,21 @@ def build_config(args: argparse.Namespace) -> tuple[ClusterConfig, Tokenizer | N
     if not 0 <= args.spec_k <= 16:
         raise ValueError("--spec-k must be between 0 and 16")
     parse_policy(args.policy)
+    try:
+        replicas = parse_replicas(getattr(args, "ckpt_replicas", 1))
+    except ValueError as e:
+        raise ValueError(f"--ckpt-replicas: {e}") from None
+    replicas_max = getattr(args, "ckpt_replicas_max", ClusterConfig.ckpt_replicas_max)
+    most = replicas_max if replicas == "auto" else replicas
+    if not 1 <= replicas_max or most > MAX_CKPT_COPIES or most > max(1, args.workers - 1):
+        raise ValueError(f"--ckpt-replicas (and --ckpt-replicas-max) must be between 1 and {MAX_CKPT_COPIES} and "
+                         f"below the number of workers ({args.workers}): a copy needs a worker besides the executor")
+    try:
+        worker_mtbf = parse_mtbf(getattr(args, "ckpt_worker_mtbf", "1h"))
+        domain_mtbf = parse_mtbf(getattr(args, "ckpt_domain_mtbf", None))
+    except ValueError as e:
+        raise ValueError(f"--ckpt-worker-mtbf / --ckpt-domain-mtbf: {e}") from None
+    domains = _domains(getattr(args, "domains", None), args.workers)
     model_dir = resolve_model_dir(args.model)
     mcfg = read_config(model_dir)
     tokenizer = Tokenizer.from_dir(model_dir, eos_token_ids=mcfg.eos_token_ids) \
@@ -179,7 +235,8 @@ def build_config(args: argparse.Namespace) -> tuple[ClusterConfig, Tokenizer | N
         spec_acceptance=args.spec_acceptance,
         cold_restart=args.cold_restart,
         gpu_share_fixed=on_gpu and mps_share_fixed(os.environ, workers_per_gpu=math.ceil(args.workers / len(devices))),
-        max_pending=args.max_pending)
+        max_pending=args.max_pending, ckpt_replicas=replicas, ckpt_replicas_max=replicas_max,
+        ckpt_worker_mtbf_s=worker_mtbf, ckpt_domain_mtbf_s=domain_mtbf, domains=domains)
     cfg.cpu_lanes_max = getattr(args, "cpu_lanes", 1)
     if cfg.cpu_lanes_max < 1:
         raise ValueError("--cpu-lanes must be at least 1")

@@ -320,7 +320,8 @@ class Worker:
         self.kv_rx = PageReceiver(self.ctx, secret, self.id, self.epoch, args.host, self.store, self._page_nbytes)
         self.engine: Engine | None = None
         self.step_log = StepLog.from_env(self.id, self.epoch)  # LUMEN_STEP_LOG: per-step profile rows
-        self.holders: dict[str, tuple[int, str]] = {}  # req -> (holder id, data address)
+        # req -> its checkpoint copies, first copy first: (holder id, KV address, first page it needs)
+        self.holders: dict[str, list[tuple[int, str, int]]] = {}
         self.drafter: Drafter | None = None
         self.verifier: Verifier | None = None
         self.device = args.device
@@ -657,7 +658,7 @@ class Worker:
                     self.engine.abort(body["req"])
                 self.holders.pop(body["req"], None)
             elif t == "HOLDER":
-                self._set_holder(body["req"], body["holder"], body["addr"], body["since"])
+                self._set_holders(body["req"], body["holders"])
             elif t == "RESERVE":
                 ok = self.store.reserve(body["req"], body["bytes"], body["owner"])
                 if not ok:
@@ -739,23 +740,33 @@ class Worker:
         self.ctrl.send("OUT", {"items": items}, [ints_frame(ids)])
 
     # ------------------------------------------------------------------ checkpoint streaming
-    def _set_holder(self, rid: str, holder: int, addr: str, since: int) -> None:
-        old = self.holders.get(rid)
-        if holder < 0 or not addr:
-            self.holders.pop(rid, None)
+    def _set_holders(self, rid: str, holders) -> None:
+        """The controller's list of rid's confirmed checkpoint copies, first copy first ([holder id, KV
+        address] each; empty: none). A holder new to the request needs every page from the first, so the
+        export rewinds; holders that already had its pages get only those from where the export stood."""
+        old = self.holders.get(rid, [])
+        new = [(int(h), a) for h, a in holders if isinstance(h, int) and h >= 0 and isinstance(a, str) and a]
+        known = {(h, a): first for h, a, first in old}
+        fresh = [c for c in new if c not in known]
+        stood = self.engine.exported_pages(rid) if fresh and self.engine is not None else 0
+        copies = [(h, a, max(known[(h, a)], stood) if (h, a) in known else 0) for h, a in new]
+        if copies:
+            self.holders[rid] = copies
         else:
-            self.holders[rid] = (holder, addr)
-            if self.engine is not None:
-                self.engine.rewind_page_export(rid, since)
-        # The controller moves a running request's checkpoint (or drops it: holder -1) only when its
-        # holder died; once no request streams to that address, close the page socket to it.
-        if old is not None and old[1] != addr and all(a != old[1] for _, a in self.holders.values()):
-            self.kv_tx.forget(old[1])
+            self.holders.pop(rid, None)
+        if fresh and self.engine is not None:
+            self.engine.rewind_page_export(rid, 0)
+        # Copies change only when a holder died, the request moved or it was re-protected; once no
+        # request streams to an address any more, close the page socket to it.
+        gone = {a for _, a, _ in old} - {a for _, a, _ in copies}
+        if gone:
+            live = {a for cs in self.holders.values() for _, a, _ in cs}
+            for addr in gone - live:
+                self.kv_tx.forget(addr)
 
     def _page_wanted(self, rid: str, addr: str) -> bool:
         """Whether rid still streams to the holder at addr (the sender thread asks; one dict read)."""
-        holder = self.holders.get(rid)
-        return holder is not None and holder[1] == addr
+        return any(a == addr for _, a, _ in self.holders.get(rid, ()))
 
     def _stream_pages(self) -> None:
         """Hand newly completed pages of protected requests to the sender thread.
@@ -791,7 +802,9 @@ class Worker:
         if protected:
             t0 = time.perf_counter()
             for page in self.engine.export_pages(protected):
-                self.kv_tx.submit(holders[page.req_id][1], page)
+                for rank, (_, addr, first) in enumerate(holders[page.req_id]):
+                    if page.index >= first:
+                        self.kv_tx.submit(addr, page, later_copy=rank > 0)
             # engine-thread time of checkpointing (stats: ckpt_export_s), to compare with step time
             self.counters["ckpt_export_s"] += time.perf_counter() - t0
             if self._export_interval_s:
@@ -842,7 +855,8 @@ class Worker:
             return
         self._stats_at = now
         tx = self.kv_tx
-        stats = dict(self.counters, pages_sent=tx.sent, pages_refused=tx.refused, pages_stalled=tx.stalled,
+        stats = dict(self.counters, pages_sent=tx.sent, pages_sent_later_copies=tx.sent_later_copies,
+                     pages_refused=tx.refused, pages_stalled=tx.stalled,
                      kv_wait_s=round(tx.waited_s, 3), data_peers=self.push.num_peers,
                      data_peers_forgotten=self.push.forgotten)
         if self.kv_tx.pool is not None:  # PUSH sockets to holders (owned by the sender thread; read only)
