@@ -13,7 +13,8 @@ drift of the machine hits every arm alike. Reports
 mean TTFT and TPOT of each policy, the lumen/stop-restart ratio, and the checkpoint traffic lumen
 generated (pages and bytes sent to holders, per second of the run). The lumen arm exports as `lumen
 serve` does by default (at most every 100 ms); `--export-interval-ms X` adds a third arm in the same
-run, lumen with `--ckpt-export-interval-ms X` (0: after every step, the brief's rule).
+run, lumen with `--ckpt-export-interval-ms X` (0: after every step, the brief's rule), and
+`--replicas K` another, lumen with K checkpoint copies per request (issue 25; needs workers > K).
 
 To tell where an overhead comes from, each run also reports (`engine`, `pages`):
 - the engine's own step time over the measured requests (LUMEN_STEP_LOG, decode-only and prefill
@@ -55,7 +56,7 @@ from lumen.runtime.ckpt_store import REJECT_REASONS
 from lumen.runtime.worker import LOOP_PARTS
 from lumen.workload import make_workload
 
-PAGE_STATS = ("exported_pages", "export_deferred", "pages_sent", "pages_refused", "pages_stalled",
+PAGE_STATS = ("exported_pages", "export_deferred", "pages_sent", "pages_sent_later_copies", "pages_refused", "pages_stalled",
               "pages_forgotten", "pages_obsolete", "ckpt_pages_accepted", "ckpt_rejected_pages", "kv_early_held",
               *(f"ckpt_rejected_{r}" for r in REJECT_REASONS), "ckpt_export_s", "steps",
               "kv_tx_queued_s", "kv_tx_copy_wait_s", "kv_wait_s", "kv_tx_send_s", "kv_rx_pages",
@@ -189,6 +190,8 @@ async def main_async(args) -> dict:
         x = args.export_interval_ms
         arms.append((f"lumen-export-{x:g}ms" if x else "lumen-every-step", "lumen",
                      ("--ckpt-export-interval-ms", str(x))))
+    if args.replicas is not None:
+        arms.append((f"lumen-k{args.replicas}", "lumen", ("--ckpt-replicas", str(args.replicas))))
     by_repeat = []
     for rep in range(args.repeats):
         order = arm_order(arms, rep)
@@ -277,7 +280,7 @@ def engine_thread_costs(repeats: int = 5) -> dict:
     class Count:
         n = 0
 
-        def submit(self, addr, page) -> None:
+        def submit(self, addr, page, later_copy=False) -> None:
             self.n += 1
 
         def forget(self, addr) -> None:
@@ -361,12 +364,17 @@ def main() -> None:
     ap.add_argument("--serve-args", default="", help="extra `lumen serve` arguments")
     ap.add_argument("--export-interval-ms", type=float, default=None,
                     help="also run lumen with `--ckpt-export-interval-ms` this long (0: every step), as a third arm")
+    ap.add_argument("--replicas", type=int, default=None, metavar="K",
+                    help="also run lumen with `--ckpt-replicas K` (K checkpoint copies per request; needs "
+                         "workers > K), as another arm")
     ap.add_argument("--out", default=None)
     ap.add_argument("--engine-thread", action="store_true",
                     help="only measure what checkpointing costs a worker's engine thread (no cluster)")
     args = ap.parse_args()
     if args.export_interval_ms is not None and not 0 <= args.export_interval_ms <= 10_000:
         ap.error("--export-interval-ms must be between 0 and 10000")
+    if args.replicas is not None and not 1 <= args.replicas < args.workers:
+        ap.error("--replicas K needs 1 <= K < --workers (a copy needs a worker besides the executor)")
     if args.repeats % 2 and args.repeats > 1:
         print(f"note: {args.repeats} repeats: the arms' order is balanced only over an even number", flush=True)
     if args.engine_thread:

@@ -65,6 +65,7 @@ def test_planner_cycles_through_every_kind_and_targets_the_named_roles():
     assert planner.hit_recovering == set()
     assert seen["kill-executor"] == [0] and seen["kill-restoring"] == [0]
     assert seen["kill-holder"] == [1]
+    assert seen["kill-executor-and-holder"] == [0, 1]
     assert seen["kill-recovering"] == [3]
     assert seen["kill-partner"] == [2]
     assert len(seen["kill-many"]) == 2
@@ -111,7 +112,9 @@ def test_short_chaos_run_loses_nothing(tmp_path, monkeypatch):
     # a reload that takes a few seconds keeps workers recovering (and assisting) long enough to be hit
     monkeypatch.setenv("LUMEN_FAULT_SLOW_RELOAD_S", "3")
     cfg = ChaosConfig(model=model, workers=4, policy="lumen", duration=25.0, qps=3.0, max_prompt=64, max_output=48,
-                      fault_every=2.5, seed=1, idle_connections=16, serve_args=["--draft-model", model],
+                      fault_every=2.5, seed=1, idle_connections=16,
+                      # two copies per request: kill-executor-and-holder restores from the second
+                      serve_args=["--draft-model", model, "--ckpt-replicas", "2"],
                       out=str(tmp_path / "chaos"), quiet=True, startup_timeout_s=300.0,
                       replay_sample=30)  # a seeded sample of the ~75 completed, replayed one at a time
     report = run_chaos(cfg)
@@ -121,7 +124,8 @@ def test_short_chaos_run_loses_nothing(tmp_path, monkeypatch):
     assert s["outputs"]["checked"] and s["outputs"]["differ"] == 0 and s["outputs"]["compared"] > 0
     kinds = s["faults"]["by_kind"]
     # which kinds find a target depends on the cluster's state at the time; these always do
-    serving_kills = {"kill-executor", "kill-holder", "kill-restoring", "kill-partner", "kill-many"}
+    serving_kills = {"kill-executor", "kill-holder", "kill-executor-and-holder", "kill-restoring", "kill-partner",
+                     "kill-many"}
     assert s["faults"]["injected"] >= 4 and kinds.get("hang") and serving_kills & set(kinds), kinds
     assert s["recoveries"] >= 3 and s["detection_s"]["n"] >= 3 and s["recovery_s"]["n"] >= 1
     assert s["abuse"]["disconnected_mid_stream"] > 0 and s["abuse"]["idle_connections"] == 16

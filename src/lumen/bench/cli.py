@@ -14,6 +14,8 @@ import logging
 import shlex
 import sys
 
+from lumen.policy.replicas import parse_replicas
+
 from .runner import DEFAULT_POLICIES, BenchConfig, run_bench
 
 __all__ = ["add_parser", "run", "config_from_args", "DEMO_DEFAULTS"]
@@ -85,9 +87,29 @@ def _add_device_share(g, default: str) -> None:
     g.add_argument("--slot-ms", default="auto", help="passed to `lumen serve --slot-ms` (default: %(default)s)")
 
 
+def _replicas(text: str) -> int | str:
+    try:
+        return parse_replicas(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_replicas(g) -> None:
+    g.add_argument("--ckpt-replicas", type=_replicas, default=1, metavar="K|auto",
+                   help="passed to `lumen serve --ckpt-replicas`: checkpoint copies per request (1: the paper; "
+                        "K >= 2: K holders in distinct failure domains where possible; auto: by expected loss)")
+    g.add_argument("--domains", default=None, metavar="N|LABELS",
+                   help="passed to `lumen serve --domains`: the workers' failure domains")
+
+
 def _serve_args(args: argparse.Namespace) -> list[str]:
-    """--device-share and --slot-ms for `lumen serve`, then --serve-args (which may override them)."""
-    return ["--device-share", args.device_share, "--slot-ms", str(args.slot_ms), *shlex.split(args.serve_args)]
+    """--device-share, --slot-ms, --ckpt-replicas and --domains for `lumen serve`, then --serve-args
+    (which may override them)."""
+    out = ["--device-share", args.device_share, "--slot-ms", str(args.slot_ms),
+           "--ckpt-replicas", str(args.ckpt_replicas)]
+    if args.domains:
+        out += ["--domains", args.domains]
+    return out + shlex.split(args.serve_args)
 
 
 def _add_args(p: argparse.ArgumentParser, demo: bool) -> None:
@@ -104,6 +126,7 @@ def _add_args(p: argparse.ArgumentParser, demo: bool) -> None:
     g.add_argument("--serve-args", default=d.get("serve_args", ""),
                    help="extra arguments for `lumen serve`, one shell-quoted string (default: %(default)r)")
     _add_device_share(g, default="auto")
+    _add_replicas(g)
     g.add_argument("--port", type=int, default=None, help="cluster port (default: a free port per run)")
     g.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for a cluster to be ready")
     w = p.add_argument_group("workload")
@@ -201,6 +224,7 @@ def _add_chaos(subparsers) -> None:
     c.add_argument("--url", default=None, help="attach to a running local cluster instead of starting one")
     c.add_argument("--serve-args", default="", help="extra arguments for `lumen serve`, one shell-quoted string")
     _add_device_share(c, default="shared")
+    _add_replicas(c)
     c.add_argument("--duration", type=float, default=d.duration, help="seconds of load and faults (default: %(default)s)")
     c.add_argument("--qps", type=float, default=d.qps, help="mean request rate (default: %(default)s)")
     c.add_argument("--lengths", default=d.lengths, help="length distribution (default: %(default)s)")

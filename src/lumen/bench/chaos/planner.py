@@ -7,8 +7,8 @@ from collections import Counter
 
 __all__ = ["FAULT_KINDS", "RECOVERING_STATES", "FaultPlanner"]
 
-FAULT_KINDS = ("kill-executor", "kill-holder", "kill-restoring", "kill-recovering", "kill-partner",
-               "kill-many", "hang")
+FAULT_KINDS = ("kill-executor", "kill-holder", "kill-executor-and-holder", "kill-restoring", "kill-recovering",
+               "kill-partner", "kill-many", "hang")
 RECOVERING_STATES = ("down", "loading", "loading_draft", "assisting", "switching")
 
 
@@ -54,6 +54,14 @@ class FaultPlanner:
             return busy[:1]
         if kind == "kill-holder":
             return [i for i, _ in _holders(cluster).most_common() if i in serving][:1]
+        if kind == "kill-executor-and-holder":
+            # a request's executor with its first holder: its checkpoint survives only in a later copy
+            # (--ckpt-replicas >= 2); the request with the most copies, then the most checkpointed, first
+            pairs = sorted((-len(r.get("holders") or ()), -(r.get("valid_ckpt_tokens") or 0), r["executor"], r["holder"])
+                           for r in cluster.get("requests", [])
+                           if r.get("executor") in serving and r.get("holder") in serving
+                           and r["executor"] != r["holder"])
+            return list(pairs[0][2:]) if pairs else []
         if kind == "kill-recovering":
             rec = [i for i, w in workers.items() if w["state"] in RECOVERING_STATES and w.get("pid")
                    and i not in self.hit_recovering]

@@ -6,6 +6,8 @@ a target from the cluster's own view (``GET /lumen/cluster``) at that moment:
 
   kill-executor    SIGKILL the serving worker with the most running requests
   kill-holder      SIGKILL a worker that holds checkpoints of live requests (pages may be streaming)
+  kill-executor-and-holder  SIGKILL a request's executor and its first holder together (restored
+                   from a later copy under --ckpt-replicas >= 2, else recomputed)
   kill-restoring   SIGKILL the executor, then 0.1-0.5 s later the holder restoring its requests
   kill-recovering  SIGKILL a worker that is reloading / loading its draft / assisting / switching
   kill-partner     SIGKILL a serving worker that a recovering worker assists
