@@ -448,15 +448,21 @@ def test_cli_parses_bench_and_demo():
     cfg = config_from_args(a)
     assert a.func.__name__ == "run" and not a.bench_demo
     assert cfg.policies == ["lumen"] and len(cfg.fail) == 2 and cfg.n_requests() == 60 and cfg.window == 50
-    # --device-share and --slot-ms go first, so that --serve-args can override them
-    assert cfg.serve_args == ["--device-share", "auto", "--slot-ms", "auto", "--ckpt-budget", "1 GiB"]
+    # --device-share, --slot-ms and --ckpt-replicas go first, so that --serve-args can override them
+    assert cfg.serve_args == ["--device-share", "auto", "--slot-ms", "auto", "--ckpt-replicas", "1",
+                              "--ckpt-budget", "1 GiB"]
     assert cfg.causal_start
     d = config_from_args(parser.parse_args(["demo"]))
     assert d.policies == DEMO_DEFAULTS["policies"] and d.workers == 4 and d.model == "default"
     assert d.repeats == 1 and d.window is None and d.fail == DEMO_DEFAULTS["fail"]
     assert d.qps is None and d.duration == DEMO_DEFAULTS["duration"]  # calibrated rate, fixed duration
     # time slots where the workers share the CPU, past 3/4 of the capacity: losing one of four builds a backlog
-    assert d.serve_args == ["--device-share", "auto", "--slot-ms", "auto", "--max-batch", "4"]
+    assert d.serve_args == ["--device-share", "auto", "--slot-ms", "auto", "--ckpt-replicas", "1",
+                            "--max-batch", "4"]
+    k2 = config_from_args(parser.parse_args(["demo", "--ckpt-replicas", "2", "--domains", "2"]))
+    assert k2.serve_args[4:8] == ["--ckpt-replicas", "2", "--domains", "2"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--ckpt-replicas", "none"])
     assert d.target_load == 0.85 > 0.75 and d.reload_delay_s == 15
     auto = config_from_args(parser.parse_args(["bench", "--qps", "auto", "--window", "auto", "--duration", "9"]))
     assert auto.qps is None and auto.window is None and auto.window_for(120) == 10 and auto.window_for(12) == 5
