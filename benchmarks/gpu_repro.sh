@@ -105,11 +105,13 @@ for step in $STEPS; do
     # issue 4: checkpoint streaming overhead, failure-free, two workers on the first GPU
     # a priming cluster, then two per repeat (three with CKPT_EXPORT_MS: lumen with that export interval
     # as well; 0: after every step), ~50-60 s each on the H200 with the 1.7B shape
-    arms=$([ -n "${CKPT_EXPORT_MS:-}" ] && echo 3 || echo 2)
+    # CKPT_REPLICAS=K: one more arm, lumen with K checkpoint copies per request (issue 25), on K+1 workers
+    arms=2; [ -n "${CKPT_EXPORT_MS:-}" ] && arms=$(( arms + 1 )); [ -n "${CKPT_REPLICAS:-}" ] && arms=$(( arms + 1 ))
+    ckpt_workers=$(( ${CKPT_REPLICAS:-1} + 1 > 2 ? ${CKPT_REPLICAS:-1} + 1 : 2 ))
     timeout -k 20 "${CKPT_TIMEOUT:-$(( 70 + 65 * arms * ${CKPT_REPEATS:-1} ))}" python3 benchmarks/checkpoint_overhead.py --model preset:qwen3-1.7b \
-      --workers 2 --devices "${DEVICES%%,*}" --qps 4 --requests 100 --max-prompt 512 --max-output 256 \
+      --workers "$ckpt_workers" --devices "${DEVICES%%,*}" --qps 4 --requests 100 --max-prompt 512 --max-output 256 \
       --repeats "${CKPT_REPEATS:-1}" --serve-args "--num-blocks 3000" ${CKPT_EXPORT_MS:+--export-interval-ms "$CKPT_EXPORT_MS"} \
-      --out "$OUT/ckpt_gpu.json" > "$OUT/ckpt.log" 2>&1
+      ${CKPT_REPLICAS:+--replicas "$CKPT_REPLICAS"} --out "$OUT/ckpt_gpu.json" > "$OUT/ckpt.log" 2>&1
     echo "checkpoint overhead exit $?"; tail -4 "$OUT/ckpt.log" ;;
   share)
     # issue 23: does a failure cost capacity? 4 workers saturated on one GPU, one SIGKILLed: survivors'
