@@ -198,29 +198,15 @@ def test_sigstop_is_detected_fenced_and_restarted(tiny_dir, tmp_path):
     assert sorted(armed) == ["0", "1"], armed
 
 
-def test_two_workers_killed_at_once_and_all_killed(tiny_dir):
+def test_every_worker_killed_gives_503_then_the_cluster_comes_back(tiny_dir):
+    # (several workers killed at once, with requests recovered unchanged: test_recovery's double and
+    # triple kill under --ckpt-replicas 2, and lumen chaos's kill-many and kill-executor-and-holder)
     with run_cluster(tiny_dir, workers=3, extra=["--deterministic"]) as c:
         reference = c.complete(PROMPT, max_tokens=80, ignore_eos=True)["choices"][0]["token_ids"]
-        results = {}
-
-        def run(i):
-            results[i] = c.stream_tokens(PROMPT, max_tokens=80, ignore_eos=True)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        time.sleep(0.3)
-        c.kill(0)
-        c.kill(1)
-        for t in threads:
-            t.join(120)
-        for ids, finish, errors in results.values():
-            assert not errors and ids == reference and finish == "length"
-        c.wait_serving(3, timeout=90)
-
-        # every worker dies: in-flight requests get a clear 503, then the cluster comes back
+        # every worker dies: in-flight requests get a clear 503 (or, where a worker is back in time, finish
+        # there), then the cluster comes back
         box = {}
-        t = threading.Thread(target=lambda: box.update(r=c.stream_tokens(PROMPT, max_tokens=2000, ignore_eos=True)))
+        t = threading.Thread(target=lambda: box.update(r=c.stream_tokens(PROMPT, max_tokens=600, ignore_eos=True)))
         t.start()
         c.executor_of()
         for wid in range(3):
