@@ -51,10 +51,8 @@ def _check_in_own_slots(sim: LoggedSim) -> int:
         assert sched is not None
         ws, we = sched.window(start - TOL)
         assert ws <= start + TOL and we - ws == pytest.approx(sched.slot_s), (wid, start)
-        if dt < sched.slot_s:
-            assert start + dt <= we + TOL, (wid, start, dt)       # fits what is left of the slot
-        else:
-            long_steps += 1                                       # starts near the slot's beginning
+        if start + dt > we + TOL:                                 # does not fit what is left of the slot:
+            long_steps += 1                                       # it starts near the slot's beginning
             assert start - ws <= LONG_STEP_START_FRACTION * sched.slot_s + TOL, (wid, start, dt)
     return long_steps
 

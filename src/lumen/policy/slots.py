@@ -18,8 +18,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# A step longer than a whole slot can never fit; it may still start within this fraction of the slot's
-# beginning (and overrun, counted), rather than never.
+# Within this fraction of its slot's beginning any step may start, fitting or not (and overrun, counted).
+# Otherwise a step longer than a slot could never start, and one just shorter only in the first
+# (slot - step) of its slot: a 69 ms step in a 70 ms slot in its first millisecond, which a worker's
+# loop misses cycle after cycle (a restarted H100 worker never served, 2026-12-07)
 LONG_STEP_START_FRACTION = 0.1
 # The default slot length holds this many decode steps (a slot that holds ~3 left a quarter of it idle
 # in the issue-23 probe: a step that does not fit waits for the next slot)
@@ -67,14 +69,12 @@ class SlotSchedule:
 
     def start_at(self, t: float, step_s: float) -> float:
         """The earliest instant >= t at which a device step expected to take `step_s` may start: now if
-        it fits in what is left of this worker's current slot, else the start of its next slot (a step
-        longer than a whole slot: only near a slot's start, where it overruns least)."""
+        it fits in what is left of this worker's current slot, or whatever its length if now is near the
+        slot's start (LONG_STEP_START_FRACTION: a step that does not fit overruns least there); else the
+        start of its next slot."""
         start, end = self.window(t)
         now = max(t, start)
-        if step_s < self.slot_s:
-            if now + step_s <= end:
-                return now
-        elif now - start <= LONG_STEP_START_FRACTION * self.slot_s:
+        if now + step_s <= end or now - start <= LONG_STEP_START_FRACTION * self.slot_s:
             return now
         return self.window(end)[0]  # the next slot of this worker's
 
