@@ -84,6 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+STARVED_LOG_S = 5.0  # a slot-gated worker with work and no step this long logs a warning
 UNKNOWN_STEP_SLOT_SHARE = 0.5  # a step not yet measured is expected to take this share of a slot
 WARMUP_ENV = "LUMEN_WORKER_WARMUP_TOKENS"  # prefill tokens of the warm-up (0: none)
 CPU_WARMUP_TOKENS = 32  # CPU default: the path runs, cheaply (a full chunk measured no benefit there)
@@ -352,6 +353,7 @@ class Worker:
         self._draft_step_s = 0.0  # EMA of a draft round's time (its slot estimate)
         self.step_times = LiveStepTime()  # this worker's step-time model, from its own steps (goodput rule)
         self._slot_used = -1.0  # start of the last slot a step ran in (slots_used counts distinct ones)
+        self._slot_waiting_since: float | None = None  # with work, no step since (a starved slot is logged)
         if self.slots is not None:
             self.counters.update(slot_steps=0, slots_used=0, slot_overruns=0, slot_overrun_s=0.0,
                                  slot_wait_s=0.0, slot_late_starts=0)
@@ -619,6 +621,7 @@ class Worker:
         poller's 20 ms at a time, taking commands and data meanwhile) and say no."""
         wait = self._slot_wait_s(self.engine.expected_step_s())
         if wait <= 0:
+            self._slot_waiting_since = None
             return True
         t = time.monotonic()
         self._poll(timeout_ms=max(1, min(20, math.ceil(wait * 1e3))))
@@ -626,7 +629,24 @@ class Worker:
         # woken at the slot's start: step now, before the rest of the loop's turn (a long step may only
         # start near its slot's start, and a busy turn could carry it past that, cycle after cycle: a
         # time-sliced H100 worker starved so, 2026-12-07)
-        return self._slot_wait_s(self.engine.expected_step_s()) <= 0
+        if self._slot_wait_s(self.engine.expected_step_s()) <= 0:
+            self._slot_waiting_since = None
+            return True
+        self._note_slot_starvation(t)
+        return False
+
+    def _note_slot_starvation(self, now: float) -> None:
+        """A worker with work that has not stepped for many cycles says so (once per STARVED_LOG_S): a
+        slot it never manages to use shows no other sign but requests that never finish."""
+        since = self._slot_waiting_since
+        if since is None:
+            self._slot_waiting_since = now
+        elif now - since > STARVED_LOG_S:
+            self._slot_waiting_since = now
+            log.warning("worker %d has had work without a step for %.0f s: its next step is expected to take "
+                        "%.1f ms, its slot is %.1f ms (%d slots used, %d late starts)", self.id, now - since,
+                        self.engine.expected_step_s() * 1e3, self.slots.slot_s * 1e3,
+                        self.counters["slots_used"], self.counters["slot_late_starts"])
 
     def _poll(self, timeout_ms: int) -> None:
         if self._poller is None:  # built once: this runs on every turn of the engine loop
