@@ -147,12 +147,16 @@ for step in $STEPS; do
       --qps auto --target-load "$TARGET_LOAD" --calibration-requests 64 --duration "$DURATION" \
       --lengths splitwise-conv --max-prompt 1024 --max-output 256 --fail "t=$FAIL_AT:worker=1:SIGKILL" \
       --repeats "$REPEATS" --window auto --startup-timeout 300 --device-share "$SHARE" --slot-ms "$SLOT_MS" \
+      --request-timeout "${REQUEST_TIMEOUT:-150}" \
       --resume --out "$RUNS" --quiet > "$OUT/bench.log" 2>&1
     echo "bench exit $? (124: stopped at the block's end; --resume goes on next call)"
     [ -n "$share" ] && mps_stop
     tail -25 "$OUT/bench.log"
     # before any latency figure: did the holders accept the pages, and what did the restores find
     python3 benchmarks/runs_pages.py "$RUNS" --out "$OUT/pages.txt"
+    # (a request unanswered for REQUEST_TIMEOUT s ends as an error, so a run that hangs is recorded with its
+    # cluster's end state: on one H100 on 2026-12-07 two stop-restart runs under slots never finished and
+    # the 300 s default outlasted the block)
     # did the failure cost capacity at all: latency before the kill, until the worker is back, after
     python3 benchmarks/phase_latency.py "$RUNS" --out "$OUT/phases.txt"
     tar czf "$OUT/bench-runs.tgz" -C "$(dirname "$RUNS")" "$(basename "$RUNS")" ;;

@@ -383,7 +383,9 @@ def _epochs(cluster: dict | None) -> dict[int, int] | None:
 _END_STATS = ("ckpt_", "pages_", "restored_", "exported_pages", "export_deferred", "kv_", "spec_",
               "hb_late_max_ms", "preemptions",
               # the goodput rule's choices on a partner (K histogram, verify positions) and its step model
-              "assist_", "step_c")
+              "assist_", "step_c",
+              # time slots: steps, slots used, overruns, waits, late starts; the step estimates that gate them
+              "slot_", "slots_used", "ema_", "num_waiting", "num_running", "steps")
 
 
 def _cluster_end(cluster: dict | None) -> dict | None:
