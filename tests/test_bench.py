@@ -308,11 +308,12 @@ def test_a_runs_end_state_keeps_each_workers_checkpoint_and_restore_counters():
     cluster = {"policy": "lumen", "unprotected_requests": 2, "requests": [{"id": "r"}],
                "workers": [{"id": 0, "epoch": 2, "phases_s": {"warmup_s": 1.0}, "pid": 7,
                             "stats": {"ckpt_rejected_unreserved": 3, "pages_sent": 9, "restored_pages": 4,
-                                      "num_running": 5}}]}
+                                      "num_running": 5, "slot_overruns": 1, "drop_bad_mac": 0}}]}
     assert runner_mod._cluster_end(cluster) == {
         "policy": "lumen", "unprotected_requests": 2,
         "workers": [{"id": 0, "epoch": 2, "phases_s": {"warmup_s": 1.0},
-                     "stats": {"ckpt_rejected_unreserved": 3, "pages_sent": 9, "restored_pages": 4}}]}
+                     "stats": {"ckpt_rejected_unreserved": 3, "pages_sent": 9, "restored_pages": 4,
+                               "num_running": 5, "slot_overruns": 1}}]}
     assert runner_mod._cluster_end(None) is None and runner_mod._epochs(cluster) == {0: 2}
 
 
