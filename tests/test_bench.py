@@ -260,7 +260,7 @@ def test_run_bench_against_fake_server(tmp_path):
         workers=4,
         policies=["stop-restart", "lumen"],
         qps=40.0,
-        requests=160,
+        requests=120,
         lengths="fixed:16:8",
         fail=["t=1s:worker=1:SIGKILL"],
         repeats=2,
@@ -296,7 +296,7 @@ def test_run_bench_against_fake_server(tmp_path):
     doc = json.loads((out / "results.json").read_text())
     assert len(doc["runs"]) == 6 and len(doc["meta"]["fault_events"]) == 4
     assert all(e["verified"] for e in doc["meta"]["fault_events"])
-    assert len((out / "records" / "lumen-seed1.jsonl").read_text().splitlines()) == 160
+    assert len((out / "records" / "lumen-seed1.jsonl").read_text().splitlines()) == 120
     # no orphans: every killed worker and every fake server is gone
     for e in doc["meta"]["fault_events"]:
         assert not _alive(e["pid"])
