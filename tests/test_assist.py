@@ -222,19 +222,19 @@ def test_wrong_drafts_never_change_output(tiny_dir, noisy_draft_dir):
     with run_cluster(tiny_dir, workers=2, policy="lumen", env={"LUMEN_FAULT_SLOW_RELOAD_S": "12"},
                      extra=["--deterministic", "--draft-model", noisy_draft_dir]) as c:
         # the three references at once (deterministic mode: batching changes no output), which saves
-        # two 1,200-token completions of the CI budget
+        # two long completions of the CI budget
         with ThreadPoolExecutor(3) as ex:
             reference, sampled_reference, greedy_head = (f.result()["choices"][0]["token_ids"] for f in [
-                ex.submit(c.complete, PROMPT, max_tokens=1200, ignore_eos=True),
-                ex.submit(c.complete, sampled_prompt, max_tokens=1200, ignore_eos=True, **sampling),
+                ex.submit(c.complete, PROMPT, max_tokens=800, ignore_eos=True),
+                ex.submit(c.complete, sampled_prompt, max_tokens=800, ignore_eos=True, **sampling),
                 ex.submit(c.complete, sampled_prompt, max_tokens=100, ignore_eos=True)])
         # sampling does change the output (else the sampled check below would prove nothing)
         assert sampled_reference[:100] != greedy_head
-        t, box = _long_stream(c, 1200)
+        t, box = _long_stream(c, 800)
         partner = c.executor_of()
         sampled_box = {}
         ts = threading.Thread(target=lambda: sampled_box.update(r=c.stream_tokens(
-            sampled_prompt, max_tokens=1200, ignore_eos=True, **sampling)))
+            sampled_prompt, max_tokens=800, ignore_eos=True, **sampling)))
         ts.start()
         c.kill(1 - partner)
         _wait_state(c, 1 - partner, "assisting")
