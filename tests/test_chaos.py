@@ -125,12 +125,11 @@ def test_short_chaos_run_loses_nothing(tmp_path, monkeypatch):
     kinds = s["faults"]["by_kind"]
     # which kinds find a target depends on the cluster's state at the time. Seed 15 shuffles the kinds
     # to hang, kill-executor-and-holder, ... : the first fault is a hang (a serving worker is always
-    # there to stop), the executor and first holder of a request die together at the next one that
-    # leaves two workers untouched (its second copy restores it)
+    # there to stop); the executor and first holder of a request usually die together next (4 of 5
+    # runs here, 2026-12-07: it needs a request with both copies while two workers stay untouched)
     serving_kills = {"kill-executor", "kill-holder", "kill-executor-and-holder", "kill-restoring", "kill-partner",
                      "kill-many"}
     assert s["faults"]["injected"] >= 4 and kinds.get("hang") and serving_kills & set(kinds), kinds
-    assert kinds.get("kill-executor-and-holder"), kinds
     assert s["recoveries"] >= 3 and s["detection_s"]["n"] >= 3 and s["recovery_s"]["n"] >= 1
     assert s["abuse"]["disconnected_mid_stream"] > 0 and s["abuse"]["idle_connections"] == 16
     assert report.files["json"].is_file() and report.files["png"].stat().st_size > 0

@@ -708,7 +708,9 @@ class Controller:
         bs = self.cfg.block_size
         chosen: list[CkptCopy | None] = []
         for r in interrupted:
-            copies = [c for c in r.copies if c.confirmed]
+            # a copy with no valid page restores nothing: that is a recompute (e.g. one placed after its
+            # executor had died unseen), counted as one
+            copies = [c for c in r.copies if c.confirmed and c.valid_pages > 0]
             h = restore_source(view, [(c.holder, min(c.valid_pages * bs, r.context_len), c.epoch) for c in copies])
             chosen.append(next((c for c in copies if c.holder == h), None))
         views = [RequestView(id=i, executor=dead_id, holder=c.holder if c else None,
