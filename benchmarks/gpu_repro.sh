@@ -39,6 +39,7 @@ NUM_BLOCKS=${NUM_BLOCKS:-2000}
 # each store is page-locked in full at worker start (no pinned allocation while serving): 6 GB holds
 # ~32 full-length requests of the 8B shape (189 MB each), where run 1's holders held ~4-8 at a time
 CKPT_GB=${CKPT_GB:-6}
+# FAILURE_FREE=all: each policy's own run without the failure as well (its failure-free cost, issue 23 item 4)
 POLICIES=${POLICIES:-"stop-restart fixed-ckpt lumen"}  # ablations: a later call with POLICIES="lumen-no-spec spec-only" REPEATS=1
 # MPS=1: where workers share a GPU, the bench runs them under CUDA MPS with a fixed share of the SMs each
 # (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 x GPUs / workers; MPS=N sets N percent). Without it, a killed
@@ -148,6 +149,7 @@ for step in $STEPS; do
       --lengths splitwise-conv --max-prompt 1024 --max-output 256 --fail "t=$FAIL_AT:worker=1:SIGKILL" \
       --repeats "$REPEATS" --window auto --startup-timeout 300 --device-share "$SHARE" --slot-ms "$SLOT_MS" \
       --request-timeout "${REQUEST_TIMEOUT:-150}" \
+      --failure-free "${FAILURE_FREE:-reference}" \
       --resume --out "$RUNS" --quiet > "$OUT/bench.log" 2>&1
     echo "bench exit $? (124: stopped at the block's end; --resume goes on next call)"
     [ -n "$share" ] && mps_stop

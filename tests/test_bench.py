@@ -470,6 +470,12 @@ def test_cli_parses_bench_and_demo():
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--qps", "0"])
     assert parser.parse_args(["demo"]).bench_demo
+    assert d.failure_free == "reference"
+    assert config_from_args(parser.parse_args(["bench", "--failure-free", "all"])).failure_free == "all"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--failure-free", "some"])
+    with pytest.raises(ValueError, match="--url"):
+        runner_mod._validate(BenchConfig(url="http://127.0.0.1:1", failure_free="all"))
 
 
 def test_the_outage_ends_when_the_killed_worker_serves_again():
@@ -540,3 +546,58 @@ def test_the_bench_flags_seeds_whose_failure_cost_no_capacity(tmp_path):
     assert check["seeds"][1]["outage_ttft_vs_baseline"]["stop-restart"] == pytest.approx(3.0)
     assert [r["capacity_lost"] for r in doc["runs"]] == [None, False, False, None, True, True]
     assert "capacity_lost" in (out / "runs.csv").read_text().splitlines()[0]
+
+
+def test_each_policys_failure_free_run_gives_its_cost_where_nothing_fails(tmp_path):
+    """--failure-free all: beside the reference (stop-restart without a failure) each policy runs the same
+    workload without one; the bench reports its TTFT and TPOT over the reference's, per seed and as a
+    mean ± CI, in a table of its own and in results.json. Those runs are not failure runs: they judge no
+    capacity, start no recovery figure and stay out of the main table and the plots. Stored runs,
+    reported with --report-only (no cluster)."""
+    import io
+
+    from lumen.metrics import RequestRecord
+    from lumen.metrics.report import report_console
+    from lumen.metrics.summary import failure_free_label
+
+    out = tmp_path / "out"
+    kill = FaultEvent("t=1s:worker=1:SIGKILL", 1.0, injected_s=1.0, injected_wall=1000.0, worker=1,
+                      signal="SIGKILL", verified=True)
+
+    def records(ttft_s: float, tpot_s: float, slow_in_outage: float = 1.0) -> list[RequestRecord]:
+        recs = []
+        for i in range(60):
+            a = i * 0.1
+            t = ttft_s * (slow_in_outage if 1.0 <= a < 3.0 else 1.0)
+            recs.append(RequestRecord(i, a, a + t, a + t + 7 * tpot_s, 16, 8))
+        return recs
+
+    lumen_cost = {0: (1.10, 1.02), 1: (1.30, 1.04)}  # TTFT and TPOT over the reference's, per seed
+    for seed in (0, 1):
+        stored = [(NO_FAILURE, records(0.1, 0.1), []), ("stop-restart", records(0.1, 0.1, 3.0), [kill]),
+                  ("lumen", records(0.1, 0.1, 2.0), [kill]),
+                  (failure_free_label("lumen"), records(0.1 * lumen_cost[seed][0], 0.1 * lumen_cost[seed][1]), [])]
+        for label, recs, events in stored:
+            runner_mod._save_records(out / "records" / f"{label}-seed{seed}.jsonl", recs)
+            runner_mod._save_run_meta(out, label, seed, events, 0, None, 3.0 if events else None)
+    cfg = BenchConfig(policies=["stop-restart", "lumen"], qps=10.0, requests=60, repeats=2, window=10,
+                      fail=["t=1s:worker=1:SIGKILL"], out=str(out), report_only=True, serve_cmd=["false"],
+                      quiet=True, failure_free="all")
+    console = report_console(file=io.StringIO())
+    res = run_bench(cfg, console)
+    assert [(s.policy, s.seed) for s in res.summaries] == [
+        (NO_FAILURE, 0), ("stop-restart", 0), ("lumen", 0), ("no-failure-lumen", 0),
+        (NO_FAILURE, 1), ("stop-restart", 1), ("lumen", 1), ("no-failure-lumen", 1)]
+    doc = json.loads((out / "results.json").read_text())
+    (row,) = doc["failure_free_overhead"]
+    assert row["policy"] == "lumen" and row["seeds"] == [0, 1]
+    assert row["ttft_mean_vs_reference"]["mean"] == pytest.approx(1.20)
+    assert row["ttft_mean_vs_reference"]["ci95"] == pytest.approx(12.706 * 0.1, rel=1e-3)  # t(0.975, 1) x s/sqrt(2)
+    assert row["tpot_mean_vs_reference"]["mean"] == pytest.approx(1.03)
+    # no capacity is judged from a run without a failure, and the failure runs lost capacity
+    assert doc["capacity_check"]["unchecked_seeds"] == [] and res.capacity["no_capacity_loss_seeds"] == []
+    assert [s.capacity_lost for s in res.summaries if s.policy == "no-failure-lumen"] == [None, None]
+    text = console.file.getvalue()
+    table, _, rest = text.partition("no failure: each policy over stop-restart")
+    assert "no-failure-lumen" not in table  # the main table: failure runs and their reference
+    assert "lumen" in rest and "1.200 ± 1.271" in rest and "1.030 ± 0.127" in rest

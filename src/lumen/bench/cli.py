@@ -156,6 +156,10 @@ def _add_args(p: argparse.ArgumentParser, demo: bool) -> None:
                    help="failure, repeatable: t=30s:worker=1[:SIGKILL|:SIGSTOP[:cont_after=5s]]; worker=busiest "
                         "picks the serving worker with the most requests when it fires "
                         f"(default: {DEMO_DEFAULTS['fail'][0]})")
+    f.add_argument("--failure-free", choices=("reference", "all"), default="reference",
+                   help="runs without the failure: the reference only (stop-restart's, which every failure run is "
+                        "measured against), or 'all': each policy's too, for what it costs where nothing fails "
+                        "(a table of TTFT and TPOT over stop-restart's; default: %(default)s)")
     f.add_argument("--reload-delay", type=float, default=d.get("reload_delay", 0.0), metavar="S",
                    help="make every restarted worker's reload S seconds longer (LUMEN_FAULT_SLOW_RELOAD_S), as a "
                         "larger model or a slower disk would (default: %(default)s)")
@@ -305,6 +309,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         max_prompt=args.max_prompt,
         max_output=args.max_output,
         fail=list(args.fail or DEMO_DEFAULTS["fail"]),
+        failure_free=args.failure_free,
         repeats=args.repeats,
         seed=args.seed,
         url=args.url,

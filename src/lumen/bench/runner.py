@@ -50,8 +50,14 @@ from lumen.metrics import (
     write_json,
     write_runs_csv,
 )
-from lumen.metrics.report import capacity_warnings, paper_verdict, print_fitted, report_console
-from lumen.metrics.summary import check_capacity
+from lumen.metrics.report import (
+    capacity_warnings,
+    paper_verdict,
+    print_fitted,
+    render_overhead_table,
+    report_console,
+)
+from lumen.metrics.summary import check_capacity, failure_free_label, failure_free_overhead, is_failure_free
 from lumen.workload import RequestSpec, load_trace, make_workload
 
 from .client import ClientConfig, LoadClient, server_model
@@ -62,6 +68,7 @@ __all__ = ["BenchConfig", "BenchResults", "RunResult", "run_bench", "DEFAULT_POL
 
 DEFAULT_POLICIES = ("stop-restart", "fixed-ckpt", "lumen")
 REFERENCE_POLICY = "stop-restart"
+FAILURE_FREE = ("reference", "all")  # BenchConfig.failure_free
 DEFAULT_REQUESTS = 1000
 
 
@@ -83,6 +90,10 @@ class BenchConfig:
     max_prompt: int | None = None
     max_output: int | None = None
     fail: list[str] = field(default_factory=lambda: ["t=30s:worker=1:SIGKILL"])
+    # runs without the failure: "reference" only (stop-restart's, which every failure run is measured
+    # against), or "all": each policy's too, for what it costs where nothing fails (checkpoint streaming,
+    # placement), as the paper reports beside recovery
+    failure_free: str = "reference"
     repeats: int = 5
     seed: int = 0
     url: str | None = None
@@ -185,6 +196,10 @@ def _validate(cfg: BenchConfig) -> list[FaultSpec]:
         raise ValueError("target_load must be in (0, 1]")
     if not cfg.policies:
         raise ValueError("at least one policy is needed")
+    if cfg.failure_free not in FAILURE_FREE:
+        raise ValueError(f"failure_free must be one of {', '.join(FAILURE_FREE)}, not {cfg.failure_free!r}")
+    if cfg.failure_free == "all" and cfg.url:
+        raise ValueError("--failure-free all starts a cluster per policy; --url measures one attached cluster")
     plan = parse_fail_plan(cfg.fail)
     if not plan:
         raise ValueError("the failure plan is empty; pass --fail t=30s:worker=1:SIGKILL (or similar)")
@@ -487,9 +502,12 @@ class _Bench:
         self._specs[seed] = specs
         return specs
 
-    async def run_one(self, policy: str, seed: int, plan: Sequence[FaultSpec]) -> RunResult | None:
+    async def run_one(self, policy: str, seed: int, plan: Sequence[FaultSpec], label: str | None = None
+                      ) -> RunResult | None:
+        """`policy` on seed `seed`'s workload under `plan`; the run is stored and reported as `label`
+        (default: the policy, or NO_FAILURE without a plan)."""
         cfg, out, progress = self.cfg, self.out, self.progress
-        label = NO_FAILURE if not plan else policy
+        label = label or (NO_FAILURE if not plan else policy)
         if cfg.resume or cfg.report_only:
             done = _load_run(out, label, seed)
             if done is not None or cfg.report_only:
@@ -573,14 +591,17 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
     out.mkdir(parents=True, exist_ok=True)
     policies = [await _attached_policy(cfg.url)] if cfg.url else list(cfg.policies)
     seeds = list(range(cfg.seed, cfg.seed + cfg.repeats))
+    reference_policy = REFERENCE_POLICY if not cfg.url else policies[0]
+    # each policy's own failure-free run (after the seed's failure runs: a block cut short keeps those)
+    failure_free = [p for p in policies if p != reference_policy] if cfg.failure_free == "all" else []
     runs: list[RunResult] = []
     summaries: list[RunSummary] = []
-    with _Progress(len(seeds) * (1 + len(policies)), cfg.quiet, console) as progress:
+    with _Progress(len(seeds) * (1 + len(policies) + len(failure_free)), cfg.quiet, console) as progress:
         bench = _Bench(cfg, out, progress)
         if bench.qps is None and not cfg.trace:
             bench.load_state()
         for seed in seeds:
-            ref = await bench.run_one(REFERENCE_POLICY if not cfg.url else policies[0], seed, [])
+            ref = await bench.run_one(reference_policy, seed, [])
             if ref is None:  # --report-only: this seed was not run
                 continue
             ref.summary = summarize_run(ref.records, ref.records, window=cfg.window_for(len(ref.records)),
@@ -594,9 +615,19 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
                 r.summary = _summarise(cfg, r, ref)
                 runs.append(r)
                 summaries.append(r.summary)
+            for policy in failure_free:
+                label = failure_free_label(policy)
+                r = await bench.run_one(policy, seed, [], label)
+                if r is None:
+                    continue
+                r.summary = summarize_run(r.records, r.records, window=cfg.window_for(len(r.records)),
+                                          threshold=cfg.threshold, settle=cfg.settle, policy=label, seed=seed)
+                runs.append(r)
+                summaries.append(r.summary)
     # Before anything is written: it sets each failure run's capacity_lost (DESIGN.md §5).
     capacity = check_capacity(summaries, REFERENCE_POLICY)
     aggregates = aggregate(summaries)
+    overhead = failure_free_overhead(summaries)
     meta = {
         "config": {k: v for k, v in asdict(cfg).items() if k != "quiet"},
         "requests": len(runs[0].records) if runs else 0,
@@ -604,7 +635,7 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
         "calibration": bench.calibration,
         "window": cfg.window_for(len(runs[0].records)) if runs else cfg.window,
         "seeds": seeds,
-        "reference_policy": REFERENCE_POLICY if not cfg.url else policies[0],
+        "reference_policy": reference_policy,
         "failure_plan": [str(f) for f in plan],
         "fault_events": [{"policy": r.policy, "seed": r.seed, **e.to_dict()} for r in runs for e in r.events],
         "unplanned_restarts": [{"policy": r.policy, "seed": r.seed, "restarts": r.unplanned_restarts} for r in runs],
@@ -615,15 +646,19 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
     files = {
         "json": write_json(out / "results.json", summaries, aggregates, meta, extra={
             "no_capacity_loss_runs": capacity["no_capacity_loss_runs"],
-            "capacity_check": {k: v for k, v in capacity.items() if k != "no_capacity_loss_runs"}}),
+            "capacity_check": {k: v for k, v in capacity.items() if k != "no_capacity_loss_runs"},
+            "failure_free_overhead": overhead}),
         "runs_csv": write_runs_csv(out / "runs.csv", summaries),
         "summary_csv": write_aggregate_csv(out / "summary.csv", aggregates),
-        "timeline_png": plot_ttft_timeline([s for s in summaries if s.policy != NO_FAILURE] or summaries,
+        "timeline_png": plot_ttft_timeline([s for s in summaries if not is_failure_free(s.policy)] or summaries,
                                            out / "ttft_timeline.png"),
-        "bars_png": plot_policy_bars([a for a in aggregates if a.policy != NO_FAILURE] or aggregates,
+        "bars_png": plot_policy_bars([a for a in aggregates if not is_failure_free(a.policy)] or aggregates,
                                      out / "policies.png"),
     }
-    print_fitted(console, render_table(aggregates))
+    # the failure runs and their reference; each policy's failure-free runs get their own table
+    print_fitted(console, render_table([a for a in aggregates if a.policy == NO_FAILURE or not is_failure_free(a.policy)]))
+    if overhead:
+        print_fitted(console, render_overhead_table(overhead, reference_policy))
     for line in capacity_warnings(capacity):
         console.print(line)
     for line in paper_verdict(aggregates, capacity):

@@ -9,11 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .summary import PolicyAggregate, RunSummary
+from .summary import NO_FAILURE, PolicyAggregate, RunSummary
 
 __all__ = ["plot_ttft_timeline", "plot_policy_bars", "NO_FAILURE"]
-
-NO_FAILURE = "no-failure"
 # Stable colours per policy so both plots (and every report) agree.
 _ORDER = ("stop-restart", "fixed-ckpt", "lumen", "lumen-no-spec", "spec-only")
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")

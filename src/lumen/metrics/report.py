@@ -131,6 +131,28 @@ def render_table(aggregates: Sequence[PolicyAggregate], title: str | None = None
     return t
 
 
+def render_overhead_table(rows: Sequence[dict], reference_policy: str = "stop-restart"):
+    """A rich Table of lumen.metrics.summary.failure_free_overhead: each policy's mean TTFT and TPOT
+    without a failure over the reference policy's on the same seeds (mean ± 95% CI of the ratios)."""
+    from rich.table import Table
+
+    t = Table(title=f"no failure: each policy over {reference_policy}, same seeds (mean ± 95% CI)")
+    for header in ("policy", "seeds", "TTFT ×", "TPOT ×", "TTFT ms", "TPOT ms"):
+        t.add_column(header, justify="left" if header == "policy" else "right", no_wrap=header == "policy")
+    for r in rows:
+        ttft, tpot = r["ttft_mean_vs_reference"], r["tpot_mean_vs_reference"]
+        t.add_row(r["policy"], str(len(r["seeds"])),
+                  format_ci(_num(ttft["mean"]), _num(ttft["ci95"]), digits=3),
+                  format_ci(_num(tpot["mean"]), _num(tpot["ci95"]), digits=3),
+                  format_ci(_num(r["ttft_mean_s"]), math.nan, 1e3, 0), format_ci(_num(r["tpot_mean_s"]), math.nan, 1e3, 1))
+    return t
+
+
+def _num(v) -> float:
+    """A JSON-safe figure (None for NaN) back to a float."""
+    return math.nan if v is None else float(v)
+
+
 def print_table(aggregates: Sequence[PolicyAggregate], console=None, title: str | None = None) -> None:
     print_fitted(console or report_console(), render_table(aggregates, title))
 

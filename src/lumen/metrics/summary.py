@@ -13,7 +13,21 @@ from scipy import stats
 from .records import RequestRecord, e2e, mean, p99, tpot, ttft
 from .recovery import recovery_period
 
-__all__ = ["RunSummary", "summarize_run", "ci95", "CI", "PolicyAggregate", "aggregate", "METRICS", "check_capacity"]
+__all__ = ["RunSummary", "summarize_run", "ci95", "CI", "PolicyAggregate", "aggregate", "METRICS", "check_capacity",
+           "NO_FAILURE", "failure_free_label", "is_failure_free", "failure_free_overhead"]
+
+# The reference run's label: the workload without any failure, under the reference policy
+NO_FAILURE = "no-failure"
+
+
+def failure_free_label(policy: str) -> str:
+    """The label of `policy`'s run without a failure, beside the reference (which is NO_FAILURE)."""
+    return f"{NO_FAILURE}-{policy}"
+
+
+def is_failure_free(label: str) -> bool:
+    """Whether a run's label names a run without a failure (the reference or any policy's)."""
+    return label == NO_FAILURE or label.startswith(NO_FAILURE + "-")
 
 
 @dataclass
@@ -292,9 +306,7 @@ def check_capacity(summaries: Sequence[RunSummary], reference_policy: str = "sto
     "unchecked_seeds", "no_capacity_loss_runs": [{"policy", "seed", "outage_ttft_vs_baseline"}]}``,
     the last listing every failure run of a seed that lost no capacity.
     """
-    from .plots import NO_FAILURE  # plots imports this module
-
-    runs = [s for s in summaries if s.policy != NO_FAILURE]
+    runs = [s for s in summaries if not is_failure_free(s.policy)]
     by_seed: dict[int, list[RunSummary]] = {}
     for s in runs:
         by_seed.setdefault(s.seed, []).append(s)
@@ -331,3 +343,24 @@ def check_capacity(summaries: Sequence[RunSummary], reference_policy: str = "sto
         "unchecked_seeds": unchecked,
         "no_capacity_loss_runs": no_loss_runs,
     })
+
+
+def failure_free_overhead(summaries: Sequence[RunSummary]) -> list[dict]:
+    """What each policy costs where nothing fails: per policy with runs labelled
+    ``failure_free_label(policy)``, its mean TTFT and TPOT over the reference run's (NO_FAILURE) of the
+    same seed, mean ± 95% CI over the seeds that have both. [] where no such run exists."""
+    reference = {s.seed: s for s in summaries if s.policy == NO_FAILURE}
+    groups: dict[str, list[RunSummary]] = {}
+    for s in summaries:
+        if s.policy != NO_FAILURE and is_failure_free(s.policy) and s.seed in reference:
+            groups.setdefault(s.policy[len(NO_FAILURE) + 1:], []).append(s)
+    out = []
+    for policy, runs in groups.items():
+        row: dict = {"policy": policy, "seeds": [r.seed for r in runs]}
+        for key in ("ttft_mean", "tpot_mean"):
+            ratios = [_ratio(getattr(r, key), getattr(reference[r.seed], key)) for r in runs]
+            m, hw = ci95(ratios)
+            row[f"{key}_vs_reference"] = CI(m, hw, int(np.isfinite(ratios).sum())).to_dict()
+            row[f"{key}_s"] = ci95([getattr(r, key) for r in runs])[0]
+        out.append(_json_safe(row))
+    return out
