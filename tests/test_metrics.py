@@ -421,3 +421,14 @@ def test_paper_verdict_says_whether_lumen_beat_stop_restart():
                          {"no_capacity_loss_seeds": [0]})
     assert "cost no capacity" in none[0]
     assert paper_verdict([agg("lumen", 30, 1.2, 0.7)], {}) == []
+    assert "one seed ranks nothing" in good[0]
+
+    def agg2(policy, ttft, hw):  # two seeds: a mean and its CI half-width
+        m = {k: CI(float("nan"), float("nan"), 0) for k in METRICS}
+        m.update(affected_ttft_mean=CI(ttft, hw, 2))
+        return PolicyAggregate(policy=policy, repeats=2, recovered=2, seeds=[0, 1], metrics=m)
+
+    wide = paper_verdict([agg2("stop-restart", 1.5, 0.4), agg2("lumen", 1.2, 0.4)], {})[0]
+    assert "no ranking, every 95% CI overlaps" in wide and "(-20%, CIs overlap)" in wide and "one seed" not in wide
+    narrow = paper_verdict([agg2("stop-restart", 1.5, 0.1), agg2("lumen", 1.2, 0.1)], {})[0]
+    assert "as the paper reports" in narrow and "CIs overlap" not in narrow

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .loader import (
+from .quant import QUANT_KEY, SCHEMES
+from .safetensors_io import DTYPE_NAMES
+from .weight_files import (
     INDEX,
     LAYERS_SHARD,
     SHARED_SHARD,
@@ -29,8 +31,6 @@ from .loader import (
     write_shards,
     write_split,
 )
-from .quant import QUANT_KEY, SCHEMES
-from .safetensors_io import DTYPE_NAMES
 
 # 3: fp16 copy + "lumen_quantization" (was: bf16 copy without layer 5)
 DRAFT_FORMAT_VERSION = 3
