@@ -35,6 +35,9 @@ DURATION=${DURATION:-48}
 FAIL_AT=${FAIL_AT:-10s}
 REPEATS=${REPEATS:-3}
 TARGET_LOAD=${TARGET_LOAD:-0.8}
+# QPS=<req/s>: a fixed rate instead of calibrating (auto = TARGET_LOAD x the saturated rate). The simulator puts
+# the slots testbed's latency knee at 2.5-3 req/s, above the 0.9-load rate of 2.1 (docs/simulation.md 4.10)
+QPS=${QPS:-auto}
 NUM_BLOCKS=${NUM_BLOCKS:-2000}
 # each store is page-locked in full at worker start (no pinned allocation while serving): 6 GB holds
 # ~32 full-length requests of the 8B shape (189 MB each), where run 1's holders held ~4-8 at a time
@@ -60,7 +63,7 @@ SHARE=${SHARE:-auto}
 SLOT_MS=${SLOT_MS:-auto}
 SHARED_GPU=$([ "$(tr ',' '\n' <<< "$DEVICES" | grep -c .)" -lt "$WORKERS" ] && echo 1 || echo 0)
 SLOTS=$([ "$SHARE" = slots ] || { [ "$SHARE" = auto ] && [ "$SHARED_GPU" = 1 ]; } && echo 1 || echo 0)
-RUNS=${RUNS:-$PWD/.gpu-runs/repro-$PRESET$([ "$NGPU" -gt 1 ] && echo "-${NGPU}gpu")$([ "$MPS" != 0 ] && echo -mps)$([ "$SLOTS" = 1 ] && echo -slots)}
+RUNS=${RUNS:-$PWD/.gpu-runs/repro-$PRESET$([ "$NGPU" -gt 1 ] && echo "-${NGPU}gpu")$([ "$MPS" != 0 ] && echo -mps)$([ "$SLOTS" = 1 ] && echo -slots)$([ "$QPS" != auto ] && echo "-q$QPS")}
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
 
 mps_start() {  # prints the per-worker SM percentage once an MPS client has run under it; fails otherwise
@@ -145,7 +148,7 @@ for step in $STEPS; do
     if [ "$t" -lt 60 ]; then echo "no time left for the bench"; continue; fi
     ${share:+env CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$share} timeout -k 30 "$t" python3 -m lumen bench --model "$target" --workers "$WORKERS" --devices "$DEVICES" "${pol[@]}" \
       --serve-args "--draft-model $target-selfdraft --num-blocks $NUM_BLOCKS --cold-restart --ckpt-budget-gb $CKPT_GB --max-model-len 2048" \
-      --qps auto --target-load "$TARGET_LOAD" --calibration-requests 64 --duration "$DURATION" \
+      --qps "$QPS" --target-load "$TARGET_LOAD" --calibration-requests 64 --duration "$DURATION" \
       --lengths splitwise-conv --max-prompt 1024 --max-output 256 --fail "t=$FAIL_AT:worker=1:SIGKILL" \
       --repeats "$REPEATS" --window auto --startup-timeout 300 --device-share "$SHARE" --slot-ms "$SLOT_MS" \
       --request-timeout "${REQUEST_TIMEOUT:-150}" \

@@ -366,6 +366,9 @@ def test_run_bench_resume_reuses_finished_runs(tmp_path):
                                            report_only=True, serve_cmd=["false"]))
     assert [(s.policy, s.seed) for s in report.summaries] == [(s.policy, s.seed) for s in second.summaries]
     assert report.meta["qps"] == first.meta["qps"]
+    # resuming at another fixed rate would put two workloads in one table
+    with pytest.raises(ValueError, match="mix two workloads"):
+        run_bench(dataclasses.replace(cfg(["lumen"], 1, resume=True), qps=2 * first.meta["qps"]))
 
 
 def test_run_bench_refuses_requests_longer_than_the_context(tmp_path):

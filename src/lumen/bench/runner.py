@@ -469,11 +469,18 @@ class _Bench:
 
     def load_state(self) -> None:
         # --resume keeps the rate calibrated by the first invocation, so every run sees one workload.
+        # A fixed --qps is recorded too: resuming at another rate would mix two workloads in one table.
         path = self.out / _STATE_FILE
         if (self.cfg.resume or self.cfg.report_only) and path.is_file():
             state = json.loads(path.read_text())
-            self.qps, self.calibration = float(state["qps"]), state.get("calibration")
+            qps = float(state["qps"])
+            if self.cfg.qps is not None and not math.isclose(self.cfg.qps, qps, rel_tol=1e-9):
+                raise ValueError(f"{self.out} was run at {qps:g} req/s: resuming it at --qps {self.cfg.qps:g} "
+                                 f"would mix two workloads; pass --qps {qps:g} (or auto), or another --out")
+            self.qps, self.calibration = qps, state.get("calibration")
             self.progress.log(f"resumed: qps {self.qps:.2f} from {path}")
+        elif self.qps is not None and not self.cfg.trace and not self.cfg.report_only:
+            path.write_text(json.dumps({"qps": self.qps, "calibration": None}))
 
     async def specs_for(self, seed: int, url: str) -> list[RequestSpec]:
         if seed in self._specs:
@@ -598,7 +605,7 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
     summaries: list[RunSummary] = []
     with _Progress(len(seeds) * (1 + len(policies) + len(failure_free)), cfg.quiet, console) as progress:
         bench = _Bench(cfg, out, progress)
-        if bench.qps is None and not cfg.trace:
+        if not cfg.trace:
             bench.load_state()
         for seed in seeds:
             ref = await bench.run_one(reference_policy, seed, [])
