@@ -531,7 +531,7 @@ def prediction(a, recs, run, out: Path) -> dict:
     meas = measured_cost(recs, run)
     rc = restart_cfg()
     result = {"restart": rc, "live_kill_to_serving_s": LIVE_KILL_TO_SERVING, "live_phases": LIVE_PHASES,
-              "window": WINDOW, "seeds": list(range(a.seeds)), "fail": f"t={FAIL_AT:g}s:worker={FAIL_WORKER}", "configs": []}
+              "qps": a.prediction_qps, "window": max(5, math.ceil(DURATION * a.prediction_qps) // 12), "seeds": list(range(a.seeds)), "fail": f"t={FAIL_AT:g}s:worker={FAIL_WORKER}", "configs": []}
     rows = []
     for cname, cost, gate in (("profile", prof, "exact"), ("measured-prefill", meas, "ema")):
         for share in ("slots", "shared"):
@@ -542,7 +542,7 @@ def prediction(a, recs, run, out: Path) -> dict:
             summaries = collections.defaultdict(list)
             restart_s = []
             for seed in range(a.seeds):
-                wl = workload(seed)
+                wl = workload(seed, a.prediction_qps)
                 base = Counted(cfg, wl, "stop-restart", None, seed, gate=gate)
                 bres = base.run()
                 for pol in POLICIES:
@@ -552,7 +552,7 @@ def prediction(a, recs, run, out: Path) -> dict:
                     outage_end = back[0] if back else None
                     if outage_end is not None:
                         restart_s.append(outage_end - FAIL_AT)
-                    s = summarize_run(res.records, bres.records, window=WINDOW, threshold=THRESHOLD, settle=SETTLE,
+                    s = summarize_run(res.records, bres.records, window=result["window"], threshold=THRESHOLD, settle=SETTLE,
                                       policy=pol, seed=seed, failure_times=res.failure_times, not_before=FAIL_AT,
                                       outage_end=outage_end)
                     d = s.to_dict()
@@ -575,7 +575,7 @@ def prediction(a, recs, run, out: Path) -> dict:
                 agg[pol]["baseline_tpot_mean"] = ci95([x["baseline_tpot_mean"] for x in ss])
             result["configs"].append({"cost": cname, "share": share, "gate": gate, "runs": summaries, "aggregate": agg,
                                       "kill_to_serving_s": [min(restart_s), max(restart_s)] if restart_s else None})
-            print(f"\nprediction, {cname}, {share}, gate {gate}: {a.seeds} seeds, kill -> SERVING "
+            print(f"\nprediction at {a.prediction_qps:g} req/s, {cname}, {share}, gate {gate}: {a.seeds} seeds, kill -> SERVING "
                   f"{min(restart_s):.2f}-{max(restart_s):.2f} s; no-failure TTFT {agg['stop-restart']['baseline_ttft_mean'][0] * 1e3:.0f} ms, "
                   f"TPOT {agg['stop-restart']['baseline_tpot_mean'][0] * 1e3:.1f} ms")
             print(f"  {'policy':14s} {'rec/all':>7s} {'recovery s':>14s} {'aff. TTFT ms':>16s} {'aff. TPOT ms':>14s} "
@@ -645,6 +645,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--phase-sweep", action="store_true")
     ap.add_argument("--qps-sweep", type=float, nargs="*", default=[], help="prediction: stop-restart at these rates too")
+    ap.add_argument("--prediction-qps", type=float, default=QPS,
+                    help="prediction: the bench's rate (default: the live run's calibrated %(default).3f; the GPU runs "
+                         "of 2026-12-07 evening use QPS=2.7)")
     ap.add_argument("--shared-prediction", action="store_true", help="also predict under --device-share shared")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
