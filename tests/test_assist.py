@@ -253,10 +253,12 @@ def test_wrong_drafts_never_change_output(tiny_dir, noisy_draft_dir):
 
 
 def test_kill_recovering_worker_while_assisting(tiny_dir):
-    # no shared memory for drafts: the draft comes from disk, before the target (the controller's
-    # policy.draft_phase_pays; unpriced gain at this light load: it pays)
+    # no shared memory for drafts: the draft comes from disk, before the target. Forced (--draft-first
+    # always): under auto the controller prices it (policy.draft_phase_pays), and on a loaded 2-core box
+    # it once priced the survivor's gain below the reload it delays and the worker went down -> switching
+    # without drafting. Pairing is still by gain, asked again every second while the target loads
     with run_cluster(tiny_dir, workers=2, policy="lumen", env={**SLOW, "LUMEN_DRAFT_SHM": "off"},
-                     extra=["--deterministic", "--draft-model", tiny_dir]) as c:
+                     extra=["--deterministic", "--draft-model", tiny_dir, "--draft-first", "always"]) as c:
         reference = c.complete(PROMPT, max_tokens=1500, ignore_eos=True)["choices"][0]["token_ids"]
         t, box = _long_stream(c, 1500)
         partner = c.executor_of()

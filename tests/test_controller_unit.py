@@ -254,6 +254,34 @@ def test_a_restarting_worker_gets_its_draft_only_on_a_gpu_of_its_own(devices, fi
         c.ctx.term()
 
 
+@pytest.mark.parametrize("draft_first, pays, flag", [
+    ("always", False, "1"), ("never", True, "0"), ("auto", True, "1"), ("auto", False, "0"),
+])
+def test_draft_first_is_forced_by_always_and_never_and_priced_under_auto(draft_first, pays, flag):
+    cfg = ClusterConfig(model="preset:tiny", served_model_name="t", num_workers=2, policy="lumen",
+                        devices=["cpu"], draft_model="d", draft_first=draft_first)
+    c = Controller(cfg, _NoLauncher(), bytes(32))
+    try:
+        c.router = _Router()
+        priced = []
+        c._draft_first_pays = lambda w: priced.append(w.id) or pays
+        for w in c.workers.values():
+            w.state, w.alive, w.fenced, w.epoch = WorkerState.SERVING, True, False, 1
+        w = c.workers[1]
+        w.state, w.epoch = WorkerState.DOWN, 2
+        argv = c._worker_argv(w)
+        assert argv[argv.index("--draft-first") + 1] == flag
+        assert priced == ([1] if draft_first == "auto" else [])  # the pricing is asked only under auto
+    finally:
+        c.ctx.term()
+
+
+def test_a_controller_refuses_an_unknown_draft_first():
+    cfg = ClusterConfig(model="preset:tiny", served_model_name="t", policy="lumen", draft_first="sometimes")
+    with pytest.raises(ValueError, match="draft_first must be one of auto, always, never"):
+        Controller(cfg, _NoLauncher(), bytes(32))
+
+
 def test_an_old_incarnation_is_fenced_even_when_the_transport_drops_its_messages():
     """Once worker 1's new incarnation (epoch 2) has spoken, the transport's replay guard drops the old
     one's (epoch 1) messages before the controller sees them; the controller must still tell that

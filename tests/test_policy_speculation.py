@@ -201,6 +201,7 @@ def test_pairing_gain_looks_past_a_queue_that_fills_one_step():
 @pytest.mark.parametrize("args, message", [
     (["--spec-acceptance", "1.5"], "--spec-acceptance must be a probability"),
     (["--spec-k", "99"], "--spec-k must be between 0 and 16"),
+    (["--draft-first", "bogus"], "argument --draft-first: invalid choice: 'bogus'"),
 ])
 def test_serve_rejects_bad_speculation_settings(args, message):
     import subprocess

@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 from ..policy.replicas import FailureModel
 from ..policy.slots import share_groups
 
+# --draft-first: whether a worker restarted under speculation reads its draft (not resident in host
+# memory) before its target. auto: the controller's pricing (policy.draft_phase_pays, issue 24);
+# always: every such restart does (the paper); never: the target's read starts at once
+DRAFT_FIRST_CHOICES = ("auto", "always", "never")
+
 
 @dataclass
 class ClusterConfig:
@@ -57,6 +62,7 @@ class ClusterConfig:
     cold_restart: bool = False             # evict weights from the page cache before a restart
     spec_k: int = 4
     spec_acceptance: float = 0.6           # prior per-token acceptance of the draft pair (goodput rule)
+    draft_first: str = "auto"               # one of DRAFT_FIRST_CHOICES (Controller._draft_first)
     # back-pressure
     max_pending: int = 1024
     nodes: list[str] | None = None          # node identity per worker (Ray); None = one node

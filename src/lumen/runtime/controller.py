@@ -41,7 +41,7 @@ from ..policy import (
 )
 from . import assist_pricing
 from . import metrics_prom as M
-from .config import ClusterConfig
+from .config import DRAFT_FIRST_CHOICES, ClusterConfig
 from .launcher import Launcher, WorkerSpec
 from .model_dirs import resolve_model_dir
 from .page_cache import evict_models
@@ -134,6 +134,8 @@ class WorkerRecord:
 
 class Controller:
     def __init__(self, cfg: ClusterConfig, launcher: Launcher, secret: bytes):
+        if cfg.draft_first not in DRAFT_FIRST_CHOICES:
+            raise ValueError(f"draft_first must be one of {', '.join(DRAFT_FIRST_CHOICES)}, not {cfg.draft_first!r}")
         self.cfg = cfg
         self.policy: Policy = parse_policy(cfg.policy)
         self.features = features(self.policy)
@@ -215,7 +217,7 @@ class Controller:
             if w.epoch <= 1 or may_assist(self.view(), w.id):
                 argv += ["--draft-model", c.draft_model]
                 if w.epoch > 1 and self.features.speculation:
-                    argv += ["--draft-first", "1" if self._draft_first_pays(w) else "0"]
+                    argv += ["--draft-first", "1" if self._draft_first(w) else "0"]
             elif self.features.speculation:
                 log.info("worker %d reloads without its draft: %s serves other workers too", w.id,
                          c.device_for(w.id))
@@ -787,6 +789,15 @@ class Controller:
                     log.info("worker %d moves from assisting worker %d to worker %d (gain %.1f -> %.1f tokens/s)",
                              w.id, old.id, best, gains.get(old.id, 0.0), gains[best])
                     self._pair(w, self.workers[best])
+
+    def _draft_first(self, w: WorkerRecord) -> bool:
+        """--draft-first for a restart under speculation (cfg.draft_first): 'always' (the paper) and
+        'never' as told, 'auto' as priced by `_draft_first_pays`."""
+        if self.cfg.draft_first == "always":
+            return True
+        if self.cfg.draft_first == "never":
+            return False
+        return self._draft_first_pays(w)
 
     def _draft_first_pays(self, w: WorkerRecord) -> bool:
         """For a restart whose draft is not resident in host memory (the worker checks): whether its

@@ -18,7 +18,7 @@ from ..model.tokenizer import Tokenizer
 from ..policy import POLICY_NAMES, parse_policy, parse_replicas
 from ..policy.slots import DEVICE_SHARES, default_slot_s, resolve_device_share
 from ..units import parse_mtbf
-from .config import ClusterConfig, mps_share_fixed
+from .config import DRAFT_FIRST_CHOICES, ClusterConfig, mps_share_fixed
 from .controller import Controller
 from .gateway import Gateway, OpenAIErrorH11Protocol
 from .launcher import LocalLauncher
@@ -49,6 +49,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec-acceptance", type=float, default=0.6,
                    help="prior per-token acceptance of the draft pair: where assisted recovery starts its "
                         "estimate, which each request's verify outcomes then update (goodput rule)")
+    p.add_argument("--draft-first", choices=DRAFT_FIRST_CHOICES, default="auto",
+                   help="a worker restarted under speculation whose draft is not resident in host memory: "
+                        "'auto' reads the draft first only when its expected assistance outweighs the delay "
+                        "it adds to the target's load (policy rule, issue 24); 'always': every such restart "
+                        "drafts first (the paper's behaviour); 'never': load the target straight away (a "
+                        "draft resident in host memory still loads beside it; default: %(default)s)")
     p.add_argument("--cold-restart", action="store_true",
                    help="drop the model's weight files from the OS page cache before restarting a worker, so "
                         "its reload reads the disk as after a node reboot (benchmarks of reload-bound recovery)")
@@ -232,7 +238,7 @@ def build_config(args: argparse.Namespace) -> tuple[ClusterConfig, Tokenizer | N
         dtype=dtype_name, max_model_len=max_len, ckpt_budget_bytes=int(args.ckpt_budget_gb * (1 << 30)),
         ckpt_export_interval_ms=args.ckpt_export_interval_ms,
         kv_bytes_per_token=mcfg.kv_bytes_per_token(kv_dtype), draft_model=draft, spec_k=args.spec_k,
-        spec_acceptance=args.spec_acceptance,
+        spec_acceptance=args.spec_acceptance, draft_first=args.draft_first,
         cold_restart=args.cold_restart,
         gpu_share_fixed=on_gpu and mps_share_fixed(os.environ, workers_per_gpu=math.ceil(args.workers / len(devices))),
         max_pending=args.max_pending, ckpt_replicas=replicas, ckpt_replicas_max=replicas_max,

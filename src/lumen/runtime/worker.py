@@ -73,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prior per-token acceptance of the draft pair (the goodput rule's starting estimate)")
     p.add_argument("--draft-first", type=int, choices=(0, 1), default=1,
                    help="a restart whose draft is not resident in host memory reads it before the target "
-                        "(the controller's policy.draft_phase_pays); 0: load the target only")
+                        "(the controller's `lumen serve --draft-first`: under auto, policy.draft_phase_pays); "
+                        "0: load the target only")
     p.add_argument("--deterministic", action="store_true")
     # a time slot on a shared device (lumen.policy.slots): this worker's index among the workers on its
     # device, how many they are, and the slot length
