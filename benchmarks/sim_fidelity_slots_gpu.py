@@ -70,6 +70,7 @@ from pathlib import Path
 import numpy as np
 
 import lumen.policy.slots as slots_mod
+from lumen.bench.runner import BenchConfig
 from lumen.metrics import RequestRecord, ci95, summarize_run
 from lumen.policy import WorkerState as S
 from lumen.sim import FailurePlan, FailureSpec, SimConfig, load_profile
@@ -89,7 +90,7 @@ WORKERS = 4
 KV_TOKENS = 8000          # --num-blocks 500 of 16 tokens
 CHUNK = 1024              # EngineConfig.chunk_tokens on CUDA (serve: --chunk-tokens default None -> 1024)
 MAX_BATCH = 512           # serve --max-batch default
-WINDOW = max(5, 101 // 12)  # lumen bench --window auto: BenchConfig.window_for
+WINDOW = BenchConfig(window=None).window_for(101)  # lumen bench --window auto, for the live run's 101 requests
 THRESHOLD, SETTLE = 0.05, 3
 FAIL_AT, FAIL_WORKER = 10.0, 1
 # restart, calibrated to the live restarted worker (2026-12-07 blocks 1 and 2): kill -> SERVING 24.63 / 25.51 s
@@ -531,7 +532,7 @@ def prediction(a, recs, run, out: Path) -> dict:
     meas = measured_cost(recs, run)
     rc = restart_cfg()
     result = {"restart": rc, "live_kill_to_serving_s": LIVE_KILL_TO_SERVING, "live_phases": LIVE_PHASES,
-              "qps": a.prediction_qps, "window": max(5, math.ceil(DURATION * a.prediction_qps) // 12), "seeds": list(range(a.seeds)), "fail": f"t={FAIL_AT:g}s:worker={FAIL_WORKER}", "configs": []}
+              "qps": a.prediction_qps, "window": BenchConfig(window=None).window_for(len(workload(0, a.prediction_qps))), "seeds": list(range(a.seeds)), "fail": f"t={FAIL_AT:g}s:worker={FAIL_WORKER}", "configs": []}
     rows = []
     for cname, cost, gate in (("profile", prof, "exact"), ("measured-prefill", meas, "ema")):
         for share in ("slots", "shared"):

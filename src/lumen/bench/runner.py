@@ -467,9 +467,13 @@ class _Bench:
         self.calibration: dict | None = None
         self._specs: dict[int, list[RequestSpec]] = {}
 
+    def _save_state(self) -> None:
+        (self.out / _STATE_FILE).write_text(json.dumps({"qps": self.qps, "calibration": self.calibration}))
+
     def load_state(self) -> None:
-        # --resume keeps the rate calibrated by the first invocation, so every run sees one workload.
-        # A fixed --qps is recorded too: resuming at another rate would mix two workloads in one table.
+        """(Not for a trace: it brings its own arrivals.) --resume keeps the rate calibrated by the first
+        invocation, so every run sees one workload. A fixed --qps is recorded too: resuming at another
+        rate would mix two workloads in one table."""
         path = self.out / _STATE_FILE
         if (self.cfg.resume or self.cfg.report_only) and path.is_file():
             state = json.loads(path.read_text())
@@ -479,17 +483,16 @@ class _Bench:
                                  f"would mix two workloads; pass --qps {qps:g} (or auto), or another --out")
             self.qps, self.calibration = qps, state.get("calibration")
             self.progress.log(f"resumed: qps {self.qps:.2f} from {path}")
-        elif self.qps is not None and not self.cfg.trace and not self.cfg.report_only:
-            path.write_text(json.dumps({"qps": self.qps, "calibration": None}))
+        elif self.qps is not None and not self.cfg.report_only:
+            self._save_state()
 
     async def specs_for(self, seed: int, url: str) -> list[RequestSpec]:
         if seed in self._specs:
             return self._specs[seed]
         if self.qps is None and not self.cfg.trace:  # (a resumed rate was loaded by run_bench_async)
             self.calibration = await _calibrate(url, self.cfg, seed)
-            (self.out / _STATE_FILE).write_text(json.dumps({"qps": self.calibration["qps"],
-                                                            "calibration": self.calibration}))
             self.qps = self.calibration["qps"]
+            self._save_state()
             self.progress.log(
                 f"calibrated: saturated {self.calibration['saturated_rps']:.2f} req/s -> "
                 f"qps {self.qps:.2f} ({self.cfg.target_load:.0%} load)"
