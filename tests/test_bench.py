@@ -297,6 +297,14 @@ def test_run_bench_against_fake_server(tmp_path):
     assert len(doc["runs"]) == 6 and len(doc["meta"]["fault_events"]) == 4
     assert all(e["verified"] for e in doc["meta"]["fault_events"])
     assert len((out / "records" / "lumen-seed1.jsonl").read_text().splitlines()) == 120
+    # where the interrupted requests went, from the cluster's recovered_here counters (the double sends
+    # every one to the killed worker's ring neighbour: all on one target)
+    targets = {r["policy"]: r for r in doc["recovery_targets"]["by_policy"]}
+    for p, restored in (("stop-restart", 0.0), ("lumen", 1.0)):
+        assert targets[p]["runs"] == 2 and targets[p]["restored_fraction"] == restored
+        assert targets[p]["requests"] == sum(s.n_interrupted for s in res.summaries if s.policy == p)
+        assert targets[p]["top_request_share"] == 1.0 and targets[p]["mean_targets"] == 1.0
+    assert all(r.targets.top_worker == 2 for r in res.runs if r.policy != NO_FAILURE)
     # no orphans: every killed worker and every fake server is gone
     for e in doc["meta"]["fault_events"]:
         assert not _alive(e["pid"])
@@ -315,6 +323,21 @@ def test_a_runs_end_state_keeps_each_workers_checkpoint_and_restore_counters():
                      "stats": {"ckpt_rejected_unreserved": 3, "pages_sent": 9, "restored_pages": 4,
                                "num_running": 5, "slot_overruns": 1}}]}
     assert runner_mod._cluster_end(None) is None and runner_mod._epochs(cluster) == {0: 2}
+
+
+def test_a_runs_end_state_counts_only_its_own_recovery_dispatches():
+    # the controller's recovered_here counters are cumulative: an attached cluster serves several runs
+    def cluster(restored, recomputed, tokens):
+        return {"workers": [{"id": 0, "epoch": 1, "recovered_here": {"restored": 0, "recomputed": 0, "tokens": 0}},
+                            {"id": 1, "epoch": 1, "recovered_here": {"restored": restored, "recomputed": recomputed,
+                                                                     "tokens": tokens}}]}
+    end = runner_mod._cluster_end(cluster(5, 2, 900), before=cluster(3, 1, 500))
+    assert [w["recovered_here"] for w in end["workers"]] == [
+        {"restored": 0, "recomputed": 0, "tokens": 0}, {"restored": 2, "recomputed": 1, "tokens": 400}]
+    t = runner_mod._targets(end)
+    assert (t.requests, t.restored, t.top_worker, t.top_request_share, t.top_token_share) == (3, 2, 1, 1.0, 1.0)
+    # a cluster without the counters (runs stored before them): no figure rather than a zero
+    assert runner_mod._targets(runner_mod._cluster_end({"workers": [{"id": 0}]})) is None
 
 
 def test_run_bench_calibrates_qps(tmp_path):

@@ -30,7 +30,9 @@ def build_app(n_workers: int, policy: str, token_delay: float, prefill_per_token
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    state = {"workers": [], "degraded_until": 0.0, "next": 0}
+    # recovered: the controller's per-worker counters of interrupted requests taken over (recovered_here)
+    state = {"workers": [], "degraded_until": 0.0, "next": 0,
+             "recovered": [{"restored": 0, "recomputed": 0, "tokens": 0} for _ in range(n_workers)]}
 
     @asynccontextmanager
     async def lifespan(app):
@@ -85,7 +87,8 @@ def build_app(n_workers: int, policy: str, token_delay: float, prefill_per_token
 
     @app.get("/lumen/cluster")
     async def cluster():
-        ws = [{k: v for k, v in w.items() if k != "proc"} for w in state["workers"]]
+        ws = [{**{k: v for k, v in w.items() if k != "proc"}, "recovered_here": dict(state["recovered"][w["id"]])}
+              for w in state["workers"]]
         return {"workers": ws, "policy": policy}
 
     def err(status: int, msg: str):
@@ -136,6 +139,10 @@ def build_app(n_workers: int, policy: str, token_delay: float, prefill_per_token
                 if not interrupted and (w["state"] != "serving" or w["epoch"] != epoch):
                     interrupted = True
                     extra = {"lumen": {"interrupted": True}}
+                    # the double "moves" it to the ring neighbour: restored there unless stop-restart
+                    here = state["recovered"][(wid + 1) % n_workers]
+                    here["recomputed" if policy == "stop-restart" else "restored"] += 1
+                    here["tokens"] += len(prompt) + i
                 yield chunk([7], "length" if i == n - 1 else None, extra)
                 if i < n - 1:
                     await slow(token_delay)

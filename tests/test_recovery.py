@@ -28,6 +28,12 @@ def _restored_pages(cluster) -> dict[int, int]:
     return {w["id"]: int(w["stats"].get("restored_pages", 0)) for w in cluster.state()["workers"]}
 
 
+def _recovered_here(cluster) -> dict[int, dict]:
+    """The controller's count of the interrupted requests each worker took over (the bench's
+    "where the interrupted requests went")."""
+    return {w["id"]: w["recovered_here"] for w in cluster.state()["workers"]}
+
+
 def _wait_protected(cluster, min_tokens: int, timeout: float = 30) -> dict:
     """Wait until the (single) in-flight request has at least min_tokens of valid checkpoint."""
     deadline = time.monotonic() + timeout
@@ -67,6 +73,11 @@ def test_kill_executor_restores_from_checkpoint(tiny_dir, policy):
         after = _restored_pages(c)
         # the holder restored at least the pages it had reported valid before the kill (worker counters)
         assert after[holder] - before.get(holder, 0) >= expected_pages
+        # the controller counts the dispatch on the holder: one restored request, its whole context
+        recovered = _recovered_here(c)
+        assert recovered[holder]["restored"] == 1 and recovered[holder]["recomputed"] == 0
+        assert recovered[holder]["tokens"] >= req["valid_ckpt_tokens"]
+        assert sum(r["restored"] + r["recomputed"] for r in recovered.values()) == 1
         metrics = c.client.get("/metrics").text
         assert "lumen:checkpoint_restores_total 1.0" in metrics
 
@@ -87,6 +98,9 @@ def test_stop_restart_recomputes(tiny_dir):
         ids, finish, errors = box["r"]
         assert not errors and ids == reference
         assert sum(_restored_pages(c).values()) == 0
+        # the controller counts the dispatch on the survivor: one recomputed request, its whole context
+        here = _recovered_here(c)[1 - reqs[0]["executor"]]
+        assert (here["restored"], here["recomputed"]) == (0, 1) and here["tokens"] >= len(PROMPT) + 40
 
 
 def _metric(cluster, name: str) -> float:

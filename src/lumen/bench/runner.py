@@ -55,9 +55,11 @@ from lumen.metrics.report import (
     paper_verdict,
     print_fitted,
     render_overhead_table,
+    render_targets_table,
     report_console,
 )
 from lumen.metrics.summary import check_capacity, failure_free_label, failure_free_overhead, is_failure_free
+from lumen.metrics.targets import RecoveryTargets, aggregate_targets, counts_between, recovery_targets
 from lumen.workload import RequestSpec, load_trace, make_workload
 
 from .client import ClientConfig, LoadClient, server_model
@@ -144,6 +146,8 @@ class RunResult:
     unplanned_restarts: int | None = None
     # run clock: when the last worker the plan killed served again (None: unknown, or no kill)
     outage_end_s: float | None = None
+    # where its interrupted requests went (None: the cluster did not say, e.g. runs from before the counters)
+    targets: RecoveryTargets | None = None
 
 
 @dataclass
@@ -372,7 +376,7 @@ def _load_run(out: Path, label: str, seed: int) -> RunResult | None:
     records = [RequestRecord.from_dict(json.loads(line)) for line in rec_path.read_text().splitlines() if line]
     events = [FaultEvent(**e) for e in meta["events"]]
     return RunResult(label, seed, records, events, unplanned_restarts=meta.get("unplanned_restarts"),
-                     outage_end_s=meta.get("outage_end_s"))
+                     outage_end_s=meta.get("outage_end_s"), targets=_targets(meta.get("cluster_end")))
 
 
 _STATE_FILE = "bench-state.json"
@@ -403,14 +407,30 @@ _END_STATS = ("ckpt_", "pages_", "restored_", "exported_pages", "export_deferred
               "slot_", "slots_used", "ema_", "num_waiting", "num_running", "steps")
 
 
-def _cluster_end(cluster: dict | None) -> dict | None:
+def _recovered_here(cluster: dict | None) -> dict[int, dict] | None:
     if not isinstance(cluster, dict) or not isinstance(cluster.get("workers"), list):
         return None
+    return {w["id"]: w["recovered_here"] for w in cluster["workers"]
+            if isinstance(w, dict) and isinstance(w.get("id"), int) and isinstance(w.get("recovered_here"), dict)}
+
+
+def _cluster_end(cluster: dict | None, before: dict | None = None) -> dict | None:
+    """What the run keeps of the cluster's state at its end; `recovered_here` counts this run's
+    dispatches only (the counters are cumulative: an attached cluster serves several runs)."""
+    if not isinstance(cluster, dict) or not isinstance(cluster.get("workers"), list):
+        return None
+    recovered = counts_between(_recovered_here(before), _recovered_here(cluster) or {})
     workers = [{"id": w.get("id"), "epoch": w.get("epoch"), "phases_s": w.get("phases_s"),
-                "stats": {k: v for k, v in (w.get("stats") or {}).items() if k.startswith(_END_STATS)}}
+                "stats": {k: v for k, v in (w.get("stats") or {}).items() if k.startswith(_END_STATS)},
+                **({"recovered_here": recovered[w["id"]]} if w.get("id") in recovered else {})}
                for w in cluster["workers"] if isinstance(w, dict)]
     return {"workers": workers, **{k: v for k, v in cluster.items()
                                    if k in ("policy", "unprotected_requests", "transport_drops")}}
+
+
+def _targets(cluster_end: dict | None) -> RecoveryTargets | None:
+    counts = _recovered_here(cluster_end)
+    return recovery_targets(counts) if counts else None
 
 
 def _unplanned(before: dict[int, int] | None, after: dict[int, int] | None, events: Sequence[FaultEvent]) -> int | None:
@@ -530,10 +550,10 @@ class _Bench:
             specs = await self.specs_for(seed, cfg.url)
             await _check_fits(cfg.url, specs)
             on_done = progress.start_run(f"{label} seed {seed}", len(specs))
-            before = _epochs(await _cluster(cfg.url))
+            start = await _cluster(cfg.url)
             records, events = await _replay_with_faults(cfg.url, specs, plan, cfg, seed, on_done)
             end = await _cluster(cfg.url)
-            unplanned = _unplanned(before, _epochs(end), events)
+            unplanned = _unplanned(_epochs(start), _epochs(end), events)
         else:
             port = cfg.port or free_port(cfg.host)
             if cfg.serve_cmd:
@@ -557,16 +577,17 @@ class _Bench:
                 specs = await self.specs_for(seed, url)
                 await _check_fits(url, specs)
                 on_done = progress.start_run(f"{label} seed {seed}", len(specs))
-                before = _epochs(await _cluster(url))
+                start = await _cluster(url)
                 records, events = await _replay_with_faults(url, specs, plan, cfg, seed, on_done)
                 end = await _cluster(url)
-                unplanned = _unplanned(before, _epochs(end), events)
+                unplanned = _unplanned(_epochs(start), _epochs(end), events)
             finally:
                 # Stopping blocks for up to the grace period; keep the event loop out of it.
                 await asyncio.to_thread(cluster.stop)
         _save_records(out / "records" / f"{label}-seed{seed}.jsonl", records)
         back = outage_end(events, end)
-        _save_run_meta(out, label, seed, events, unplanned, _cluster_end(end), back)
+        kept = _cluster_end(end, start)
+        _save_run_meta(out, label, seed, events, unplanned, kept, back)
         for ev in events:
             if ev.injected_s is None:
                 progress.log(f"[yellow]warning: {ev.spec}: {'; '.join(ev.notes) or ev.error}")
@@ -574,7 +595,8 @@ class _Bench:
             progress.log(f"[red]warning: {label} seed {seed}: {unplanned} worker restart(s) the failure plan does "
                          "not explain (workers declared dead on their own?) - this run measured extra failures")
         progress.end_run()
-        return RunResult(label, seed, records, events, unplanned_restarts=unplanned, outage_end_s=back)
+        return RunResult(label, seed, records, events, unplanned_restarts=unplanned, outage_end_s=back,
+                         targets=_targets(kept))
 
 
 def _summarise(cfg: BenchConfig, run: RunResult, reference: RunResult) -> RunSummary:
@@ -638,6 +660,10 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
     capacity = check_capacity(summaries, REFERENCE_POLICY)
     aggregates = aggregate(summaries)
     overhead = failure_free_overhead(summaries)
+    failure_runs = [r for r in runs if r.policy != NO_FAILURE and not is_failure_free(r.policy)]
+    targets = {"runs": [{"policy": r.policy, "seed": r.seed, **r.targets.to_dict()}
+                        for r in failure_runs if r.targets is not None],
+               "by_policy": aggregate_targets((r.policy, r.targets) for r in failure_runs if r.targets is not None)}
     meta = {
         "config": {k: v for k, v in asdict(cfg).items() if k != "quiet"},
         "requests": len(runs[0].records) if runs else 0,
@@ -657,7 +683,7 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
         "json": write_json(out / "results.json", summaries, aggregates, meta, extra={
             "no_capacity_loss_runs": capacity["no_capacity_loss_runs"],
             "capacity_check": {k: v for k, v in capacity.items() if k != "no_capacity_loss_runs"},
-            "failure_free_overhead": overhead}),
+            "failure_free_overhead": overhead, "recovery_targets": targets}),
         "runs_csv": write_runs_csv(out / "runs.csv", summaries),
         "summary_csv": write_aggregate_csv(out / "summary.csv", aggregates),
         "timeline_png": plot_ttft_timeline([s for s in summaries if not is_failure_free(s.policy)] or summaries,
@@ -669,6 +695,8 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
     print_fitted(console, render_table([a for a in aggregates if a.policy == NO_FAILURE or not is_failure_free(a.policy)]))
     if overhead:
         print_fitted(console, render_overhead_table(overhead, reference_policy))
+    if targets["by_policy"]:
+        print_fitted(console, render_targets_table(targets["by_policy"]))
     for line in capacity_warnings(capacity):
         console.print(line)
     for line in paper_verdict(aggregates, capacity):

@@ -148,6 +148,23 @@ def render_overhead_table(rows: Sequence[dict], reference_policy: str = "stop-re
     return t
 
 
+def render_targets_table(rows: Sequence[dict]):
+    """A rich Table of lumen.metrics.targets.aggregate_targets: per policy, where its interrupted
+    requests went (the busiest target's share of them and of their tokens; 1/N of the survivors is
+    an even spread, 1.0 all on one worker) and how many were restored rather than recomputed."""
+    from rich.table import Table
+
+    t = Table(title="where the interrupted requests went: the busiest target's share (mean ± 95% CI over runs)")
+    for header in ("policy", "runs", "requests", "restored", "targets", "top share (requests)", "top share (tokens)"):
+        t.add_column(header, justify="left" if header == "policy" else "right", no_wrap=header == "policy")
+    for r in rows:
+        t.add_row(r["policy"], str(r["runs"]), str(r["requests"]), f"{100 * r['restored_fraction']:.0f}%",
+                  f"{r['mean_targets']:.1f}",
+                  format_ci(r["top_request_share"], r["top_request_share_ci"], digits=2),
+                  format_ci(r["top_token_share"], r["top_token_share_ci"], digits=2))
+    return t
+
+
 def _num(v) -> float:
     """A JSON-safe figure (None for NaN) back to a float."""
     return math.nan if v is None else float(v)

@@ -130,6 +130,9 @@ class WorkerRecord:
     draft_ready: bool = False          # a restarting worker holds its loaded draft (pairing may use it)
     waited_for_gain: bool = False      # said once that no survivor would gain from its assistance
     paired_at: float = 0.0             # monotonic time of its latest pairing (as a drafter)
+    # interrupted requests dispatched here, over the cluster's life (lumen.metrics.targets reads it):
+    # {"restored": n, "recomputed": n, "tokens": context tokens of those requests}
+    recovered_here: dict = field(default_factory=lambda: {"restored": 0, "recomputed": 0, "tokens": 0})
 
 
 class Controller:
@@ -739,6 +742,8 @@ class Controller:
             restore = a.mode == "restore"
             if not restore:
                 M.RECOMPUTE_TOKENS.inc(r.context_len)
+            target.recovered_here["restored" if restore else "recomputed"] += 1
+            target.recovered_here["tokens"] += r.context_len
             log.info("request %s: %s on worker %d (%d tokens, %d checkpointed)", r.id, a.mode, target.id,
                      r.context_len, c.valid_pages * self.cfg.block_size if c else 0)
             self._assign(r, target, restore=restore)
@@ -877,7 +882,7 @@ class Controller:
                 "last_heartbeat_ms": round((now - w.last_hb) * 1000, 1), "partner": w.partner,
                 "load": {k: w.stats.get(k) for k in ("num_waiting", "num_running", "q_wait_s", "kv_usage")},
                 "ckpt_reserved_bytes": w.ckpt_reserved, "stats": w.stats, "phases_s": w.phase_s,
-                "restarts_in_a_row": w.restarts})
+                "recovered_here": dict(w.recovered_here), "restarts_in_a_row": w.restarts})
         bs = self.cfg.block_size
         requests = [{"id": r.id, "executor": r.executor, "holder": r.holder,
                      "holders": [{"worker": c.holder, "confirmed": c.confirmed, "valid_ckpt_tokens": c.valid_pages * bs}

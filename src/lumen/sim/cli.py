@@ -254,6 +254,8 @@ def _run_one(a: argparse.Namespace, policies, out: Path | None, console, title: 
         write_json,
         write_runs_csv,
     )
+    from lumen.metrics.report import print_fitted, render_targets_table
+    from lumen.metrics.targets import RecoveryTargets, aggregate_targets
 
     cfg = config_from_args(a)
     wl = workload_from_args(a, cfg.workers)
@@ -269,6 +271,9 @@ def _run_one(a: argparse.Namespace, policies, out: Path | None, console, title: 
             f"failures {_describe(fails)}; mean ± 95% CI over {a.repeats} seeds")
     print_table(exp.aggregates, console=console, title=(f"[{title}] " if title else "") + head)
     _print_sim_stats(console, exp, copies=cfg.ckpt_replicas != 1 or cfg.domains is not None)
+    targets = aggregate_targets((s["policy"], RecoveryTargets(**s["targets"])) for s in exp.sim_stats)
+    if targets:
+        print_fitted(console, render_targets_table(targets))
     if out:
         meta = {"command": " ".join(sys.argv), "config": _cfg_dict(cfg), "workload": asdict(wl),
                 "failures": _describe(fails), "policies": list(policies), "repeats": a.repeats,

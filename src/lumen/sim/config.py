@@ -341,6 +341,8 @@ class SimStats:
     protected_interrupted: int = 0        # interrupted requests that had a holder
     restored_tokens: int = 0
     recompute_tokens: int = 0
+    # per target worker, the interrupted requests dispatched to it (lumen.metrics.targets reads it)
+    recovered_here: dict[int, dict[str, int]] = field(default_factory=dict)
     stream_bytes: float = 0.0
     assisted_steps: int = 0               # partner iterations that verified at least one draft token
     verify_positions: int = 0             # draft tokens verified, summed over those iterations

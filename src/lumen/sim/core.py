@@ -1108,6 +1108,9 @@ class Simulator:
                 r.pf_done = 0
                 r.ready_at = t
             st.recompute_tokens += r.pf_total - r.pf_done
+            here = st.recovered_here.setdefault(tw.id, {"restored": 0, "recomputed": 0, "tokens": 0})
+            here["restored" if a.mode == "restore" else "recomputed"] += 1
+            here["tokens"] += r.pf_total
             self._release(r)   # the checkpoints are consumed (restore) or abandoned (moved)
             self._enqueue(tw, r, t)
 

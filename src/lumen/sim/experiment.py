@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from lumen.metrics import NO_FAILURE, PolicyAggregate, RunSummary, aggregate, summarize_run
+from lumen.metrics.targets import recovery_targets
 from lumen.workload import RequestSpec, make_workload
 
 from .config import FailurePlan, SimConfig
@@ -80,4 +81,4 @@ def run_experiment(cfg: SimConfig, workload: WorkloadSpec, policies: Sequence[st
 
 def _log(exp: Experiment, res: SimResult, policy: str, seed: int) -> None:
     exp.sim_stats.append({"policy": policy, "seed": seed, "end_time_s": res.end_time,
-                          **asdict(res.stats)})
+                          **asdict(res.stats), "targets": recovery_targets(res.stats.recovered_here).to_dict()})
