@@ -1,0 +1,107 @@
+"""The simulator's prediction beside the live failure runs under slots on one H100 (issue 23 item 5).
+
+The prediction was committed before the runs: docs/results/sim-prediction-h100-slots-q2.7-2026-12-07/
+(`sim_fidelity_slots_gpu.py --part prediction --prediction-qps 2.7`, 5 seeds, two step-cost models). The live
+runs are `lumen bench` at the same fixed 2.7 req/s (`gpu_repro.sh` with QPS=2.7): the bench's results.json
+(its summaries, the same `summarize_run` and window as the prediction) and the records in bench-runs.tgz.
+
+For every live failure run this prints the prediction for the same policy and seed beside it, after checking
+that the simulated workload is the live one (ids, lengths and arrivals).
+
+    python benchmarks/sim_vs_live_failures.py --live docs/results/gpu-2026-12-07d-slots-q2.7 \
+        --out docs/results/gpu-2026-12-07d-slots-q2.7/sim_vs_live.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+import tarfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sim_fidelity_slots_gpu import workload  # noqa: E402  (the prediction's own workload generator)
+
+PREDICTION = Path("docs/results/sim-prediction-h100-slots-q2.7-2026-12-07/prediction.json")
+# (key, label, scale, digits)
+FIELDS = (("affected_ttft_mean", "aff. TTFT ms", 1e3, 0), ("affected_tpot_mean", "aff. TPOT ms", 1e3, 1),
+          ("outage_ttft_vs_baseline", "outage TTFT x", 1.0, 2), ("kill_to_serving_s", "kill->serving s", 1.0, 1),
+          ("n_interrupted", "interrupted", 1.0, 0))
+
+
+def live_records(tgz: Path) -> dict[str, list[dict]]:
+    """{'<label>-seed<n>': records sorted by id} from the bench's runs archive."""
+    out = {}
+    with tarfile.open(tgz) as tf:
+        for m in tf.getmembers():
+            if m.name.endswith(".jsonl") and "/records/" in m.name:
+                recs = [json.loads(ln) for ln in io.TextIOWrapper(tf.extractfile(m), "utf-8") if ln.strip()]
+                out[Path(m.name).stem] = sorted(recs, key=lambda r: r["req_id"])
+    return out
+
+
+def same_workload(recs: list[dict], seed: int, qps: float) -> bool:
+    wl = workload(seed, qps)
+    return len(wl) == len(recs) and all(
+        (s.req_id, s.prompt_tokens, s.output_tokens) == (r["req_id"], r["prompt_tokens"], r["output_tokens"])
+        and abs(s.arrival - r["arrival"]) < 1e-9 for s, r in zip(wl, recs, strict=True))
+
+
+def fmt(v, scale: float, digits: int) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v * scale:.{digits}f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--live", type=Path, required=True, help="a results directory with results.json and bench-runs.tgz")
+    ap.add_argument("--prediction", type=Path, default=PREDICTION)
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    pred = json.loads(a.prediction.read_text())
+    live = json.loads((a.live / "results.json").read_text())
+    recs = live_records(a.live / "bench-runs.tgz")
+    qps = live["meta"]["qps"]
+    if abs(qps - pred["qps"]) > 1e-9 or live["meta"]["window"] != pred["window"]:
+        print(f"the live runs ({qps} req/s, window {live['meta']['window']}) are not the prediction's "
+              f"({pred['qps']} req/s, window {pred['window']})", file=sys.stderr)
+        return 2
+    kill = {(e["policy"], e["seed"]): e for e in live["meta"]["fault_events"]}
+    rows = []
+    for run in live["runs"]:
+        pol, seed = run["policy"], run["seed"]
+        if (pol, seed) not in kill or seed not in pred["seeds"]:
+            continue
+        key = f"{pol}-seed{seed}"
+        identical = same_workload(recs[key], seed, qps)
+        e = kill[(pol, seed)]
+        out_end = run.get("outage_end_s")
+        live_row = {**{k: run.get(k) for k, *_ in FIELDS}, "recovered": run["recovered"],
+                    "kill_to_serving_s": None if out_end is None else out_end - e["injected_s"]}
+        row = {"policy": pol, "seed": seed, "workload_identical": identical, "live": live_row, "predicted": {}}
+        for c in pred["configs"]:
+            p = c["runs"][pol][seed]
+            row["predicted"][f"{c['cost']}/{c['gate']}"] = {**{k: p.get(k) for k, *_ in FIELDS}, "recovered": p["recovered"]}
+        rows.append(row)
+    if not rows:
+        print("no live failure run matches a predicted policy and seed", file=sys.stderr)
+        return 2
+    head = f"{'run':22s} {'source':24s} " + " ".join(f"{lab:>15s}" for _, lab, *_ in FIELDS) + "  recovered"
+    print(f"prediction {a.prediction} (made before the runs) against live {a.live}, {qps:g} req/s")
+    print(head)
+    for r in rows:
+        name = f"{r['policy']}-seed{r['seed']}" + ("" if r["workload_identical"] else " (workload differs!)")
+        for src, v in (("live", r["live"]), *r["predicted"].items()):
+            print(f"{name:22s} {src:24s} " + " ".join(f"{fmt(v[k], sc, d):>15s}" for k, _, sc, d in FIELDS)
+                  + f"  {'yes' if v['recovered'] else 'no (censored)'}")
+            name = ""
+    if a.out:
+        a.out.write_text(json.dumps({"prediction": str(a.prediction), "live": str(a.live), "qps": qps, "rows": rows},
+                                    indent=1, default=lambda x: None))
+    return 0 if all(r["workload_identical"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
