@@ -75,6 +75,22 @@ def deep_target_and_exact_draft(tmp_path_factory):
     return str(target), str(draft)
 
 
+@pytest.fixture(scope="module")
+def tiny_reference():
+    """The failure-free greedy output of PROMPT on the tiny model (1500 tokens, deterministic mode),
+    computed by the first test that needs it on its own cluster before any fault, then reused: it
+    depends only on the model and the prompt (deterministic mode: neither the cluster's size nor its
+    draft settings change an output), and it takes ~8 s of a 2-core box each time."""
+    box = {}
+
+    def get(c):
+        if "ids" not in box:
+            box["ids"] = c.complete(PROMPT, max_tokens=1500, ignore_eos=True)["choices"][0]["token_ids"]
+        return box["ids"]
+
+    return get
+
+
 def _worker(c, wid):
     return c.worker(wid)
 
@@ -252,14 +268,14 @@ def test_wrong_drafts_never_change_output(tiny_dir, noisy_draft_dir):
         assert stats["assist_proposals_stale"] + rejected_in_verify > 0
 
 
-def test_kill_recovering_worker_while_assisting(tiny_dir):
+def test_kill_recovering_worker_while_assisting(tiny_dir, tiny_reference):
     # no shared memory for drafts: the draft comes from disk, before the target. Forced (--draft-first
     # always): under auto the controller prices it (policy.draft_phase_pays), and on a loaded 2-core box
     # it once priced the survivor's gain below the reload it delays and the worker went down -> switching
     # without drafting. Pairing is still by gain, asked again every second while the target loads
     with run_cluster(tiny_dir, workers=2, policy="lumen", env={**SLOW, "LUMEN_DRAFT_SHM": "off"},
                      extra=["--deterministic", "--draft-model", tiny_dir, "--draft-first", "always"]) as c:
-        reference = c.complete(PROMPT, max_tokens=1500, ignore_eos=True)["choices"][0]["token_ids"]
+        reference = tiny_reference(c)
         t, box = _long_stream(c, 1500)
         partner = c.executor_of()
         recovering = 1 - partner
@@ -292,12 +308,12 @@ def test_cluster_stopped_while_a_worker_assists_shuts_down_cleanly(tiny_dir, tmp
     assert exits and exits[-1].endswith("exited with 0"), exits
 
 
-def test_kill_partner_while_assisting_and_no_shared_partner(tiny_dir):
+def test_kill_partner_while_assisting_and_no_shared_partner(tiny_dir, tiny_reference):
     # the draft (resident) loads beside the target read: ASSISTING lasts the reload minus the draft's
     # load, which took 6.2 s on a busy 2-core box, the whole of a 6 s reload (2026-12-07)
     with run_cluster(tiny_dir, workers=3, policy="lumen", env={"LUMEN_FAULT_SLOW_RELOAD_S": "10"},
                      extra=["--deterministic", "--draft-model", tiny_dir]) as c:
-        reference = c.complete(PROMPT, max_tokens=1500, ignore_eos=True)["choices"][0]["token_ids"]
+        reference = tiny_reference(c)
         t, box = _long_stream(c, 1500)
         executor = c.executor_of()
         others = [w for w in range(3) if w != executor]

@@ -18,6 +18,7 @@ from lumen.runtime.transport import secure_socket
 pytestmark = pytest.mark.cluster
 
 PROMPT = list(range(100, 140))
+WORKERS = 3  # the shared cluster: three, so that killing every worker at once can share it too
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +28,9 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(tiny_dir):
-    with run_cluster(tiny_dir, workers=2, extra=["--deterministic"]) as c:
+    """One cluster for the tests whose setup is the default one. A test that kills workers on it waits
+    until all of them serve again before it ends, so the next test finds it healthy."""
+    with run_cluster(tiny_dir, workers=WORKERS, extra=["--deterministic"]) as c:
         yield c
 
 
@@ -162,7 +165,7 @@ def test_sigkill_mid_stream_gives_failure_free_tokens(cluster):
     ids, finish, victim = _kill_mid_stream(cluster, signal.SIGKILL)
     assert victim, "the executor was never killed"
     assert ids == reference and finish == "length"
-    cluster.wait_serving(2, timeout=60)  # the killed worker is restarted and rejoins
+    cluster.wait_serving(WORKERS, timeout=60)  # the killed worker is restarted and rejoins
     w = cluster.worker(victim["id"])
     assert w["epoch"] >= 2 and w["pid"] != victim["pid"]
 
@@ -198,42 +201,43 @@ def test_sigstop_is_detected_fenced_and_restarted(tiny_dir, tmp_path):
     assert sorted(armed) == ["0", "1"], armed
 
 
-def test_every_worker_killed_gives_503_then_the_cluster_comes_back(tiny_dir):
+def test_every_worker_killed_gives_503_then_the_cluster_comes_back(cluster):
     # (several workers killed at once, with requests recovered unchanged: test_recovery's double and
     # triple kill under --ckpt-replicas 2, and lumen chaos's kill-many and kill-executor-and-holder)
-    with run_cluster(tiny_dir, workers=3, extra=["--deterministic"]) as c:
-        reference = c.complete(PROMPT, max_tokens=80, ignore_eos=True)["choices"][0]["token_ids"]
-        # every worker dies: in-flight requests get a clear 503 (or, where a worker is back in time, finish
-        # there), then the cluster comes back
-        box = {}
-        t = threading.Thread(target=lambda: box.update(r=c.stream_tokens(PROMPT, max_tokens=600, ignore_eos=True)))
-        t.start()
-        c.executor_of()
-        for wid in range(3):
-            c.kill(wid)
-        t.join(60)
-        ids, finish, errors = box["r"]
-        assert errors and errors[0]["type"] == "service_unavailable" or finish is not None
-        c.wait_serving(3, timeout=120)
-        assert c.complete(PROMPT, max_tokens=80, ignore_eos=True)["choices"][0]["token_ids"] == reference
+    c = cluster
+    reference = c.complete(PROMPT, max_tokens=80, ignore_eos=True)["choices"][0]["token_ids"]
+    # every worker dies: in-flight requests get a clear 503 (or, where a worker is back in time, finish
+    # there), then the cluster comes back
+    box = {}
+    t = threading.Thread(target=lambda: box.update(r=c.stream_tokens(PROMPT, max_tokens=600, ignore_eos=True)))
+    t.start()
+    c.executor_of()
+    for wid in range(WORKERS):
+        c.kill(wid)
+    t.join(60)
+    ids, finish, errors = box["r"]
+    assert errors and errors[0]["type"] == "service_unavailable" or finish is not None
+    c.wait_serving(WORKERS, timeout=120)
+    assert c.complete(PROMPT, max_tokens=80, ignore_eos=True)["choices"][0]["token_ids"] == reference
 
 
-def test_worker_killed_during_its_own_reload(tiny_dir):
-    with run_cluster(tiny_dir, workers=2, extra=["--deterministic"]) as c:
-        c.kill(1)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            w = c.worker(1)
-            if w["epoch"] >= 2 and w["pid"] and w["state"] != "serving":
-                try:
-                    os.kill(w["pid"], signal.SIGKILL)  # killed while loading
-                    break
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.005)
-        c.wait_serving(2, timeout=90)
-        assert c.worker(1)["epoch"] >= 3
-        assert c.complete(PROMPT, max_tokens=4)["usage"]["completion_tokens"] == 4
+def test_worker_killed_during_its_own_reload(cluster):
+    c = cluster
+    first = c.worker(1)["epoch"]  # the shared cluster: earlier tests may have restarted worker 1 already
+    c.kill(1)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        w = c.worker(1)
+        if w["epoch"] >= first + 1 and w["pid"] and w["state"] != "serving":
+            try:
+                os.kill(w["pid"], signal.SIGKILL)  # killed while loading
+                break
+            except ProcessLookupError:
+                pass
+        time.sleep(0.005)
+    c.wait_serving(WORKERS, timeout=90)
+    assert c.worker(1)["epoch"] >= first + 2
+    assert c.complete(PROMPT, max_tokens=4)["usage"]["completion_tokens"] == 4
 
 
 def test_api_key_and_backpressure(tiny_dir):
@@ -259,18 +263,24 @@ def test_api_key_and_backpressure(tiny_dir):
         assert 429 in statuses and 200 in statuses
 
 
-def test_sigterm_drains_in_flight_requests(tiny_dir):
-    with run_cluster(tiny_dir, workers=2) as c:
-        box = {}
-        t = threading.Thread(target=lambda: box.update(r=c.stream_tokens(PROMPT, max_tokens=300, ignore_eos=True)))
-        t.start()
-        c.executor_of()
-        c.proc.send_signal(signal.SIGTERM)  # drain: the stream in flight still completes
-        t.join(120)
-        ids, finish, errors = box["r"]
-        assert not errors and finish == "length" and len(ids) == 300
-        assert c.proc.wait(timeout=60) == 0
-    # run_cluster's exit asserts that no worker process is left
+def test_sigterm_drains_in_flight_requests(cluster):
+    # the shared cluster's last test: it stops the cluster (no test after it in this file may use it)
+    c = cluster
+    box = {}
+    t = threading.Thread(target=lambda: box.update(r=c.stream_tokens(PROMPT, max_tokens=300, ignore_eos=True)))
+    t.start()
+    c.executor_of()
+    c.proc.send_signal(signal.SIGTERM)  # drain: the stream in flight still completes
+    t.join(120)
+    ids, finish, errors = box["r"]
+    assert not errors and finish == "length" and len(ids) == 300
+    assert c.proc.wait(timeout=60) == 0
+    # no worker process is left: every incarnation the shared cluster had (run_cluster's exit checks
+    # the same again at the end of the module)
+    deadline = time.monotonic() + 5
+    while worker_pids_alive(c.seen_pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert c.seen_pids and not worker_pids_alive(c.seen_pids)
 
 
 def test_default_model_answers_the_openai_client():
