@@ -121,8 +121,9 @@ def workload(seed: int, qps: float = QPS) -> list[RequestSpec]:
     return make_workload(math.ceil(DURATION * qps), qps, LENGTHS, seed=seed, max_prompt=MAX_PROMPT, max_output=MAX_OUTPUT)
 
 
-def check_workload(recs: list[dict]) -> dict:
-    wl = workload(0)
+def check_workload(recs: list[dict], seed: int = 0, qps: float = QPS) -> dict:
+    """The simulated workload of `seed` at `qps` against a live run's records (sorted by id)."""
+    wl = workload(seed, qps)
     mism = [s.req_id for s, r in zip(wl, recs, strict=False)
             if (s.req_id, s.prompt_tokens, s.output_tokens) != (r["req_id"], r["prompt_tokens"], r["output_tokens"])]
     dt = max(abs(s.arrival - r["arrival"]) for s, r in zip(wl, recs, strict=False))

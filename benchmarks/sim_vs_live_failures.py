@@ -23,7 +23,7 @@ import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sim_fidelity_slots_gpu import workload  # noqa: E402  (the prediction's own workload generator)
+from sim_fidelity_slots_gpu import check_workload  # noqa: E402  (the prediction's own workload check)
 
 PREDICTION = Path("docs/results/sim-prediction-h100-slots-q2.7-2026-12-07/prediction.json")
 # (key, label, scale, digits)
@@ -41,13 +41,6 @@ def live_records(tgz: Path) -> dict[str, list[dict]]:
                 recs = [json.loads(ln) for ln in io.TextIOWrapper(tf.extractfile(m), "utf-8") if ln.strip()]
                 out[Path(m.name).stem] = sorted(recs, key=lambda r: r["req_id"])
     return out
-
-
-def same_workload(recs: list[dict], seed: int, qps: float) -> bool:
-    wl = workload(seed, qps)
-    return len(wl) == len(recs) and all(
-        (s.req_id, s.prompt_tokens, s.output_tokens) == (r["req_id"], r["prompt_tokens"], r["output_tokens"])
-        and abs(s.arrival - r["arrival"]) < 1e-9 for s, r in zip(wl, recs, strict=True))
 
 
 def fmt(v, scale: float, digits: int) -> str:
@@ -75,7 +68,7 @@ def main() -> int:
         if (pol, seed) not in kill or seed not in pred["seeds"]:
             continue
         key = f"{pol}-seed{seed}"
-        identical = same_workload(recs[key], seed, qps)
+        identical = check_workload(recs[key], seed, qps)["identical"]
         e = kill[(pol, seed)]
         out_end = run.get("outage_end_s")
         live_row = {**{k: run.get(k) for k, *_ in FIELDS}, "recovered": run["recovered"],

@@ -660,10 +660,10 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
     capacity = check_capacity(summaries, REFERENCE_POLICY)
     aggregates = aggregate(summaries)
     overhead = failure_free_overhead(summaries)
-    failure_runs = [r for r in runs if r.policy != NO_FAILURE and not is_failure_free(r.policy)]
-    targets = {"runs": [{"policy": r.policy, "seed": r.seed, **r.targets.to_dict()}
-                        for r in failure_runs if r.targets is not None],
-               "by_policy": aggregate_targets((r.policy, r.targets) for r in failure_runs if r.targets is not None)}
+    # failure runs whose cluster reported the counters (is_failure_free covers the reference too)
+    counted = [r for r in runs if not is_failure_free(r.policy) and r.targets is not None]
+    targets = {"runs": [{"policy": r.policy, "seed": r.seed, **r.targets.to_dict()} for r in counted],
+               "by_policy": aggregate_targets((r.policy, r.targets) for r in counted)}
     meta = {
         "config": {k: v for k, v in asdict(cfg).items() if k != "quiet"},
         "requests": len(runs[0].records) if runs else 0,

@@ -108,6 +108,7 @@ from dataclasses import dataclass
 import lumen.policy.slots as slots
 from lumen import policy as P
 from lumen.metrics import RequestRecord
+from lumen.metrics.targets import COUNT_KEYS
 from lumen.policy import WorkerEvent as E
 from lumen.policy import WorkerState as S
 from lumen.workload import RequestSpec
@@ -1108,7 +1109,7 @@ class Simulator:
                 r.pf_done = 0
                 r.ready_at = t
             st.recompute_tokens += r.pf_total - r.pf_done
-            here = st.recovered_here.setdefault(tw.id, {"restored": 0, "recomputed": 0, "tokens": 0})
+            here = st.recovered_here.setdefault(tw.id, dict.fromkeys(COUNT_KEYS, 0))
             here["restored" if a.mode == "restore" else "recomputed"] += 1
             here["tokens"] += r.pf_total
             self._release(r)   # the checkpoints are consumed (restore) or abandoned (moved)
