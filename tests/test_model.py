@@ -76,3 +76,21 @@ def test_tied_embeddings_share_storage():
     m = Decoder(PRESETS["tiny-llama"])
     assert m.lm_head.weight is m.embed_tokens.weight
     assert Decoder(PRESETS["tiny"]).lm_head.weight is not Decoder(PRESETS["tiny"]).embed_tokens.weight
+
+
+def test_meta_decoder_skips_init_and_keeps_seeded_weights():
+    # A worker builds its Decoder on the meta device at every (re)load; nn.Embedding's own init there
+    # imported torch._dynamo (1-2 s of CPU on the recovery path). A fresh interpreter shows it does not.
+    import subprocess
+    import sys
+    code = ("import sys, torch\nfrom lumen.model import PRESETS, Decoder\n"
+            "with torch.device('meta'):\n    m = Decoder(PRESETS['qwen3-8b'])\n"
+            "assert m.embed_tokens.weight.is_meta\nprint('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    # on a real device the embedding is drawn exactly as nn.Embedding draws it
+    torch.manual_seed(3)
+    drawn = Decoder(PRESETS["tiny"]).embed_tokens.weight
+    torch.manual_seed(3)
+    assert torch.equal(drawn, torch.nn.Embedding(*drawn.shape).weight)
