@@ -158,7 +158,9 @@ def test_live_workers_step_only_inside_their_slots(tmp_path):
     for name, steps in rows.items():
         index = int(name[len("worker")])
         s = SlotSchedule(index, 2, slot_ms / 1e3)
-        assert steps, name
+        # the log flushes about once a second: the SIGKILLed incarnation may lose its unflushed rows (all
+        # of them when it served for under a second); every row that reached the file is still checked
+        assert steps or name == "worker1-epoch1", name
         for r in steps:
             start, end = float(r["mono_start_s"]), float(r["mono_end_s"])
             assert s.owner(start) == index, f"{name}: a step started at {start:.4f}, in slot of {s.owner(start)}"
