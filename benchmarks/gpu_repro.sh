@@ -127,6 +127,13 @@ for step in $STEPS; do
       --serve-args "--num-blocks $NUM_BLOCKS --max-model-len 2048" --out "$OUT/share" > "$OUT/share.log" 2>&1
     echo "device share benchmark exit $?"; tail -16 "$OUT/share.log"
     (cd "$OUT/share" && for f in *; do mv "$f" "../share_$f"; done) && rmdir "$OUT/share" ;;
+  reload)
+    # the target's cold read on each reload path (main thread vs background thread beside the draft): why
+    # lumen's restarted worker read its target 3-4 s faster than every other policy's (gpu-results.md)
+    timeout -k 20 "${RELOAD_TIMEOUT:-200}" python3 benchmarks/reload_paths.py --model "$LUMEN_HOME/models/repro-$PRESET" \
+      --draft "$LUMEN_HOME/models/repro-$PRESET-selfdraft" --device "${DEVICES%%,*}" --repeats "${RELOAD_REPEATS:-2}" \
+      --out "$OUT/reload_paths.json" > "$OUT/reload.log" 2>&1
+    echo "reload paths exit $?"; tail -4 "$OUT/reload.log" ;;
   profile)
     # issue 7 on GPU: the engine's step times over a grid of batch shapes, for `lumen simulate --profile`
     timeout -k 20 "${PROFILE_TIMEOUT:-180}" python3 -m lumen profile --model "$LUMEN_HOME/models/repro-$PRESET" \
