@@ -128,10 +128,10 @@ for step in $STEPS; do
     echo "device share benchmark exit $?"; tail -16 "$OUT/share.log"
     (cd "$OUT/share" && for f in *; do mv "$f" "../share_$f"; done) && rmdir "$OUT/share" ;;
   reload)
-    # the target's cold read on each reload path (main thread vs background thread beside the draft): why
+    # the target's cold read on each policy's reload path, each trial a fresh process (benchmarks/reload_paths.py): why
     # lumen's restarted worker read its target 3-4 s faster than every other policy's (gpu-results.md)
-    timeout -k 20 "${RELOAD_TIMEOUT:-200}" python3 benchmarks/reload_paths.py --model "$LUMEN_HOME/models/repro-$PRESET" \
-      --draft "$LUMEN_HOME/models/repro-$PRESET-selfdraft" --device "${DEVICES%%,*}" --repeats "${RELOAD_REPEATS:-2}" \
+    timeout -k 20 "${RELOAD_TIMEOUT:-240}" python3 benchmarks/reload_paths.py --model "$LUMEN_HOME/models/repro-$PRESET" \
+      --draft "$LUMEN_HOME/models/repro-$PRESET-selfdraft" --device "${DEVICES%%,*}" --store-gb "$CKPT_GB" --repeats "${RELOAD_REPEATS:-2}" \
       --out "$OUT/reload_paths.json" > "$OUT/reload.log" 2>&1
     echo "reload paths exit $?"; tail -4 "$OUT/reload.log" ;;
   profile)

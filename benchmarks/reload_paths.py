@@ -1,103 +1,157 @@
-"""Why is the target's disk read shorter on lumen's reload path? The two paths side by side, cold cache.
+"""Why is the target's disk read shorter on lumen's reload path? The paths side by side, cold cache.
 
 On the GPU (docs/gpu-results.md, 2026-12-07 fourth and fifth sessions) a restarted worker's
-`disk_to_host_s` was 8.0-11.4 s under lumen and 11.0-17.4 s under every other policy, in every pair.
-The paths differ in where the read runs: `worker._load_plain` reads on the main thread;
-`worker._load_progressively` reads on a background thread while the main thread polls every 5 ms and
-loads the draft. This times the read in each arrangement, after evicting the files from the page cache
-(as `--cold-restart` does), modes interleaved so drift in the disk hits them alike:
+`disk_to_host_s` was 8.0-11.4 s under lumen and 11.0-17.4 s under every other policy, in every pair,
+while on the CPU box (no page-locking) the paths read alike. What differs between the paths:
+`worker._load_plain` reads on the main thread; `worker._load_progressively` reads on a background
+thread while the main thread loads the draft onto the device; under the checkpointing policies a thread
+page-locks the checkpoint store meanwhile. On a GPU the read page-locks its buffers, and the first
+CUDA call of a fresh process creates its context; a restarted worker is a fresh process. So each trial
+here is a fresh process, timed from the point where a worker starts its load, after evicting the files
+from the page cache (as `--cold-restart` does), arms interleaved so drift in the disk hits them alike:
 
-  main          read on the calling thread (the plain path)
-  thread        read on a thread, the main thread waking every 5 ms (the progressive path, no draft)
-  thread+draft  the same while the main thread reads the draft beside it (the progressive path)
+  plain         read on the main thread (stop-restart's reload)
+  plain+store   the same with the checkpoint store page-locked on a thread beside it (lumen-no-spec,
+                fixed-ckpt)
+  thread+draft  read on a thread while the main thread loads the draft onto the device, store beside
+                (lumen's reload with its draft)
+  plain+ctx     read on the main thread while a thread creates the CUDA context (a candidate fix)
 
-    python benchmarks/reload_paths.py --model DIR --draft DIR --device cuda:0 --repeats 3 --out reload.json
+    python benchmarks/reload_paths.py --model DIR --draft DIR --device cuda:0 --repeats 2 --out reload.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import statistics
 import sys
 import threading
 import time
 from pathlib import Path
 
-import torch
-
-from lumen.model.loader import read_weights_to_host
-from lumen.runtime.page_cache import evict_models
-
-MODES = ("main", "thread", "thread+draft")
+ARMS = ("plain", "plain+store", "thread+draft", "plain+ctx")
 
 
-def _read(model: Path, pin: bool, dtype: torch.dtype) -> float:
-    t0 = time.monotonic()
-    state = read_weights_to_host(model, dtype=dtype, pin=pin)
-    dt = time.monotonic() - t0
-    del state
-    return dt
+def _trial(arm: str, model: str, draft: str | None, device: str, store_gb: float, conn) -> None:
+    """One reload in this (fresh) process; sends {target_s, ...} or {error}."""
+    try:
+        import torch
+
+        from lumen.model.loader import build_model_from_host, read_config, read_weights_to_host
+        from lumen.runtime.ckpt_store import CheckpointStore
+        from lumen.runtime.page_cache import evict_models
+
+        pin = device.startswith("cuda")
+        dtype = torch.bfloat16 if pin else torch.float32
+        evict_models([model, draft])
+        out: dict = {}
+        threads = []
+
+        def run(name, fn):
+            t = threading.Thread(target=lambda: out.__setitem__(name, fn()), name=name)
+            t.start()
+            threads.append(t)
+
+        def timed(fn):
+            def go():
+                t = time.monotonic()
+                fn()
+                return time.monotonic() - t
+            return go
+
+        def read_target():
+            return read_weights_to_host(model, dtype=dtype, pin=pin)
+
+        def store():
+            cfg = read_config(model)
+            s = CheckpointStore(int(store_gb * 1e9), cfg.kv_bytes_per_token(dtype) * 16)
+            s.allocate()
+            return s
+
+        def load_draft():
+            host = read_weights_to_host(draft, dtype=dtype, pin=pin)
+            return build_model_from_host(read_config(draft), host, device=device, dtype=dtype)
+
+        t0 = time.monotonic()
+        if arm in ("plain+store", "thread+draft") and store_gb > 0:
+            run("store_s", timed(store))
+        if arm == "plain+ctx" and pin:
+            run("ctx_s", timed(lambda: torch.cuda.init()))
+        if arm == "thread+draft":
+            run("target_s", timed(read_target))
+            if draft is not None:
+                out["draft_s"] = timed(load_draft)()
+        else:
+            out["target_s"] = timed(read_target)()
+        for t in threads:
+            t.join()
+        out["total_s"] = time.monotonic() - t0
+        conn.send(out)
+    except BaseException as e:  # reported by the parent, which exits 1
+        conn.send({"error": f"{type(e).__name__}: {e}"})
 
 
-def time_mode(mode: str, model: Path, draft: Path | None, pin: bool, dtype: torch.dtype) -> dict:
-    """Seconds the target's read took in `mode` (and the draft's, where read beside it)."""
-    evict_models([model, draft])
-    if mode == "main":
-        return {"target_s": _read(model, pin, dtype)}
-    out: dict = {}
-
-    def target():
-        out["target_s"] = _read(model, pin, dtype)
-
-    t = threading.Thread(target=target, name="target-loader")
-    t.start()
-    if mode == "thread+draft" and draft is not None:
-        out["draft_s"] = _read(draft, pin, dtype)
-    while t.is_alive():
-        t.join(timeout=0.005)
-    return out
+def run_trial(arm: str, model: Path, draft: Path | None, device: str, store_gb: float, timeout_s: float) -> dict:
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_trial, args=(arm, str(model), str(draft) if draft else None, device, store_gb, send))
+    p.start()
+    got = recv.recv() if recv.poll(timeout_s) else {"error": f"no result within {timeout_s:.0f} s"}
+    p.join(timeout=30)
+    if p.is_alive():
+        p.kill()
+    return got
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--draft", type=Path, help="the draft read beside the target (mode thread+draft)")
-    ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu",
-                    help="a cuda device reads into page-locked buffers, as a GPU worker does")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--draft", type=Path, help="the draft lumen loads beside the target (arm thread+draft)")
+    ap.add_argument("--device", default=None, help="cuda:N (page-locked reads, as a GPU worker) or cpu; "
+                    "default: cuda:0 where there is one")
+    ap.add_argument("--store-gb", type=float, default=6.0, help="the checkpoint store page-locked beside the "
+                    "read (the bench's --ckpt-budget-gb)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds one trial may take")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     if a.repeats < 1:
         ap.error("--repeats must be at least 1")
-    pin = a.device.startswith("cuda")
-    if pin:
-        torch.cuda.init()  # the context exists before any timed read, as in a worker
-    dtype = getattr(torch, a.dtype)
-    modes = [m for m in MODES if m != "thread+draft" or a.draft is not None]
-    time_mode("main", a.model, a.draft, pin, dtype)  # untimed: the first read pays one-time costs (imports, allocator)
+    if not (a.model / "config.json").is_file():
+        ap.error(f"--model {a.model}: no config.json there")
+    if a.device is None:
+        import torch
+        a.device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    arms = [m for m in ARMS if (m != "thread+draft" or a.draft is not None)
+            and (m != "plain+ctx" or a.device.startswith("cuda"))]
     rows = []
     for rep in range(a.repeats):
-        for i in range(len(modes)):
-            mode = modes[(i + rep) % len(modes)]  # rotate the order each repeat
-            r = {"repeat": rep, "mode": mode, **time_mode(mode, a.model, a.draft, pin, dtype)}
+        for i in range(len(arms)):
+            arm = arms[(i + rep) % len(arms)]  # rotate the order each repeat
+            r = {"repeat": rep, "arm": arm, **run_trial(arm, a.model, a.draft, a.device, a.store_gb, a.timeout)}
             rows.append(r)
-            print(f"repeat {rep} {mode:13s} target {r['target_s']:7.2f} s"
-                  + (f"  draft {r['draft_s']:6.2f} s" if "draft_s" in r else ""), flush=True)
+            if "error" in r:
+                print(f"repeat {rep} {arm}: {r['error']}", file=sys.stderr)
+                continue
+            extra = "".join(f"  {k[:-2]} {r[k]:6.2f} s" for k in ("draft_s", "store_s", "ctx_s") if k in r)
+            print(f"repeat {rep} {arm:13s} target {r['target_s']:7.2f} s{extra}", flush=True)
     summary = {}
-    for m in modes:
-        ts = [r["target_s"] for r in rows if r["mode"] == m]
-        summary[m] = {"mean_s": statistics.fmean(ts), "min_s": min(ts), "max_s": max(ts), "n": len(ts)}
-    base = summary["main"]["mean_s"]
+    for m in arms:
+        ts = [r["target_s"] for r in rows if r["arm"] == m and "target_s" in r]
+        if ts:
+            summary[m] = {"mean_s": statistics.fmean(ts), "min_s": min(ts), "max_s": max(ts), "n": len(ts)}
+    base = summary.get("plain", {}).get("mean_s")
     for m, s in summary.items():
-        print(f"{m:13s} mean {s['mean_s']:7.2f} s ({s['min_s']:.2f}-{s['max_s']:.2f}), x{s['mean_s'] / base:.3f} of main")
-    doc = {"model": str(a.model), "draft": str(a.draft) if a.draft else None, "device": a.device, "pin": pin,
-           "dtype": a.dtype, "rows": rows, "summary": summary,
+        ratio = f", x{s['mean_s'] / base:.3f} of plain" if base else ""
+        print(f"{m:13s} target read mean {s['mean_s']:7.2f} s ({s['min_s']:.2f}-{s['max_s']:.2f}){ratio}")
+    doc = {"model": str(a.model), "draft": str(a.draft) if a.draft else None, "device": a.device,
+           "store_gb": a.store_gb, "rows": rows, "summary": summary,
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if a.out:
         a.out.write_text(json.dumps(doc, indent=1) + "\n")
-    return 0
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":
