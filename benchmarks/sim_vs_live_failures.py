@@ -6,7 +6,10 @@ runs are `lumen bench` at the same fixed 2.7 req/s (`gpu_repro.sh` with QPS=2.7)
 (its summaries, the same `summarize_run` and window as the prediction) and the records in bench-runs.tgz.
 
 For every live failure run this prints the prediction for the same policy and seed beside it, after checking
-that the simulated workload is the live one (ids, lengths and arrivals).
+that the simulated workload is the live one (ids, lengths and arrivals). With `--own-restart` it also
+simulates each run again with that run's own measured reload (process up, disk read, host -> device copy,
+warm-up of the restarted worker, from the run's end state): what is left of the gap is the simulator's
+serving, not the calibrated restart.
 
     python benchmarks/sim_vs_live_failures.py --live docs/results/gpu-2026-12-07d-slots-q2.7 \
         --out docs/results/gpu-2026-12-07d-slots-q2.7/sim_vs_live.json
@@ -23,6 +26,7 @@ import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sim_fidelity_slots_gpu as fid  # noqa: E402  (the prediction's own workload, cost and simulator)
 from sim_fidelity_slots_gpu import check_workload  # noqa: E402  (the prediction's own workload check)
 
 PREDICTION = Path("docs/results/sim-prediction-h100-slots-q2.7-2026-12-07/prediction.json")
@@ -43,6 +47,48 @@ def live_records(tgz: Path) -> dict[str, list[dict]]:
     return out
 
 
+def live_reload_phases(tgz: Path) -> dict[str, dict]:
+    """{'<label>-seed<n>': the restarted worker's load phases} from each run's end state (run.json)."""
+    out = {}
+    with tarfile.open(tgz) as tf:
+        for m in tf.getmembers():
+            if m.name.endswith(".run.json") and "/records/" in m.name:
+                end = json.load(tf.extractfile(m)).get("cluster_end") or {}
+                for w in end.get("workers", []):
+                    if w.get("id") == fid.FAIL_WORKER and w.get("epoch", 1) > 1:
+                        out[Path(m.name).name.removesuffix(".run.json")] = w.get("phases_s", {})
+    return out
+
+
+def own_restart_cfg(kill_to_serving_s: float, phases: dict) -> dict:
+    """The simulator's restart settings from one live run's own reload, as `fid.restart_cfg` makes them
+    from the calibration run's: the process comes up (what kill -> SERVING leaves after the load phases),
+    then the disk read, the host -> device copy and the warm-up (these two in the worker's own slots)."""
+    disk, h2d = phases["disk_to_host_s"], phases["weights_to_device_s"]
+    warm = phases.get("engine_init_s", 0.0) + phases.get("warmup_s", 0.0)
+    up = kill_to_serving_s - disk - h2d - warm
+    return {"detect_s": 0.3, "restart_s": max(0.0, up - 0.3), "disk_gbps": fid.WEIGHT_BYTES / disk / 1e9,
+            "h2d_gbps": fid.WEIGHT_BYTES / (h2d / fid.WORKERS) / 1e9, "warmup_s": warm / fid.WORKERS}
+
+
+def simulate_with_own_restart(policy: str, seed: int, qps: float, window: int, restart: dict) -> dict:
+    """One failure run of the prediction's measured-prefill / EMA configuration, restart as given."""
+    cost = fid.measured_cost(*fid.load_live(fid.LIVE_TGZ))
+    cfg = fid.base_cfg(cost, "slots", ckpt_budget_gb=6.0, **restart)
+    wl = fid.workload(seed, qps)
+    base = fid.Counted(cfg, wl, "stop-restart", None, seed, gate="ema").run()
+    c = fid.Counted(cfg, wl, policy, fid.FailurePlan((fid.FailureSpec(fid.FAIL_AT, workers=(fid.FAIL_WORKER,)),)),
+                    seed, gate="ema")
+    res = c.run()
+    back = [t for t in c.serving_at[fid.FAIL_WORKER] if t > fid.FAIL_AT]
+    outage_end = back[0] if back else None
+    s = fid.summarize_run(res.records, base.records, window=window, threshold=fid.THRESHOLD, settle=fid.SETTLE,
+                          policy=policy, seed=seed, failure_times=res.failure_times, not_before=fid.FAIL_AT,
+                          outage_end=outage_end).to_dict()
+    s["kill_to_serving_s"] = None if outage_end is None else outage_end - fid.FAIL_AT
+    return {**{k: s.get(k) for k, *_ in FIELDS}, "recovered": s["recovered"]}
+
+
 def fmt(v, scale: float, digits: int) -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v * scale:.{digits}f}"
 
@@ -51,11 +97,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--live", type=Path, required=True, help="a results directory with results.json and bench-runs.tgz")
     ap.add_argument("--prediction", type=Path, default=PREDICTION)
+    ap.add_argument("--own-restart", action="store_true",
+                    help="also simulate each run with its own measured reload instead of the calibrated one")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     pred = json.loads(a.prediction.read_text())
     live = json.loads((a.live / "results.json").read_text())
     recs = live_records(a.live / "bench-runs.tgz")
+    phases = live_reload_phases(a.live / "bench-runs.tgz") if a.own_restart else {}
     qps = live["meta"]["qps"]
     if abs(qps - pred["qps"]) > 1e-9 or live["meta"]["window"] != pred["window"]:
         print(f"the live runs ({qps} req/s, window {live['meta']['window']}) are not the prediction's "
@@ -77,17 +126,22 @@ def main() -> int:
         for c in pred["configs"]:
             p = c["runs"][pol][seed]
             row["predicted"][f"{c['cost']}/{c['gate']}"] = {**{k: p.get(k) for k, *_ in FIELDS}, "recovered": p["recovered"]}
+        if a.own_restart and key in phases and live_row["kill_to_serving_s"] is not None:
+            restart = own_restart_cfg(live_row["kill_to_serving_s"], phases[key])
+            row["own_restart"] = restart
+            row["predicted"]["measured-prefill/ema, own restart"] = simulate_with_own_restart(
+                pol, seed, qps, pred["window"], restart)
         rows.append(row)
     if not rows:
         print("no live failure run matches a predicted policy and seed", file=sys.stderr)
         return 2
-    head = f"{'run':22s} {'source':24s} " + " ".join(f"{lab:>15s}" for _, lab, *_ in FIELDS) + "  recovered"
+    head = f"{'run':22s} {'source':36s} " + " ".join(f"{lab:>15s}" for _, lab, *_ in FIELDS) + "  recovered"
     print(f"prediction {a.prediction} (made before the runs) against live {a.live}, {qps:g} req/s")
     print(head)
     for r in rows:
         name = f"{r['policy']}-seed{r['seed']}" + ("" if r["workload_identical"] else " (workload differs!)")
         for src, v in (("live", r["live"]), *r["predicted"].items()):
-            print(f"{name:22s} {src:24s} " + " ".join(f"{fmt(v[k], sc, d):>15s}" for k, _, sc, d in FIELDS)
+            print(f"{name:22s} {src:36s} " + " ".join(f"{fmt(v[k], sc, d):>15s}" for k, _, sc, d in FIELDS)
                   + f"  {'yes' if v['recovered'] else 'no (censored)'}")
             name = ""
     if a.out:

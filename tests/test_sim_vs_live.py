@@ -38,3 +38,17 @@ def test_runs_at_another_rate_are_refused(tmp_path):
     p = subprocess.run([sys.executable, "benchmarks/sim_vs_live_failures.py", "--live", str(bad)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "not the prediction's" in p.stderr
+
+
+def test_with_each_runs_own_reload_the_simulated_worker_returns_when_the_live_one_did(tmp_path):
+    out = tmp_path / "cmp.json"
+    p = subprocess.run([sys.executable, "benchmarks/sim_vs_live_failures.py", "--live", str(LIVE), "--own-restart",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 3
+    for r in rows:
+        own = r["predicted"]["measured-prefill/ema, own restart"]
+        # the reload phases come from the run's end state; the simulator adds its detection and slot waits
+        assert abs(own["kill_to_serving_s"] - r["live"]["kill_to_serving_s"]) < 0.5, r
+        assert r["own_restart"]["disk_gbps"] > 0.5 and r["own_restart"]["restart_s"] > 0
