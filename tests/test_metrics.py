@@ -401,6 +401,34 @@ def test_capacity_check_without_stop_restart_or_without_an_outage():
     assert check["seeds"][0]["capacity_lost"] is True and check["seeds"][0]["basis"] == ["lumen"]
 
 
+def test_capacity_check_measures_the_run_to_run_noise_before_the_failure():
+    """Before the failure a failure run serves the same requests as its no-failure run: their TTFT ratio there
+    is noise alone, and a loss no larger than it is flagged, not taken for a loss of capacity."""
+    from lumen.metrics.report import capacity_warnings
+    from lumen.metrics.summary import check_capacity
+
+    base = run([1.0] * 10)
+    fail_at = 5 * W * GAP  # windows 0-4 arrive before it
+    # the failure run was 20% slower before the failure (windows 0-4; window 4 interrupted, so left out)
+    slow = run([1.2, 1.2, 1.2, 1.2, 9.0, 1.0, 1.0, 1.0, 1.0, 1.0], interrupted=range(4 * W, 5 * W))
+    s = summarize_run(slow, base, window=W, policy="stop-restart", seed=0, failure_times=[fail_at],
+                      outage_end=8 * W * GAP)
+    assert s.pre_failure_ttft_vs_baseline == pytest.approx(1.2)
+    ref = summarize_run(base, base, window=W, policy=NO_FAILURE, seed=0)
+    s.outage_ttft_vs_baseline = 1.15  # a loss smaller than the noise: within it
+    check = check_capacity([ref, s])
+    assert check["seeds"][0]["capacity_lost"] is True and check["seeds"][0]["noise"] == pytest.approx(0.2)
+    assert check["within_noise_seeds"] == [0]
+    (line,) = capacity_warnings(check)
+    assert line.startswith("[yellow]the capacity loss is within the run-to-run noise in seed 0")
+    assert "outage TTFT × stop-restart 1.15, before the failure ×1.20" in line
+    s.outage_ttft_vs_baseline = 1.5  # larger than the noise: a loss, no note
+    check = check_capacity([ref, s])
+    assert check["within_noise_seeds"] == [] and capacity_warnings(check) == []
+    # no failure time, no pre-failure ratio
+    assert math.isnan(summarize_run(base, base, window=W, policy="lumen", seed=0).pre_failure_ttft_vs_baseline)
+
+
 def test_paper_verdict_says_whether_lumen_beat_stop_restart():
     from lumen.metrics.report import paper_verdict
     from lumen.metrics.summary import CI, METRICS, PolicyAggregate
