@@ -24,7 +24,7 @@ _RUN_COLUMNS = (
     "interrupted_tpot_mean", "interrupted_tpot_p99", "ttft_mean", "ttft_p99", "tpot_mean", "tpot_p99",
     "e2e_mean", "baseline_ttft_mean", "baseline_tpot_mean", "duration_s", "output_tokens_per_s", "window",
     "outage_end_s", "outage_ttft_mean", "outage_tpot_mean", "baseline_outage_ttft_mean", "baseline_outage_tpot_mean",
-    "outage_ttft_vs_baseline", "outage_tpot_vs_baseline", "capacity_lost",
+    "outage_ttft_vs_baseline", "outage_tpot_vs_baseline", "pre_failure_ttft_vs_baseline", "capacity_lost",
 )  # fmt: skip
 
 
