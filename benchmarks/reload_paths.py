@@ -8,7 +8,8 @@ thread while the main thread loads the draft onto the device; under the checkpoi
 page-locks the checkpoint store meanwhile. On a GPU the read page-locks its buffers, and the first
 CUDA call of a fresh process creates its context; a restarted worker is a fresh process. So each trial
 here is a fresh process, timed from the point where a worker starts its load, after evicting the files
-from the page cache (as `--cold-restart` does), arms interleaved so drift in the disk hits them alike:
+from the page cache (as `--cold-restart` does; the draft is read from its resident copy in /dev/shm, as in
+the live runs), arms interleaved so drift in the disk hits them alike:
 
   plain         read on the main thread (stop-restart's reload)
   plain+store   the same with the checkpoint store page-locked on a thread beside it (lumen-no-spec,
@@ -45,7 +46,7 @@ def _trial(arm: str, model: str, draft: str | None, device: str, store_gb: float
 
         pin = device.startswith("cuda")
         dtype = torch.bfloat16 if pin else torch.float32
-        evict_models([model, draft])
+        evict_models([model])
         out: dict = {}
         threads = []
 
@@ -124,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.device is None:
         import torch
         a.device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    if a.draft is not None:
+        # the live runs' draft was resident (draft_resident 1): its copy in /dev/shm, made as a worker makes it
+        from lumen.runtime import draft_cache
+
+        resident = draft_cache.stage(a.draft)
+        print(f"draft: {resident or a.draft}" + ("" if resident else " (no resident copy: read from disk)"), flush=True)
+        a.draft = resident or a.draft
     arms = [m for m in ARMS if (m != "thread+draft" or a.draft is not None)
             and (m != "plain+ctx" or a.device.startswith("cuda"))]
     rows = []

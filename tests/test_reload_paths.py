@@ -4,6 +4,7 @@ process reading a real model directory from a cold page cache."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,12 @@ def test_each_reload_path_reads_the_whole_target(tmp_path):
     out = tmp_path / "reload.json"
     p = subprocess.run([sys.executable, "benchmarks/reload_paths.py", "--model", str(target), "--draft", str(draft),
                         "--device", "cpu", "--store-gb", "0.05", "--repeats", "1", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "LUMEN_DRAFT_SHM": str(tmp_path / "shm")})
     assert p.returncode == 0, p.stderr
+    # the draft is read from its resident copy, staged as a worker stages it
+    (resident,) = (tmp_path / "shm").iterdir()
+    assert json.loads(out.read_text())["draft"] == str(resident)
     doc = json.loads(out.read_text())
     # no CUDA here: no context to create, so no plain+ctx arm
     assert [r["arm"] for r in doc["rows"]] == ["plain", "plain+store", "thread+draft"]
