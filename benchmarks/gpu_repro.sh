@@ -130,7 +130,9 @@ for step in $STEPS; do
   reload)
     # the target's cold read on each policy's reload path, each trial a fresh process (benchmarks/reload_paths.py): why
     # lumen's restarted worker read its target 3-4 s faster than every other policy's (gpu-results.md)
-    timeout -k 20 "${RELOAD_TIMEOUT:-240}" python3 benchmarks/reload_paths.py --model "$LUMEN_HOME/models/repro-$PRESET" \
+    # at most 240 s, and never past the block's end (the JSON is rewritten after each trial: a cut keeps what ran)
+    lim=$(( $(left) - 20 )); [ "$lim" -gt 240 ] && lim=240; [ "$lim" -lt 30 ] && lim=30
+    timeout -k 20 "$lim" python3 benchmarks/reload_paths.py --model "$LUMEN_HOME/models/repro-$PRESET" \
       --draft "$LUMEN_HOME/models/repro-$PRESET-selfdraft" --device "${DEVICES%%,*}" --store-gb "$CKPT_GB" --repeats "${RELOAD_REPEATS:-2}" \
       --out "$OUT/reload_paths.json" > "$OUT/reload.log" 2>&1
     echo "reload paths exit $?"; tail -4 "$OUT/reload.log" ;;

@@ -38,60 +38,71 @@ ARMS = ("plain", "plain+store", "thread+draft", "plain+ctx")
 def _trial(arm: str, model: str, draft: str | None, device: str, store_gb: float, conn) -> None:
     """One reload in this (fresh) process; sends {target_s, ...} or {error}."""
     try:
-        import torch
-
-        from lumen.model.loader import build_model_from_host, read_config, read_weights_to_host
-        from lumen.runtime.ckpt_store import CheckpointStore
-        from lumen.runtime.page_cache import evict_models
-
-        pin = device.startswith("cuda")
-        dtype = torch.bfloat16 if pin else torch.float32
-        evict_models([model])
-        out: dict = {}
-        threads = []
-
-        def run(name, fn):
-            t = threading.Thread(target=lambda: out.__setitem__(name, fn()), name=name)
-            t.start()
-            threads.append(t)
-
-        def timed(fn):
-            def go():
-                t = time.monotonic()
-                fn()
-                return time.monotonic() - t
-            return go
-
-        def read_target():
-            return read_weights_to_host(model, dtype=dtype, pin=pin)
-
-        def store():
-            cfg = read_config(model)
-            s = CheckpointStore(int(store_gb * 1e9), cfg.kv_bytes_per_token(dtype) * 16)
-            s.allocate()
-            return s
-
-        def load_draft():
-            host = read_weights_to_host(draft, dtype=dtype, pin=pin)
-            return build_model_from_host(read_config(draft), host, device=device, dtype=dtype)
-
-        t0 = time.monotonic()
-        if arm in ("plain+store", "thread+draft") and store_gb > 0:
-            run("store_s", timed(store))
-        if arm == "plain+ctx" and pin:
-            run("ctx_s", timed(lambda: torch.cuda.init()))
-        if arm == "thread+draft":
-            run("target_s", timed(read_target))
-            if draft is not None:
-                out["draft_s"] = timed(load_draft)()
-        else:
-            out["target_s"] = timed(read_target)()
-        for t in threads:
-            t.join()
-        out["total_s"] = time.monotonic() - t0
-        conn.send(out)
+        conn.send(_reload(arm, model, draft, device, store_gb))
     except BaseException as e:  # reported by the parent, which exits 1
         conn.send({"error": f"{type(e).__name__}: {e}"})
+
+
+def _reload(arm: str, model: str, draft: str | None, device: str, store_gb: float) -> dict:
+    import torch
+
+    from lumen.model.loader import build_model_from_host, read_config, read_weights_to_host
+    from lumen.runtime.ckpt_store import CheckpointStore
+    from lumen.runtime.page_cache import evict_models
+
+    pin = device.startswith("cuda")
+    dtype = torch.bfloat16 if pin else torch.float32
+    evict_models([model])
+    out: dict = {}
+    threads: list[threading.Thread] = []
+    errors: list[str] = []
+
+    def timed(fn):
+        t = time.monotonic()
+        fn()
+        return time.monotonic() - t
+
+    def beside(name: str, fn) -> None:
+        """`fn` timed on a thread of its own; its failure fails the trial."""
+        def body():
+            try:
+                out[name] = timed(fn)
+            except BaseException as e:
+                errors.append(f"{name}: {type(e).__name__}: {e}")
+        t = threading.Thread(target=body, name=name)
+        t.start()
+        threads.append(t)
+
+    def read_target():
+        read_weights_to_host(model, dtype=dtype, pin=pin)
+
+    def store():  # sized as `lumen serve --ckpt-budget-gb` sizes it (GiB), pages of 16 tokens
+        cfg = read_config(model)
+        CheckpointStore(int(store_gb * (1 << 30)), cfg.kv_bytes_per_token(dtype) * 16).allocate()
+
+    def load_draft():
+        host = read_weights_to_host(draft, dtype=dtype, pin=pin)
+        build_model_from_host(read_config(draft), host, device=device, dtype=dtype)
+
+    t0 = time.monotonic()
+    try:
+        if arm in ("plain+store", "thread+draft") and store_gb > 0:
+            beside("store_s", store)
+        if arm == "plain+ctx" and pin:
+            beside("ctx_s", torch.cuda.init)
+        if arm == "thread+draft":
+            beside("target_s", read_target)
+            if draft is not None:
+                out["draft_s"] = timed(load_draft)
+        else:
+            out["target_s"] = timed(read_target)
+    finally:
+        for t in threads:  # on the error path too: no thread still reading at interpreter exit
+            t.join()
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    out["total_s"] = time.monotonic() - t0
+    return out
 
 
 def run_trial(arm: str, model: Path, draft: Path | None, device: str, store_gb: float, timeout_s: float) -> dict:
@@ -99,7 +110,12 @@ def run_trial(arm: str, model: Path, draft: Path | None, device: str, store_gb: 
     recv, send = ctx.Pipe(duplex=False)
     p = ctx.Process(target=_trial, args=(arm, str(model), str(draft) if draft else None, device, store_gb, send))
     p.start()
-    got = recv.recv() if recv.poll(timeout_s) else {"error": f"no result within {timeout_s:.0f} s"}
+    send.close()  # the child holds the only writer: a dead child ends the wait at once (EOFError)
+    try:
+        got = recv.recv() if recv.poll(timeout_s) else {"error": f"no result within {timeout_s:.0f} s"}
+    except EOFError:
+        p.join(timeout=30)
+        got = {"error": f"the trial's process died (exit code {p.exitcode})"}
     p.join(timeout=30)
     if p.is_alive():
         p.kill()
@@ -120,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.repeats < 1:
         ap.error("--repeats must be at least 1")
-    if not (a.model / "config.json").is_file():
-        ap.error(f"--model {a.model}: no config.json there")
+    for flag, d in (("--model", a.model), ("--draft", a.draft)):
+        if d is not None and not (d / "config.json").is_file():
+            ap.error(f"{flag} {d}: no config.json there")
     if a.device is None:
         import torch
         a.device = "cuda:0" if torch.cuda.is_available() else "cpu"
@@ -134,32 +151,39 @@ def main(argv: list[str] | None = None) -> int:
         a.draft = resident or a.draft
     arms = [m for m in ARMS if (m != "thread+draft" or a.draft is not None)
             and (m != "plain+ctx" or a.device.startswith("cuda"))]
-    rows = []
+    rows: list[dict] = []
     for rep in range(a.repeats):
         for i in range(len(arms)):
             arm = arms[(i + rep) % len(arms)]  # rotate the order each repeat
             r = {"repeat": rep, "arm": arm, **run_trial(arm, a.model, a.draft, a.device, a.store_gb, a.timeout)}
             rows.append(r)
+            _write(a, rows)  # after every trial: a block's time limit keeps what ran
             if "error" in r:
                 print(f"repeat {rep} {arm}: {r['error']}", file=sys.stderr)
                 continue
             extra = "".join(f"  {k[:-2]} {r[k]:6.2f} s" for k in ("draft_s", "store_s", "ctx_s") if k in r)
             print(f"repeat {rep} {arm:13s} target {r['target_s']:7.2f} s{extra}", flush=True)
-    summary = {}
-    for m in arms:
-        ts = [r["target_s"] for r in rows if r["arm"] == m and "target_s" in r]
-        if ts:
-            summary[m] = {"mean_s": statistics.fmean(ts), "min_s": min(ts), "max_s": max(ts), "n": len(ts)}
+    summary = _write(a, rows)
     base = summary.get("plain", {}).get("mean_s")
     for m, s in summary.items():
         ratio = f", x{s['mean_s'] / base:.3f} of plain" if base else ""
         print(f"{m:13s} target read mean {s['mean_s']:7.2f} s ({s['min_s']:.2f}-{s['max_s']:.2f}){ratio}")
-    doc = {"model": str(a.model), "draft": str(a.draft) if a.draft else None, "device": a.device,
-           "store_gb": a.store_gb, "rows": rows, "summary": summary,
-           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if a.out:
-        a.out.write_text(json.dumps(doc, indent=1) + "\n")
     return 1 if any("error" in r for r in rows) else 0
+
+
+def _write(a, rows: list[dict]) -> dict:
+    """Each arm's mean target read so far; the whole document to --out, if given."""
+    summary = {}
+    for m in ARMS:
+        ts = [r["target_s"] for r in rows if r["arm"] == m and "target_s" in r]
+        if ts:
+            summary[m] = {"mean_s": statistics.fmean(ts), "min_s": min(ts), "max_s": max(ts), "n": len(ts)}
+    if a.out:
+        doc = {"model": str(a.model), "draft": str(a.draft) if a.draft else None, "device": a.device,
+               "store_gb": a.store_gb, "rows": rows, "summary": summary,
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        a.out.write_text(json.dumps(doc, indent=1) + "\n")
+    return summary
 
 
 if __name__ == "__main__":

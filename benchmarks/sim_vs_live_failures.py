@@ -9,7 +9,7 @@ For every live failure run this prints the prediction for the same policy and se
 that the simulated workload is the live one (ids, lengths and arrivals). With `--own-restart` it also
 simulates each run again with that run's own measured reload (process up, disk read, host -> device copy,
 warm-up of the restarted worker, from the run's end state): what is left of the gap is the simulator's
-serving, not the calibrated restart.
+serving, not the calibrated restart (for lumen, less the draft's own load time, which is not carried over).
 
     python benchmarks/sim_vs_live_failures.py --live docs/results/gpu-2026-12-07d-slots-q2.7 \
         --out docs/results/gpu-2026-12-07d-slots-q2.7/sim_vs_live.json
@@ -63,17 +63,21 @@ def live_reload_phases(tgz: Path) -> dict[str, dict]:
 def own_restart_cfg(kill_to_serving_s: float, phases: dict) -> dict:
     """The simulator's restart settings from one live run's own reload, as `fid.restart_cfg` makes them
     from the calibration run's: the process comes up (what kill -> SERVING leaves after the load phases),
-    then the disk read, the host -> device copy and the warm-up (these two in the worker's own slots)."""
-    disk, h2d = phases["disk_to_host_s"], phases["weights_to_device_s"]
+    then the disk read, the host -> device copy and the warm-up (these two in the worker's own slots).
+    Lumen's `disk_to_host_s` counts from the start of its draft phase: the target's read is what follows
+    `target_read_start_s` (0 with a resident draft). The draft's own load is not carried over: the simulator
+    copies a resident draft at host -> device speed (~0.03 s here, 5.4 s live on the H100), so its lumen
+    assists from earlier than the live one did."""
+    disk = phases["disk_to_host_s"] - phases.get("target_read_start_s", 0.0)
+    h2d = phases["weights_to_device_s"]
     warm = phases.get("engine_init_s", 0.0) + phases.get("warmup_s", 0.0)
     up = kill_to_serving_s - disk - h2d - warm
     return {"detect_s": 0.3, "restart_s": max(0.0, up - 0.3), "disk_gbps": fid.WEIGHT_BYTES / disk / 1e9,
             "h2d_gbps": fid.WEIGHT_BYTES / (h2d / fid.WORKERS) / 1e9, "warmup_s": warm / fid.WORKERS}
 
 
-def simulate_with_own_restart(policy: str, seed: int, qps: float, window: int, restart: dict) -> dict:
+def simulate_with_own_restart(cost, policy: str, seed: int, qps: float, window: int, restart: dict) -> dict:
     """One failure run of the prediction's measured-prefill / EMA configuration, restart as given."""
-    cost = fid.measured_cost(*fid.load_live(fid.LIVE_TGZ))
     cfg = fid.base_cfg(cost, "slots", ckpt_budget_gb=6.0, **restart)
     wl = fid.workload(seed, qps)
     base = fid.Counted(cfg, wl, "stop-restart", None, seed, gate="ema").run()
@@ -105,6 +109,7 @@ def main() -> int:
     live = json.loads((a.live / "results.json").read_text())
     recs = live_records(a.live / "bench-runs.tgz")
     phases = live_reload_phases(a.live / "bench-runs.tgz") if a.own_restart else {}
+    cost = fid.measured_cost(*fid.load_live(fid.LIVE_TGZ)) if a.own_restart else None
     qps = live["meta"]["qps"]
     if abs(qps - pred["qps"]) > 1e-9 or live["meta"]["window"] != pred["window"]:
         print(f"the live runs ({qps} req/s, window {live['meta']['window']}) are not the prediction's "
@@ -126,11 +131,12 @@ def main() -> int:
         for c in pred["configs"]:
             p = c["runs"][pol][seed]
             row["predicted"][f"{c['cost']}/{c['gate']}"] = {**{k: p.get(k) for k, *_ in FIELDS}, "recovered": p["recovered"]}
-        if a.own_restart and key in phases and live_row["kill_to_serving_s"] is not None:
+        if (a.own_restart and live_row["kill_to_serving_s"] is not None
+                and {"disk_to_host_s", "weights_to_device_s"} <= set(phases.get(key, {}))):
             restart = own_restart_cfg(live_row["kill_to_serving_s"], phases[key])
             row["own_restart"] = restart
             row["predicted"]["measured-prefill/ema, own restart"] = simulate_with_own_restart(
-                pol, seed, qps, pred["window"], restart)
+                cost, pol, seed, qps, pred["window"], restart)
         rows.append(row)
     if not rows:
         print("no live failure run matches a predicted policy and seed", file=sys.stderr)

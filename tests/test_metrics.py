@@ -409,8 +409,9 @@ def test_capacity_check_measures_the_run_to_run_noise_before_the_failure():
 
     base = run([1.0] * 10)
     fail_at = 5 * W * GAP  # windows 0-4 arrive before it
-    # the failure run was 20% slower before the failure (windows 0-4; window 4 interrupted, so left out)
-    slow = run([1.2, 1.2, 1.2, 1.2, 9.0, 1.0, 1.0, 1.0, 1.0, 1.0], interrupted=range(4 * W, 5 * W))
+    # the failure run was 20% slower before the failure; window 4 queued through it (first tokens after the
+    # failure: its TTFT holds the outage, so it is left out) and window 3's last requests are interrupted
+    slow = run([1.2, 1.2, 1.2, 1.2, 9.0, 1.0, 1.0, 1.0, 1.0, 1.0], interrupted=range(3 * W + 5, 4 * W))
     s = summarize_run(slow, base, window=W, policy="stop-restart", seed=0, failure_times=[fail_at],
                       outage_end=8 * W * GAP)
     assert s.pre_failure_ttft_vs_baseline == pytest.approx(1.2)
@@ -421,7 +422,7 @@ def test_capacity_check_measures_the_run_to_run_noise_before_the_failure():
     assert check["within_noise_seeds"] == [0]
     (line,) = capacity_warnings(check)
     assert line.startswith("[yellow]the capacity loss is within the run-to-run noise in seed 0")
-    assert "outage TTFT × stop-restart 1.15, before the failure ×1.20" in line
+    assert "outage TTFT × stop-restart 1.15; before the failure stop-restart 1.20" in line
     s.outage_ttft_vs_baseline = 1.5  # larger than the noise: a loss, no note
     check = check_capacity([ref, s])
     assert check["within_noise_seeds"] == [] and capacity_warnings(check) == []

@@ -35,3 +35,25 @@ def test_each_reload_path_reads_the_whole_target(tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/reload_paths.py", "--model", str(target), "--repeats", "0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--repeats" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_failed_reload_is_reported_not_raised(tmp_path):
+    import shutil
+
+    from cluster_util import make_tiny_model_dir
+
+    target = make_tiny_model_dir(tmp_path / "target")
+    broken = tmp_path / "broken"
+    shutil.copytree(target, broken)
+    (w,) = broken.glob("*.safetensors")
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])  # truncated while copying, say
+    out = tmp_path / "reload.json"
+    p = subprocess.run([sys.executable, "benchmarks/reload_paths.py", "--model", str(broken), "--device", "cpu",
+                        "--store-gb", "0.05", "--repeats", "1", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["arm"] for r in rows] == ["plain", "plain+store"] and all("error" in r for r in rows)
+    bad = subprocess.run([sys.executable, "benchmarks/reload_paths.py", "--model", str(target), "--draft",
+                          str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--draft" in bad.stderr and "Traceback" not in bad.stderr

@@ -256,13 +256,14 @@ def capacity_warnings(check: dict) -> list[str]:
             "are listed under no_capacity_loss_runs in results.json."))
         lines[-1] = f"[bold red]{lines[-1]}[/]"
     if check.get("within_noise_seeds"):
-        which = "; ".join(f"seed {s} (outage TTFT × {judged(s)}, before the failure ×"
-                          + "/".join(_ratio_text(r) for r in seeds[s]["pre_failure_ttft_vs_baseline"].values()) + ")"
+        which = "; ".join(f"seed {s} (outage TTFT × {judged(s)}; before the failure "
+                          + ", ".join(f"{p} {_ratio_text(r)}" for p, r in seeds[s]["pre_failure_ttft_vs_baseline"].items()
+                                      if r is not None) + ")"
                           for s in check["within_noise_seeds"])
         lines.append("[yellow]" + escape(
             f"the capacity loss is within the run-to-run noise in {which}: before the failure, serving the same "
-            "requests, the runs already differed by as much, so these seeds show no loss of capacity for certain "
-            "(DESIGN.md §5)") + "[/]")
+            "requests, the runs already differed by as much, so these seeds do not show a loss of capacity beyond "
+            "chance and a recovery comparison from them is weak (DESIGN.md §5)") + "[/]")
     others = [s for s, d in seeds.items() if d["basis"] and not d["basis_is_reference"]]
     if others:
         lines.append("[yellow]" + escape(

@@ -142,8 +142,13 @@ def summarize_run(
     failure_times = sorted(float(t) for t in failure_times)
     outage = {}
     if failure_times:
-        # requests that arrived before the failure and were not interrupted by it, paired by id
-        pre = {r.req_id for r in records if r.arrival < failure_times[0] and not r.interrupted}
+        # requests served their first token before the failure in both runs (so nothing of the failure is in
+        # their TTFT: a queued request's can already hold the outage), not interrupted, paired by id
+        def first_before(rs: Sequence[RequestRecord]) -> set:
+            return {r.req_id for r in rs if r.first_token is not None and r.first_token < failure_times[0]
+                    and not r.interrupted and math.isfinite(ttft(r))}
+
+        pre = first_before(records) & first_before(baseline_records)
         outage["pre_failure_ttft_vs_baseline"] = _ratio(mean(ttft(r) for r in records if r.req_id in pre),
                                                         mean(ttft(r) for r in baseline_records if r.req_id in pre))
     if failure_times and outage_end is not None and outage_end > failure_times[0]:
@@ -311,7 +316,10 @@ def check_capacity(summaries: Sequence[RunSummary], reference_policy: str = "sto
     Returns ``{"rule", "reference_policy", "seeds": [{"seed", "capacity_lost", "basis",
     "basis_is_reference", "outage_ttft_vs_baseline": {policy: ratio}}], "no_capacity_loss_seeds",
     "unchecked_seeds", "no_capacity_loss_runs": [{"policy", "seed", "outage_ttft_vs_baseline"}]}``,
-    the last listing every failure run of a seed that lost no capacity.
+    the last listing every failure run of a seed that lost no capacity. Each seed also has
+    ``pre_failure_ttft_vs_baseline`` ({policy: ratio} over the requests served before the failure, the same
+    requests in both runs: chance alone sets them apart), ``noise`` (the largest |ratio - 1| of them) and
+    ``within_noise`` (a loss no larger than that noise); ``within_noise_seeds`` lists those seeds.
     """
     runs = [s for s in summaries if not is_failure_free(s.policy)]
     by_seed: dict[int, list[RunSummary]] = {}
