@@ -312,6 +312,9 @@ def paper_verdict(aggregates, check: dict, reference: str = "stop-restart", poli
     censored = [p for p in (policy, reference) if by[p].recovered < by[p].repeats]
     note = (f"; not recovered within the run: {', '.join(censored)} (its recovery time is a lower bound)"
             if censored else "")
+    if check.get("within_noise_seeds"):
+        note += ("; the capacity loss is within the run-to-run noise in seed(s) "
+                 + ", ".join(map(str, check["within_noise_seeds"])) + " (above): weak evidence either way")
     if n == 1:
         # identical one-seed demos on the 2-core box differed by tens of percent (docs/benchmarks.md)
         note += "; one seed ranks nothing (identical runs differ by tens of percent): --repeats 3 gives CIs"
