@@ -512,12 +512,30 @@ def restart_cfg() -> dict:
     """detect 0.3 s + restart_s to the new process (live: switching 5.0-5.4 s after the kill), disk at
     the live read rate, then host -> device and warm-up, which the simulator runs in the worker's own
     slots only (about 4x their work on a 4-slot cycle, as the live gated copy and warm-up took)."""
-    kill_to_switching = statistics.mean(LIVE_PHASES["kill_to_switching_s"])
-    disk_s = statistics.mean(LIVE_PHASES["disk_to_host_s"])
-    h2d_s = statistics.mean(LIVE_PHASES["weights_to_device_s"])
-    warm_s = statistics.mean(LIVE_PHASES["engine_init_s"]) + statistics.mean(LIVE_PHASES["warmup_s"])
-    return {"detect_s": 0.3, "restart_s": kill_to_switching - 0.3, "disk_gbps": WEIGHT_BYTES / disk_s / 1e9,
+    return restart_settings(statistics.mean(LIVE_PHASES["kill_to_switching_s"]),
+                            statistics.mean(LIVE_PHASES["disk_to_host_s"]),
+                            statistics.mean(LIVE_PHASES["weights_to_device_s"]),
+                            statistics.mean(LIVE_PHASES["engine_init_s"]) + statistics.mean(LIVE_PHASES["warmup_s"]))
+
+
+def restart_settings(up_s: float, disk_s: float, h2d_s: float, warm_s: float) -> dict:
+    """SimConfig's restart fields from a reload's measured phases: kill -> process up (detection 0.3 s of it),
+    the disk read, and the host -> device copy and warm-up, which ran gated by the worker's own slots."""
+    return {"detect_s": 0.3, "restart_s": max(0.0, up_s - 0.3), "disk_gbps": WEIGHT_BYTES / disk_s / 1e9,
             "h2d_gbps": WEIGHT_BYTES / (h2d_s / WORKERS) / 1e9, "warmup_s": warm_s / WORKERS}
+
+
+def failure_run(cfg: SimConfig, wl, policy: str, seed: int, gate: str, base_records, window: int):
+    """One simulated failure run (worker FAIL_WORKER at FAIL_AT) summarised against the no-failure run's
+    records as `lumen bench` does: (summary dict with kill_to_serving_s, simulator result, Counted)."""
+    c = Counted(cfg, wl, policy, FailurePlan((FailureSpec(FAIL_AT, workers=(FAIL_WORKER,)),)), seed, gate=gate)
+    res = c.run()
+    back = [t for t in c.serving_at[FAIL_WORKER] if t > FAIL_AT]
+    outage_end = back[0] if back else None
+    d = summarize_run(res.records, base_records, window=window, threshold=THRESHOLD, settle=SETTLE, policy=policy,
+                      seed=seed, failure_times=res.failure_times, not_before=FAIL_AT, outage_end=outage_end).to_dict()
+    d["kill_to_serving_s"] = None if outage_end is None else outage_end - FAIL_AT
+    return d, res, c
 
 
 def measured_cost(recs, run) -> MeasuredPrefill:
@@ -548,20 +566,12 @@ def prediction(a, recs, run, out: Path) -> dict:
                 base = Counted(cfg, wl, "stop-restart", None, seed, gate=gate)
                 bres = base.run()
                 for pol in POLICIES:
-                    c = Counted(cfg, wl, pol, FailurePlan((FailureSpec(FAIL_AT, workers=(FAIL_WORKER,)),)), seed, gate=gate)
-                    res = c.run()
-                    back = [t for t in c.serving_at[FAIL_WORKER] if t > FAIL_AT]
-                    outage_end = back[0] if back else None
-                    if outage_end is not None:
-                        restart_s.append(outage_end - FAIL_AT)
-                    s = summarize_run(res.records, bres.records, window=result["window"], threshold=THRESHOLD, settle=SETTLE,
-                                      policy=pol, seed=seed, failure_times=res.failure_times, not_before=FAIL_AT,
-                                      outage_end=outage_end)
-                    d = s.to_dict()
+                    d, res, c = failure_run(cfg, wl, pol, seed, gate, bres.records, result["window"])
+                    if d["kill_to_serving_s"] is not None:
+                        restart_s.append(d["kill_to_serving_s"])
                     for k in ("window_mid_arrival", "window_mean_ttft", "baseline_window_mean_ttft"):
                         d.pop(k, None)
-                    d.update(kill_to_serving_s=None if outage_end is None else outage_end - FAIL_AT,
-                             restores=res.stats.restores, recomputes=res.stats.recomputes,
+                    d.update(restores=res.stats.restores, recomputes=res.stats.recomputes,
                              assisted_steps=res.stats.assisted_steps, per_worker=c.per_worker())
                     summaries[pol].append(d)
             agg = {}
@@ -618,16 +628,11 @@ def qps_sweep(a, recs, run, out: Path) -> dict:
                 wl = workload(seed, qps)
                 window = max(5, len(wl) // 12)
                 bres = Counted(cfg, wl, "stop-restart", None, seed, gate=gate).run()
-                c = Counted(cfg, wl, "stop-restart", FailurePlan((FailureSpec(FAIL_AT, workers=(FAIL_WORKER,)),)), seed, gate=gate)
-                res = c.run()
-                back = [t for t in c.serving_at[FAIL_WORKER] if t > FAIL_AT]
-                sm = summarize_run(res.records, bres.records, window=window, threshold=THRESHOLD, settle=SETTLE,
-                                   policy="stop-restart", seed=seed, failure_times=res.failure_times, not_before=FAIL_AT,
-                                   outage_end=back[0] if back else None)
+                sm, _, _ = failure_run(cfg, wl, "stop-restart", seed, gate, bres.records, window)
                 for k in ("baseline_ttft_mean", "baseline_tpot_mean", "outage_ttft_vs_baseline", "outage_tpot_vs_baseline",
                           "affected_ttft_mean", "recovery_time_s"):
-                    vals[k].append(getattr(sm, k))
-                vals["recovered"].append(sm.recovered)
+                    vals[k].append(math.nan if sm[k] is None else sm[k])
+                vals["recovered"].append(sm["recovered"])
             row = {"cost": cname, "gate": gate, "qps": qps, "requests": math.ceil(DURATION * qps),
                    **{k: ci95(v) for k, v in vals.items() if k != "recovered"}, "recovered": sum(vals["recovered"])}
             rows.append(row)

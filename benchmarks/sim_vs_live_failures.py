@@ -71,9 +71,7 @@ def own_restart_cfg(kill_to_serving_s: float, phases: dict) -> dict:
     disk = phases["disk_to_host_s"] - phases.get("target_read_start_s", 0.0)
     h2d = phases["weights_to_device_s"]
     warm = phases.get("engine_init_s", 0.0) + phases.get("warmup_s", 0.0)
-    up = kill_to_serving_s - disk - h2d - warm
-    return {"detect_s": 0.3, "restart_s": max(0.0, up - 0.3), "disk_gbps": fid.WEIGHT_BYTES / disk / 1e9,
-            "h2d_gbps": fid.WEIGHT_BYTES / (h2d / fid.WORKERS) / 1e9, "warmup_s": warm / fid.WORKERS}
+    return fid.restart_settings(kill_to_serving_s - disk - h2d - warm, disk, h2d, warm)
 
 
 def simulate_with_own_restart(cost, policy: str, seed: int, qps: float, window: int, restart: dict) -> dict:
@@ -81,15 +79,7 @@ def simulate_with_own_restart(cost, policy: str, seed: int, qps: float, window: 
     cfg = fid.base_cfg(cost, "slots", ckpt_budget_gb=6.0, **restart)
     wl = fid.workload(seed, qps)
     base = fid.Counted(cfg, wl, "stop-restart", None, seed, gate="ema").run()
-    c = fid.Counted(cfg, wl, policy, fid.FailurePlan((fid.FailureSpec(fid.FAIL_AT, workers=(fid.FAIL_WORKER,)),)),
-                    seed, gate="ema")
-    res = c.run()
-    back = [t for t in c.serving_at[fid.FAIL_WORKER] if t > fid.FAIL_AT]
-    outage_end = back[0] if back else None
-    s = fid.summarize_run(res.records, base.records, window=window, threshold=fid.THRESHOLD, settle=fid.SETTLE,
-                          policy=policy, seed=seed, failure_times=res.failure_times, not_before=fid.FAIL_AT,
-                          outage_end=outage_end).to_dict()
-    s["kill_to_serving_s"] = None if outage_end is None else outage_end - fid.FAIL_AT
+    s, _, _ = fid.failure_run(cfg, wl, policy, seed, "ema", base.records, window)
     return {**{k: s.get(k) for k, *_ in FIELDS}, "recovered": s["recovered"]}
 
 
