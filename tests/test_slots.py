@@ -141,6 +141,8 @@ def test_live_workers_step_only_inside_their_slots(tmp_path):
             outs = list(pool.map(lambda _: c.complete("The quick brown fox", max_tokens=24, ignore_eos=True),
                                  range(6)))
         assert all(o["choices"][0]["token_ids"] == ref for o in outs)  # slots change no answer
+        # worker 1 stepped before its kill (its step log may lose those rows to the SIGKILL: see below)
+        wait_until(lambda: c.worker(1)["stats"].get("slot_steps", 0) > 0, 10, "worker 1's first slot steps")
         c.kill(1, signal.SIGKILL)
         wait_until(lambda: c.worker(1)["epoch"] == 2 and c.worker(1)["state"] == "serving", 90,
                    "worker 1 back")
