@@ -7,7 +7,9 @@ It spawns ``--workers`` real child processes (sleepers) as stand-in workers and 
 ``GET /lumen/cluster`` so the injector can really SIGKILL/SIGSTOP them. When one dies, requests
 "assigned" to it are marked interrupted and every request is slowed for a policy-dependent
 period (``stop-restart`` longest, ``lumen`` shortest) before a replacement worker (epoch + 1) is
-started, which gives the runner a degradation to measure. Behaviour switches via "model":
+started, which gives the runner a degradation to measure. Every chunk names the worker serving the
+request (``"lumen": {"worker": id}``; lumen's gateway names it only when it changes): the request's
+own, then after an interruption the killed worker's ring neighbour. Behaviour switches via "model":
 ``error-503`` (HTTP 503), ``stream-error`` (error event after 2 tokens), ``hang`` (first token,
 then nothing), ``drop`` (2 tokens, then the connection closes). pytest collects no tests here.
 """
@@ -135,15 +137,16 @@ def build_app(n_workers: int, policy: str, token_delay: float, prefill_per_token
                     yield 'data: {"error": {"message": "worker lost", "type": "server_error"}}\n\n'
                     return
                 w = state["workers"][wid]
-                extra = None
                 if not interrupted and (w["state"] != "serving" or w["epoch"] != epoch):
                     interrupted = True
-                    extra = {"lumen": {"interrupted": True}}
                     # the double "moves" it to the ring neighbour: restored there unless stop-restart
                     here = state["recovered"][(wid + 1) % n_workers]
                     here["recomputed" if policy == "stop-restart" else "restored"] += 1
                     here["tokens"] += len(prompt) + i
-                yield chunk([7], "length" if i == n - 1 else None, extra)
+                ext = {"worker": (wid + 1) % n_workers if interrupted else wid}
+                if interrupted:
+                    ext["interrupted"] = True
+                yield chunk([7], "length" if i == n - 1 else None, {"lumen": ext})
                 if i < n - 1:
                     await slow(token_delay)
             yield f'data: {json.dumps({"choices": [], "usage": {"prompt_tokens": len(prompt), "completion_tokens": n}})}\n\n'

@@ -13,7 +13,9 @@ it carries; otherwise one token per chunk with text is assumed, and the final us
 (``stream_options.include_usage``) is authoritative for the total when present.
 
 Interrupted requests: the server marks them; the client accepts ``"lumen": {"interrupted": true}``
-on any chunk (lumen's gateway extension) and sets ``RequestRecord.interrupted``.
+on any chunk (lumen's gateway extension) and sets ``RequestRecord.interrupted``. The same extension
+names the worker serving the request (``"lumen": {"worker": id}``, on the first chunk and on any chunk
+after it changed): those go, in order, to ``RequestRecord.workers``.
 
 Errors are recorded as ``"kind: detail"`` with kind one of ``http`` (non-200 status), ``stream``
 (error event, malformed data, connection lost or stream ended without finishing), ``timeout``
@@ -135,8 +137,15 @@ class LoadClient:
                         if obj.get("error"):
                             raise _Stop(f"stream: {_error_message(json.dumps(obj))}")
                         ext = obj.get("lumen")
-                        if isinstance(ext, dict) and ext.get("interrupted"):
-                            rec.interrupted = True
+                        if isinstance(ext, dict):
+                            if ext.get("interrupted"):
+                                rec.interrupted = True
+                            wid = ext.get("worker")
+                            if isinstance(wid, int) and not isinstance(wid, bool):
+                                if rec.workers is None:
+                                    rec.workers = [wid]
+                                elif rec.workers[-1] != wid:
+                                    rec.workers.append(wid)
                         usage = obj.get("usage")
                         if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
                             usage_tokens = usage["completion_tokens"]

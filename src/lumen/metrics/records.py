@@ -20,7 +20,9 @@ class RequestRecord:
     None when the request never got that far. ``output_tokens`` is the number of tokens
     actually received. ``error`` is None for a request that completed normally; requests that
     received their first token keep their TTFT even if they failed later. ``interrupted`` marks a
-    request that was running on a worker when that worker failed.
+    request that was running on a worker when that worker failed. ``workers``: the ids of the workers
+    that produced its tokens, in order, without repeats in a row (the first produced its first token,
+    the last its last one); None where the server did not say (not lumen, or results from before).
     """
 
     req_id: int
@@ -32,6 +34,7 @@ class RequestRecord:
     interrupted: bool = False
     error: str | None = None
     token_times: list[float] | None = None
+    workers: list[int] | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -43,6 +46,7 @@ class RequestRecord:
             "output_tokens": self.output_tokens,
             "interrupted": self.interrupted,
             "error": self.error,
+            "workers": self.workers,
         }
 
     @classmethod
@@ -57,6 +61,7 @@ class RequestRecord:
             interrupted=bool(d.get("interrupted", False)),
             error=d.get("error"),
             token_times=d.get("token_times"),
+            workers=None if d.get("workers") is None else [int(w) for w in d["workers"]],
         )
 
 

@@ -495,7 +495,8 @@ class Controller:
                 if r.first_token_at is None:
                     r.first_token_at = now
                 r.generated.extend(toks)
-                r.events.put_nowait(("tokens", toks))
+                # the worker rides with its tokens: r.executor may have moved on by the time the gateway reads them
+                r.events.put_nowait(("tokens", toks, w.id))
                 if r.needs_placement:
                     r.needs_placement = False
                     self._place_checkpoint(r, w)

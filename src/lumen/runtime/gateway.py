@@ -239,17 +239,27 @@ class Gateway:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         text_parts: list[str] = []
         token_ids: list[int] = []
+        workers: list[int] = []  # the workers that produced its tokens, in order (no repeats in a row)
         try:
-            async for kind, text, ids, finish in self._events(req, state):
+            async for kind, text, ids, finish, worker in self._events(req, state):
                 if kind == "error":
                     status, message = finish
                     raise APIError(status, message)
                 text_parts.append(text)
                 token_ids.extend(ids)
+                if worker is not None and (not workers or workers[-1] != worker):
+                    workers.append(worker)
                 if finish:
                     body = completion_response(req, "".join(text_parts), token_ids, finish, len(req.prompt_ids))
-                    if state.interrupts:
-                        body["lumen"] = {"interrupted": state.interrupts}
+                    ext: dict = {}
+                    if state.interrupts:  # lumen extension: this request survived a worker failure
+                        ext["interrupted"] = state.interrupts
+                    if workers:  # ... and which worker(s) served it, the last one finished it
+                        ext["worker"] = workers[-1]
+                        if len(workers) > 1:
+                            ext["workers"] = workers
+                    if ext:
+                        body["lumen"] = ext
                     return body
         finally:
             self._cleanup(state)
@@ -262,7 +272,8 @@ class Gateway:
             self.controller.finished(state.id)
 
     async def _events(self, req: GenerationRequest, state) -> AsyncIterator[tuple]:
-        """Yields ("tokens", text, ids, finish_reason|None) and ("error", "", [], (status, msg))."""
+        """Yields ("tokens", text, ids, finish_reason|None, worker|None) and ("error", "", [], (status, msg),
+        None); worker is the one that produced ids (None where ids is empty)."""
         decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None
         stops = StopMatcher(req.stop)
         start = state.arrival
@@ -273,10 +284,10 @@ class Gateway:
             kind = event[0]
             now = time.monotonic()
             if kind == "error":
-                yield ("error", "", [], (event[1], event[2]))
+                yield ("error", "", [], (event[1], event[2]), None)
                 return
             if kind == "tokens":
-                ids = event[1]
+                ids, worker = event[1], event[2]
                 if n_out == 0:
                     M.TTFT.observe(now - start)
                 elif last is not None:
@@ -289,22 +300,23 @@ class Gateway:
                     self.controller.abort(state.id)
                     M.SUCCESS.labels(finished_reason="stop").inc()
                     M.E2E.observe(now - start)
-                    yield ("tokens", text, ids, "stop")
+                    yield ("tokens", text, ids, "stop", worker)
                     return
-                yield ("tokens", text, ids, None)
+                yield ("tokens", text, ids, None, worker)
             elif kind == "finish":
                 reason = event[1]
                 tail = (stops.push(decoder.flush()) + stops.flush()) if decoder is not None else ""
                 M.SUCCESS.labels(finished_reason=reason).inc()
                 M.E2E.observe(now - start)
-                yield ("tokens", tail, [], reason)
+                yield ("tokens", tail, [], reason, None)
                 return
 
     async def _stream(self, http_request: Request, req: GenerationRequest, state) -> AsyncIterator[bytes]:
         first = True
         n_tokens = 0
+        last_worker = None
         try:
-            async for kind, text, ids, finish in self._events(req, state):
+            async for kind, text, ids, finish, worker in self._events(req, state):
                 if kind == "error":
                     status, message = finish
                     yield _sse(APIError(status, message).body())
@@ -312,8 +324,13 @@ class Gateway:
                 n_tokens += len(ids)
                 if text or ids or finish:
                     chunk = stream_chunk(req, text, ids, finish, first=first)
+                    ext: dict = {}
                     if state.interrupts:  # lumen extension: this request survived a worker failure
-                        chunk["lumen"] = {"interrupted": state.interrupts}
+                        ext["interrupted"] = state.interrupts
+                    if worker is not None and worker != last_worker:  # ... and the worker serving it now
+                        ext["worker"] = last_worker = worker
+                    if ext:
+                        chunk["lumen"] = ext
                     yield _sse(chunk)
                     first = False
                 if finish:

@@ -140,7 +140,7 @@ class _Copy:
 class SimRequest:
     __slots__ = ("id", "arrival", "prompt", "output", "gen", "worker", "pf_total", "pf_done",
                  "first_token", "finish", "interrupted", "error", "copies", "k_want", "ready_at", "g0",
-                 "kv_join", "kv_alloc", "decoding", "protected_once")
+                 "kv_join", "kv_alloc", "decoding", "protected_once", "workers")
 
     def __init__(self, spec: RequestSpec):
         self.id = spec.req_id
@@ -163,6 +163,7 @@ class SimRequest:
         self.kv_alloc = 0
         self.decoding = False
         self.protected_once = False
+        self.workers: list[int] | None = None  # the workers that produced its tokens (RequestRecord.workers)
 
     @property
     def holder(self) -> int | None:
@@ -439,7 +440,8 @@ class Simulator:
         self.stats.events = events
         self.stats.wall_s = time.perf_counter() - t0
         recs = [RequestRecord(r.id, r.arrival, r.first_token, r.finish, r.prompt,
-                              r.gen if r.error else r.output, r.interrupted, r.error) for r in reqs]
+                              r.gen if r.error else r.output, r.interrupted, r.error, workers=r.workers)
+                for r in reqs]
         recs.sort(key=lambda x: x.req_id)
         end = max((r.finish for r in reqs if r.finish is not None), default=0.0)
         return SimResult(str(self.policy), recs, self.stats,
@@ -834,6 +836,11 @@ class Simulator:
                 r.gen += 1
                 if r.first_token is None:
                     r.first_token = t
+                # a (re)prefill's end is where a worker starts producing the request's tokens
+                if r.workers is None:
+                    r.workers = [w.id]
+                elif r.workers[-1] != w.id:
+                    r.workers.append(w.id)
                 if r.gen >= r.output:
                     self._finish(w, r, t)
                     continue
