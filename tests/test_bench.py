@@ -157,6 +157,8 @@ def test_client_replays_on_schedule_and_times_tokens(fake):
         assert r.arrival == s.arrival and r.prompt_tokens == 20
         assert 0 < ttft(r) < 2.0
         assert r.first_token == r.token_times[0] <= r.token_times[-1] == r.finish
+        # the double names the worker on every chunk: the record keeps it once
+        assert len(r.workers) == 1 and 0 <= r.workers[0] < 4, r.workers
     # open loop: requests were sent at their arrival times, so the last TTFT is as small as the first
     assert max(r.first_token for r in recs) >= specs[-1].arrival
 
@@ -305,6 +307,22 @@ def test_run_bench_against_fake_server(tmp_path):
         assert targets[p]["requests"] == sum(s.n_interrupted for s in res.summaries if s.policy == p)
         assert targets[p]["top_request_share"] == 1.0 and targets[p]["mean_targets"] == 1.0
     assert all(r.targets.top_worker == 2 for r in res.runs if r.policy != NO_FAILURE)
+    # the workers that served each request (the double's lumen extension): an interrupted one moved from
+    # the killed worker 1 to its ring neighbour 2 (or started there, interrupted before its first token)
+    for run in res.runs:
+        for r in run.records:
+            assert r.workers in ([[1, 2], [2]] if r.interrupted else [[0], [1], [2], [3]]), (r.interrupted, r.workers)
+    stored = [json.loads(line) for line in (out / "records" / "lumen-seed1.jsonl").read_text().splitlines()]
+    assert [d["workers"] for d in stored] == [r.workers for r in res.runs[-1].records]
+    # each failure run's figures per worker and phase, in results.json and after the bench table
+    for d in doc["runs"]:
+        pw = d["per_worker"]
+        if d["policy"] == NO_FAILURE:
+            assert pw == {}
+            continue
+        assert pw["phases"] == ["before", "kill..back", "after"] and pw["bounds_s"][0] == d["failure_times"][0]
+        assert [(w["worker"], w["failed"]) for w in pw["workers"]] == [(0, False), (1, True), (2, False), (3, False)]
+        assert sum(sum(w["n"]) for w in pw["workers"]) == 120
     # no orphans: every killed worker and every fake server is gone
     for e in doc["meta"]["fault_events"]:
         assert not _alive(e["pid"])

@@ -45,6 +45,14 @@ def test_bench_kills_a_real_worker_and_measures_recovery(tiny_dir, tmp_path):
         assert r.output_tokens == 16 and r.first_token is not None and r.finish >= r.first_token
     (ev,) = run.events
     assert ev.verified and ev.error is None and 4.0 <= ev.injected_s < 6.0
+    # the gateway names the workers that produced each request's tokens (the `lumen` extension): real
+    # worker ids, and a request that survived the kill was finished by another worker than the one killed
+    for r in ref.records + run.records:
+        assert r.workers and set(r.workers) <= {0, 1}, r.workers
+    for r in run.records:
+        if r.interrupted:
+            assert r.workers[-1] != ev.worker, r.workers
+    assert [w["failed"] for w in run.summary.per_worker["workers"] if w["worker"] == ev.worker] == [True]
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     assert doc["meta"]["fault_events"][0]["pid"] == ev.pid
     s = run.summary

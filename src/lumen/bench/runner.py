@@ -55,6 +55,7 @@ from lumen.metrics.report import (
     paper_verdict,
     print_fitted,
     render_overhead_table,
+    render_per_worker_table,
     render_targets_table,
     report_console,
 )
@@ -612,6 +613,7 @@ def _summarise(cfg: BenchConfig, run: RunResult, reference: RunResult) -> RunSum
         failure_times=times,
         not_before=min(times) if (times and cfg.causal_start) else None,
         outage_end=run.outage_end_s,
+        failed_workers=[e.worker for e in run.events if e.injected_s is not None and e.worker >= 0],
     )
 
 
@@ -697,6 +699,9 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
         print_fitted(console, render_overhead_table(overhead, reference_policy))
     if targets["by_policy"]:
         print_fitted(console, render_targets_table(targets["by_policy"]))
+    per_worker = render_per_worker_table([s for s in summaries if not is_failure_free(s.policy)])
+    if per_worker is not None:
+        print_fitted(console, per_worker)
     for line in capacity_warnings(capacity):
         console.print(line)
     for line in paper_verdict(aggregates, capacity):

@@ -13,7 +13,7 @@ from .summary import METRICS, PolicyAggregate, RunSummary, _json_safe
 
 __all__ = [
     "write_json", "write_runs_csv", "write_aggregate_csv", "print_table", "format_ci", "render_table",
-    "report_console", "print_fitted", "PIPE_WIDTH", "capacity_warnings",
+    "report_console", "print_fitted", "PIPE_WIDTH", "capacity_warnings", "render_per_worker_table",
 ]  # fmt: skip
 
 # Scalar RunSummary fields written to the per-run CSV (lists/dicts go to JSON only).
@@ -162,6 +162,33 @@ def render_targets_table(rows: Sequence[dict]):
                   f"{r['mean_targets']:.1f}",
                   format_ci(r["top_request_share"], r["top_request_share_ci"], digits=2),
                   format_ci(r["top_token_share"], r["top_token_share_ci"], digits=2))
+    return t
+
+
+def render_per_worker_table(summaries: Sequence[RunSummary]):
+    """A rich Table of the failure runs' ``per_worker`` figures (lumen.metrics.per_worker): per run and
+    worker, requests and mean TTFT and TPOT by arrival before the kill, until the killed worker served
+    again, and after. None where no run has them (no failure, or a server that does not name workers)."""
+    from rich.table import Table
+
+    runs = [s for s in summaries if s.per_worker.get("workers")]
+    if not runs:
+        return None
+    t = Table(title="each worker by phase of arrival: TTFT to the first token's worker, TPOT to the last's "
+                    "(one-worker, uninterrupted)")
+    for header in ("run", "kill..back s", "worker", "requests by phase", "TTFT ms before", "kill..back", "after",
+                   "TPOT ms before", "kill..back", "after"):
+        t.add_column(header, justify="left" if header in ("run", "worker") else "right", no_wrap=True)
+    for s in runs:
+        pw = s.per_worker
+        kill, back = (_num(x) for x in pw["bounds_s"])
+        bounds = f"{kill:.1f}..{back:.1f}" if math.isfinite(back) else f"{kill:.1f}..never"
+        for i, w in enumerate(pw["workers"]):
+            t.add_row(f"{s.policy} seed {s.seed}" if i == 0 else "", bounds if i == 0 else "",
+                      f"{w['worker']}{' (failed)' if w['failed'] else ''}", "/".join(str(n) for n in w["n"]),
+                      *(format_ci(_num(x), math.nan, 1e3, 0) for x in w["ttft_mean"]),
+                      *(format_ci(_num(x), math.nan, 1e3, 1) for x in w["tpot_mean"]),
+                      end_section=i == len(pw["workers"]) - 1)
     return t
 
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import stats
 
+from .per_worker import per_worker_phases
 from .records import RequestRecord, e2e, mean, p99, tpot, ttft
 from .recovery import recovery_period
 
@@ -44,6 +45,9 @@ class RunSummary:
     the dead worker's share), and the recovery time then measures something else.
     ``capacity_lost``: whether the failure cost capacity in this run's seed, as judged by
     :func:`check_capacity` (None: not judged, or no outage measured; always None without a failure).
+    ``per_worker``: each worker's count, TTFT and TPOT before the first failure, until ``outage_end_s``
+    and after (:func:`lumen.metrics.per_worker.per_worker_phases`); {} without a failure, or where the
+    records do not name their workers.
     """
 
     policy: str
@@ -90,6 +94,7 @@ class RunSummary:
     window_mid_arrival: list[float] = field(default_factory=list)
     window_mean_ttft: list[float] = field(default_factory=list)
     baseline_window_mean_ttft: list[float] = field(default_factory=list)
+    per_worker: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return _json_safe(asdict(self))
@@ -122,11 +127,13 @@ def summarize_run(
     failure_times: Iterable[float] = (),
     not_before: float | None = None,
     outage_end: float | None = None,
+    failed_workers: Iterable[int] = (),
 ) -> RunSummary:
     """Summarise a run against the no-failure run of the same seeded workload.
 
     ``window``/``threshold``/``settle``/``not_before`` go to :func:`recovery_period`; ``outage_end``
-    (run clock: when the last killed worker served again) bounds the ``outage_*`` figures.
+    (run clock: when the last killed worker served again) bounds the ``outage_*`` figures and the
+    ``per_worker`` phases, where ``failed_workers`` (the workers the plan killed) are marked.
     Passing the baseline as ``records`` too gives the no-failure row (recovery time 0).
     """
     period = recovery_period(records, baseline_records, window, threshold, settle, not_before)
@@ -164,6 +171,9 @@ def summarize_run(
                       baseline_outage_tpot_mean=mean(tpot(r) for r in base))
         outage["outage_ttft_vs_baseline"] = _ratio(outage["outage_ttft_mean"], outage["baseline_outage_ttft_mean"])
         outage["outage_tpot_vs_baseline"] = _ratio(outage["outage_tpot_mean"], outage["baseline_outage_tpot_mean"])
+    if failure_times:
+        back = outage_end if outage_end is not None and outage_end > failure_times[0] else None
+        outage["per_worker"] = per_worker_phases(records, failure_times[0], back, failed_workers)
     return RunSummary(
         policy=policy,
         seed=seed,
