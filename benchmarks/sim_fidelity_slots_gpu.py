@@ -46,6 +46,19 @@ slot), policies stop-restart, fixed-ckpt, lumen, lumen-no-spec, summarised as `l
 worker SERVING again), under the profile (exact gate) and measured-prefill (EMA gate); `--qps-sweep` runs
 stop-restart at other rates to find where the kill costs latency.
 
+Other GPUs (the H200 runs of 2026-12-07, docs/simulation.md 4.11): no profile exists, so `--profile none
+--models measured-prefill live-fit` with the costs from that archive's own no-failure runs (`--cost-runs`:
+every worker's fit, each prefill median the mean of the runs'), the restart calibrated to the mean of its
+failure runs' reloads (`--restart-runs`: kill -> SERVING and the restarted worker's phases from each end
+state), `--step-overhead-ms` as a sensitivity (more per fitted step: the live loop's time the fit leaves out),
+`--per-seed` for the sweep's seeds; testbed.json records the costs and the calibration:
+
+    python benchmarks/sim_fidelity_slots_gpu.py --live docs/results/gpu-2026-12-07e-slots-q2.7-h200/bench-runs.tgz \
+        --gpu h200 --profile none --models measured-prefill live-fit --step-overhead-ms 0 1 \
+        --cost-runs no-failure-seed0 no-failure-seed1 no-failure-seed2 \
+        --restart-runs stop-restart-seed0 stop-restart-seed1 stop-restart-seed2 lumen-no-spec-seed0 lumen-no-spec-seed1 \
+        --part none --per-seed --qps-sweep 2.7 3.0 3.2 3.4 3.6 3.8 4.0 4.5 --out <dir>
+
 Only the Python API is used (the CLI has no --max-prompt/--max-output); Simulator._apply and _transition
 are wrapped to count each worker's iterations and slots and to see when the restarted worker serves.
 Nothing under src/ is changed.
@@ -104,12 +117,25 @@ POLICIES = ("stop-restart", "fixed-ckpt", "lumen", "lumen-no-spec")
 
 
 # ------------------------------------------------------------------ live side
-def load_live(tgz: Path) -> tuple[list[dict], dict]:
+def load_live(tgz: Path, prefix: str = LIVE_PREFIX) -> tuple[list[dict], dict]:
+    """One live run of a bench's runs archive: its records (sorted by id) and end state (.run.json)."""
     with tarfile.open(tgz) as tf:
-        recs = [json.loads(ln) for ln in io.TextIOWrapper(tf.extractfile(LIVE_PREFIX + ".jsonl"), "utf-8") if ln.strip()]
-        run = json.load(tf.extractfile(LIVE_PREFIX + ".run.json"))
+        recs = [json.loads(ln) for ln in io.TextIOWrapper(tf.extractfile(prefix + ".jsonl"), "utf-8") if ln.strip()]
+        run = json.load(tf.extractfile(prefix + ".run.json"))
     recs.sort(key=lambda r: r["req_id"])
     return recs, run
+
+
+def live_runs(tgz: Path, names: list[str]) -> list[tuple[list[dict], dict]]:
+    """The runs `names` (e.g. no-failure-seed1) of a bench's runs archive, wherever its records directory
+    is: [(records, end state)], in the order given."""
+    with tarfile.open(tgz) as tf:
+        where = {Path(m.name).name.removesuffix(".run.json"): m.name.removesuffix(".run.json")
+                 for m in tf.getmembers() if m.name.endswith(".run.json") and "/records/" in m.name}
+    missing = [n for n in names if n not in where]
+    if missing:
+        raise SystemExit(f"{tgz} has no run {', '.join(missing)} (it has {', '.join(sorted(where))})")
+    return [load_live(tgz, where[n]) for n in names]
 
 
 def to_records(recs: list[dict]) -> list[RequestRecord]:
@@ -259,11 +285,14 @@ def live_analysis(recs: list[dict], slot: float, count: int, phase: float, cost_
 
 
 # ------------------------------------------------------------------ simulator side
-def live_fit_cost(run: dict) -> tuple[FittedCost, list[list[float]]]:
+def live_fit_cost(*runs: dict) -> tuple[FittedCost, list[list[float]]]:
+    """The mean of the live workers' step-time fits (`step_c0..c5`) in the end states of `runs`
+    (every worker of every run alike), and each worker's coefficients."""
     cs = []
-    for w in run["cluster_end"]["workers"]:
-        s = w["stats"]
-        cs.append([s["step_c0"], s["step_c1"], s["step_c2"], s["step_c3"], s["step_c4"], s["step_c5"]])
+    for run in runs:
+        for w in run["cluster_end"]["workers"]:
+            s = w["stats"]
+            cs.append([s["step_c0"], s["step_c1"], s["step_c2"], s["step_c3"], s["step_c4"], s["step_c5"]])
     m = np.mean(np.asarray(cs), axis=0)
     # S = D (no verify positions): c2 + c5 per decoding sequence
     return FittedCost((float(m[0]), float(m[1]), float(m[2] + m[5]), float(m[3]), float(m[4]))), cs
@@ -525,6 +554,32 @@ def restart_settings(up_s: float, disk_s: float, h2d_s: float, warm_s: float) ->
             "h2d_gbps": WEIGHT_BYTES / (h2d_s / WORKERS) / 1e9, "warmup_s": warm_s / WORKERS}
 
 
+def reload_of(run: dict) -> tuple[float, dict] | None:
+    """A failure run's restarted worker from its end state (.run.json): (kill -> SERVING as the bench
+    counts it, outage_end_s - the kill's injected_s; the worker's load phases), None where it did not return."""
+    kill = [e["injected_s"] for e in run.get("events", []) if e.get("worker") == FAIL_WORKER]
+    for w in (run.get("cluster_end") or {}).get("workers", []):
+        if w.get("id") == FAIL_WORKER and w.get("epoch", 1) > 1 and kill and run.get("outage_end_s") is not None:
+            return run["outage_end_s"] - kill[0], w.get("phases_s", {})
+    return None
+
+
+def reload_parts(kill_to_serving_s: float, phases: dict) -> tuple[float, float, float, float]:
+    """One live reload as `restart_settings` takes it: the process comes up (what kill -> SERVING leaves
+    after the load phases), then the disk read, the host -> device copy and the warm-up (engine init
+    included). Lumen's `disk_to_host_s` counts from the start of its draft phase: the target's read is
+    what follows `target_read_start_s` (0 with a resident draft)."""
+    disk = phases["disk_to_host_s"] - phases.get("target_read_start_s", 0.0)
+    h2d = phases["weights_to_device_s"]
+    warm = phases.get("engine_init_s", 0.0) + phases.get("warmup_s", 0.0)
+    return kill_to_serving_s - disk - h2d - warm, disk, h2d, warm
+
+
+def restart_from_reloads(reloads: list[tuple[float, dict]]) -> dict:
+    """The restart calibrated to several live reloads [(kill -> SERVING, phases)]: each part the mean of theirs."""
+    return restart_settings(*(statistics.mean(c) for c in zip(*(reload_parts(k, p) for k, p in reloads), strict=True)))
+
+
 def failure_run(cfg: SimConfig, wl, policy: str, seed: int, gate: str, base_records, window: int):
     """One simulated failure run (worker FAIL_WORKER at FAIL_AT) summarised against the no-failure run's
     records as `lumen bench` does: (summary dict with kill_to_serving_s, simulator result, Counted)."""
@@ -538,22 +593,59 @@ def failure_run(cfg: SimConfig, wl, policy: str, seed: int, gate: str, base_reco
     return d, res, c
 
 
-def measured_cost(recs, run) -> MeasuredPrefill:
-    lfit, _ = live_fit_cost(run)
+PREFILL_KINDS = ("first_chunk_prompt_1024_alone_in_slot_before", "final_chunk_prompt_1024", "single_chunk_prompt_lt_1024")
+
+
+def prefill_medians(recs) -> list[float]:
+    """A live run's prefill steps from its token times (`live_analysis`), medians in s: a 1,024-token
+    prompt's first chunk, its last chunk, a single-chunk shorter prompt (MeasuredPrefill's order)."""
     slot = SLOT_MS / 1e3
     ps = live_analysis(recs, slot, WORKERS, slot_phase(recs, slot), {})["prefill_steps"]
-    return MeasuredPrefill(lfit, ps["first_chunk_prompt_1024_alone_in_slot_before"]["median_ms"] / 1e3,
-                           ps["final_chunk_prompt_1024"]["median_ms"] / 1e3, ps["single_chunk_prompt_lt_1024"]["median_ms"] / 1e3)
+    return [ps[k]["median_ms"] / 1e3 for k in PREFILL_KINDS]
 
 
-def prediction(a, recs, run, out: Path) -> dict:
-    prof = load_profile(a.profile)
-    meas = measured_cost(recs, run)
-    rc = restart_cfg()
-    result = {"restart": rc, "live_kill_to_serving_s": LIVE_KILL_TO_SERVING, "live_phases": LIVE_PHASES,
+def measured_cost(recs, run, *more) -> MeasuredPrefill:
+    """measured-prefill from a live run (records, end state), or from several (`more`: further
+    (records, end state) pairs of the same testbed): the live fit of all their workers, each kind of
+    prefill step the mean of the runs' medians."""
+    pairs = [(recs, run), *more]
+    lfit, _ = live_fit_cost(*(r for _, r in pairs))
+    meds = [prefill_medians(rc) for rc, _ in pairs]
+    return MeasuredPrefill(lfit, *(statistics.mean(m) for m in zip(*meds, strict=True)))
+
+
+def with_step_overhead(cost, dt: float):
+    """A live-fit or measured-prefill cost with `dt` s more per fitted step (measured-prefill: its decode
+    steps; the prefill medians are wall times already): the live loop's time between the engine's steps
+    and at a slot's edges, which the workers' fit leaves out."""
+    if isinstance(cost, MeasuredPrefill):
+        return MeasuredPrefill(with_step_overhead(cost.decode, dt), cost.big_s, cost.small_s, cost.single_s,
+                               cost.big_from, cost.small_to)
+    return replace(cost, coef=(cost.coef[0] + dt, *cost.coef[1:]))
+
+
+def cost_models(a, pairs) -> list[tuple[str, object, str]]:
+    """(name, step cost, slot gate) of the prediction's models (--models): the profile (exact gate), the
+    live workers' fit (exact gate) and measured-prefill (EMA gate), these two from the live runs `pairs`,
+    each with every --step-overhead-ms (0: as fitted; else named '<model>+<ms>ms')."""
+    out = []
+    for name in a.models:
+        if name == "profile":
+            out.append((name, load_profile(a.profile), "exact"))
+            continue
+        cost, gate = ((live_fit_cost(*(run for _, run in pairs))[0], "exact") if name == "live-fit"
+                      else (measured_cost(*pairs[0], *pairs[1:]), "ema"))
+        for ms in a.step_overhead_ms:
+            out.append((name, cost, gate) if ms == 0 else (f"{name}+{ms:g}ms", with_step_overhead(cost, ms / 1e3), gate))
+    return out
+
+
+def prediction(a, pairs, out: Path, cal: dict) -> dict:
+    rc = cal["restart"]
+    result = {"restart": rc, "live_kill_to_serving_s": cal["kill_to_serving_s"], "live_phases": cal["phases"],
               "qps": a.prediction_qps, "window": BenchConfig(window=None).window_for(len(workload(0, a.prediction_qps))), "seeds": list(range(a.seeds)), "fail": f"t={FAIL_AT:g}s:worker={FAIL_WORKER}", "configs": []}
     rows = []
-    for cname, cost, gate in (("profile", prof, "exact"), ("measured-prefill", meas, "ema")):
+    for cname, cost, gate in cost_models(a, pairs):
         for share in ("slots", "shared"):
             if share == "shared" and not a.shared_prediction:
                 continue
@@ -611,13 +703,11 @@ def prediction(a, recs, run, out: Path) -> dict:
     return result
 
 
-def qps_sweep(a, recs, run, out: Path) -> dict:
+def qps_sweep(a, pairs, out: Path, cal: dict) -> dict:
     """Where would the kill cost capacity? stop-restart's outage TTFT ratio (and the no-failure TTFT) at
     higher rates than the live 2.10 req/s, the same 48 s of arrivals, seeds as --seeds (a prediction)."""
-    prof = load_profile(a.profile)
-    meas = measured_cost(recs, run)
-    cfgs = {"profile": (base_cfg(prof, "slots", ckpt_budget_gb=6.0, **restart_cfg()), "exact"),
-            "measured-prefill": (base_cfg(meas, "slots", ckpt_budget_gb=6.0, **restart_cfg()), "ema")}
+    cfgs = {cname: (base_cfg(cost, "slots", ckpt_budget_gb=6.0, **cal["restart"]), gate)
+            for cname, cost, gate in cost_models(a, pairs)}
     rows = []
     print("\nqps sweep (stop-restart, slots; mean over seeds; outage TTFT x = TTFT of arrivals while worker 1 is down "
           "over the same arrivals without the failure)")
@@ -635,19 +725,43 @@ def qps_sweep(a, recs, run, out: Path) -> dict:
                 vals["recovered"].append(sm["recovered"])
             row = {"cost": cname, "gate": gate, "qps": qps, "requests": math.ceil(DURATION * qps),
                    **{k: ci95(v) for k, v in vals.items() if k != "recovered"}, "recovered": sum(vals["recovered"])}
+            if a.per_seed:
+                row["per_seed"] = {k: v for k, v in vals.items() if k != "recovered"}
             rows.append(row)
             print(f"  {cname:16s} {qps:5.2f} req/s: no-failure TTFT {row['baseline_ttft_mean'][0] * 1e3:6.0f} ms TPOT "
                   f"{row['baseline_tpot_mean'][0] * 1e3:5.1f} ms | outage TTFT x {row['outage_ttft_vs_baseline'][0]:.2f} ± "
                   f"{row['outage_ttft_vs_baseline'][1]:.2f}, TPOT x {row['outage_tpot_vs_baseline'][0]:.2f} | recovered "
                   f"{row['recovered']}/{a.seeds}", flush=True)
+            if a.per_seed:
+                ps = row["per_seed"]
+                print(f"  {'':16s} {'':5s}        per seed: no-failure TTFT ms "
+                      f"{[round(x * 1e3) for x in ps['baseline_ttft_mean']]}, outage TTFT x "
+                      f"{[round(x, 2) for x in ps['outage_ttft_vs_baseline']]}", flush=True)
     (out / "qps_sweep.json").write_text(json.dumps(rows, indent=1, default=float))
     return {"rows": rows}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--live", type=Path, default=LIVE_TGZ)
-    ap.add_argument("--profile", type=Path, default=PROFILE)
+    ap.add_argument("--live", type=Path, default=LIVE_TGZ, help="a bench's runs archive (bench-runs.tgz)")
+    ap.add_argument("--profile", type=lambda x: None if x.lower() == "none" else Path(x), default=PROFILE,
+                    help="a `lumen profile` CSV for the profile model, or 'none' (no profile of that GPU)")
+    ap.add_argument("--gpu", default="h100",
+                    help="the live runs' GPU, for the record (testbed.json). The simulator has no H200 device: "
+                         "its step costs come from --cost-runs, and device 'h100' sets only the draft's roofline cost")
+    ap.add_argument("--cost-runs", nargs="+", metavar="RUN",
+                    help="the runs of --live (e.g. no-failure-seed0 no-failure-seed1) whose end states and token "
+                         "times give live-fit and measured-prefill: all their workers' fits, each prefill step the "
+                         "mean of their medians (default: the H100 run, LIVE_PREFIX; the fidelity part needs it)")
+    ap.add_argument("--restart-runs", nargs="+", metavar="RUN",
+                    help="calibrate the restart to the mean reload of these failure runs of --live (their end "
+                         "states: kill -> SERVING and the restarted worker's phases; default: LIVE_PHASES, the H100's)")
+    ap.add_argument("--models", nargs="+", choices=("profile", "live-fit", "measured-prefill"),
+                    default=["profile", "measured-prefill"], help="prediction and sweep: the step-cost models")
+    ap.add_argument("--per-seed", action="store_true", help="--qps-sweep: also keep and print each seed's figures")
+    ap.add_argument("--step-overhead-ms", type=float, nargs="+", default=[0.0],
+                    help="prediction and sweep, live-fit and measured-prefill: also (or only) with this much more "
+                         "per fitted step (a sensitivity: the live loop's overhead the workers' fit leaves out)")
     ap.add_argument("--part", choices=("fidelity", "prediction", "all", "none"), default="all")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--phase-sweep", action="store_true")
@@ -658,20 +772,51 @@ def main() -> None:
     ap.add_argument("--shared-prediction", action="store_true", help="also predict under --device-share shared")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
+    if a.cost_runs and a.part in ("fidelity", "all"):
+        ap.error("the fidelity part is the H100 run's (LIVE_PREFIX): with --cost-runs use --part prediction or none "
+                 "(sim_vs_live_failures.py --no-failure sets other runs beside the simulator)")
+    if "profile" in a.models and a.profile is None:
+        ap.error("--models profile needs --profile")
     a.out.mkdir(parents=True, exist_ok=True)
-    recs, run = load_live(a.live)
+    pairs = live_runs(a.live, a.cost_runs) if a.cost_runs else [load_live(a.live)]
+    recs, run = pairs[0]
     import subprocess
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "python": platform.python_version(),
             "commit": rev, "nproc": os.cpu_count(),
             "argv": {k: str(v) for k, v in vars(a).items()}}
     (a.out / "meta.json").write_text(json.dumps(meta, indent=1))
+    cal = {"restart": restart_cfg(), "kill_to_serving_s": LIVE_KILL_TO_SERVING, "phases": LIVE_PHASES}
+    if a.restart_runs:
+        reloads = [reload_of(r) for _, r in live_runs(a.live, a.restart_runs)]
+        if None in reloads:
+            raise SystemExit(f"no restarted worker {FAIL_WORKER} in {[n for n, x in zip(a.restart_runs, reloads, strict=True) if x is None]}")
+        parts = list(zip(*(reload_parts(k, p) for k, p in reloads), strict=True))
+        cal = {"restart": restart_from_reloads(reloads), "kill_to_serving_s": [k for k, _ in reloads],
+               "phases": dict(zip(("process_up_s", "disk_to_host_s", "weights_to_device_s", "warmup_s"), parts, strict=True))}
+    if a.cost_runs or a.restart_runs:
+        lfit, coefs = live_fit_cost(*(r for _, r in pairs))
+        meds = {n: prefill_medians(rc) for n, (rc, _) in zip(a.cost_runs or ["LIVE_PREFIX"], pairs, strict=True)}
+        tb = {"gpu": a.gpu, "live": str(a.live), "cost_runs": a.cost_runs, "live_fit_coef": lfit.coef,
+              "live_fit_per_worker_c0_c5": coefs, "prefill_medians_s": meds,
+              "measured_prefill_s": [statistics.mean(m) for m in zip(*meds.values(), strict=True)],
+              "prefill_kinds": PREFILL_KINDS, "restart_runs": a.restart_runs, **{f"calibration_{k}": v for k, v in cal.items()}}
+        (a.out / "testbed.json").write_text(json.dumps(tb, indent=1))
+        print(f"{a.gpu}: live-fit from {len(coefs)} workers of {a.cost_runs}: c0..c4 "
+              f"{[f'{c:.3g}' for c in lfit.coef]}; decode 1 / 4 sequences {lfit.step_time(0, 1, 1100) * 1e3:.2f} / "
+              f"{lfit.step_time(0, 4, 4000) * 1e3:.2f} ms")
+        print(f"{a.gpu}: prefill medians ms (first chunk of 1,024, its last chunk, single chunk < 1,024) "
+              + "; ".join(f"{n} {[round(x * 1e3, 1) for x in m]}" for n, m in meds.items())
+              + f"; mean {[round(x * 1e3, 1) for x in tb['measured_prefill_s']]}")
+        print(f"{a.gpu}: restart from {a.restart_runs or 'LIVE_PHASES'}: kill -> SERVING "
+              f"{[round(k, 2) for k in cal['kill_to_serving_s']]} s; settings "
+              + json.dumps({k: round(v, 4) for k, v in cal['restart'].items()}), flush=True)
     if a.part in ("fidelity", "all"):
         fidelity(a, recs, run, a.out)
     if a.part in ("prediction", "all"):
-        prediction(a, recs, run, a.out)
+        prediction(a, pairs, a.out, cal)
     if a.qps_sweep:
-        qps_sweep(a, recs, run, a.out)
+        qps_sweep(a, pairs, a.out, cal)
 
 
 if __name__ == "__main__":
