@@ -17,6 +17,14 @@ the live runs), arms interleaved so drift in the disk hits them alike:
   thread+draft  read on a thread while the main thread loads the draft onto the device, store beside
                 (lumen's reload with its draft)
   plain+ctx     read on the main thread while a thread creates the CUDA context (a candidate fix)
+  draft         the resident draft alone, as lumen's worker loads it (read, page-locked, copied to the device)
+  draft-pageable  the same without page-locking (a one-time copy from pageable memory)
+
+The draft arms ask why a resident draft took 5.4 s (H100) and 9.3 s (H200) to load live, 8.7 s of it
+`draft_disk_to_host_s` for 4 GB already in RAM, where the paper's premise is the host -> device copy
+alone (0.18 s measured): whether the read and page-locking are slow by themselves, or only beside the
+target's read and the store's page-locking (thread+draft). Each draft load reports its read (with the
+page-locking) and its copy to the device apart.
 
     python benchmarks/reload_paths.py --model DIR --draft DIR --device cuda:0 --repeats 2 --out reload.json
 """
@@ -32,7 +40,8 @@ import threading
 import time
 from pathlib import Path
 
-ARMS = ("plain", "plain+store", "thread+draft", "plain+ctx")
+ARMS = ("plain", "plain+store", "thread+draft", "plain+ctx", "draft", "draft-pageable")
+DRAFT_ONLY = ("draft", "draft-pageable")
 
 
 def _trial(arm: str, model: str, draft: str | None, device: str, store_gb: float, conn) -> None:
@@ -80,9 +89,15 @@ def _reload(arm: str, model: str, draft: str | None, device: str, store_gb: floa
         cfg = read_config(model)
         CheckpointStore(int(store_gb * (1 << 30)), cfg.kv_bytes_per_token(dtype) * 16).allocate()
 
-    def load_draft():
-        host = read_weights_to_host(draft, dtype=dtype, pin=pin)
+    def load_draft(pin_draft: bool = pin):
+        t = time.monotonic()
+        host = read_weights_to_host(draft, dtype=dtype, pin=pin_draft)
+        out["draft_read_s"] = time.monotonic() - t
+        t = time.monotonic()
         build_model_from_host(read_config(draft), host, device=device, dtype=dtype)
+        if pin:
+            torch.cuda.synchronize()
+        out["draft_copy_s"] = time.monotonic() - t
 
     t0 = time.monotonic()
     try:
@@ -94,6 +109,10 @@ def _reload(arm: str, model: str, draft: str | None, device: str, store_gb: floa
             beside("target_s", read_target)
             if draft is not None:
                 out["draft_s"] = timed(load_draft)
+        elif arm in DRAFT_ONLY:
+            if pin:
+                torch.cuda.init()  # a worker's context exists before its draft load: not counted here
+            out["draft_s"] = timed(lambda: load_draft(pin_draft=pin and arm == "draft"))
         else:
             out["target_s"] = timed(read_target)
     finally:
@@ -149,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         resident = draft_cache.stage(a.draft)
         print(f"draft: {resident or a.draft}" + ("" if resident else " (no resident copy: read from disk)"), flush=True)
         a.draft = resident or a.draft
-    arms = [m for m in ARMS if (m != "thread+draft" or a.draft is not None)
-            and (m != "plain+ctx" or a.device.startswith("cuda"))]
+    arms = [m for m in ARMS if (m not in ("thread+draft", *DRAFT_ONLY) or a.draft is not None)
+            and (m not in ("plain+ctx", "draft-pageable") or a.device.startswith("cuda"))]
     rows: list[dict] = []
     for rep in range(a.repeats):
         for i in range(len(arms)):
@@ -161,13 +180,20 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in r:
                 print(f"repeat {rep} {arm}: {r['error']}", file=sys.stderr)
                 continue
-            extra = "".join(f"  {k[:-2]} {r[k]:6.2f} s" for k in ("draft_s", "store_s", "ctx_s") if k in r)
-            print(f"repeat {rep} {arm:13s} target {r['target_s']:7.2f} s{extra}", flush=True)
+            shown = ("target_s", "draft_s", "draft_read_s", "draft_copy_s", "store_s", "ctx_s")
+            print(f"repeat {rep} {arm:14s}" + "".join(f"  {k[:-2]} {r[k]:6.2f} s" for k in shown if k in r), flush=True)
     summary = _write(a, rows)
     base = summary.get("plain", {}).get("mean_s")
     for m, s in summary.items():
+        if "mean_s" not in s:
+            continue
         ratio = f", x{s['mean_s'] / base:.3f} of plain" if base else ""
-        print(f"{m:13s} target read mean {s['mean_s']:7.2f} s ({s['min_s']:.2f}-{s['max_s']:.2f}){ratio}")
+        print(f"{m:14s} target read mean {s['mean_s']:7.2f} s ({s['min_s']:.2f}-{s['max_s']:.2f}){ratio}")
+    for m, s in summary.items():
+        if "draft" in s:
+            d = s["draft"]
+            print(f"{m:14s} draft load mean {d['mean_s']:7.2f} s (read {d['read_mean_s']:.2f} s, "
+                  f"to the device {d['copy_mean_s']:.2f} s; n={d['n']})")
     return 1 if any("error" in r for r in rows) else 0
 
 
@@ -178,6 +204,12 @@ def _write(a, rows: list[dict]) -> dict:
         ts = [r["target_s"] for r in rows if r["arm"] == m and "target_s" in r]
         if ts:
             summary[m] = {"mean_s": statistics.fmean(ts), "min_s": min(ts), "max_s": max(ts), "n": len(ts)}
+        ds = [r for r in rows if r["arm"] == m and "draft_s" in r]
+        if ds:
+            summary.setdefault(m, {})["draft"] = {
+                "mean_s": statistics.fmean(r["draft_s"] for r in ds), "n": len(ds),
+                "read_mean_s": statistics.fmean(r["draft_read_s"] for r in ds),
+                "copy_mean_s": statistics.fmean(r["draft_copy_s"] for r in ds)}
     if a.out:
         doc = {"model": str(a.model), "draft": str(a.draft) if a.draft else None, "device": a.device,
                "store_gb": a.store_gb, "rows": rows, "summary": summary,

@@ -28,10 +28,19 @@ def test_each_reload_path_reads_the_whole_target(tmp_path):
     assert json.loads(out.read_text())["draft"] == str(resident)
     doc = json.loads(out.read_text())
     # no CUDA here: no context to create, so no plain+ctx arm
-    assert [r["arm"] for r in doc["rows"]] == ["plain", "plain+store", "thread+draft"]
-    assert all(r["target_s"] > 0 and r["total_s"] >= r["target_s"] for r in doc["rows"])
+    # nor a page-locked draft to compare with a pageable one
+    assert [r["arm"] for r in doc["rows"]] == ["plain", "plain+store", "thread+draft", "draft"]
+    assert all(r["target_s"] > 0 and r["total_s"] >= r["target_s"] for r in doc["rows"] if r["arm"] != "draft")
     assert all(r["draft_s"] > 0 and "store_s" in r for r in doc["rows"] if r["arm"] == "thread+draft")
-    assert {m: s["n"] for m, s in doc["summary"].items()} == {"plain": 1, "plain+store": 1, "thread+draft": 1}
+    # a draft load is split into its read and its copy to the device; the draft arm reads no target
+    for r in doc["rows"]:
+        if "draft_s" in r:
+            assert 0 < r["draft_read_s"] + r["draft_copy_s"] <= r["draft_s"]
+    (alone,) = [r for r in doc["rows"] if r["arm"] == "draft"]
+    assert "target_s" not in alone
+    assert {m: s.get("n") for m, s in doc["summary"].items()} == {"plain": 1, "plain+store": 1, "thread+draft": 1,
+                                                                 "draft": None}
+    assert doc["summary"]["draft"]["draft"]["n"] == 1 and doc["summary"]["thread+draft"]["draft"]["n"] == 1
     bad = subprocess.run([sys.executable, "benchmarks/reload_paths.py", "--model", str(target), "--repeats", "0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--repeats" in bad.stderr and "Traceback" not in bad.stderr
