@@ -170,6 +170,7 @@ class _DraftState:
         self.committed: list[int] = []
         self.ahead: list[int] = []
         self.sent: tuple[int, int] = (-1, -1)  # (committed length, proposal length) last sent
+        self.synced = False  # the draft holds its KV: its next round decodes instead of prefilling it
 
 
 class Drafter:
@@ -206,6 +207,12 @@ class Drafter:
         self.rounds = 0
         self.proposed = 0
         self.busy_s = 0.0
+        # EMAs of a round's wall time, one for rounds that prefill a request's context and one for rounds
+        # that only decode, as the engine keeps for its steps: a time slot admits a round only where its
+        # estimate fits, and one EMA of both kinds let a request's prefill hold the cheap decode rounds
+        # to about one per cycle of slots for several cycles (2026-12-07, CPU box and GPUs)
+        self._ema_prefill_s = 0.0
+        self._ema_decode_s = 0.0
 
     def pair(self, peer: int | None, addr: str) -> None:
         self.peer, self.addr = peer, addr
@@ -248,6 +255,17 @@ class Drafter:
             agree += 1
         st.ahead = st.ahead[len(tail):] if agree == len(tail) else []
 
+    def _todo(self) -> list[tuple[str, _DraftState]]:
+        """The mirrored requests the next round drafts for: those whose guess is short."""
+        return [(rid, st) for rid, st in list(self.states.items())[:MAX_MIRRORED] if len(st.ahead) < self.max_ahead]
+
+    def expected_round_s(self) -> float:
+        """Expected wall time of the next round: a prefilling round's if it takes in a request whose
+        context the draft has not read yet, else a decoding round's (0 before any was measured)."""
+        if any(not st.synced for _, st in self._todo()):
+            return self._ema_prefill_s or self._ema_decode_s
+        return self._ema_decode_s or self._ema_prefill_s
+
     @torch.inference_mode()
     def round(self) -> bool:
         """One batched draft step for every request whose guess is short, then send what changed.
@@ -255,13 +273,15 @@ class Drafter:
         if self.peer is None or not self.states:
             return False
         t0 = time.monotonic()
-        todo = [(rid, st) for rid, st in list(self.states.items())[:MAX_MIRRORED] if len(st.ahead) < self.max_ahead]
+        todo = self._todo()
+        prefilled = any(not st.synced for _, st in todo)
         if todo:
             seqs = {rid: Sequence(rid, st.committed + st.ahead, self._params, 0, 0) for rid, st in todo}
             proposals = self.proposer.propose(list(seqs.values()),
                                               known={rid: len(st.committed) for rid, st in todo})
             for rid, st in todo:
                 st.ahead.extend(proposals.get(seqs[rid], []))
+                st.synced = True
         items, ids = [], []
         for rid, st in self.states.items():
             key = (len(st.committed), len(st.ahead))
@@ -273,9 +293,18 @@ class Drafter:
             self.send(self.addr, "PROPOSE", {"items": items}, [ints_frame(ids)])
             self.rounds += 1
             self.proposed += len(ids)
-        self.busy_s += time.monotonic() - t0
+        dt = time.monotonic() - t0
+        self.busy_s += dt
+        if todo:
+            ema = self._ema_prefill_s if prefilled else self._ema_decode_s
+            ema = dt if not ema else 0.8 * ema + 0.2 * dt
+            if prefilled:
+                self._ema_prefill_s = ema
+            else:
+                self._ema_decode_s = ema
         return bool(todo)
 
     def stats(self) -> dict:
         return {"assist_rounds": self.rounds, "assist_proposed_tokens": self.proposed,
-                "assist_busy_s": round(self.busy_s, 3)}
+                "assist_busy_s": round(self.busy_s, 3), "assist_prefill_round_s": round(self._ema_prefill_s, 4),
+                "assist_decode_round_s": round(self._ema_decode_s, 4)}

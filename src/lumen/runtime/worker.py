@@ -351,7 +351,6 @@ class Worker:
         # or shared freely)
         self.slots = (SlotSchedule(args.slot_index, args.slot_count, args.slot_ms / 1e3)
                       if args.slot_count > 1 else None)
-        self._draft_step_s = 0.0  # EMA of a draft round's time (its slot estimate)
         self.step_times = LiveStepTime()  # this worker's step-time model, from its own steps (goodput rule)
         self._slot_used = -1.0  # start of the last slot a step ran in (slots_used counts distinct ones)
         self._slot_waiting_since: float | None = None  # with work, no step since (a starved slot is logged)
@@ -463,15 +462,11 @@ class Worker:
             # tokens ahead there is nothing to do until the partner commits, and spinning would take
             # the CPU from the partner on a small machine
             # (with a time slot, a draft step waits for it: until then only messages)
-            wait = self._slot_wait_s(self._draft_step_s)
+            wait = self._slot_wait_s(self.drafter.expected_round_s()) if self.drafter is not None else 0.0
             self._poll(timeout_ms=5 if not drafted else min(5, math.ceil(wait * 1e3)))
-            if self.drafter is None or self._slot_wait_s(self._draft_step_s) > 0:
+            if self.drafter is None or self._slot_wait_s(self.drafter.expected_round_s()) > 0:
                 continue
-            t = time.monotonic()
             drafted = self.drafter.round()
-            if drafted:
-                dt = time.monotonic() - t
-                self._draft_step_s = dt if not self._draft_step_s else 0.8 * self._draft_step_s + 0.2 * dt
         if not self.running:
             # told to stop while assisting (the cluster is shutting down): nothing to switch to. Let
             # a read in progress end rather than exit under it (a native abort at interpreter exit)
