@@ -80,3 +80,36 @@ def test_unpriced_model_explores_then_stops():
     out, refs, counters, _ = _drive(3, None, 1.0, 0.6, 256)
     assert out == refs
     assert 0 < counters["assist_explore_steps"] <= 16
+
+
+def test_one_long_guess_assists_several_steps():
+    """A guess of up to the drafter's max_ahead tokens is verified K at a time over the partner's next
+    steps, without being sent again: under time slots the drafter sends only in its own slot, and a guess
+    dropped after one step left the partner's other steps of its slot unassisted (2026-12-07)."""
+    step = LinearStepTime((0.01, 1e-4, 1e-5, 1e-7, 0.0), seq_coef=2e-3)
+    counters: dict = {}
+    v = Verifier(lambda addr, typ, body, frames: True, counters, peer=9, addr="w9", k=4, prior=0.95,
+                 step_model=lambda: step)
+    eng = engine(block_size=4, chunk_tokens=256, num_blocks=256)
+    prompt = prompt_of(random.Random(1), 12)
+    ref = list(reference(tuple(prompt), 30))
+    eng.add_request("r", prompt, SamplingParams(max_tokens=30, ignore_eos=True))
+    out: list[int] = []
+    sent_once = False
+    while eng.has_work():
+        decoding = dict(eng.decoding_sequences())
+        if "r" in decoding and not sent_once:  # one guess of 12 correct tokens, never sent again
+            g = len(decoding["r"]) - len(prompt)
+            guess = ref[g:g + 12]
+            v.on_proposals(SimpleNamespace(src="w9", body={"items": [["r", len(decoding["r"]), len(guess)]]},
+                                           frames=[ints_frame(guess)]))
+            sent_once = True
+        v.before_step(eng)
+        outputs = eng.step()
+        for o in outputs:
+            out.extend(o.token_ids)
+        v.after_step(eng, outputs)
+    assert out == ref
+    # 12 correct tokens at K <= 4: three verify steps from the one guess (each commits K + 1 tokens)
+    assert counters["assist_steps"] >= 2 and counters["assist_verify_positions"] >= 8, counters
+    assert counters["assist_proposals_stale"] == 0

@@ -85,20 +85,25 @@ class Verifier:
             return
         current = dict(engine.decoding_sequences())
         usable: dict[str, tuple[int, list[int]]] = {}
-        for rid, (base_len, toks) in self.proposals.items():
+        for rid, (base_len, toks) in list(self.proposals.items()):
             tokens = current.get(rid)
             if tokens is None:
+                del self.proposals[rid]
                 continue
             # The partner never waits, so it may have moved on since the draft was made. The proposal
             # is still good for the rest if the tokens committed meanwhile are exactly its first ones.
             advanced = len(tokens) - base_len
+            if advanced >= len(toks) and tokens[base_len:base_len + len(toks)] == toks:
+                del self.proposals[rid]  # used up: all of it committed
+                continue
             if advanced < 0 or tokens[base_len:] != toks[:advanced]:
                 self.counters["assist_proposals_stale"] += 1
+                del self.proposals[rid]
                 continue
-            toks = toks[advanced:advanced + self.k]
-            if toks:
-                usable[rid] = (len(tokens), toks)
-        self.proposals.clear()
+            # A guess runs up to the drafter's max_ahead tokens, more than one step verifies: the rest stays
+            # for the next steps. Under time slots the drafter sends only in its own slot, so a guess
+            # dropped after one step left the partner's other steps of its slot unassisted.
+            usable[rid] = (len(tokens), toks[advanced:advanced + self.k])
         if not usable:
             return
         model = self.step_model()
