@@ -31,23 +31,23 @@ def test_prefilling_and_decoding_rounds_are_estimated_apart():
     assert d.expected_round_s() == 0.0  # nothing measured yet: the slot gate treats it as unknown
 
     assert d.round()  # reads request a's 30 tokens: a prefilling round
-    pre = d._ema_prefill_s
-    assert pre > 0 and d._ema_decode_s == 0.0
+    pre = d.round_ema.prefill_s
+    assert pre > 0 and d.round_ema.decode_s == 0.0
     # a's context is in the draft now: its next round decodes; with no decoding round measured yet the
     # prefill's time stands in for it
     assert d.expected_round_s() == pre
 
     assert d.round()  # one more token for a: a decoding round
-    dec = d._ema_decode_s
-    assert dec > 0 and d._ema_prefill_s == pre
+    dec = d.round_ema.decode_s
+    assert dec > 0 and d.round_ema.prefill_s == pre
     assert d.expected_round_s() == dec  # the decode estimate, not one dragged up by the prefill
 
     # a second request arrives: the next round prefills it, and is estimated as such
     d.on_mirror(_mirror([("b", list(range(50, 70)), 20)]))
     assert d.expected_round_s() == pre
     assert d.round()
-    assert d._ema_decode_s == dec and d._ema_prefill_s != pre  # the prefill estimate moved, not the decode one
-    assert d.expected_round_s() == d._ema_decode_s
+    assert d.round_ema.decode_s == dec and d.round_ema.prefill_s != pre  # the prefill estimate moved, not the decode one
+    assert d.expected_round_s() == d.round_ema.decode_s
 
     # guesses run ahead until max_ahead, then rounds stop: nothing to estimate for an idle drafter
     while d.round():

@@ -20,6 +20,7 @@ from .params import SamplingParams
 from .sampler import Sampler
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence, SequenceStatus
+from .step_ema import StepEma
 
 
 @dataclass
@@ -120,8 +121,7 @@ class Engine:
         self._arrivals = 0
         self._eos = frozenset(self.model_config.eos_token_ids)
         self.last_step: dict[str, float] = {}
-        self._ema_step_s = 0.0  # EMA of wall time of steps that ran prefill tokens
-        self._ema_decode_s = 0.0  # EMA of wall time of decode-only steps
+        self.step_ema = StepEma()  # wall time of prefilling and of decode-only steps
         self._counters = dict(steps=0, prefill_tokens=0, decode_tokens=0, restored_pages=0, restored_tokens=0,
                               rejected_pages=0, exported_pages=0, finished=0, aborted=0, spec_drafts=0,
                               spec_draft_tokens=0, spec_accepted_tokens=0, spec_stale=0,
@@ -398,10 +398,7 @@ class Engine:
         decodes = sum(1 for s in scheduled if s.is_decode)
         c["prefill_tokens"] += prefill
         c["decode_tokens"] += sum(len(s.tokens) for s in scheduled if s.is_decode)
-        if prefill:
-            self._ema_step_s = dt if not self._ema_step_s else 0.8 * self._ema_step_s + 0.2 * dt
-        else:
-            self._ema_decode_s = dt if not self._ema_decode_s else 0.8 * self._ema_decode_s + 0.2 * dt
+        self.step_ema.observe(dt, prefill=bool(prefill))
         self.last_step = dict(num_prefill_tokens=prefill, num_decode_seqs=decodes,
                               total_context_tokens=sum(s.start + len(s.tokens) for s in scheduled),
                               step_time_s=dt,
@@ -500,7 +497,7 @@ class Engine:
             return 0.0
         decodes = sum(1 for s in sched.running if s.is_decoding)
         per_step = max(1, self.chunk_tokens - decodes)
-        step_s = self._ema_step_s or self._ema_decode_s
+        step_s = self.step_ema.expected(prefill=True)
         return -(-queued // per_step) * step_s
 
     def load_summary(self) -> tuple[int, int, int, int, int]:
@@ -529,9 +526,7 @@ class Engine:
         admits = (bool(sched.waiting) and len(sched.running) < sched.max_batch
                   and bm.can_allocate(bm.blocks_for(len(sched.waiting[0]))))  # as the scheduler admits
         prefill = admits or any(not s.is_decoding for s in sched.running)
-        if prefill:
-            return self._ema_step_s or self._ema_decode_s
-        return self._ema_decode_s or self._ema_step_s
+        return self.step_ema.expected(prefill)
 
     def stats(self) -> dict[str, float]:
         bm = self.block_manager
@@ -540,7 +535,7 @@ class Engine:
                    kv_usage=bm.usage, free_blocks=bm.num_free, num_blocks=bm.num_blocks,
                    block_size=self.block_size, preemptions=self.scheduler.num_preemptions,
                    spec_dropped=self.scheduler.num_dropped_proposals,
-                   ema_prefill_step_s=self._ema_step_s, ema_decode_step_s=self._ema_decode_s,
+                   ema_prefill_step_s=self.step_ema.prefill_s, ema_decode_step_s=self.step_ema.decode_s,
                    q_wait_s=self.q_wait_s())
         out["spec_acceptance"] = (out["spec_accepted_tokens"] / out["spec_draft_tokens"]
                                   if out["spec_draft_tokens"] else 0.0)
@@ -556,7 +551,7 @@ class Engine:
             raise RuntimeError("reset_stats on an engine with requests")
         for k in self._counters:
             self._counters[k] = 0
-        self._ema_step_s = self._ema_decode_s = 0.0
+        self.step_ema = StepEma()
         self.last_step = {}
         self._arrivals = 0
         self.scheduler.num_preemptions = self.scheduler.num_dropped_proposals = 0
