@@ -36,6 +36,7 @@ import httpx
 import numpy as np
 
 from lumen.metrics import RequestRecord
+from lumen.metrics.records import with_worker
 from lumen.workload import RequestSpec
 
 __all__ = ["ClientConfig", "LoadClient", "prompt_token_ids", "replay", "server_info", "server_model"]
@@ -142,10 +143,7 @@ class LoadClient:
                                 rec.interrupted = True
                             wid = ext.get("worker")
                             if isinstance(wid, int) and not isinstance(wid, bool):
-                                if rec.workers is None:
-                                    rec.workers = [wid]
-                                elif rec.workers[-1] != wid:
-                                    rec.workers.append(wid)
+                                rec.workers = with_worker(rec.workers, wid)
                         usage = obj.get("usage")
                         if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
                             usage_tokens = usage["completion_tokens"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["RequestRecord", "ttft", "tpot", "e2e", "mean", "p99", "percentile"]
+__all__ = ["RequestRecord", "with_worker", "ttft", "tpot", "e2e", "mean", "p99", "percentile"]
 
 
 @dataclass(slots=True)
@@ -63,6 +63,15 @@ class RequestRecord:
             token_times=d.get("token_times"),
             workers=None if d.get("workers") is None else [int(w) for w in d["workers"]],
         )
+
+
+def with_worker(workers: list[int] | None, worker: int) -> list[int]:
+    """``workers`` (a record's ``workers``) with ``worker`` appended, unless it is already the last one."""
+    if workers is None:
+        return [worker]
+    if workers[-1] != worker:
+        workers.append(worker)
+    return workers
 
 
 def ttft(r: RequestRecord) -> float:

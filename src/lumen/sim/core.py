@@ -108,6 +108,7 @@ from dataclasses import dataclass
 import lumen.policy.slots as slots
 from lumen import policy as P
 from lumen.metrics import RequestRecord
+from lumen.metrics.records import with_worker
 from lumen.metrics.targets import COUNT_KEYS
 from lumen.policy import WorkerEvent as E
 from lumen.policy import WorkerState as S
@@ -837,10 +838,7 @@ class Simulator:
                 if r.first_token is None:
                     r.first_token = t
                 # a (re)prefill's end is where a worker starts producing the request's tokens
-                if r.workers is None:
-                    r.workers = [w.id]
-                elif r.workers[-1] != w.id:
-                    r.workers.append(w.id)
+                r.workers = with_worker(r.workers, w.id)
                 if r.gen >= r.output:
                     self._finish(w, r, t)
                     continue
