@@ -135,7 +135,18 @@ for step in $STEPS; do
     timeout -k 20 "$lim" python3 benchmarks/reload_paths.py --model "$LUMEN_HOME/models/repro-$PRESET" \
       --draft "$LUMEN_HOME/models/repro-$PRESET-selfdraft" --device "${DEVICES%%,*}" --store-gb "$CKPT_GB" --repeats "${RELOAD_REPEATS:-2}" \
       --out "$OUT/reload_paths.json" > "$OUT/reload.log" 2>&1
-    echo "reload paths exit $?"; tail -4 "$OUT/reload.log" ;;
+    echo "reload paths exit $?"; tail -4 "$OUT/reload.log"
+    # the resident draft's one copy to the device: page-locked (the loader's default) unless the draft arms
+    # found the pageable load faster; kept beside the runs so that every later lumen run of them loads alike
+    mkdir -p "$RUNS"
+    python3 - "$OUT/reload_paths.json" > "$RUNS/draft_pin.txt" <<'PY' || rm -f "$RUNS/draft_pin.txt"
+import json, sys
+s = json.load(open(sys.argv[1]))["summary"]
+pinned, pageable = (s.get(a, {}).get("draft", {}).get("mean_s") for a in ("draft", "draft-pageable"))
+assert pinned and pageable, "a draft arm did not finish"
+print(0 if pageable < pinned else 1)
+PY
+    [ -f "$RUNS/draft_pin.txt" ] && echo "resident draft page-locked: $(cat "$RUNS/draft_pin.txt") (LUMEN_DRAFT_PIN for the bench)" ;;
   profile)
     # issue 7 on GPU: the engine's step times over a grid of batch shapes, for `lumen simulate --profile`
     timeout -k 20 "${PROFILE_TIMEOUT:-180}" python3 -m lumen profile --model "$LUMEN_HOME/models/repro-$PRESET" \
@@ -153,6 +164,8 @@ for step in $STEPS; do
       # never mix time-shared runs into an MPS run directory
       [ -z "$share" ] && { echo "MPS was asked for and is unavailable: no bench"; continue; }
     fi
+    if [ -z "${LUMEN_DRAFT_PIN:-}" ] && [ -f "$RUNS/draft_pin.txt" ]; then export LUMEN_DRAFT_PIN=$(cat "$RUNS/draft_pin.txt"); fi
+    echo "LUMEN_DRAFT_PIN=${LUMEN_DRAFT_PIN:-default}" | tee -a "$OUT/gpu.txt"
     t=$(( $(left) - 45 ))
     if [ "$t" -lt 60 ]; then echo "no time left for the bench"; continue; fi
     ${share:+env CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$share} timeout -k 30 "$t" python3 -m lumen bench --model "$target" --workers "$WORKERS" --devices "$DEVICES" "${pol[@]}" \

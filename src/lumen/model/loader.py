@@ -239,9 +239,10 @@ def random_model(config: ModelConfig, device: str | torch.device = "cpu", dtype:
 # ---------------------------------------------------------------- public entry points
 
 def load_model(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               progress: bool = True, shared_reads: SharedReads | None = None) -> LoadedModel:
+               progress: bool = True, shared_reads: SharedReads | None = None,
+               pin: bool | None = None) -> LoadedModel:
     """spec: an HF directory, "preset:NAME", "default" or "default-draft". `shared_reads`: see
-    `read_weights_to_host`."""
+    `read_weights_to_host`. `pin`: page-lock the host copy (default: for a CUDA device)."""
     spec_s = str(spec)
     if spec_s.startswith("preset:"):
         name = spec_s.split(":", 1)[1]
@@ -262,9 +263,12 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu", dtype: torc
             raise ValueError(f"model path is not a directory: {path}")
     cfg = read_config(path)
     t0 = time.perf_counter()
-    # page-locked for a CUDA destination: pageable host -> device copies run several times slower
+    # page-locked for a CUDA destination by default: pageable host -> device copies run several times
+    # slower, though page-locking costs time of its own, which a one-time copy may not win back
+    if pin is None:
+        pin = torch.device(device).type == "cuda"
     host = read_weights_to_host(path, dtype=dtype, progress=progress, config=cfg,
-                                pin=torch.device(device).type == "cuda", shared_reads=shared_reads)
+                                pin=pin, shared_reads=shared_reads)
     t1 = time.perf_counter()
     model = build_model_from_host(cfg, host, device, dtype)
     del host  # the quantized linears below replace these tensors: let them go

@@ -192,13 +192,14 @@ class Drafter:
 
     def __init__(self, send: Send, draft_spec: str, k: int, *, device: str, dtype: torch.dtype,
                  block_size: int, num_blocks: int | None, shared_reads: SharedReads | None = None,
-                 max_ahead: int = 12):
+                 max_ahead: int = 12, pin: bool | None = None):
         self.send, self.k = send, k
         self.max_ahead = max(max_ahead, k)
         # the draft's files that are links to the target's (a self-draft's embedding and head): a
         # target read that follows takes them from here instead of reading them again
         self.shared_reads = shared_reads
-        loaded = load_model(draft_spec, device=device, dtype=dtype, progress=False, shared_reads=shared_reads)
+        loaded = load_model(draft_spec, device=device, dtype=dtype, progress=False, shared_reads=shared_reads,
+                            pin=pin)
         self.load_phases = {f"draft_{k}": v for k, v in loaded.phases.items()}
         self.load_phases["draft_shared_bytes"] = shared_reads.nbytes() if shared_reads is not None else 0
         self.config = loaded.config

@@ -27,6 +27,7 @@ SHM_ROOT_ENV = "LUMEN_DRAFT_SHM"   # where the resident copies live (default /de
 DEFAULT_ROOT = "/dev/shm/lumen-drafts"
 COMPLETE = ".complete"
 MAX_SHARE_OF_FREE_MEMORY = 0.25    # never stage a draft larger than this share of the memory available
+PIN_ENV = "LUMEN_DRAFT_PIN"         # "0": copy the resident draft to the device from pageable memory
 STALE_STAGING_S = 600.0            # a staging this old was left by a process that died while copying
 STALE_COPY_S = 3600.0              # another copy of the same draft (older files) unused this long goes
 
@@ -36,6 +37,18 @@ def cache_root() -> Path | None:
     if env.lower() == "off":
         return None
     return Path(env or DEFAULT_ROOT)
+
+
+def pin_resident() -> bool | None:
+    """Whether a worker page-locks the resident draft before its one copy to the device (None: the
+    loader's default, page-locked on a GPU). Page-locking 4 GB takes seconds of its own, and the copy
+    happens once per restart; `benchmarks/reload_paths.py` (arms draft, draft-pageable) measures both."""
+    env = os.environ.get(PIN_ENV, "").strip().lower()
+    if env in ("0", "off", "false", "no"):
+        return False
+    if env in ("1", "on", "true", "yes"):
+        return True
+    return None
 
 
 def _key(draft_dir: Path) -> str:

@@ -450,7 +450,8 @@ class Worker:
             loader.start()
         self.drafter = Drafter(self.push.send, str(resident or self.args.draft_model), self.args.spec_k,
                                device=self.device, dtype=self.dtype, block_size=self.args.block_size,
-                               num_blocks=self.args.num_blocks, shared_reads=shared_reads)
+                               num_blocks=self.args.num_blocks, shared_reads=shared_reads,
+                               pin=draft_cache.pin_resident() if resident is not None else None)
         t_draft = time.monotonic() - t0
         if resident is None:
             loader.start()
