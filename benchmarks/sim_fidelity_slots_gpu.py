@@ -624,18 +624,18 @@ def with_step_overhead(cost, dt: float):
     return replace(cost, coef=(cost.coef[0] + dt, *cost.coef[1:]))
 
 
-def cost_models(a, pairs) -> list[tuple[str, object, str]]:
+def cost_models(models, pairs, step_overhead_ms=(0.0,), profile=None) -> list[tuple[str, object, str]]:
     """(name, step cost, slot gate) of the prediction's models (--models): the profile (exact gate), the
     live workers' fit (exact gate) and measured-prefill (EMA gate), these two from the live runs `pairs`,
-    each with every --step-overhead-ms (0: as fitted; else named '<model>+<ms>ms')."""
+    each with every step overhead in ms (0: as fitted; else named '<model>+<ms>ms')."""
     out = []
-    for name in a.models:
+    for name in models:
         if name == "profile":
-            out.append((name, load_profile(a.profile), "exact"))
+            out.append((name, load_profile(profile), "exact"))
             continue
         cost, gate = ((live_fit_cost(*(run for _, run in pairs))[0], "exact") if name == "live-fit"
                       else (measured_cost(*pairs[0], *pairs[1:]), "ema"))
-        for ms in a.step_overhead_ms:
+        for ms in step_overhead_ms:
             out.append((name, cost, gate) if ms == 0 else (f"{name}+{ms:g}ms", with_step_overhead(cost, ms / 1e3), gate))
     return out
 
@@ -645,7 +645,7 @@ def prediction(a, pairs, out: Path, cal: dict) -> dict:
     result = {"restart": rc, "live_kill_to_serving_s": cal["kill_to_serving_s"], "live_phases": cal["phases"],
               "qps": a.prediction_qps, "window": BenchConfig(window=None).window_for(len(workload(0, a.prediction_qps))), "seeds": list(range(a.seeds)), "fail": f"t={FAIL_AT:g}s:worker={FAIL_WORKER}", "configs": []}
     rows = []
-    for cname, cost, gate in cost_models(a, pairs):
+    for cname, cost, gate in cost_models(a.models, pairs, a.step_overhead_ms, a.profile):
         for share in ("slots", "shared"):
             if share == "shared" and not a.shared_prediction:
                 continue
@@ -707,7 +707,7 @@ def qps_sweep(a, pairs, out: Path, cal: dict) -> dict:
     """Where would the kill cost capacity? stop-restart's outage TTFT ratio (and the no-failure TTFT) at
     higher rates than the live 2.10 req/s, the same 48 s of arrivals, seeds as --seeds (a prediction)."""
     cfgs = {cname: (base_cfg(cost, "slots", ckpt_budget_gb=6.0, **cal["restart"]), gate)
-            for cname, cost, gate in cost_models(a, pairs)}
+            for cname, cost, gate in cost_models(a.models, pairs, a.step_overhead_ms, a.profile)}
     rows = []
     print("\nqps sweep (stop-restart, slots; mean over seeds; outage TTFT x = TTFT of arrivals while worker 1 is down "
           "over the same arrivals without the failure)")

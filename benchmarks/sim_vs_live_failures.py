@@ -104,8 +104,7 @@ def simulate_no_failure(cost, gate: str, seed: int, qps: float, window: int, liv
 def step_costs(models: list[str], pairs, overheads=(0.0,)) -> dict[str, tuple[object, str]]:
     """{'<model>/<gate>': (step cost, gate)} from live runs [(records, end state)], as `fid.cost_models`
     makes live-fit and measured-prefill (with each step overhead in ms: '<model>+<ms>ms/<gate>')."""
-    a = argparse.Namespace(models=models, step_overhead_ms=list(overheads), profile=None)
-    return {f"{name}/{gate}": (cost, gate) for name, cost, gate in fid.cost_models(a, pairs)}
+    return {f"{name}/{gate}": (cost, gate) for name, cost, gate in fid.cost_models(models, pairs, overheads)}
 
 
 def fmt(v, scale: float, digits: int) -> str:
