@@ -186,11 +186,13 @@ PY
     # the 300 s default outlasted the block)
     # did the failure cost capacity at all: latency before the kill, until the worker is back, after
     python3 benchmarks/phase_latency.py "$RUNS" --out "$OUT/phases.txt"
+    # how each killed worker came back (target read, draft load, copy, warm-up) and what its draft did
+    python3 benchmarks/restart_phases.py "$RUNS" --out "$OUT/restarts.txt"
     tar czf "$OUT/bench-runs.tgz" -C "$(dirname "$RUNS")" "$(basename "$RUNS")" ;;
   esac
 done
 # the device tool returns at most 8 files: beyond that, everything but the key ones goes into one archive
 if [ "$(ls "$OUT" | wc -l)" -gt 8 ]; then
-  (cd "$OUT" && tar czf block.tgz --remove-files $(ls | grep -v -x -e bench-runs.tgz -e pages.txt -e phases.txt -e curve.txt -e share_results.json -e share_device_share.png))
+  (cd "$OUT" && tar czf block.tgz --remove-files $(ls | grep -v -x -e bench-runs.tgz -e pages.txt -e phases.txt -e restarts.txt -e curve.txt -e share_results.json -e share_device_share.png))
 fi
 echo "== done in $(( $(date +%s) - start )) s"
