@@ -113,3 +113,36 @@ def test_one_long_guess_assists_several_steps():
     # 12 correct tokens at K <= 4: three verify steps from the one guess (each commits K + 1 tokens)
     assert counters["assist_steps"] >= 2 and counters["assist_verify_positions"] >= 8, counters
     assert counters["assist_proposals_stale"] == 0
+
+
+def test_paired_steps_count_every_step_and_its_time():
+    """assist_paired_steps / assist_paired_step_s count every step while paired, assisted or not: the
+    steps that could have been assisted, which under time slots bound the assisted ones (a partner steps
+    in its own slot only). A guess whose request finished is counted apart from a stale one."""
+    step = LinearStepTime((0.01, 1e-4, 1e-5, 1e-7, 0.0), seq_coef=2e-3)
+    counters: dict = {}
+    v = Verifier(lambda addr, typ, body, frames: True, counters, peer=9, addr="w9", k=4, prior=0.95,
+                 step_model=lambda: step)
+    eng = engine(block_size=4, chunk_tokens=256, num_blocks=256)
+    prompt = prompt_of(random.Random(2), 10)
+    ref = list(reference(tuple(prompt), 8))
+    eng.add_request("r", prompt, SamplingParams(max_tokens=8, ignore_eos=True))
+    steps = 0
+    guessed = False
+    while eng.has_work():
+        decoding = dict(eng.decoding_sequences())
+        if "r" in decoding and not guessed:  # a 12-token guess, longer than what is left of the request
+            g = len(decoding["r"]) - len(prompt)
+            guess = ref[g:] + [0] * (12 - len(ref[g:]))
+            v.on_proposals(SimpleNamespace(src="w9", body={"items": [["r", len(decoding["r"]), len(guess)]]},
+                                           frames=[ints_frame(guess)]))
+            guessed = True
+        v.before_step(eng)
+        outputs = eng.step()
+        steps += 1
+        v.after_step(eng, outputs)
+    v.before_step(eng)  # a step of an idle worker's loop never comes; one more call sees the request gone
+    assert counters["assist_paired_steps"] == steps + 1
+    assert counters["assist_steps"] + counters["assist_skipped_steps"] < counters["assist_paired_steps"]
+    assert counters["assist_paired_step_s"] > 0
+    assert counters["assist_proposals_finished"] == 1 and counters["assist_proposals_stale"] == 0
