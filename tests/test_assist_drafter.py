@@ -56,3 +56,11 @@ def test_prefilling_and_decoding_rounds_are_estimated_apart():
     stats = d.stats()
     assert stats["assist_rounds"] >= 3 and stats["assist_decode_round_s"] > 0 and stats["assist_prefill_round_s"] > 0
     assert sent and all("items" in body for body in sent)
+    # each draft token made counts once; a guess is sent whole each time it grows, so sent tokens count more
+    assert stats["assist_drafted_tokens"] == 12  # two requests, 6 ahead each, no commits meanwhile
+    assert stats["assist_proposed_tokens"] == sum(body["items"][i][2] for body in sent for i in range(len(body["items"])))
+    assert stats["assist_proposed_tokens"] > stats["assist_drafted_tokens"]
+    assert 0 <= stats["assist_first_proposal_s"] <= stats["assist_paired_s"]
+    d.pair(None, "")
+    paired = d.stats()["assist_paired_s"]
+    assert paired >= stats["assist_paired_s"] and d.stats()["assist_paired_s"] == paired  # unpaired: the clock stops

@@ -113,3 +113,79 @@ def test_one_long_guess_assists_several_steps():
     # 12 correct tokens at K <= 4: three verify steps from the one guess (each commits K + 1 tokens)
     assert counters["assist_steps"] >= 2 and counters["assist_verify_positions"] >= 8, counters
     assert counters["assist_proposals_stale"] == 0
+
+
+def test_paired_steps_count_every_step_and_its_time():
+    """assist_paired_steps / assist_paired_step_s count every step while paired, assisted or not: the
+    steps that could have been assisted, which under time slots bound the assisted ones (a partner steps
+    in its own slot only). A guess whose request finished is counted apart from a stale one."""
+    step = LinearStepTime((0.01, 1e-4, 1e-5, 1e-7, 0.0), seq_coef=2e-3)
+    counters: dict = {}
+    v = Verifier(lambda addr, typ, body, frames: True, counters, peer=9, addr="w9", k=4, prior=0.95,
+                 step_model=lambda: step)
+    eng = engine(block_size=4, chunk_tokens=256, num_blocks=256)
+    prompt = prompt_of(random.Random(2), 10)
+    ref = list(reference(tuple(prompt), 8))
+    eng.add_request("r", prompt, SamplingParams(max_tokens=8, ignore_eos=True))
+    steps = 0
+    guessed = False
+    while eng.has_work():
+        decoding = dict(eng.decoding_sequences())
+        if "r" in decoding and not guessed:  # a 12-token guess, longer than what is left of the request
+            g = len(decoding["r"]) - len(prompt)
+            guess = ref[g:] + [0] * (12 - len(ref[g:]))
+            v.on_proposals(SimpleNamespace(src="w9", body={"items": [["r", len(decoding["r"]), len(guess)]]},
+                                           frames=[ints_frame(guess)]))
+            guessed = True
+        v.before_step(eng)
+        outputs = eng.step()
+        steps += 1
+        v.after_step(eng, outputs)
+    v.before_step(eng)  # a step of an idle worker's loop never comes; one more call sees the request gone
+    assert counters["assist_paired_steps"] == steps + 1
+    assert counters["assist_steps"] + counters["assist_skipped_steps"] < counters["assist_paired_steps"]
+    assert counters["assist_paired_step_s"] > 0
+    assert counters["assist_proposals_finished"] == 1 and counters["assist_proposals_stale"] == 0
+
+
+def test_full_batch_with_a_queue_still_verifies():
+    """A partner at its batch cap with requests waiting: the waiting prompts cannot be admitted this step,
+    so verify positions take no budget from them, and the rule may speculate (Q still weighs the waiting
+    requests in the price of a position). Counting them as this step's prefill gave K = 0 for every step:
+    on the CPU box (max_batch 4, 2026-12-07 23:22 UTC) a partner with 4 requests decoding and 668 queued
+    prompt tokens verified nothing in 9 s of pairing, its queue unmoved, against a price of 17.9."""
+    step = LinearStepTime((0.05, 3e-3, 4e-3, 0.0, 0.0), seq_coef=1e-2)
+    counters: dict = {}
+    v = Verifier(lambda addr, typ, body, frames: True, counters, peer=9, addr="w9", k=4, prior=0.95,
+                 step_model=lambda: step)
+    eng = engine(block_size=4, chunk_tokens=64, num_blocks=256, max_batch=2)
+    rng = random.Random(5)
+    prompts = {f"r{i}": prompt_of(rng, 8) for i in range(2)}
+    refs = {rid: list(reference(tuple(p), 12)) for rid, p in prompts.items()}
+    for rid, p in prompts.items():
+        eng.add_request(rid, p, SamplingParams(max_tokens=12, ignore_eos=True))
+    out: dict[str, list[int]] = {}
+    for _ in range(2):  # both prefilled: the batch is full and decoding
+        for o in eng.step():
+            out.setdefault(o.req_id, []).extend(o.token_ids)
+    # a queue longer than a step's budget, that the full batch cannot admit
+    for i in range(3):
+        eng.add_request(f"q{i}", prompt_of(rng, 40), SamplingParams(max_tokens=2, ignore_eos=True))
+    decoding, _, queued_tokens, queued_requests, chunk = eng.load_summary()
+    assert (decoding, queued_requests) == (2, 3)
+    assert queued_tokens == 0  # none of it can run in the next step
+    for rid, toks in eng.decoding_sequences():  # correct guesses for both
+        g = len(toks) - len(prompts[rid])
+        guess = refs[rid][g:g + 8]
+        v.on_proposals(SimpleNamespace(src="w9", body={"items": [[rid, len(toks), len(guess)]]},
+                                       frames=[ints_frame(guess)]))
+    v.before_step(eng)
+    outputs = eng.step()
+    v.after_step(eng, outputs)
+    for o in outputs:
+        out.setdefault(o.req_id, []).extend(o.token_ids)
+    assert counters["assist_steps"] == 1 and counters["assist_verify_positions"] > 0, counters
+    while eng.has_work():
+        for o in eng.step():
+            out.setdefault(o.req_id, []).extend(o.token_ids)
+    assert all(out[rid] == refs[rid] for rid in prompts)

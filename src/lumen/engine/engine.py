@@ -5,6 +5,7 @@ Not thread-safe: one caller drives it (the worker's loop), calling `step()` repe
 
 from __future__ import annotations
 
+import itertools
 import operator
 import random
 import time
@@ -502,12 +503,21 @@ class Engine:
 
     def load_summary(self) -> tuple[int, int, int, int, int]:
         """What the next step holds besides speculation: (decoding sequences, their context tokens,
-        prompt tokens still to prefill (waiting and running prefills), requests waiting for their
-        first token, the step's token budget). The goodput rule of assisted recovery reads it."""
+        prompt tokens the next step could prefill, requests waiting for their first token, the step's
+        token budget). The goodput rule of assisted recovery reads it.
+
+        The prompt tokens are the running prefills' remainder and the waiting requests the batch has room
+        to admit (the scheduler admits none past max_batch): prefill that cannot run this step takes no
+        budget from verify positions. Counting the whole queue gave K = 0 to a partner at its batch cap
+        step after step, its queue unmoved (CPU box, max_batch 4, 2026-12-07). The waiting requests still
+        count as requests (they wait on this worker's steps)."""
         sched = self.scheduler
         decoding = [s for s in sched.running if s.is_decoding]
         prefilling = len(sched.running) - len(decoding)
-        return (len(decoding), sum(len(s) for s in decoding), self._queued_prefill_tokens(),
+        room = max(0, sched.max_batch - len(sched.running))
+        queued = (sum(len(s) - s.num_computed_tokens for s in itertools.islice(sched.waiting, room))
+                  + sum(s.num_remaining for s in sched.running if not s.is_decoding))
+        return (len(decoding), sum(len(s) for s in decoding), queued,
                 len(sched.waiting) + prefilling, self.chunk_tokens)
 
     def _queued_prefill_tokens(self) -> int:

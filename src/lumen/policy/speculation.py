@@ -150,7 +150,10 @@ class PartnerLoad:
 
     decoding: int                 # decoding requests (mirrored or not): one position each
     context_tokens: float         # their context, summed
-    queued_prefill_tokens: int    # prompt tokens not yet computed: waiting requests and running prefills
+    # prompt tokens not yet computed that the step could schedule: running prefills and the waiting requests
+    # the batch has room for (live: Engine.load_summary; the simulator counts every waiting one, its
+    # batch cap of 512 rarely binding)
+    queued_prefill_tokens: int
     queued_requests: int          # requests waiting for their first token
     chunk_tokens: int             # the step's token budget
 

@@ -55,11 +55,20 @@ class Verifier:
         self.acceptance: dict[str, AcceptanceEstimate] = {}
         self.verifying: dict[str, int] = {}  # request -> draft tokens handed to this step
         self.explored = 0
+        self._last_step: dict | None = None
         # counted on the worker, so the figures outlive this pairing
         # assist_k<n>: mirrored requests given n draft tokens to verify in a step (the rule's choices)
-        for key in ("assist_proposals_received", "assist_proposals_stale", "assist_steps",
-                    "assist_verify_positions", "assist_skipped_steps", "assist_explore_steps", *(f"assist_k{n}" for n in range(k + 1))):
+        # assist_paired_steps / assist_paired_step_s: every step of this worker while paired, and their
+        # seconds: the steps that could have been assisted (assist_steps + assist_skipped_steps of them
+        # had a usable guess). Under time slots a partner steps only in its own slot, so these, not the
+        # drafter's rounds, bound how many steps are assisted (CPU box 2026-12-07: 12 steps, 2.65 s of
+        # stepping in 12.2 s of pairing, 7 of them assisted)
+        # assist_proposals_finished: guesses dropped because their request left the batch (finished)
+        for key in ("assist_proposals_received", "assist_proposals_stale", "assist_proposals_finished",
+                    "assist_steps", "assist_verify_positions", "assist_skipped_steps", "assist_explore_steps",
+                    "assist_paired_steps", *(f"assist_k{n}" for n in range(k + 1))):
             counters.setdefault(key, 0)
+        counters.setdefault("assist_paired_step_s", 0.0)
         log.info("verifying proposals from worker %d", peer)
 
     def on_proposals(self, msg) -> None:
@@ -82,6 +91,7 @@ class Verifier:
         return est
 
     def before_step(self, engine) -> None:
+        self.counters["assist_paired_steps"] += 1
         if not self.proposals:
             return
         current = dict(engine.decoding_sequences())
@@ -89,6 +99,7 @@ class Verifier:
         for rid, (base_len, toks) in list(self.proposals.items()):
             tokens = current.get(rid)
             if tokens is None:
+                self.counters["assist_proposals_finished"] += 1
                 del self.proposals[rid]
                 continue
             # The partner never waits, so it may have moved on since the draft was made. The proposal
@@ -137,6 +148,10 @@ class Verifier:
         self.counters["assist_steps" if self.verifying else "assist_skipped_steps"] += 1
 
     def after_step(self, engine, outputs) -> None:
+        last = getattr(engine, "last_step", None)
+        if last and last is not self._last_step:  # a step that scheduled nothing leaves the last one's
+            self._last_step = last
+            self.counters["assist_paired_step_s"] += float(last.get("step_time_s", 0.0))
         if self.verifying:
             for out in outputs:
                 k = self.verifying.get(out.req_id)
@@ -212,14 +227,22 @@ class Drafter:
         self.addr = ""
         self.states: dict[str, _DraftState] = {}
         self.rounds = 0
-        self.proposed = 0
+        self.proposed = 0  # tokens sent, counting a guess again each time it is sent longer
+        self.drafted = 0   # draft tokens made (each once)
         self.busy_s = 0.0
+        self.paired_s = 0.0  # seconds paired, past pairings included
+        self.paired_at: float | None = None
+        self.first_proposal_s: float | None = None  # pairing -> first proposal sent
         # a round's wall time per kind, prefilling a request's context or only decoding, as the engine
         # times its steps: one EMA of both let a request's prefill hold the cheap decoding rounds to about
         # one per cycle of slots (2026-12-07: 0.53-0.60 s against 0.04-0.08 s on the CPU box)
         self.round_ema = StepEma()
 
     def pair(self, peer: int | None, addr: str) -> None:
+        now = time.monotonic()
+        if self.paired_at is not None:
+            self.paired_s += now - self.paired_at
+        self.paired_at = now if peer is not None else None
         self.peer, self.addr = peer, addr
         for rid in list(self.states):
             self.proposer.release(rid)
@@ -283,7 +306,9 @@ class Drafter:
             proposals = self.proposer.propose(list(seqs.values()),
                                               known={rid: len(st.committed) for rid, st in todo})
             for rid, st in todo:
-                st.ahead.extend(proposals.get(seqs[rid], []))
+                new = proposals.get(seqs[rid], [])
+                st.ahead.extend(new)
+                self.drafted += len(new)
                 st.synced = True
         items, ids = [], []
         for rid, st in self.states.items():
@@ -296,6 +321,8 @@ class Drafter:
             self.send(self.addr, "PROPOSE", {"items": items}, [ints_frame(ids)])
             self.rounds += 1
             self.proposed += len(ids)
+            if self.first_proposal_s is None and self.paired_at is not None:
+                self.first_proposal_s = time.monotonic() - self.paired_at
         dt = time.monotonic() - t0
         self.busy_s += dt
         if todo:
@@ -303,6 +330,13 @@ class Drafter:
         return bool(todo)
 
     def stats(self) -> dict:
+        """assist_proposed_tokens counts a guess's tokens each time it is sent (a guess grows by one token a
+        round and is sent whole: ~7x the draft tokens made on the CPU box); assist_drafted_tokens counts
+        each draft token once. assist_paired_s: seconds paired with a partner; assist_first_proposal_s:
+        from the pairing to the first proposal sent (-1: none sent)."""
+        paired = self.paired_s + (time.monotonic() - self.paired_at if self.paired_at is not None else 0.0)
         return {"assist_rounds": self.rounds, "assist_proposed_tokens": self.proposed,
+                "assist_drafted_tokens": self.drafted, "assist_paired_s": round(paired, 3),
+                "assist_first_proposal_s": round(self.first_proposal_s, 3) if self.first_proposal_s is not None else -1.0,
                 "assist_busy_s": round(self.busy_s, 3), "assist_prefill_round_s": round(self.round_ema.prefill_s, 4),
                 "assist_decode_round_s": round(self.round_ema.decode_s, 4)}

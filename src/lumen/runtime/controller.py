@@ -771,7 +771,7 @@ class Controller:
                 log.info("worker %d keeps its draft and waits: assisting gains nothing now (tokens/s by worker: %s)",
                          w.id, {k: round(v, 2) for k, v in gains.items()})
             return
-        self._pair(w, self.workers[partner])
+        self._pair(w, self.workers[partner], None if gains is None else gains.get(partner))
 
     def _review_pairs(self) -> None:
         """Every second: pair drafters that wait for a partner, and move a drafter to another partner when
@@ -794,7 +794,7 @@ class Controller:
                     self._send(old, "ASSIST", {"role": "none", "peer": -1, "addr": "", "k": self.cfg.spec_k})
                     log.info("worker %d moves from assisting worker %d to worker %d (gain %.1f -> %.1f tokens/s)",
                              w.id, old.id, best, gains.get(old.id, 0.0), gains[best])
-                    self._pair(w, self.workers[best])
+                    self._pair(w, self.workers[best], gains[best])
 
     def _draft_first(self, w: WorkerRecord) -> bool:
         """--draft-first for a restart under speculation (cfg.draft_first): 'always' (the paper) and
@@ -821,12 +821,16 @@ class Controller:
         return assist_pricing.draft_first(max(gains.values(), default=0.0), draft, target, bps,
                                           assist_pricing.plain_rate(w.stats))
 
-    def _pair(self, w: WorkerRecord, p: WorkerRecord) -> None:
+    def _pair(self, w: WorkerRecord, p: WorkerRecord, gain: float | None = None) -> None:
         w.partner, p.partner = p.id, w.id
         w.paired_at = time.monotonic()
         self._send(w, "ASSIST", {"role": "drafter", "peer": p.id, "addr": p.data_addr, "k": self.cfg.spec_k})
         self._send(p, "ASSIST", {"role": "verifier", "peer": w.id, "addr": w.data_addr, "k": self.cfg.spec_k})
-        log.info("worker %d assists worker %d", w.id, p.id)
+        # the price is per second of the partner's step time (policy.pairing_gain): under time slots the
+        # partner steps in one slot of each cycle, so per wall second it is about that share of it
+        log.info("worker %d assists worker %d (%s)", w.id, p.id,
+                 "by waiting time: no step-time model yet" if gain is None
+                 else f"priced gain {gain:.1f} tokens per second of its step time")
 
     def _unpair(self, w: WorkerRecord) -> None:
         if w.partner is None:
