@@ -645,3 +645,20 @@ def test_each_policys_failure_free_run_gives_its_cost_where_nothing_fails(tmp_pa
     table, _, rest = text.partition("no failure: each policy over stop-restart")
     assert "no-failure-lumen" not in table  # the main table: failure runs and their reference
     assert "lumen" in rest and "1.200 ± 1.271" in rest and "1.030 ± 0.127" in rest
+
+
+def test_a_seed_resumed_on_another_machine_is_flagged(tmp_path):
+    """Runs record the machine (boot) they ran on; a seed whose runs came from two is named, a seed run
+    whole on one is not, and a run from before machines were recorded counts as unknown."""
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "lumen-seed0.jsonl").write_text("")
+    runner_mod._save_run_meta(tmp_path, "lumen", 0, [], 0)
+    here = runner_mod._load_run(tmp_path, "lumen", 0)
+    assert here is not None and here.host == runner_mod.host_identity()
+    other = {"node": here.host["node"], "boot_id": "another-boot"}
+    runs = [dataclasses.replace(here, policy=NO_FAILURE), here,
+            dataclasses.replace(here, seed=1, policy=NO_FAILURE, host=other), dataclasses.replace(here, seed=1),
+            dataclasses.replace(here, seed=2, policy=NO_FAILURE, host=None), dataclasses.replace(here, seed=2)]
+    mixed = runner_mod.seeds_mixing_hosts(runs)
+    assert set(mixed) == {1, 2}
+    assert mixed[1][NO_FAILURE] == "another-boot" and mixed[2][NO_FAILURE] == "unknown"

@@ -149,6 +149,8 @@ class RunResult:
     outage_end_s: float | None = None
     # where its interrupted requests went (None: the cluster did not say, e.g. runs from before the counters)
     targets: RecoveryTargets | None = None
+    # the machine the bench ran it on (`host_identity`; None: a run from before it was recorded)
+    host: dict | None = None
 
 
 @dataclass
@@ -342,12 +344,33 @@ def _save_records(path: Path, records: Sequence[RequestRecord]) -> None:
             f.write(json.dumps(d) + "\n")
 
 
+def host_identity() -> dict:
+    """The machine a run ran on: its name and this boot's id. Device machines are lent one lease at a
+    time and boot anew, all named alike, so `--resume` on a later lease shows here as another boot."""
+    boot = None
+    with contextlib.suppress(OSError):
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    return {"node": platform.node(), "boot_id": boot}
+
+
+def seeds_mixing_hosts(runs: Sequence[RunResult]) -> dict[int, dict[str, str]]:
+    """{seed: {run label: machine}} for each seed whose runs (its reference included) did not all run on
+    one machine; a run from before machines were recorded is 'unknown'. Such a seed compares its policies
+    across machines, not side by side: on two H100 leases of 2026-12-07 the same requests before the kill
+    were served with TTFT 1.3-1.5x apart."""
+    by_seed: dict[int, dict[str, str]] = {}
+    for r in runs:
+        host = r.host or {}
+        by_seed.setdefault(r.seed, {})[r.policy] = host.get("boot_id") or host.get("node") or "unknown"
+    return {seed: hosts for seed, hosts in by_seed.items() if len(set(hosts.values())) > 1}
+
+
 def _save_run_meta(out: Path, label: str, seed: int, events: Sequence[FaultEvent], unplanned: int | None,
                    cluster_end: dict | None = None, outage_end: float | None = None) -> None:
     # Written last: its presence marks the run as finished for --resume.
     path = out / "records" / f"{label}-seed{seed}.run.json"
     path.write_text(json.dumps({"events": [e.to_dict() for e in events], "unplanned_restarts": unplanned,
-                                "cluster_end": cluster_end, "outage_end_s": outage_end}))
+                                "cluster_end": cluster_end, "outage_end_s": outage_end, "host": host_identity()}))
 
 
 def outage_end(events: Sequence[FaultEvent], cluster_end: dict | None) -> float | None:
@@ -377,7 +400,8 @@ def _load_run(out: Path, label: str, seed: int) -> RunResult | None:
     records = [RequestRecord.from_dict(json.loads(line)) for line in rec_path.read_text().splitlines() if line]
     events = [FaultEvent(**e) for e in meta["events"]]
     return RunResult(label, seed, records, events, unplanned_restarts=meta.get("unplanned_restarts"),
-                     outage_end_s=meta.get("outage_end_s"), targets=_targets(meta.get("cluster_end")))
+                     outage_end_s=meta.get("outage_end_s"), targets=_targets(meta.get("cluster_end")),
+                     host=meta.get("host"))
 
 
 _STATE_FILE = "bench-state.json"
@@ -597,7 +621,7 @@ class _Bench:
                          "not explain (workers declared dead on their own?) - this run measured extra failures")
         progress.end_run()
         return RunResult(label, seed, records, events, unplanned_restarts=unplanned, outage_end_s=back,
-                         targets=_targets(kept))
+                         targets=_targets(kept), host=host_identity())
 
 
 def _summarise(cfg: BenchConfig, run: RunResult, reference: RunResult) -> RunSummary:
@@ -662,6 +686,7 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
     capacity = check_capacity(summaries, REFERENCE_POLICY)
     aggregates = aggregate(summaries)
     overhead = failure_free_overhead(summaries)
+    mixed = seeds_mixing_hosts(runs)
     # failure runs whose cluster reported the counters (is_failure_free covers the reference too)
     counted = [r for r in runs if not is_failure_free(r.policy) and r.targets is not None]
     targets = {"runs": [{"policy": r.policy, "seed": r.seed, **r.targets.to_dict()} for r in counted],
@@ -685,7 +710,8 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
         "json": write_json(out / "results.json", summaries, aggregates, meta, extra={
             "no_capacity_loss_runs": capacity["no_capacity_loss_runs"],
             "capacity_check": {k: v for k, v in capacity.items() if k != "no_capacity_loss_runs"},
-            "failure_free_overhead": overhead, "recovery_targets": targets}),
+            "failure_free_overhead": overhead, "recovery_targets": targets,
+            "seeds_mixing_hosts": {str(k): v for k, v in mixed.items()}}),
         "runs_csv": write_runs_csv(out / "runs.csv", summaries),
         "summary_csv": write_aggregate_csv(out / "summary.csv", aggregates),
         "timeline_png": plot_ttft_timeline([s for s in summaries if not is_failure_free(s.policy)] or summaries,
@@ -704,6 +730,10 @@ async def run_bench_async(cfg: BenchConfig, console=None) -> BenchResults:
         print_fitted(console, per_worker)
     for line in capacity_warnings(capacity):
         console.print(line)
+    for seed, hosts in mixed.items():
+        console.print(f"[yellow]warning: seed {seed} ran on more than one machine ("
+                      + ", ".join(f"{label}: {h[:8]}" for label, h in hosts.items())
+                      + "): its policies compare across machines, not side by side")
     for line in paper_verdict(aggregates, capacity):
         console.print(line, markup=False)
     console.print(f"results in {out}/: " + ", ".join(p.name for p in files.values()))
