@@ -38,6 +38,11 @@ def test_each_reload_path_reads_the_whole_target(tmp_path):
             assert 0 < r["draft_read_s"] + r["draft_copy_s"] <= r["draft_s"]
     (alone,) = [r for r in doc["rows"] if r["arm"] == "draft"]
     assert "target_s" not in alone
+    # then draft rounds as the recovering worker runs them: a fixed count alone, beside the read while it lasts
+    assert len(alone["draft_rounds_s"]) == 30 and all(t > 0 for t in alone["draft_rounds_s"])
+    (beside,) = [r for r in doc["rows"] if r["arm"] == "thread+draft"]
+    assert isinstance(beside["draft_rounds_s"], list)
+    assert doc["summary"]["draft"]["rounds"]["count_mean"] == 30
     assert {m: s.get("n") for m, s in doc["summary"].items()} == {"plain": 1, "plain+store": 1, "thread+draft": 1,
                                                                  "draft": None}
     assert doc["summary"]["draft"]["draft"]["n"] == 1 and doc["summary"]["thread+draft"]["draft"]["n"] == 1

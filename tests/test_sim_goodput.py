@@ -49,7 +49,10 @@ def test_the_partner_asks_the_policy_for_k_each_epoch_while_assisted(monkeypatch
         assert partners and all(sim.workers[w.partner].state is S.ASSISTING for w in partners)
         w = next(w for w in partners if len(w.heap) == load.decoding)
         assert load.context_tokens == pytest.approx(w.S_dec + len(w.heap) * w.G)
-        assert load.queued_prefill_tokens == w.pending_pf and load.chunk_tokens == LIGHT.chunk_tokens
+        room = max(0, LIGHT.max_batch - w.running)
+        could_run = (sum(r.pf_total - r.pf_done for r in w.prefilling)
+                     + sum(r.pf_total - r.pf_done for r in list(w.wq)[:room]))
+        assert load.queued_prefill_tokens == could_run <= w.pending_pf and load.chunk_tokens == LIGHT.chunk_tokens
         assert acceptance == [LIGHT.alpha] * load.decoding and k_max == LIGHT.k
         seen.append(ks)
         return ks
@@ -66,6 +69,23 @@ def test_the_partner_asks_the_policy_for_k_each_epoch_while_assisted(monkeypatch
     monkeypatch.setattr(P, "choose_spec_lengths", lambda acc, load, step, k: [0] * len(acc))
     st = simulate(LIGHT, _light_workload(), "lumen", FAIL1, 0).stats
     assert st.verify_positions == 0 and st.assisted_steps == 0 and st.spec_idle_steps > 0
+
+
+def test_a_full_batch_counts_no_queued_prefill_as_the_live_engine_does():
+    """The partner's load as `Engine.load_summary` reports it live: prompt tokens of queued requests that
+    the batch has no room for take no budget from verify positions (they cannot run this step)."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    sim = Simulator(LIGHT.with_(max_batch=2), _light_workload(), "lumen", FAIL1, 0)
+    w = sim.workers[0]
+    w.wq = deque([SimpleNamespace(pf_total=300, pf_done=0), SimpleNamespace(pf_total=200, pf_done=50)])
+    w.prefilling = [SimpleNamespace(pf_total=100, pf_done=40)]
+    w.running, w.waiting = 2, 2
+    assert sim._load(w).queued_prefill_tokens == 60          # full: the running prefill's remainder only
+    w.running = 1
+    assert sim._load(w).queued_prefill_tokens == 60 + 300    # room for one: the queue's head joins
+    assert sim._load(w).queued_requests == 2 + 1
 
 
 def test_zero_acceptance_verifies_nothing_and_matches_lumen_no_spec():

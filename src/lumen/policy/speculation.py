@@ -151,8 +151,7 @@ class PartnerLoad:
     decoding: int                 # decoding requests (mirrored or not): one position each
     context_tokens: float         # their context, summed
     # prompt tokens not yet computed that the step could schedule: running prefills and the waiting requests
-    # the batch has room for (live: Engine.load_summary; the simulator counts every waiting one, its
-    # batch cap of 512 rarely binding)
+    # the batch has room for (live: Engine.load_summary; the simulator: Simulator._load, the same count)
     queued_prefill_tokens: int
     queued_requests: int          # requests waiting for their first token
     chunk_tokens: int             # the step's token budget

@@ -99,6 +99,7 @@ Several workers on one device (`workers_per_device` > 1; worker i on device i % 
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import time
 from collections import deque
@@ -745,11 +746,15 @@ class Simulator:
             self._busy_changed(w, now)
 
     def _load(self, w: SimWorker) -> P.PartnerLoad:
-        """What w's next step holds besides verify positions (`policy.PartnerLoad`): its decoding
-        requests and their context, the prompt tokens not yet computed (waiting, in transit and the
-        running prefills' remainder) and the requests still waiting for their first token."""
+        """What w's next step holds besides verify positions (`policy.PartnerLoad`), as the live engine
+        reports it (`Engine.load_summary`): its decoding requests and their context, the prompt tokens the
+        step could prefill (the running prefills' remainder and the queued requests the batch has room
+        for) and the requests still waiting for their first token (in transit too)."""
         D = len(w.heap)
-        return P.PartnerLoad(D, w.S_dec + D * w.G, w.pending_pf, w.waiting + len(w.prefilling),
+        room = max(0, self.cfg.max_batch - w.running)
+        prefill = (sum(r.pf_total - r.pf_done for r in w.prefilling)
+                   + sum(r.pf_total - r.pf_done for r in itertools.islice(w.wq, room)))
+        return P.PartnerLoad(D, w.S_dec + D * w.G, prefill, w.waiting + len(w.prefilling),
                              self.cfg.chunk_tokens)
 
     def _spec_lengths(self, w: SimWorker, D: int) -> list[int]:
