@@ -82,14 +82,25 @@ def test_unpriced_model_explores_then_stops():
     assert 0 < counters["assist_explore_steps"] <= 16
 
 
+def _verifier(step: LinearStepTime, counters: dict) -> Verifier:
+    """A partner's verifier paired with drafter w9 (K up to 4, a confident prior), sending nowhere."""
+    return Verifier(lambda addr, typ, body, frames: True, counters, peer=9, addr="w9", k=4, prior=0.95,
+                    step_model=lambda: step)
+
+
+def _propose(v: Verifier, rid: str, context_len: int, guess: list[int]) -> None:
+    """w9's proposal of `guess` after the first `context_len` tokens of request `rid`."""
+    v.on_proposals(SimpleNamespace(src="w9", body={"items": [[rid, context_len, len(guess)]]},
+                                   frames=[ints_frame(guess)]))
+
+
 def test_one_long_guess_assists_several_steps():
     """A guess of up to the drafter's max_ahead tokens is verified K at a time over the partner's next
     steps, without being sent again: under time slots the drafter sends only in its own slot, and a guess
     dropped after one step left the partner's other steps of its slot unassisted (2026-12-07)."""
     step = LinearStepTime((0.01, 1e-4, 1e-5, 1e-7, 0.0), seq_coef=2e-3)
     counters: dict = {}
-    v = Verifier(lambda addr, typ, body, frames: True, counters, peer=9, addr="w9", k=4, prior=0.95,
-                 step_model=lambda: step)
+    v = _verifier(step, counters)
     eng = engine(block_size=4, chunk_tokens=256, num_blocks=256)
     prompt = prompt_of(random.Random(1), 12)
     ref = list(reference(tuple(prompt), 30))
@@ -101,8 +112,7 @@ def test_one_long_guess_assists_several_steps():
         if "r" in decoding and not sent_once:  # one guess of 12 correct tokens, never sent again
             g = len(decoding["r"]) - len(prompt)
             guess = ref[g:g + 12]
-            v.on_proposals(SimpleNamespace(src="w9", body={"items": [["r", len(decoding["r"]), len(guess)]]},
-                                           frames=[ints_frame(guess)]))
+            _propose(v, "r", len(decoding["r"]), guess)
             sent_once = True
         v.before_step(eng)
         outputs = eng.step()
@@ -121,8 +131,7 @@ def test_paired_steps_count_every_step_and_its_time():
     in its own slot only). A guess whose request finished is counted apart from a stale one."""
     step = LinearStepTime((0.01, 1e-4, 1e-5, 1e-7, 0.0), seq_coef=2e-3)
     counters: dict = {}
-    v = Verifier(lambda addr, typ, body, frames: True, counters, peer=9, addr="w9", k=4, prior=0.95,
-                 step_model=lambda: step)
+    v = _verifier(step, counters)
     eng = engine(block_size=4, chunk_tokens=256, num_blocks=256)
     prompt = prompt_of(random.Random(2), 10)
     ref = list(reference(tuple(prompt), 8))
@@ -134,8 +143,7 @@ def test_paired_steps_count_every_step_and_its_time():
         if "r" in decoding and not guessed:  # a 12-token guess, longer than what is left of the request
             g = len(decoding["r"]) - len(prompt)
             guess = ref[g:] + [0] * (12 - len(ref[g:]))
-            v.on_proposals(SimpleNamespace(src="w9", body={"items": [["r", len(decoding["r"]), len(guess)]]},
-                                           frames=[ints_frame(guess)]))
+            _propose(v, "r", len(decoding["r"]), guess)
             guessed = True
         v.before_step(eng)
         outputs = eng.step()
@@ -156,8 +164,7 @@ def test_full_batch_with_a_queue_still_verifies():
     prompt tokens verified nothing in 9 s of pairing, its queue unmoved, against a price of 17.9."""
     step = LinearStepTime((0.05, 3e-3, 4e-3, 0.0, 0.0), seq_coef=1e-2)
     counters: dict = {}
-    v = Verifier(lambda addr, typ, body, frames: True, counters, peer=9, addr="w9", k=4, prior=0.95,
-                 step_model=lambda: step)
+    v = _verifier(step, counters)
     eng = engine(block_size=4, chunk_tokens=64, num_blocks=256, max_batch=2)
     rng = random.Random(5)
     prompts = {f"r{i}": prompt_of(rng, 8) for i in range(2)}
@@ -177,8 +184,7 @@ def test_full_batch_with_a_queue_still_verifies():
     for rid, toks in eng.decoding_sequences():  # correct guesses for both
         g = len(toks) - len(prompts[rid])
         guess = refs[rid][g:g + 8]
-        v.on_proposals(SimpleNamespace(src="w9", body={"items": [[rid, len(toks), len(guess)]]},
-                                       frames=[ints_frame(guess)]))
+        _propose(v, rid, len(toks), guess)
     v.before_step(eng)
     outputs = eng.step()
     v.after_step(eng, outputs)
