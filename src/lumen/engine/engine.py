@@ -515,15 +515,14 @@ class Engine:
         decoding = [s for s in sched.running if s.is_decoding]
         prefilling = len(sched.running) - len(decoding)
         room = max(0, sched.max_batch - len(sched.running))
-        queued = (sum(len(s) - s.num_computed_tokens for s in itertools.islice(sched.waiting, room))
-                  + sum(s.num_remaining for s in sched.running if not s.is_decoding))
-        return (len(decoding), sum(len(s) for s in decoding), queued,
+        return (len(decoding), sum(len(s) for s in decoding), self._queued_prefill_tokens(room),
                 len(sched.waiting) + prefilling, self.chunk_tokens)
 
-    def _queued_prefill_tokens(self) -> int:
-        """Prompt tokens not yet computed: waiting contexts and the unfinished part of running prefills."""
+    def _queued_prefill_tokens(self, waiting: int | None = None) -> int:
+        """Prompt tokens not yet computed: the unfinished part of running prefills and the contexts of
+        the waiting requests (only the first `waiting` of them, if given)."""
         sched = self.scheduler
-        return (sum(len(s) - s.num_computed_tokens for s in sched.waiting)
+        return (sum(len(s) - s.num_computed_tokens for s in itertools.islice(sched.waiting, waiting))
                 + sum(s.num_remaining for s in sched.running if not s.is_decoding))
 
     def expected_step_s(self) -> float:
