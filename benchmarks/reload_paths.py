@@ -70,9 +70,10 @@ def draft_rounds(model, device: str, keep_going, max_rounds: int, at_least: int 
     from lumen.engine.draft import DraftProposer
     from lumen.engine.params import SamplingParams
     from lumen.engine.sequence import Sequence
+    from lumen.runtime.assist import Drafter
 
     cfg = model.config
-    proposer = DraftProposer(model, 1, 16, max(256, 4 * (cfg.max_position // 16 + 1)), chunk_tokens=1 << 14,
+    proposer = DraftProposer(model, 1, 16, Drafter.pool_blocks(cfg.max_position, 16, None), chunk_tokens=1 << 14,
                              max_batch=MIRRORED)
     gen = torch.Generator().manual_seed(0)
     ctx = {f"r{i}": torch.randint(0, cfg.vocab_size, (CONTEXT,), generator=gen).tolist() for i in range(MIRRORED)}
